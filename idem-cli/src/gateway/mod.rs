@@ -1,0 +1,266 @@
+//! `idem serve`: a reverse proxy that puts the idempotency layer in front of
+//! any HTTP service (SPEC §8, §12).
+//!
+//! Phases of one request, in order:
+//! 1. **downstream**: hyper reads the head (bounded by `max_header_bytes`
+//!    and `request_read_timeout`); the request gets its `X-Request-Id`;
+//! 2. **idempotency**: [`idem::layer::Idempotency`] classifies, checks the
+//!    key, buffers the body (`max_body`, read deadline), reserves, replays or
+//!    waits;
+//! 3. **upstream**: [`proxy::Proxy`] forwards with a pooled client, within
+//!    `upstream_timeout`, and classifies failures by source;
+//! 4. **finish**: the layer stores or releases, *then* the response leaves.
+//!
+//! Each request runs in its own task, so a client that hangs up does not
+//! cancel an upstream call already under way: its result is still stored,
+//! and the client's retry replays it.
+
+pub mod body;
+pub mod proxy;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinHandle;
+use tower::{Layer, ServiceExt};
+use tracing::Instrument;
+
+use idem::layer::{Idempotency, IdempotencyLayer, ResponseBody};
+use idem::problem::{Problem, ProblemCode};
+use idem::store::memory::{MemoryLimits, MemoryStore};
+use idem::{Engine, EngineConfig, Store};
+
+use crate::config::{Config, StoreSpec};
+use body::GatewayBody;
+use proxy::{Proxy, ProxyBody};
+
+/// The request-id header (SPEC §10).
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Why the gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration asks for something this build cannot do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The serve loop's task failed.
+    #[error("the gateway task failed: {0}")]
+    Task(String),
+}
+
+/// A running gateway (used by `idem serve`, the demo and tests).
+#[derive(Debug)]
+pub struct Gateway {
+    local_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Binds `config.listen` and starts serving in the background.
+    pub async fn start(config: Config) -> Result<Self, GatewayError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| GatewayError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let engine_config = EngineConfig {
+            store_timeout: config.limits.store_timeout,
+            local_cache_bytes: config.limits.local_cache_bytes,
+            ..EngineConfig::default()
+        };
+        let (tx, rx) = oneshot::channel();
+        let task = match &config.store {
+            StoreSpec::Memory => {
+                let store = MemoryStore::with_limits(MemoryLimits {
+                    max_entries: config.limits.memory_max_entries,
+                    max_bytes: config.limits.memory_max_bytes,
+                });
+                tracing::warn!(
+                    "store = memory: records live in this process only and are lost on restart; \
+                     run several instances only with a shared store"
+                );
+                let engine = Engine::with_config(store, engine_config);
+                spawn_serve(listener, engine, config, rx)?
+            }
+            StoreSpec::Redis(_) | StoreSpec::Postgres(_) => {
+                return Err(GatewayError::Unsupported(
+                    "this build supports only `store = \"memory\"`; the Redis and PostgreSQL \
+                     stores are not available yet"
+                        .into(),
+                ))
+            }
+        };
+        tracing::info!(%local_addr, "idem gateway listening");
+        Ok(Self {
+            local_addr,
+            shutdown: Some(tx),
+            task,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, lets in-flight requests finish and store their
+    /// results (up to `shutdown_grace`), then returns.
+    pub async fn shutdown(mut self) -> Result<(), GatewayError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| GatewayError::Task(e.to_string()))
+    }
+
+    /// Serves until `signal` completes, then shuts down gracefully.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> Result<(), GatewayError> {
+        signal.await;
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+        self.shutdown().await
+    }
+}
+
+fn spawn_serve<S: Store>(
+    listener: TcpListener,
+    engine: Engine<S>,
+    config: Config,
+    shutdown: oneshot::Receiver<()>,
+) -> Result<JoinHandle<()>, GatewayError> {
+    let routes = Arc::new(config.routes.clone());
+    let proxy = Proxy::new(&config.upstream, Arc::clone(&routes)).map_err(GatewayError::Unsupported)?;
+    let service = IdempotencyLayer::new(engine, config.routes.clone()).layer(proxy);
+    Ok(tokio::spawn(serve(listener, service, config, shutdown)))
+}
+
+async fn serve<S: Store>(
+    listener: TcpListener,
+    service: Idempotency<Proxy, S>,
+    config: Config,
+    mut shutdown: oneshot::Receiver<()>,
+) {
+    let limits = &config.limits;
+    let read_timeout = limits.request_read_timeout;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        // hyper refuses buffers under 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = &mut shutdown => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let conn = http.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| handle(service.clone(), read_timeout, req)),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections finished"),
+        () = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::warn!(grace = ?limits.shutdown_grace, "shutdown grace ran out; closing remaining connections");
+        }
+    }
+}
+
+fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    headers
+        .get(&X_REQUEST_ID)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty() && b.len() <= 200 && b.iter().all(|c| (0x21..=0x7e).contains(c))
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            // A 128-bit random hex id is always a valid header value.
+            HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>()))
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        })
+}
+
+async fn handle<S: Store>(
+    service: Idempotency<Proxy, S>,
+    read_timeout: Duration,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody<ProxyBody>>, Infallible> {
+    let (mut parts, body) = req.into_parts();
+    let id = request_id(&parts.headers);
+    parts.headers.insert(X_REQUEST_ID, id.clone());
+    let span = tracing::debug_span!("request", id = ?id, method = %parts.method, path = %parts.uri.path());
+    let req = Request::from_parts(parts, GatewayBody::incoming(body, read_timeout));
+    // Its own task: a client hanging up must not cancel an upstream call
+    // whose result still has to be stored.
+    let task = tokio::spawn(service.oneshot(req).instrument(span));
+    let mut res = match task.await {
+        Ok(Ok(res)) => res,
+        Ok(Err(never)) => match never {},
+        Err(error) => {
+            tracing::error!(%error, "request task failed");
+            Problem::new(
+                ProblemCode::Internal,
+                "the gateway failed while handling this request",
+            )
+            .to_response()
+        }
+    };
+    res.headers_mut().insert(X_REQUEST_ID, id);
+    Ok(res)
+}

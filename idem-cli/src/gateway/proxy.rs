@@ -1,0 +1,170 @@
+//! The upstream phase: forward one request to the upstream with a pooled
+//! client and classify failures by source (SPEC §3.9):
+//! refused before sending → `Unreachable` (502, released);
+//! no answer in time → `Timeout` (504, ambiguous);
+//! broken after sending → `Reset` (502, ambiguous).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tower_service::Service;
+
+use idem::layer::{strip_hop_by_hop, UpstreamFailure};
+use idem::problem::{Problem, ProblemCode};
+use idem::RouteTable;
+
+use super::body::GatewayBody;
+
+/// The body of an upstream response: streamed (pass-through requests) or
+/// buffered within the upstream time-out (participating requests).
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Forwards requests to one upstream. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    inner: Arc<ProxyInner>,
+}
+
+#[derive(Debug)]
+struct ProxyInner {
+    client: Client<HttpConnector, GatewayBody>,
+    scheme: Scheme,
+    authority: Authority,
+    routes: Arc<RouteTable>,
+}
+
+impl Proxy {
+    /// A proxy to `upstream` (`http://host:port`), using `routes` for
+    /// per-route upstream time-outs.
+    pub fn new(upstream: &Uri, routes: Arc<RouteTable>) -> Result<Self, String> {
+        let authority = upstream
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("upstream `{upstream}` has no host"))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .build(connector);
+        Ok(Self {
+            inner: Arc::new(ProxyInner {
+                client,
+                scheme: upstream.scheme().cloned().unwrap_or(Scheme::HTTP),
+                authority,
+                routes,
+            }),
+        })
+    }
+
+    async fn forward(self, mut req: Request<GatewayBody>) -> Response<ProxyBody> {
+        let inner = &self.inner;
+        let policy = inner
+            .routes
+            .policy_for(req.method(), req.uri().path())
+            .clone();
+        let buffered = inner
+            .routes
+            .classify(req.method(), req.uri().path())
+            .is_some();
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(inner.scheme.clone());
+        parts.authority = Some(inner.authority.clone());
+        parts.path_and_query = Some(
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        match Uri::from_parts(parts) {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => return failure(UpstreamFailure::Unreachable, "cannot build the upstream URI"),
+        }
+        strip_hop_by_hop(req.headers_mut());
+        let timeout = policy.upstream_timeout;
+        let call = async {
+            let res = inner.client.request(req).await?;
+            if !buffered {
+                return Ok(res.map(Either::Left));
+            }
+            let (mut parts, body) = res.into_parts();
+            let bytes = body.collect().await?.to_bytes();
+            strip_hop_by_hop(&mut parts.headers);
+            Ok::<_, BoxError>(Response::from_parts(parts, Either::Right(Full::new(bytes))))
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(mut res)) => {
+                strip_hop_by_hop(res.headers_mut());
+                res
+            }
+            Ok(Err(e)) => {
+                let connect = e
+                    .downcast_ref::<hyper_util::client::legacy::Error>()
+                    .is_some_and(hyper_util::client::legacy::Error::is_connect);
+                if connect {
+                    tracing::warn!(error = %e, "upstream refused the connection");
+                    failure(
+                        UpstreamFailure::Unreachable,
+                        "the upstream refused the connection; the request was not sent",
+                    )
+                } else {
+                    tracing::warn!(error = %e, "upstream connection broke after the request was sent");
+                    failure(
+                        UpstreamFailure::Reset,
+                        "the upstream connection broke after the request was sent; \
+                         the outcome is unknown",
+                    )
+                }
+            }
+            Err(_) => {
+                tracing::warn!(?timeout, "upstream timed out");
+                failure(
+                    UpstreamFailure::Timeout,
+                    &format!(
+                        "the upstream did not answer within {}s; the outcome is unknown",
+                        timeout.as_secs_f64()
+                    ),
+                )
+            }
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn failure(kind: UpstreamFailure, detail: &str) -> Response<ProxyBody> {
+    let code = match kind {
+        UpstreamFailure::Timeout => ProblemCode::UpstreamTimeout,
+        UpstreamFailure::Unreachable | UpstreamFailure::Reset => ProblemCode::UpstreamUnavailable,
+    };
+    let mut res: Response<Full<Bytes>> = Problem::new(code, detail).to_response();
+    res.extensions_mut().insert(kind);
+    res.map(Either::Right)
+}
+
+impl Service<Request<GatewayBody>> for Proxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
+        let proxy = self.clone();
+        Box::pin(async move { Ok(proxy.forward(req).await) })
+    }
+}

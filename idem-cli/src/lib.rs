@@ -1,0 +1,155 @@
+//! The `idem` command line: `idem serve` (the gateway), and more to come.
+//!
+//! `main` is thin; [`run`] does the work so tests can drive it in-process.
+
+pub mod config;
+pub mod gateway;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Overrides;
+use crate::gateway::Gateway;
+
+/// idem: make non-idempotent HTTP operations safe to retry and safe to race.
+#[derive(Debug, Parser)]
+#[command(name = "idem", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the idempotency gateway in front of an HTTP service.
+    Serve(ServeArgs),
+}
+
+/// `idem serve` flags (SPEC §12). Flags override `IDEM_*` variables, which
+/// override the config file, which overrides the built-in defaults.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The service to protect, e.g. http://127.0.0.1:3000.
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// memory (default), redis://host:port[/db] or postgres://user@host:port/db.
+    #[arg(long, value_name = "STORE")]
+    pub store: Option<String>,
+    /// TOML configuration file (also IDEM_CONFIG).
+    #[arg(long, value_name = "FILE", env = "IDEM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the admin listener (token from IDEM_ADMIN_TOKEN).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Validate the configuration, print what would run, and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Parses the command line, sets up logging and a runtime, and runs.
+#[must_use]
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("idem: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+/// Logs go to stderr; `IDEM_LOG` sets the filter (default `info`) and
+/// `IDEM_LOG_FORMAT=json` switches to JSON lines.
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let json = std::env::var("IDEM_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Runs a parsed command line to completion.
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let flags = Overrides {
+        listen: args.listen,
+        upstream: args.upstream,
+        store: args.store,
+        admin_listen: args.admin_listen,
+    };
+    let env = |name: &str| std::env::var(name).ok();
+    let config = match config::load(args.config.as_deref(), &env, &flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("idem: configuration refused: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}", config.describe());
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    if config.admin_listen.is_some() {
+        tracing::warn!("admin_listen is set, but this build has no admin listener yet; ignoring it");
+    }
+    let gateway = match Gateway::start(config).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("idem: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match gateway.run_until(shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("idem: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,5 @@
+//! The `idem` command: see `idem --help`.
+
+fn main() -> std::process::ExitCode {
+    idem_cli::main()
+}

@@ -1,0 +1,76 @@
+//! idem makes non-idempotent operations safe to retry and safe to race.
+//!
+//! A user double-clicks "Pay", a client retries after a time-out, a queue
+//! redelivers a job, two tabs submit at once: whatever the timing and however
+//! many instances serve the traffic, the side effect happens **once** and
+//! every caller gets the **same answer**. idem does it with one atomic
+//! reservation per key, a fenced completion, and replay of the stored answer.
+//!
+//! # Layout
+//!
+//! - [`key`]: the `Idempotency-Key` header, scopes and storage keys (SPEC §3.2–3).
+//! - [`fingerprint`]: what makes a request *this* request (SPEC §3.4).
+//! - [`record`]: what the store keeps (SPEC §2).
+//! - [`policy`]: per-route settings and the route table (SPEC §12).
+//! - [`store`]: the atomic [`Store`](store::Store) trait and the
+//!   [`MemoryStore`](store::memory::MemoryStore) (SPEC §7).
+//! - [`engine`]: the algorithm, waiting, leases and the function-level API
+//!   (SPEC §3, §5, §6, §8).
+//! - [`problem`]: the errors idem returns, as `application/problem+json` (SPEC §4).
+//! - [`layer`]: a `tower::Layer` for axum and hyper services (feature `tower`).
+//!
+//! # Example: run a job at most once
+//!
+//! ```
+//! use idem::{Engine, Fingerprint, Rules, Scope, StoreKey, store::memory::MemoryStore};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let engine = Engine::new(MemoryStore::new());
+//! let key = StoreKey::new(&Scope::named("tenant-42"), "order-1001");
+//! let input = Fingerprint::of_bytes(b"charge 10 EUR");
+//! let rules = Rules::default();
+//!
+//! let first = engine
+//!     .once(&key, input, &rules, || async { Ok::<_, std::io::Error>(7_u32) })
+//!     .await
+//!     .unwrap();
+//! let again = engine
+//!     .once(&key, input, &rules, || async { Ok::<_, std::io::Error>(8_u32) })
+//!     .await
+//!     .unwrap();
+//! assert_eq!((first.value, first.replayed), (7, false));
+//! assert_eq!((again.value, again.replayed), (7, true)); // the closure did not run
+//! # }
+//! ```
+//!
+//! # Features
+//!
+//! - `memory` (default): the in-process [`MemoryStore`](store::memory::MemoryStore).
+//! - `tower` (default): [`layer::IdempotencyLayer`].
+//!
+//! # Guarantees
+//!
+//! - Reservation is ONE atomic store operation: N concurrent identical calls
+//!   run the operation once.
+//! - The result is stored *before* the caller gets it (no fire-and-forget).
+//! - `complete` and `release` are fenced by a random token: a holder whose
+//!   lease was taken over cannot overwrite the new holder's record.
+//! - A live operation keeps its lease by heartbeat; a dead holder's lease
+//!   runs out and the key frees itself.
+
+pub mod engine;
+pub mod fingerprint;
+pub mod key;
+#[cfg(feature = "tower")]
+pub mod layer;
+pub mod policy;
+pub mod problem;
+pub mod record;
+pub mod store;
+
+pub use engine::{Action, Engine, EngineConfig, Finish, Once, OnceError, Outcome, Rules};
+pub use fingerprint::Fingerprint;
+pub use key::{IdempotencyKey, Scope, StoreKey};
+pub use policy::{RoutePolicy, RouteTable};
+pub use record::{CompletedRecord, Record, StoredResponse, Token};
+pub use store::{Store, StoreError};

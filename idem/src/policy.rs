@@ -1,0 +1,487 @@
+//! Per-route policy (SPEC §3, §5, §6, §12) and the route table that picks it.
+//!
+//! A [`RoutePolicy`] holds every knob a route can turn; [`RoutePolicy::default`]
+//! is the contract's built-in defaults. A [`RouteTable`] is an ordered list of
+//! [`Route`]s (first match wins) plus the policy for unmatched requests.
+//!
+//! This module depends on `std`, `http` and `serde` only, so configuration
+//! front ends can use it without the engine.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+
+/// What to do when a participating request carries no key (SPEC §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyPolicy {
+    /// 400 `idempotency_key_missing`.
+    #[default]
+    Required,
+    /// Pass through without protection.
+    Optional,
+    /// Key = fingerprint, kept for `dedupe_window` (double-submit protection).
+    Derived,
+}
+
+/// What a concurrent duplicate gets (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Concurrent {
+    /// 409 `idempotency_key_in_progress` with `Retry-After`.
+    #[default]
+    Reject,
+    /// Wait up to `wait_timeout` for the first execution's result and replay it.
+    Wait,
+}
+
+/// What happens when the store cannot be reached (SPEC §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailMode {
+    /// 503 `idempotency_store_unavailable`, nothing executed.
+    #[default]
+    Closed,
+    /// Execute without protection; counted and logged.
+    Open,
+}
+
+/// What the store keeps after an ambiguous outcome (SPEC §3.9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ambiguous {
+    /// Keep the reservation until its lease runs out (no heartbeat).
+    #[default]
+    Hold,
+    /// Release at once: a retry executes again.
+    Release,
+    /// Store the problem response as the final answer.
+    Store,
+}
+
+/// Synchronous forwarding or 202-Accepted async mode (SPEC §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Forward and answer with the upstream's response.
+    #[default]
+    Sync,
+    /// Answer 202 at once and dispatch in the background (SPEC §9).
+    Async,
+}
+
+/// A set of HTTP status codes (100–999) whose responses are stored.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StatusSet {
+    bits: [u64; 16],
+}
+
+impl StatusSet {
+    /// The empty set.
+    #[must_use]
+    pub const fn empty() -> Self {
+        Self { bits: [0; 16] }
+    }
+
+    /// Adds one status code; codes outside 100–999 are ignored.
+    #[must_use]
+    pub fn with(mut self, status: u16) -> Self {
+        if (100..1000).contains(&status) {
+            self.bits[usize::from(status / 64)] |= 1 << (status % 64);
+        }
+        self
+    }
+
+    /// Adds a whole class, `class` being 1–9 (`2` for `2xx`).
+    #[must_use]
+    pub fn with_class(mut self, class: u16) -> Self {
+        for status in class * 100..class * 100 + 100 {
+            self = self.with(status);
+        }
+        self
+    }
+
+    /// Parses one entry of a `store_statuses` list: `"2xx"` or `"404"`.
+    pub fn parse_entry(self, entry: &str) -> Result<Self, String> {
+        let e = entry.trim();
+        if e.len() == 3 && e[1..].eq_ignore_ascii_case("xx") {
+            return match e.as_bytes()[0] {
+                c @ b'1'..=b'9' => Ok(self.with_class(u16::from(c - b'0'))),
+                _ => Err(format!("`{entry}` is not a status class (use 1xx … 9xx)")),
+            };
+        }
+        match e.parse::<u16>() {
+            Ok(s) if (100..1000).contains(&s) => Ok(self.with(s)),
+            _ => Err(format!(
+                "`{entry}` is not a status code (100–999) or a class like \"2xx\""
+            )),
+        }
+    }
+
+    /// Whether `status` is in the set.
+    #[must_use]
+    pub fn contains(&self, status: u16) -> bool {
+        status < 1024 && self.bits[usize::from(status / 64)] & (1 << (status % 64)) != 0
+    }
+}
+
+impl Default for StatusSet {
+    /// `2xx` and 400, 404, 405, 410, 413, 415, 422 (SPEC §3.9).
+    fn default() -> Self {
+        [400, 404, 405, 410, 413, 415, 422]
+            .into_iter()
+            .fold(StatusSet::empty().with_class(2), StatusSet::with)
+    }
+}
+
+impl fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set()
+            .entries((100u16..1000).filter(|s| self.contains(*s)))
+            .finish()
+    }
+}
+
+/// Everything one route can configure. `Default` is the contract's defaults.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct RoutePolicy {
+    /// Methods that participate (default POST, PATCH). Others pass through.
+    pub methods: Vec<Method>,
+    /// Missing-key policy.
+    pub key: KeyPolicy,
+    /// Retention of derived keys.
+    pub dedupe_window: Duration,
+    /// Concurrent-duplicate policy.
+    pub concurrent: Concurrent,
+    /// How long a `wait` duplicate waits before 409.
+    pub wait_timeout: Duration,
+    /// How long a reservation is honoured without a heartbeat.
+    pub lease: Duration,
+    /// How long a completed record is replayed.
+    pub retention: Duration,
+    /// Store-failure policy.
+    pub fail: FailMode,
+    /// Ambiguous-outcome policy.
+    pub ambiguous: Ambiguous,
+    /// Largest request body accepted, in bytes.
+    pub max_body: u64,
+    /// Gateway only: how long the upstream has to answer.
+    pub upstream_timeout: Duration,
+    /// Headers whose values form the scope (lower-case names).
+    pub scope_headers: Vec<HeaderName>,
+    /// Headers that enter the fingerprint (lower-case names).
+    pub fingerprint_headers: Vec<HeaderName>,
+    /// Responses with these statuses are stored and replayed.
+    pub store_statuses: StatusSet,
+    /// Sync or async (202) mode.
+    pub mode: Mode,
+    /// Canonicalize JSON bodies (key order, whitespace) before fingerprinting.
+    pub canonical_json: bool,
+    /// JSON pointers (RFC 6901) removed from JSON bodies before fingerprinting.
+    pub ignore_json_pointers: Vec<String>,
+}
+
+impl Default for RoutePolicy {
+    fn default() -> Self {
+        Self {
+            methods: vec![Method::POST, Method::PATCH],
+            key: KeyPolicy::Required,
+            dedupe_window: Duration::from_secs(10),
+            concurrent: Concurrent::Reject,
+            wait_timeout: Duration::from_secs(10),
+            lease: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 3600),
+            fail: FailMode::Closed,
+            ambiguous: Ambiguous::Hold,
+            max_body: 1024 * 1024,
+            upstream_timeout: Duration::from_secs(30),
+            scope_headers: vec![http::header::AUTHORIZATION],
+            fingerprint_headers: vec![http::header::CONTENT_TYPE],
+            store_statuses: StatusSet::default(),
+            mode: Mode::Sync,
+            canonical_json: false,
+            ignore_json_pointers: Vec::new(),
+        }
+    }
+}
+
+/// A path pattern: segments separated by `/`; `*` matches exactly one
+/// segment; `**` as the last segment matches zero or more segments.
+/// Matching ignores the query string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    source: String,
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    One,
+    Rest,
+}
+
+impl PathPattern {
+    /// Parses a pattern such as `/payments/*` or `/api/**`.
+    pub fn parse(pattern: &str) -> Result<Self, String> {
+        let Some(rest) = pattern.strip_prefix('/') else {
+            return Err(format!("path pattern `{pattern}` must start with `/`"));
+        };
+        let parts: Vec<&str> = if rest.is_empty() {
+            Vec::new()
+        } else {
+            rest.split('/').collect()
+        };
+        let mut segments = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            let seg = match *part {
+                "*" => Segment::One,
+                "**" if i + 1 == parts.len() => Segment::Rest,
+                "**" => {
+                    return Err(format!(
+                        "path pattern `{pattern}`: `**` may only be the last segment"
+                    ))
+                }
+                p if p.contains('*') => {
+                    return Err(format!(
+                        "path pattern `{pattern}`: `*` must be a whole segment"
+                    ))
+                }
+                p => Segment::Literal(p.to_owned()),
+            };
+            segments.push(seg);
+        }
+        Ok(Self {
+            source: pattern.to_owned(),
+            segments,
+        })
+    }
+
+    /// Whether `path` (without query) matches.
+    #[must_use]
+    pub fn matches(&self, path: &str) -> bool {
+        let path = path.split('?').next().unwrap_or("");
+        let rest = path.strip_prefix('/').unwrap_or(path);
+        let mut parts = if rest.is_empty() {
+            None
+        } else {
+            Some(rest.split('/'))
+        }
+        .into_iter()
+        .flatten();
+        for seg in &self.segments {
+            match seg {
+                Segment::Rest => return true,
+                Segment::One => match parts.next() {
+                    Some(p) if !p.is_empty() => {}
+                    _ => return false,
+                },
+                Segment::Literal(l) => match parts.next() {
+                    Some(p) if p == l => {}
+                    _ => return false,
+                },
+            }
+        }
+        parts.next().is_none()
+    }
+
+    /// The pattern as written.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+}
+
+/// One `[[route]]`: an optional method, a path pattern and its policy.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// `None` matches any method (then `policy.methods` decides participation).
+    pub method: Option<Method>,
+    /// The path pattern.
+    pub path: PathPattern,
+    /// The policy of matching requests.
+    pub policy: Arc<RoutePolicy>,
+}
+
+impl Route {
+    /// Parses a `match` string: `"POST /payments/*"`, `"* /x"` or `"/x"`.
+    pub fn parse_match(spec: &str, policy: Arc<RoutePolicy>) -> Result<Self, String> {
+        let mut words = spec.split_whitespace();
+        let (method, path) = match (words.next(), words.next(), words.next()) {
+            (Some(p), None, None) => (None, p),
+            (Some("*"), Some(p), None) => (None, p),
+            (Some(m), Some(p), None) => {
+                let method = Method::from_bytes(m.as_bytes())
+                    .map_err(|_| format!("`{m}` is not an HTTP method"))?;
+                (Some(method), p)
+            }
+            _ => {
+                return Err(format!(
+                    "match `{spec}` must be `METHOD /path` or `/path` (e.g. \"POST /payments/*\")"
+                ))
+            }
+        };
+        Ok(Self {
+            method,
+            path: PathPattern::parse(path)?,
+            policy,
+        })
+    }
+}
+
+/// Ordered routes (first match wins) and the policy for unmatched requests.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    default: Arc<RoutePolicy>,
+}
+
+impl RouteTable {
+    /// A table with no routes: every request uses `default`.
+    #[must_use]
+    pub fn new(default: RoutePolicy) -> Self {
+        Self {
+            routes: Vec::new(),
+            default: Arc::new(default),
+        }
+    }
+
+    /// Appends a route (matched after the ones already added).
+    #[must_use]
+    pub fn route(mut self, route: Route) -> Self {
+        self.routes.push(route);
+        self
+    }
+
+    /// The routes, in match order.
+    #[must_use]
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The policy of unmatched requests.
+    #[must_use]
+    pub fn default_policy(&self) -> &Arc<RoutePolicy> {
+        &self.default
+    }
+
+    /// The policy of the first route matching method and path (whether or
+    /// not the method participates), else the default policy. Pass-through
+    /// requests use it for settings such as `upstream_timeout`.
+    #[must_use]
+    pub fn policy_for(&self, method: &Method, path: &str) -> &Arc<RoutePolicy> {
+        self.routes
+            .iter()
+            .find(|r| r.method.as_ref().is_none_or(|m| m == method) && r.path.matches(path))
+            .map_or(&self.default, |r| &r.policy)
+    }
+
+    /// The policy that governs this request, or `None` when it passes
+    /// through untouched (its method does not participate).
+    #[must_use]
+    pub fn classify(&self, method: &Method, path: &str) -> Option<&Arc<RoutePolicy>> {
+        for route in &self.routes {
+            let method_ok = route.method.as_ref().is_none_or(|m| m == method);
+            if method_ok && route.path.matches(path) {
+                // A route that names its method makes that method participate.
+                let participates =
+                    route.method.is_some() || route.policy.methods.iter().any(|m| m == method);
+                return participates.then_some(&route.policy);
+            }
+        }
+        self.default
+            .methods
+            .iter()
+            .any(|m| m == method)
+            .then_some(&self.default)
+    }
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        Self::new(RoutePolicy::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_statuses_follow_the_contract() {
+        let s = StatusSet::default();
+        for code in [200, 201, 204, 299, 400, 404, 405, 410, 413, 415, 422] {
+            assert!(s.contains(code), "{code} must be stored by default");
+        }
+        for code in [
+            100, 301, 401, 403, 408, 409, 425, 429, 500, 502, 503, 504, 999,
+        ] {
+            assert!(!s.contains(code), "{code} must not be stored by default");
+        }
+    }
+
+    #[test]
+    fn status_entries_parse() {
+        let s = StatusSet::empty()
+            .parse_entry("5xx")
+            .and_then(|s| s.parse_entry("201"))
+            .expect("valid entries");
+        assert!(s.contains(503) && s.contains(201) && !s.contains(200));
+        assert!(StatusSet::empty().parse_entry("0xx").is_err());
+        assert!(StatusSet::empty().parse_entry("99").is_err());
+        assert!(StatusSet::empty().parse_entry("abc").is_err());
+    }
+
+    #[test]
+    fn path_patterns() {
+        let p = PathPattern::parse("/payments/*").expect("valid");
+        assert!(p.matches("/payments/1"));
+        assert!(p.matches("/payments/1?x=2"));
+        assert!(!p.matches("/payments"));
+        assert!(!p.matches("/payments/"));
+        assert!(!p.matches("/payments/1/refunds"));
+        let r = PathPattern::parse("/api/**").expect("valid");
+        assert!(r.matches("/api"));
+        assert!(r.matches("/api/a/b/c"));
+        assert!(!r.matches("/apis"));
+        let root = PathPattern::parse("/").expect("valid");
+        assert!(root.matches("/"));
+        assert!(!root.matches("/a"));
+        assert!(PathPattern::parse("payments").is_err());
+        assert!(PathPattern::parse("/a/**/b").is_err());
+        assert!(PathPattern::parse("/a/b*").is_err());
+    }
+
+    #[test]
+    fn first_match_wins_and_methods_decide() {
+        let wait = Arc::new(RoutePolicy {
+            concurrent: Concurrent::Wait,
+            ..RoutePolicy::default()
+        });
+        let put = Arc::new(RoutePolicy {
+            key: KeyPolicy::Optional,
+            ..RoutePolicy::default()
+        });
+        let table = RouteTable::default()
+            .route(Route::parse_match("POST /payments/*", wait).expect("valid"))
+            .route(Route::parse_match("PUT /things/*", put).expect("valid"))
+            .route(
+                Route::parse_match("/payments/**", Arc::new(RoutePolicy::default()))
+                    .expect("valid"),
+            );
+        let p = table
+            .classify(&Method::POST, "/payments/7")
+            .expect("participates");
+        assert_eq!(p.concurrent, Concurrent::Wait);
+        let p = table
+            .classify(&Method::PATCH, "/payments/7")
+            .expect("falls to the third route");
+        assert_eq!(p.concurrent, Concurrent::Reject);
+        assert!(table.classify(&Method::GET, "/payments/7").is_none());
+        let p = table.classify(&Method::PUT, "/things/1").expect("named");
+        assert_eq!(p.key, KeyPolicy::Optional);
+        assert!(table.classify(&Method::PUT, "/other").is_none());
+        assert!(table.classify(&Method::POST, "/other").is_some());
+        assert!(table.classify(&Method::GET, "/other").is_none());
+        assert!(Route::parse_match("POST", Arc::default()).is_err());
+        assert!(Route::parse_match("PO ST /x /y", Arc::default()).is_err());
+    }
+}

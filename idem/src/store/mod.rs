@@ -1,0 +1,313 @@
+//! The store trait (SPEC §7): atomic operations only.
+//!
+//! Every operation is ONE atomic step in the backend: there is no
+//! read-then-write window between deciding and writing. Protocol outcomes
+//! (in flight, completed, mismatch, fenced) are values; [`StoreError`] is for
+//! failures (unreachable, timed out, full, corrupt).
+//!
+//! Waiters learn of a key's change through [`Store::subscribe`]; stores feed
+//! a shared [`Notifier`] from their own notification channel (in-process for
+//! memory, pub/sub for Redis, LISTEN/NOTIFY for PostgreSQL). A notification
+//! may be lost; waiters always poll too, so a lost one delays but never hangs.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::record::{CompletedRecord, Record, Token};
+
+#[cfg(feature = "memory")]
+pub mod memory;
+
+/// A boxed error from a backend.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The outcome of [`Store::reserve`] (SPEC §3.6).
+#[derive(Debug, Clone)]
+pub enum Reservation {
+    /// The caller holds the key and must execute, then complete or release.
+    Acquired(Lease),
+    /// Another execution holds the key with the same fingerprint.
+    InFlight {
+        /// Time left on the holder's lease.
+        lease_remaining: Duration,
+    },
+    /// The stored answer for the same fingerprint: replay it.
+    Completed(Arc<CompletedRecord>),
+    /// The key holds a record for a different fingerprint (422).
+    Mismatch,
+}
+
+/// A held reservation: the fencing token and the lease it was granted with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// The holder's fencing token.
+    pub token: Token,
+    /// How long the reservation lives without a heartbeat.
+    pub duration: Duration,
+}
+
+/// The outcome of a fenced operation (`complete`, `release`, `extend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// The record still carried the caller's token: the operation applied.
+    Held,
+    /// Another holder took over (or the record is gone): nothing changed.
+    Lost,
+}
+
+/// A store failure. Protocol outcomes are never errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend could not be reached or refused the call.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+    /// The call did not finish within the store time-out.
+    #[error("store call timed out after {0:?}")]
+    Timeout(Duration),
+    /// The store is full of in-flight records and cannot take another.
+    #[error("store is full: {0}")]
+    Capacity(&'static str),
+    /// A record could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// The atomic operations every store provides (SPEC §7).
+///
+/// `complete`, `release` and `extend` are fenced: they apply only while the
+/// record carries the caller's token. Implementations must pass the
+/// conformance suite in `tests/conformance.rs`.
+pub trait Store: Send + Sync + 'static {
+    /// ONE atomic step: no record or an expired lease → write `InFlight`
+    /// with a new token; otherwise report what is there.
+    fn reserve(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Reservation, StoreError>> + Send;
+
+    /// Replaces the caller's `InFlight` with `record`, kept for `retention`.
+    fn complete(
+        &self,
+        key: &StoreKey,
+        token: Token,
+        record: Arc<CompletedRecord>,
+        retention: Duration,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send;
+
+    /// Deletes the caller's `InFlight` so the next request executes.
+    fn release(
+        &self,
+        key: &StoreKey,
+        token: Token,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send;
+
+    /// Heartbeat: the caller's lease now ends `lease` from now.
+    fn extend(
+        &self,
+        key: &StoreKey,
+        token: Token,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send;
+
+    /// The record under `key`, if any (expired records read as `None`).
+    fn get(&self, key: &StoreKey)
+        -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
+
+    /// Deletes whatever is under `key`. `true` when something was there.
+    fn purge(&self, key: &StoreKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// A subscription that fires when `key` may have changed. Take it
+    /// BEFORE reading the record, so no change slips between read and wait.
+    fn subscribe(
+        &self,
+        key: &StoreKey,
+    ) -> impl Future<Output = Result<Subscription, StoreError>> + Send;
+}
+
+impl<T: Store> Store for Arc<T> {
+    fn reserve(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Reservation, StoreError>> + Send {
+        (**self).reserve(key, fingerprint, lease)
+    }
+    fn complete(
+        &self,
+        key: &StoreKey,
+        token: Token,
+        record: Arc<CompletedRecord>,
+        retention: Duration,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        (**self).complete(key, token, record, retention)
+    }
+    fn release(
+        &self,
+        key: &StoreKey,
+        token: Token,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        (**self).release(key, token)
+    }
+    fn extend(
+        &self,
+        key: &StoreKey,
+        token: Token,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        (**self).extend(key, token, lease)
+    }
+    fn get(
+        &self,
+        key: &StoreKey,
+    ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send {
+        (**self).get(key)
+    }
+    fn purge(&self, key: &StoreKey) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        (**self).purge(key)
+    }
+    fn subscribe(
+        &self,
+        key: &StoreKey,
+    ) -> impl Future<Output = Result<Subscription, StoreError>> + Send {
+        (**self).subscribe(key)
+    }
+}
+
+const NOTIFIER_SHARDS: usize = 16;
+
+/// Per-key change notifications inside one process.
+///
+/// Stores call [`Notifier::notify`] when a key changes (or when their
+/// backend tells them it did); waiters hold a [`Subscription`]. Keys nobody
+/// watches cost one atomic load per notification.
+#[derive(Debug, Clone, Default)]
+pub struct Notifier {
+    inner: Arc<NotifierInner>,
+}
+
+#[derive(Debug, Default)]
+struct NotifierInner {
+    watched: AtomicUsize,
+    shards: [Mutex<HashMap<StoreKey, watch::Sender<()>>>; NOTIFIER_SHARDS],
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl NotifierInner {
+    fn shard(&self, key: &StoreKey) -> MutexGuard<'_, HashMap<StoreKey, watch::Sender<()>>> {
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        // Modulo keeps the index in range; truncation of the hash is intended.
+        let i = (h.finish() % NOTIFIER_SHARDS as u64) as usize;
+        // A poisoned map is still a consistent map of senders.
+        self.shards[i].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Notifier {
+    /// A new, empty notifier.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether anybody in this process watches any key.
+    #[must_use]
+    pub fn has_watchers(&self) -> bool {
+        self.inner.watched.load(Ordering::Acquire) > 0
+    }
+
+    /// Wakes every subscription of `key`.
+    pub fn notify(&self, key: &StoreKey) {
+        if !self.has_watchers() {
+            return;
+        }
+        if let Some(tx) = self.inner.shard(key).get(key) {
+            tx.send_replace(());
+        }
+    }
+
+    /// Wakes every subscription of every key (used after a reconnect, when
+    /// notifications may have been missed).
+    pub fn notify_all(&self) {
+        for shard in &self.inner.shards {
+            for tx in shard.lock().unwrap_or_else(PoisonError::into_inner).values() {
+                tx.send_replace(());
+            }
+        }
+    }
+
+    /// A subscription to `key`'s changes from now on.
+    #[must_use]
+    pub fn subscribe(&self, key: &StoreKey) -> Subscription {
+        let rx = {
+            let mut shard = self.inner.shard(key);
+            let tx = shard
+                .entry(key.clone())
+                .or_insert_with(|| watch::channel(()).0);
+            tx.subscribe()
+        };
+        self.inner.watched.fetch_add(1, Ordering::AcqRel);
+        Subscription {
+            rx,
+            key: key.clone(),
+            notifier: Some(self.clone()),
+        }
+    }
+}
+
+/// Fires when the subscribed key may have changed. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    rx: watch::Receiver<()>,
+    key: StoreKey,
+    notifier: Option<Notifier>,
+}
+
+impl Subscription {
+    /// A subscription that never fires: waiters then rely on polling alone.
+    #[must_use]
+    pub fn never(key: &StoreKey) -> Self {
+        Self {
+            rx: watch::channel(()).1,
+            key: key.clone(),
+            notifier: None,
+        }
+    }
+
+    /// Waits for the next change. Cancel-safe.
+    pub async fn changed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            // The sender is gone (a `never` subscription): only polling wakes us.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let Some(notifier) = self.notifier.take() else {
+            return;
+        };
+        notifier.inner.watched.fetch_sub(1, Ordering::AcqRel);
+        let mut shard = notifier.inner.shard(&self.key);
+        // Our receiver still counts until this function returns.
+        if shard
+            .get(&self.key)
+            .is_some_and(|tx| tx.receiver_count() <= 1)
+        {
+            shard.remove(&self.key);
+        }
+    }
+}
