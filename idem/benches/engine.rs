@@ -1,1 +1,107 @@
-fn main() {}
+//! Criterion benches of the hot path on the memory store.
+//!
+//! `cargo bench -p idem --bench engine`
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use idem::store::memory::MemoryStore;
+use idem::store::{Reservation, Store};
+use idem::{
+    Action, CompletedRecord, Engine, Finish, Fingerprint, Outcome, Rules, Scope, StoreKey,
+    StoredResponse,
+};
+
+fn response() -> StoredResponse {
+    StoredResponse {
+        status: 201,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: bytes::Bytes::from_static(br#"{"order":1}"#),
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let scope = Scope::named("bench");
+    let fp = Fingerprint::of_bytes(b"body");
+    let rules = Rules::default();
+    let n = Arc::new(AtomicU64::new(0));
+
+    let mut g = c.benchmark_group("memory_store");
+    g.throughput(Throughput::Elements(1));
+    let store = rt.block_on(async { MemoryStore::new() });
+    g.bench_function("reserve_complete", |b| {
+        b.to_async(&rt).iter(|| {
+            let key = StoreKey::new(&scope, &n.fetch_add(1, Ordering::Relaxed).to_string());
+            let store = &store;
+            async move {
+                let Ok(Reservation::Acquired(lease)) =
+                    store.reserve(&key, fp, rules.lease).await
+                else {
+                    panic!("fresh key must be acquired");
+                };
+                let now = std::time::SystemTime::now();
+                let record = Arc::new(CompletedRecord {
+                    fingerprint: fp,
+                    response: response(),
+                    completed_at: now,
+                    expires_at: now + rules.retention,
+                });
+                store
+                    .complete(&key, lease.token, record, rules.retention)
+                    .await
+                    .expect("complete");
+            }
+        });
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(1));
+    let engine = rt.block_on(async { Engine::new(MemoryStore::new()) });
+    g.bench_function("fresh_key", |b| {
+        b.to_async(&rt).iter(|| {
+            let key = StoreKey::new(&scope, &n.fetch_add(1, Ordering::Relaxed).to_string());
+            let (engine, rules) = (&engine, &rules);
+            async move {
+                let out = engine
+                    .run(&key, fp, rules, || async {
+                        Finish {
+                            output: (),
+                            action: Action::Store(response()),
+                        }
+                    })
+                    .await;
+                assert!(matches!(out, Outcome::Executed(())));
+            }
+        });
+    });
+    let hot = StoreKey::new(&scope, "hot");
+    rt.block_on(engine.run(&hot, fp, &rules, || async {
+        Finish {
+            output: (),
+            action: Action::Store(response()),
+        }
+    }));
+    g.bench_function("replay_local_cache", |b| {
+        b.to_async(&rt).iter(|| async {
+            let out = engine
+                .run(&hot, fp, &rules, || async {
+                    Finish {
+                        output: (),
+                        action: Action::Release,
+                    }
+                })
+                .await;
+            assert!(matches!(out, Outcome::Replayed(_)));
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(engine_benches, benches);
+criterion_main!(engine_benches);

@@ -27,7 +27,8 @@ pin_project! {
         /// From the client; fails once `deadline` passes.
         Incoming {
             #[pin] body: Incoming,
-            #[pin] deadline: Sleep,
+            // Boxed so the body is `Unpin`, as the pooled client requires.
+            deadline: Pin<Box<Sleep>>,
             limit: Duration,
         },
         /// Buffered (by the idempotency layer).
@@ -41,7 +42,7 @@ impl GatewayBody {
     pub fn incoming(body: Incoming, limit: Duration) -> Self {
         Self::Incoming {
             body,
-            deadline: tokio::time::sleep(limit),
+            deadline: Box::pin(tokio::time::sleep(limit)),
             limit,
         }
     }
@@ -72,7 +73,7 @@ impl Body for GatewayBody {
                 if let Poll::Ready(frame) = body.poll_frame(cx) {
                     return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
                 }
-                match deadline.poll(cx) {
+                match deadline.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(ReadTimeout(*limit))))),
                     Poll::Pending => Poll::Pending,
                 }
