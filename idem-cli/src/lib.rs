@@ -58,7 +58,10 @@ pub struct ServeArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("idem: cannot start the async runtime: {e}");
@@ -112,7 +115,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if config.admin_listen.is_some() {
-        tracing::warn!("admin_listen is set, but this build has no admin listener yet; ignoring it");
+        tracing::warn!(
+            "admin_listen is set, but this build has no admin listener yet; ignoring it"
+        );
     }
     let gateway = match Gateway::start(config).await {
         Ok(g) => g,

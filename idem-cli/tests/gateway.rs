@@ -29,7 +29,10 @@ async fn replay_is_identical_and_marked() {
     assert_eq!(up.count("POST", "/orders", "k-replay"), 1);
     // The upstream saw the key and a request id; the client gets the id back.
     assert!(first.header("x-request-id").is_some_and(|v| !v.is_empty()));
-    assert_eq!(first.header("x-seen-request-id"), first.header("x-request-id"));
+    assert_eq!(
+        first.header("x-seen-request-id"),
+        first.header("x-request-id")
+    );
     gw.shutdown().await.expect("shutdown");
 }
 
@@ -70,7 +73,15 @@ async fn key_errors() {
     .assert_problem(400, "idempotency_key_invalid");
     // A quoted sf-string is the same key as the bare token.
     let bare = send(&c, a, "POST", "/orders", &[("idempotency-key", "same")], "").await;
-    let quoted = send(&c, a, "POST", "/orders", &[("idempotency-key", "\"same\"")], "").await;
+    let quoted = send(
+        &c,
+        a,
+        "POST",
+        "/orders",
+        &[("idempotency-key", "\"same\"")],
+        "",
+    )
+    .await;
     assert_eq!(bare.status, 201);
     assert_eq!(quoted.header("idempotent-replayed"), Some("true"));
     assert_eq!(up.total(), 1, "bad keys must never reach the upstream");
@@ -82,7 +93,10 @@ async fn reuse_with_another_body_is_422() {
     let gw = gateway(&up.url(), "").await;
     let (c, a) = (client(), gw.local_addr());
     let h = [("idempotency-key", "k-reuse"), JSON];
-    assert_eq!(send(&c, a, "POST", "/orders", &h, "{\"n\":1}").await.status, 201);
+    assert_eq!(
+        send(&c, a, "POST", "/orders", &h, "{\"n\":1}").await.status,
+        201
+    );
     send(&c, a, "POST", "/orders", &h, "{\"n\":2}")
         .await
         .assert_problem(422, "idempotency_key_reused");
@@ -98,16 +112,40 @@ async fn server_errors_are_released_and_client_errors_stored() {
     let gw = gateway(&up.url(), "").await;
     let (c, a) = (client(), gw.local_addr());
     for _ in 0..2 {
-        let r = send(&c, a, "POST", "/pay?status=500", &[("idempotency-key", "k5")], "").await;
+        let r = send(
+            &c,
+            a,
+            "POST",
+            "/pay?status=500",
+            &[("idempotency-key", "k5")],
+            "",
+        )
+        .await;
         assert_eq!(r.status, 500);
         assert_eq!(r.header("idempotent-replayed"), None);
     }
-    assert_eq!(up.count("POST", "/pay", "k5"), 2, "a 5xx must be re-executable");
+    assert_eq!(
+        up.count("POST", "/pay", "k5"),
+        2,
+        "a 5xx must be re-executable"
+    );
     for _ in 0..2 {
-        let r = send(&c, a, "POST", "/pay?status=404", &[("idempotency-key", "k4")], "").await;
+        let r = send(
+            &c,
+            a,
+            "POST",
+            "/pay?status=404",
+            &[("idempotency-key", "k4")],
+            "",
+        )
+        .await;
         assert_eq!(r.status, 404);
     }
-    assert_eq!(up.count("POST", "/pay", "k4"), 1, "a 404 is stored and replayed");
+    assert_eq!(
+        up.count("POST", "/pay", "k4"),
+        1,
+        "a 404 is stored and replayed"
+    );
 }
 
 #[tokio::test]
@@ -120,7 +158,11 @@ async fn get_and_put_pass_through_patch_participates() {
             let r = send(&c, a, method, "/thing?status=200", &[], "").await;
             assert_eq!(r.status, 200, "{method} needs no key");
         }
-        assert_eq!(up.count(method, "/thing", "-"), 2, "{method} passes through");
+        assert_eq!(
+            up.count(method, "/thing", "-"),
+            2,
+            "{method} passes through"
+        );
     }
     send(&c, a, "PATCH", "/thing", &[], "{}")
         .await
@@ -167,15 +209,31 @@ key = "optional"
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.body, first.body);
     send(&c, a, "POST", "/derived", &[JSON], "{\"cart\":2}").await;
-    assert_eq!(up.count("POST", "/derived", "-"), 2, "same body once, other body again");
+    assert_eq!(
+        up.count("POST", "/derived", "-"),
+        2,
+        "same body once, other body again"
+    );
     for _ in 0..2 {
         send(&c, a, "POST", "/optional", &[], "{}").await;
     }
     assert_eq!(up.count("POST", "/optional", "-"), 2, "no key: unprotected");
     for _ in 0..2 {
-        send(&c, a, "POST", "/optional", &[("idempotency-key", "ko")], "{}").await;
+        send(
+            &c,
+            a,
+            "POST",
+            "/optional",
+            &[("idempotency-key", "ko")],
+            "{}",
+        )
+        .await;
     }
-    assert_eq!(up.count("POST", "/optional", "ko"), 1, "a key still protects");
+    assert_eq!(
+        up.count("POST", "/optional", "ko"),
+        1,
+        "a key still protects"
+    );
 }
 
 #[tokio::test]
@@ -184,18 +242,38 @@ async fn body_over_max_body_is_413_and_never_forwarded() {
     let gw = gateway(&up.url(), "[defaults]\nmax_body = \"1KiB\"").await;
     let (c, a) = (client(), gw.local_addr());
     let big = "x".repeat(1025);
-    send(&c, a, "POST", "/orders", &[("idempotency-key", "big")], &big)
-        .await
-        .assert_problem(413, "idempotency_body_too_large");
-    let ok = send(&c, a, "POST", "/orders", &[("idempotency-key", "big")], &big[..1024]).await;
-    assert_eq!(ok.status, 201, "413 must not have stored anything under the key");
+    send(
+        &c,
+        a,
+        "POST",
+        "/orders",
+        &[("idempotency-key", "big")],
+        &big,
+    )
+    .await
+    .assert_problem(413, "idempotency_body_too_large");
+    let ok = send(
+        &c,
+        a,
+        "POST",
+        "/orders",
+        &[("idempotency-key", "big")],
+        &big[..1024],
+    )
+    .await;
+    assert_eq!(
+        ok.status, 201,
+        "413 must not have stored anything under the key"
+    );
     assert_eq!(up.total(), 1);
 }
 
 #[tokio::test]
 async fn upstream_refused_is_502_and_released() {
     // A port nothing listens on.
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("http://{}", dead.local_addr().expect("addr"));
     drop(dead);
     let gw = gateway(&url, "").await;
@@ -225,7 +303,9 @@ async fn upstream_timeout_holds_the_key_until_the_lease_runs_out() {
         .assert_problem(504, "upstream_timeout");
     let held = send(&c, a, "POST", "/slow?slow_first_ms=600", &h, "").await;
     held.assert_problem(409, "idempotency_key_in_progress");
-    assert!(held.header("retry-after").is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1)));
+    assert!(held
+        .header("retry-after")
+        .is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1)));
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let after = send(&c, a, "POST", "/slow?slow_first_ms=600", &h, "").await;
     assert_eq!(after.status, 201, "after the lease the key executes again");
@@ -257,14 +337,26 @@ async fn store_full_of_in_flight_records_is_503_closed() {
     let holder = {
         let c = c.clone();
         tokio::spawn(async move {
-            send(&c, a, "POST", "/orders?delay_ms=300", &[("idempotency-key", "k1")], "").await
+            send(
+                &c,
+                a,
+                "POST",
+                "/orders?delay_ms=300",
+                &[("idempotency-key", "k1")],
+                "",
+            )
+            .await
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     let r = send(&c, a, "POST", "/orders", &[("idempotency-key", "k2")], "").await;
     r.assert_problem(503, "idempotency_store_unavailable");
     assert!(r.header("retry-after").is_some());
-    assert_eq!(up.count("POST", "/orders", "k2"), 0, "closed: nothing forwarded");
+    assert_eq!(
+        up.count("POST", "/orders", "k2"),
+        0,
+        "closed: nothing forwarded"
+    );
     assert_eq!(holder.await.expect("task").status, 201);
 }
 
@@ -281,7 +373,15 @@ async fn hundred_at_once(mode: &str) {
                 // Each on its own connection pool: distinct clients.
                 let c = client();
                 barrier.wait().await;
-                send(&c, a, "POST", "/orders?delay_ms=100", &[("idempotency-key", "burst")], "{}").await
+                send(
+                    &c,
+                    a,
+                    "POST",
+                    "/orders?delay_ms=100",
+                    &[("idempotency-key", "burst")],
+                    "{}",
+                )
+                .await
             })
         })
         .collect();
@@ -297,7 +397,10 @@ async fn hundred_at_once(mode: &str) {
     let ok: Vec<_> = replies.iter().filter(|r| r.status == 201).collect();
     if mode == "wait" {
         assert_eq!(ok.len(), 100, "wait: everyone gets the answer");
-        assert!(ok.iter().all(|r| r.body == ok[0].body), "wait: identical bytes");
+        assert!(
+            ok.iter().all(|r| r.body == ok[0].body),
+            "wait: identical bytes"
+        );
     } else {
         assert!(!ok.is_empty());
         assert!(replies.iter().all(|r| r.status == 201 || r.status == 409));

@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use idem::store::memory::MemoryStore;
 use idem::store::{Reservation, Store};
 use idem::{
-    Action, CompletedRecord, Engine, Finish, Fingerprint, Outcome, Rules, Scope, StoreKey,
+    Action, CompletedRecord, Engine, Fingerprint, Finish, Outcome, Rules, Scope, StoreKey,
     StoredResponse,
 };
 
@@ -39,8 +39,7 @@ fn benches(c: &mut Criterion) {
             let key = StoreKey::new(&scope, &n.fetch_add(1, Ordering::Relaxed).to_string());
             let store = &store;
             async move {
-                let Ok(Reservation::Acquired(lease)) =
-                    store.reserve(&key, fp, rules.lease).await
+                let Ok(Reservation::Acquired(lease)) = store.reserve(&key, fp, rules.lease).await
                 else {
                     panic!("fresh key must be acquired");
                 };

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -193,7 +193,9 @@ struct Inner<S> {
 /// What a key's single-flight watcher has seen.
 #[derive(Debug, Clone)]
 enum FlightState {
-    Pending { lease_remaining: Duration },
+    Pending {
+        lease_remaining: Duration,
+    },
     Completed(Arc<CompletedRecord>),
     /// Released or lease expired: waiters try to reserve again.
     Vacant,
@@ -210,10 +212,8 @@ struct Flights {
 
 impl Flights {
     fn shard(&self, key: &StoreKey) -> &Mutex<HashMap<StoreKey, watch::Receiver<FlightState>>> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
         // Truncating the hash to pick a shard is intended.
-        &self.shards[(h.finish() % FLIGHT_SHARDS as u64) as usize]
+        &self.shards[(self.hasher.hash_one(key) % FLIGHT_SHARDS as u64) as usize]
     }
 }
 
@@ -347,7 +347,10 @@ impl<S: Store> Engine<S> {
                         retry_after: lease_remaining,
                     }
                 }
-                Concurrent::Wait => self.wait(key, fingerprint, rules, lease_remaining, op).await,
+                Concurrent::Wait => {
+                    self.wait(key, fingerprint, rules, lease_remaining, op)
+                        .await
+                }
             },
         }
     }
@@ -491,7 +494,10 @@ impl<S: Store> Engine<S> {
             let shard = engine.inner.flights.shard(&key);
             let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
             // Remove our entry only: a newer watcher may have replaced it.
-            if map.get(&key).is_some_and(|rx| rx.same_channel(&tx.subscribe())) {
+            if map
+                .get(&key)
+                .is_some_and(|rx| rx.same_channel(&tx.subscribe()))
+            {
                 map.remove(&key);
             }
         });
@@ -775,7 +781,11 @@ impl<S: Store> Drop for LeaseGuard<S> {
         };
         let engine = self.engine.clone();
         let token = self.token;
-        engine.inner.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        engine
+            .inner
+            .metrics
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
                 tracing::debug!(%key, "request cancelled; releasing its reservation");

@@ -206,8 +206,13 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(&p.body()).expect("json");
             assert_eq!(v["code"], code.as_str());
             assert_eq!(v["status"], code.status());
-            assert_eq!(v["retryable"], matches!(code.status(), 409 | 502 | 503 | 504));
-            assert!(v["type"].as_str().is_some_and(|t| t.ends_with(code.as_str())));
+            assert_eq!(
+                v["retryable"],
+                matches!(code.status(), 409 | 502 | 503 | 504)
+            );
+            assert!(v["type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with(code.as_str())));
             assert_eq!(v["detail"], "detail text");
             let res: http::Response<Bytes> = p.to_response();
             assert_eq!(res.status().as_u16(), code.status());
@@ -220,7 +225,9 @@ mod tests {
         let p = Problem::new(ProblemCode::KeyInProgress, "x");
         assert_eq!(p.clone().retry_after(Duration::ZERO).retry_after, Some(1));
         assert_eq!(
-            p.clone().retry_after(Duration::from_millis(1500)).retry_after,
+            p.clone()
+                .retry_after(Duration::from_millis(1500))
+                .retry_after,
             Some(2)
         );
         assert_eq!(p.retry_after(Duration::from_secs(3)).retry_after, Some(3));

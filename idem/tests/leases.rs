@@ -8,7 +8,7 @@ use idem::record::Record;
 use idem::store::memory::MemoryStore;
 use idem::store::{Fence, Reservation, Store};
 use idem::{
-    Action, CompletedRecord, Engine, Finish, Fingerprint, Outcome, Rules, Scope, StoreKey,
+    Action, CompletedRecord, Engine, Fingerprint, Finish, Outcome, Rules, Scope, StoreKey,
     StoredResponse,
 };
 
@@ -56,19 +56,34 @@ async fn a_silent_holder_loses_its_lease_and_is_fenced_out() {
     };
     assert_ne!(old.token, new.token);
     // The stale holder wakes up: every fenced operation is refused.
-    assert_eq!(store.extend(&k, old.token, LEASE).await.expect("extend"), Fence::Lost);
     assert_eq!(
-        store.complete(&k, old.token, record(fp, "stale"), LEASE).await.expect("complete"),
+        store.extend(&k, old.token, LEASE).await.expect("extend"),
         Fence::Lost
     );
-    assert_eq!(store.release(&k, old.token).await.expect("release"), Fence::Lost);
-    assert!(matches!(
-        store.get(&k).await.expect("get"),
-        Some(Record::InFlight { .. })
-    ), "the stale complete must store nothing");
+    assert_eq!(
+        store
+            .complete(&k, old.token, record(fp, "stale"), LEASE)
+            .await
+            .expect("complete"),
+        Fence::Lost
+    );
+    assert_eq!(
+        store.release(&k, old.token).await.expect("release"),
+        Fence::Lost
+    );
+    assert!(
+        matches!(
+            store.get(&k).await.expect("get"),
+            Some(Record::InFlight { .. })
+        ),
+        "the stale complete must store nothing"
+    );
     // The new holder completes normally.
     assert_eq!(
-        store.complete(&k, new.token, record(fp, "fresh"), LEASE).await.expect("complete"),
+        store
+            .complete(&k, new.token, record(fp, "fresh"), LEASE)
+            .await
+            .expect("complete"),
         Fence::Held
     );
     match store.get(&k).await.expect("get") {
@@ -81,17 +96,24 @@ async fn a_silent_holder_loses_its_lease_and_is_fenced_out() {
 async fn heartbeat_keeps_a_long_operation_alive() {
     let engine = Engine::new(MemoryStore::new());
     let (k, fp) = (key("long"), Fingerprint::of_bytes(b"x"));
-    let rules = Rules { lease: LEASE, ..Rules::default() };
+    let rules = Rules {
+        lease: LEASE,
+        ..Rules::default()
+    };
     let runs = Arc::new(AtomicUsize::new(0));
     let long = {
-        let (engine, k, rules, runs) = (engine.clone(), k.clone(), rules.clone(), Arc::clone(&runs));
+        let (engine, k, rules, runs) =
+            (engine.clone(), k.clone(), rules.clone(), Arc::clone(&runs));
         tokio::spawn(async move {
             engine
                 .run(&k, fp, &rules, || async move {
                     runs.fetch_add(1, Ordering::SeqCst);
                     // Three leases long.
                     tokio::time::sleep(LEASE * 3).await;
-                    Finish { output: (), action: Action::Store(answer("done")) }
+                    Finish {
+                        output: (),
+                        action: Action::Store(answer("done")),
+                    }
                 })
                 .await
         })
@@ -100,7 +122,10 @@ async fn heartbeat_keeps_a_long_operation_alive() {
     let dup = engine
         .run(&k, fp, &rules, || async {
             runs.fetch_add(1, Ordering::SeqCst);
-            Finish { output: (), action: Action::Release }
+            Finish {
+                output: (),
+                action: Action::Release,
+            }
         })
         .await;
     assert!(
@@ -116,17 +141,34 @@ async fn a_dead_holders_key_executes_again_after_the_lease() {
     let store = MemoryStore::new();
     let engine = Engine::new(store.clone());
     let (k, fp) = (key("dead"), Fingerprint::of_bytes(b"x"));
-    let rules = Rules { lease: LEASE, ..Rules::default() };
+    let rules = Rules {
+        lease: LEASE,
+        ..Rules::default()
+    };
     // A holder that reserved and died (no heartbeat, no release).
     assert!(matches!(
         store.reserve(&k, fp, LEASE).await.expect("reserve"),
         Reservation::Acquired(_)
     ));
-    let op = || async { Finish { output: "ran", action: Action::Store(answer("ran")) } };
-    assert!(matches!(engine.run(&k, fp, &rules, op).await, Outcome::InProgress { .. }));
+    let op = || async {
+        Finish {
+            output: "ran",
+            action: Action::Store(answer("ran")),
+        }
+    };
+    assert!(matches!(
+        engine.run(&k, fp, &rules, op).await,
+        Outcome::InProgress { .. }
+    ));
     tokio::time::advance(LEASE + Duration::from_millis(1)).await;
-    assert!(matches!(engine.run(&k, fp, &rules, op).await, Outcome::Executed("ran")));
-    assert!(matches!(engine.run(&k, fp, &rules, op).await, Outcome::Replayed(_)));
+    assert!(matches!(
+        engine.run(&k, fp, &rules, op).await,
+        Outcome::Executed("ran")
+    ));
+    assert!(matches!(
+        engine.run(&k, fp, &rules, op).await,
+        Outcome::Replayed(_)
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -136,7 +178,10 @@ async fn a_cancelled_request_releases_its_reservation() {
     let rules = Rules::default();
     let running = engine.run(&k, fp, &rules, || async {
         tokio::time::sleep(Duration::from_secs(3600)).await;
-        Finish { output: (), action: Action::Release }
+        Finish {
+            output: (),
+            action: Action::Release,
+        }
     });
     // Cancel it mid-operation.
     let _ = tokio::time::timeout(Duration::from_secs(1), running).await;
@@ -144,7 +189,12 @@ async fn a_cancelled_request_releases_its_reservation() {
     tokio::task::yield_now().await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     let again = engine
-        .run(&k, fp, &rules, || async { Finish { output: 1, action: Action::Release } })
+        .run(&k, fp, &rules, || async {
+            Finish {
+                output: 1,
+                action: Action::Release,
+            }
+        })
         .await;
     assert!(matches!(again, Outcome::Executed(1)), "got {again:?}");
 }
@@ -153,14 +203,34 @@ async fn a_cancelled_request_releases_its_reservation() {
 async fn retention_expiry_forgets_the_answer() {
     let engine = Engine::with_config(
         MemoryStore::new(),
-        idem::EngineConfig { local_cache_bytes: 0, ..Default::default() },
+        idem::EngineConfig {
+            local_cache_bytes: 0,
+            ..Default::default()
+        },
     );
     let (k, fp) = (key("retention"), Fingerprint::of_bytes(b"x"));
-    let rules = Rules { retention: Duration::from_secs(60), ..Rules::default() };
-    let op = || async { Finish { output: (), action: Action::Store(answer("a")) } };
-    assert!(matches!(engine.run(&k, fp, &rules, op).await, Outcome::Executed(())));
+    let rules = Rules {
+        retention: Duration::from_secs(60),
+        ..Rules::default()
+    };
+    let op = || async {
+        Finish {
+            output: (),
+            action: Action::Store(answer("a")),
+        }
+    };
+    assert!(matches!(
+        engine.run(&k, fp, &rules, op).await,
+        Outcome::Executed(())
+    ));
     tokio::time::advance(Duration::from_secs(59)).await;
-    assert!(matches!(engine.run(&k, fp, &rules, op).await, Outcome::Replayed(_)));
+    assert!(matches!(
+        engine.run(&k, fp, &rules, op).await,
+        Outcome::Replayed(_)
+    ));
     tokio::time::advance(Duration::from_secs(2)).await;
-    assert!(matches!(engine.run(&k, fp, &rules, op).await, Outcome::Executed(())));
+    assert!(matches!(
+        engine.run(&k, fp, &rules, op).await,
+        Outcome::Executed(())
+    ));
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use idem::policy::Concurrent;
 use idem::store::memory::MemoryStore;
 use idem::store::{Reservation, Store};
-use idem::{Action, Engine, Finish, Fingerprint, Outcome, Rules, Scope, StoreKey, StoredResponse};
+use idem::{Action, Engine, Fingerprint, Finish, Outcome, Rules, Scope, StoreKey, StoredResponse};
 use tokio::sync::Barrier;
 
 const TASKS: usize = 200;
@@ -36,7 +36,7 @@ async fn reserve_is_exclusive_under_a_burst() {
             .collect();
         let mut acquired = 0;
         for t in tasks {
-            match t.await.expect("task") .expect("memory store never fails") {
+            match t.await.expect("task").expect("memory store never fails") {
                 Reservation::Acquired(_) => acquired += 1,
                 Reservation::InFlight { .. } => {}
                 other => panic!("round {round}: unexpected {other:?}"),
@@ -103,7 +103,10 @@ async fn burst(concurrent: Concurrent, round: usize) -> (usize, Vec<Outcome<Byte
 async fn reject_mode_executes_once_and_rejects_the_rest() {
     for round in 0..10 {
         let (executions, outcomes) = burst(Concurrent::Reject, round).await;
-        assert_eq!(executions, 1, "round {round}: the operation ran {executions} times");
+        assert_eq!(
+            executions, 1,
+            "round {round}: the operation ran {executions} times"
+        );
         let executed = outcomes
             .iter()
             .filter(|o| matches!(o, Outcome::Executed(_)))
@@ -121,7 +124,10 @@ async fn reject_mode_executes_once_and_rejects_the_rest() {
 async fn wait_mode_executes_once_and_everyone_gets_the_same_bytes() {
     for round in 0..10 {
         let (executions, outcomes) = burst(Concurrent::Wait, round).await;
-        assert_eq!(executions, 1, "round {round}: the operation ran {executions} times");
+        assert_eq!(
+            executions, 1,
+            "round {round}: the operation ran {executions} times"
+        );
         let bodies: Vec<Bytes> = outcomes
             .into_iter()
             .map(|o| match o {

@@ -29,10 +29,16 @@ fn app() -> Router {
     Router::new()
         .route("/orders", post(create_order))
         .with_state(orders)
-        .layer(IdempotencyLayer::new(Engine::new(MemoryStore::new()), routes))
+        .layer(IdempotencyLayer::new(
+            Engine::new(MemoryStore::new()),
+            routes,
+        ))
 }
 
-async fn create_order(State(orders): State<Arc<AtomicU64>>, body: String) -> Json<serde_json::Value> {
+async fn create_order(
+    State(orders): State<Arc<AtomicU64>>,
+    body: String,
+) -> Json<serde_json::Value> {
     let id = orders.fetch_add(1, Ordering::SeqCst) + 1;
     Json(serde_json::json!({ "order": id, "request": body }))
 }

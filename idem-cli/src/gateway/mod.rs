@@ -79,12 +79,13 @@ pub struct Gateway {
 impl Gateway {
     /// Binds `config.listen` and starts serving in the background.
     pub async fn start(config: Config) -> Result<Self, GatewayError> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| GatewayError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| GatewayError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let local_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
             addr: config.listen,
             source,
@@ -156,7 +157,8 @@ fn spawn_serve<S: Store>(
     shutdown: oneshot::Receiver<()>,
 ) -> Result<JoinHandle<()>, GatewayError> {
     let routes = Arc::new(config.routes.clone());
-    let proxy = Proxy::new(&config.upstream, Arc::clone(&routes)).map_err(GatewayError::Unsupported)?;
+    let proxy =
+        Proxy::new(&config.upstream, Arc::clone(&routes)).map_err(GatewayError::Unsupported)?;
     let service = IdempotencyLayer::new(engine, config.routes.clone()).layer(proxy);
     Ok(tokio::spawn(serve(listener, service, config, shutdown)))
 }
@@ -244,7 +246,8 @@ async fn handle<S: Store>(
     let (mut parts, body) = req.into_parts();
     let id = request_id(&parts.headers);
     parts.headers.insert(X_REQUEST_ID, id.clone());
-    let span = tracing::debug_span!("request", id = ?id, method = %parts.method, path = %parts.uri.path());
+    let span =
+        tracing::debug_span!("request", id = ?id, method = %parts.method, path = %parts.uri.path());
     let req = Request::from_parts(parts, GatewayBody::incoming(body, read_timeout));
     // Its own task: a client hanging up must not cancel an upstream call
     // whose result still has to be stored.

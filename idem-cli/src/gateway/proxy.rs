@@ -90,7 +90,12 @@ impl Proxy {
         );
         match Uri::from_parts(parts) {
             Ok(uri) => *req.uri_mut() = uri,
-            Err(_) => return failure(UpstreamFailure::Unreachable, "cannot build the upstream URI"),
+            Err(_) => {
+                return failure(
+                    UpstreamFailure::Unreachable,
+                    "cannot build the upstream URI",
+                )
+            }
         }
         strip_hop_by_hop(req.headers_mut());
         let timeout = policy.upstream_timeout;

@@ -28,9 +28,7 @@ impl Upstream {
     /// Starts the upstream on a free port.
     pub async fn start() -> Self {
         let mut up = Upstream::default();
-        let app = axum::Router::new()
-            .fallback(handler)
-            .with_state(up.clone());
+        let app = axum::Router::new().fallback(handler).with_state(up.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");

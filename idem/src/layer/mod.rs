@@ -24,12 +24,12 @@
 //! [`Engine`]: crate::Engine
 
 mod body;
-mod layer;
 mod service;
+mod tower_layer;
 
 pub use body::ResponseBody;
-pub use layer::IdempotencyLayer;
 pub use service::Idempotency;
+pub use tower_layer::IdempotencyLayer;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -113,8 +113,7 @@ pub fn capture(status: http::StatusCode, headers: &HeaderMap, body: Bytes) -> St
 #[must_use]
 pub fn replay<B: From<Bytes>>(stored: &StoredResponse) -> http::Response<B> {
     let mut res = http::Response::new(B::from(stored.body.clone()));
-    *res.status_mut() =
-        http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
+    *res.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
     let headers = res.headers_mut();
     for (name, value) in &stored.headers {
         if let (Ok(n), Ok(v)) = (

@@ -12,7 +12,7 @@
 //! Everything is lost when the process exits.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -152,10 +152,8 @@ impl MemoryStore {
     }
 
     fn shard(&self, key: &StoreKey) -> MutexGuard<'_, Shard> {
-        let mut h = self.shared.hasher.build_hasher();
-        key.hash(&mut h);
         // Truncating the hash to pick a shard is intended.
-        let i = (h.finish() as usize) & (self.shared.shards.len() - 1);
+        let i = (self.shared.hasher.hash_one(key) as usize) & (self.shared.shards.len() - 1);
         lock(&self.shared.shards[i])
     }
 }

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -121,8 +121,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Fence, StoreError>> + Send;
 
     /// The record under `key`, if any (expired records read as `None`).
-    fn get(&self, key: &StoreKey)
-        -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
+    fn get(
+        &self,
+        key: &StoreKey,
+    ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
 
     /// Deletes whatever is under `key`. `true` when something was there.
     fn purge(&self, key: &StoreKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
@@ -206,12 +208,12 @@ struct NotifierInner {
 
 impl NotifierInner {
     fn shard(&self, key: &StoreKey) -> MutexGuard<'_, HashMap<StoreKey, watch::Sender<()>>> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
         // Modulo keeps the index in range; truncation of the hash is intended.
-        let i = (h.finish() % NOTIFIER_SHARDS as u64) as usize;
+        let i = (self.hasher.hash_one(key) % NOTIFIER_SHARDS as u64) as usize;
         // A poisoned map is still a consistent map of senders.
-        self.shards[i].lock().unwrap_or_else(PoisonError::into_inner)
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -242,7 +244,11 @@ impl Notifier {
     /// notifications may have been missed).
     pub fn notify_all(&self) {
         for shard in &self.inner.shards {
-            for tx in shard.lock().unwrap_or_else(PoisonError::into_inner).values() {
+            for tx in shard
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+            {
                 tx.send_replace(());
             }
         }
