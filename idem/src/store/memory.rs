@@ -85,7 +85,9 @@ enum State {
         fingerprint: Fingerprint,
         started_at: SystemTime,
     },
-    Completed(Arc<CompletedRecord>),
+    /// The token of the holder that completed it: a retried `complete`
+    /// from that holder (its first answer lost in transit) is acknowledged.
+    Completed(Arc<CompletedRecord>, Token),
 }
 
 impl MemoryStore {
@@ -204,7 +206,7 @@ impl Shard {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.expirations.insert((deadline, seq));
-        if matches!(state, State::Completed(_)) {
+        if matches!(state, State::Completed(..)) {
             self.completed.insert(seq, key.clone());
         }
         self.by_seq.insert(seq, key.clone());
@@ -294,8 +296,8 @@ impl Store for MemoryStore {
                 State::InFlight { .. } => Reservation::InFlight {
                     lease_remaining: entry.deadline - now,
                 },
-                State::Completed(r) if r.fingerprint != fingerprint => Reservation::Mismatch,
-                State::Completed(r) => Reservation::Completed(Arc::clone(r)),
+                State::Completed(r, _) if r.fingerprint != fingerprint => Reservation::Mismatch,
+                State::Completed(r, _) => Reservation::Completed(Arc::clone(r)),
             });
         }
         let weight = Shard::key_weight(key);
@@ -328,7 +330,11 @@ impl Store for MemoryStore {
         {
             let mut shard = self.shard(key);
             if shard.held(key, token).is_none() {
-                return Ok(Fence::Lost);
+                let already = shard
+                    .map
+                    .get(key)
+                    .is_some_and(|e| matches!(e.state, State::Completed(_, t) if t == token));
+                return Ok(if already { Fence::Held } else { Fence::Lost });
             }
             let Some(held) = shard.remove(key) else {
                 return Ok(Fence::Lost);
@@ -343,7 +349,7 @@ impl Store for MemoryStore {
                 key.clone(),
                 Instant::now() + retention,
                 weight,
-                State::Completed(record),
+                State::Completed(record, token),
             );
         }
         self.shared.notifier.notify(key);
@@ -389,7 +395,7 @@ impl Store for MemoryStore {
                 lease_remaining: e.deadline - now,
                 started_at: *started_at,
             },
-            State::Completed(r) => Record::Completed(Arc::clone(r)),
+            State::Completed(r, _) => Record::Completed(Arc::clone(r)),
         }))
     }
 

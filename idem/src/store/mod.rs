@@ -97,6 +97,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Reservation, StoreError>> + Send;
 
     /// Replaces the caller's `InFlight` with `record`, kept for `retention`.
+    ///
+    /// Idempotent for its holder: if the record was already completed with
+    /// this token (a retry after a lost reply), it answers `Held` and keeps
+    /// the first record unchanged.
     fn complete(
         &self,
         key: &StoreKey,

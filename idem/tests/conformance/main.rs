@@ -1,0 +1,73 @@
+//! Every store passes the SAME conformance suite (SPEC §7).
+//!
+//! `conformance!(name, factory)` instantiates every property in `suite.rs`
+//! for one store; `factory` is an async expression yielding
+//! `Option<Arc<Store>>` (`None`: the service is unreachable and the test is
+//! skipped loudly, unless `IDEM_REQUIRE_SERVICES=1`).
+
+mod suite;
+
+use std::sync::Arc;
+
+macro_rules! conformance {
+    ($name:ident, $factory:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn reserve_is_exclusive_under_200_concurrent_tasks() {
+                let Some(s) = $factory.await else { return };
+                suite::reserve_is_exclusive(s, 50).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn complete_then_replay() {
+                let Some(s) = $factory.await else { return };
+                suite::complete_then_replay(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mismatch() {
+                let Some(s) = $factory.await else { return };
+                suite::mismatch(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn release_then_reserve() {
+                let Some(s) = $factory.await else { return };
+                suite::release_then_reserve(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn lease_expiry_and_fencing() {
+                let Some(s) = $factory.await else { return };
+                suite::lease_expiry_and_fencing(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn retention_expiry() {
+                let Some(s) = $factory.await else { return };
+                suite::retention_expiry(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn purge() {
+                let Some(s) = $factory.await else { return };
+                suite::purge(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_change_wakes_subscribers() {
+                let Some(s) = $factory.await else { return };
+                suite::a_change_wakes_subscribers(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn waiters_get_the_first_answer() {
+                let Some(s) = $factory.await else { return };
+                suite::waiters_finish(s, false).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn waiters_finish_by_polling_when_notifications_are_lost() {
+                let Some(s) = $factory.await else { return };
+                suite::waiters_finish(s, true).await;
+            }
+        }
+    };
+}
+
+conformance!(memory, async {
+    Some(Arc::new(idem::store::memory::MemoryStore::new()))
+});
