@@ -5,6 +5,7 @@
 //! `Option<Arc<Store>>` (`None`: the service is unreachable and the test is
 //! skipped loudly, unless `IDEM_REQUIRE_SERVICES=1`).
 
+mod services;
 mod suite;
 
 use std::sync::Arc;
