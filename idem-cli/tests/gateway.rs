@@ -416,3 +416,64 @@ async fn hundred_concurrent_same_key_reject() {
 async fn hundred_concurrent_same_key_wait() {
     hundred_at_once("wait").await;
 }
+
+#[tokio::test]
+async fn store_failure_with_fail_open_forwards_unprotected() {
+    let up = Upstream::start().await;
+    let gw = gateway(
+        &up.url(),
+        "[defaults]\nfail = \"open\"\n[limits]\nmemory_max_entries = 1",
+    )
+    .await;
+    let (c, a) = (client(), gw.local_addr());
+    let holder = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            send(
+                &c,
+                a,
+                "POST",
+                "/orders?delay_ms=300",
+                &[("idempotency-key", "k1")],
+                "",
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = send(&c, a, "POST", "/orders", &[("idempotency-key", "k2")], "").await;
+    assert_eq!(r.status, 201, "open: forwarded without protection");
+    assert_eq!(up.count("POST", "/orders", "k2"), 1);
+    assert_eq!(holder.await.expect("task").status, 201);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up.url(), "").await;
+    let a = gw.local_addr();
+    let in_flight = tokio::spawn(async move {
+        send(
+            &client(),
+            a,
+            "POST",
+            "/orders?delay_ms=400",
+            &[("idempotency-key", "k-drain")],
+            "",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    gw.shutdown().await.expect("shutdown");
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "shutdown must wait for the in-flight request"
+    );
+    let r = in_flight.await.expect("task");
+    assert_eq!(r.status, 201, "the in-flight request completes");
+    assert!(
+        tokio::net::TcpStream::connect(a).await.is_err(),
+        "no new connections after shutdown"
+    );
+}

@@ -1,0 +1,88 @@
+//! The `idem` binary: start-up validation and `--check`.
+
+use std::io::Write;
+use std::process::Command;
+
+fn idem() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_idem"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("IDEM_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+#[test]
+fn check_prints_the_plan_and_exits_zero() {
+    let out = idem()
+        .args(["serve", "--check", "--upstream", "http://127.0.0.1:3000"])
+        .output()
+        .expect("run idem");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("127.0.0.1:3000"), "{stdout}");
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+}
+
+#[test]
+fn a_bad_config_file_is_refused_with_file_and_line() {
+    let mut file = tempfile();
+    writeln!(
+        file.1,
+        "upstream = \"http://127.0.0.1:3000\"\n\n[defaults]\nconcurent = \"wait\""
+    )
+    .expect("write");
+    let out = idem()
+        .args(["serve", "--check", "--config"])
+        .arg(&file.0)
+        .output()
+        .expect("run idem");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let expected = format!("{}:4:", file.0.display());
+    assert!(
+        stderr.contains(&expected),
+        "wanted `{expected}` in: {stderr}"
+    );
+    assert!(stderr.contains("concurent"), "{stderr}");
+}
+
+#[test]
+fn a_missing_upstream_says_how_to_give_one() {
+    let out = idem()
+        .args(["serve", "--check"])
+        .output()
+        .expect("run idem");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("--upstream"), "{stderr}");
+}
+
+#[test]
+fn a_bad_flag_value_is_refused() {
+    let out = idem()
+        .args([
+            "serve",
+            "--check",
+            "--upstream",
+            "http://127.0.0.1:3000",
+            "--listen",
+            "nowhere",
+        ])
+        .output()
+        .expect("run idem");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--listen"), "{stderr}");
+}
+
+fn tempfile() -> (std::path::PathBuf, std::fs::File) {
+    let path = std::env::temp_dir().join(format!("idem-cli-test-{:x}.toml", rand::random::<u64>()));
+    let file = std::fs::File::create(&path).expect("create temp file");
+    (path, file)
+}
