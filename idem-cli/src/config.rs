@@ -376,6 +376,15 @@ fn build(
                 ),
             ));
         }
+        if admin_token.is_none() {
+            return Err(origin.error(
+                src,
+                format!(
+                    "admin_listen {admin} needs a bearer token: set IDEM_ADMIN_TOKEN \
+                     (the admin listener can read and purge records)"
+                ),
+            ));
+        }
     }
     if listen.port() != 0 && upstream_is(&upstream, listen) {
         return Err(upstream_origin.error(
@@ -1593,6 +1602,11 @@ concurrent = "wait"
         None
     }
 
+    /// Only `IDEM_ADMIN_TOKEN`, which an admin listener requires.
+    fn token_env(name: &str) -> Option<String> {
+        (name == "IDEM_ADMIN_TOKEN").then(|| "test-admin-token".to_owned())
+    }
+
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let pairs: Vec<(String, String)> = pairs
             .iter()
@@ -1607,7 +1621,7 @@ concurrent = "wait"
     }
 
     fn load_ok(src: &str) -> Config {
-        load_str("idem.toml", src, &no_env, &Overrides::default())
+        load_str("idem.toml", src, &token_env, &Overrides::default())
             .unwrap_or_else(|e| panic!("should load: {e}"))
     }
 
@@ -1644,7 +1658,7 @@ concurrent = "wait"
         assert_eq!(c.upstream, "http://127.0.0.1:3000".parse::<Uri>().unwrap());
         assert_eq!(c.store, StoreSpec::Memory);
         assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
-        assert_eq!(c.admin_token, None);
+        assert_eq!(c.admin_token.as_deref(), Some("test-admin-token"));
         assert_eq!(c.limits, Limits::default());
         assert_eq!(c.source, Some(PathBuf::from("idem.toml")));
         // The example spells out the built-in defaults.
@@ -2051,7 +2065,7 @@ admin_listen = "127.0.0.1:3001"
         );
         assert_eq!(c.admin_listen, Some("127.0.0.1:3003".parse().unwrap()));
 
-        let c = load_str("idem.toml", file, &no_env, &Overrides::default()).expect("valid");
+        let c = load_str("idem.toml", file, &token_env, &Overrides::default()).expect("valid");
         assert_eq!(c.listen, "127.0.0.1:1001".parse().unwrap());
         assert_eq!(c.upstream, "http://127.0.0.1:2001".parse::<Uri>().unwrap());
     }
@@ -2292,7 +2306,13 @@ admin_listen = "127.0.0.1:3001"
                 "describe() lacks `{needle}`:\n{text}"
             );
         }
-        let c = load_ok("upstream = \"http://127.0.0.1:3000\"\n");
+        let c = load_str(
+            "idem.toml",
+            "upstream = \"http://127.0.0.1:3000\"\n",
+            &no_env,
+            &Overrides::default(),
+        )
+        .expect("valid");
         assert!(c.describe().contains("off (token set: no)"));
     }
 }

@@ -114,11 +114,6 @@ async fn serve(args: ServeArgs) -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    if config.admin_listen.is_some() {
-        tracing::warn!(
-            "admin_listen is set, but this build has no admin listener yet; ignoring it"
-        );
-    }
     let gateway = match Gateway::start(config).await {
         Ok(g) => g,
         Err(e) => {

@@ -151,13 +151,62 @@ pub struct Metrics {
     pub fenced: AtomicU64,
     /// Local cache hits.
     pub cache_hits: AtomicU64,
+    /// Local cache misses (lookups that went to the store).
+    pub cache_misses: AtomicU64,
     /// Operations executing right now.
     pub in_flight: AtomicU64,
+    /// Latency of every store call.
+    pub store_latency: Histogram,
 }
 
 impl Metrics {
     fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Upper bounds (seconds) of the store-latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A fixed-bucket latency histogram of relaxed atomics (Prometheus style).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations at or under each bound of [`LATENCY_BUCKETS`] (not cumulative).
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound of [`LATENCY_BUCKETS`], the sum in
+    /// seconds and the count (observations above the last bound are only
+    /// in the count, as Prometheus' `+Inf`).
+    #[must_use]
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
+        let mut acc = 0;
+        let cumulative = LATENCY_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(le, n)| {
+                acc += n.load(Ordering::Relaxed);
+                (*le, acc)
+            })
+            .collect();
+        let sum = Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed)).as_secs_f64();
+        (cumulative, sum, self.count.load(Ordering::Relaxed))
     }
 }
 
@@ -285,16 +334,38 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// Whether the store answers within the store time-out (for `/readyz`).
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        let probe = StoreKey::new(&crate::key::Scope::named("idem.readyz"), "probe");
+        self.call(self.inner.store.get(&probe)).await.map(|_| ())
+    }
+
+    /// The record under `key` (admin inspection).
+    pub async fn inspect(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
+        self.call(self.inner.store.get(key)).await
+    }
+
+    /// Deletes the record under `key` from the store and the local cache.
+    /// Other instances' local caches keep replaying it until it expires there.
+    pub async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let purged = self.call(self.inner.store.purge(key)).await;
+        self.forget(key);
+        purged
+    }
+
     async fn call<T>(
         &self,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let timeout = self.inner.config.store_timeout;
-        match tokio::time::timeout(timeout, fut).await {
+        let started = Instant::now();
+        let r = match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout(timeout)),
-        }
-        .inspect_err(|_| Metrics::inc(&self.inner.metrics.store_error))
+        };
+        let m = &self.inner.metrics;
+        m.store_latency.observe(started.elapsed());
+        r.inspect_err(|_| Metrics::inc(&m.store_error))
     }
 
     /// Runs `op` at most once per `key` and `fingerprint` (SPEC §3).
@@ -314,15 +385,20 @@ impl<S: Store> Engine<S> {
         Fut: Future<Output = Finish<R>>,
     {
         let m = &self.inner.metrics;
-        if let Some(record) = self.inner.cache.as_ref().and_then(|c| c.get(key)) {
-            Metrics::inc(&m.cache_hits);
-            return if record.fingerprint == fingerprint {
-                Metrics::inc(&m.replayed);
-                Outcome::Replayed(record)
-            } else {
-                Metrics::inc(&m.mismatch);
-                Outcome::Mismatch
-            };
+        if let Some(cache) = &self.inner.cache {
+            match cache.get(key) {
+                Some(record) => {
+                    Metrics::inc(&m.cache_hits);
+                    return if record.fingerprint == fingerprint {
+                        Metrics::inc(&m.replayed);
+                        Outcome::Replayed(record)
+                    } else {
+                        Metrics::inc(&m.mismatch);
+                        Outcome::Mismatch
+                    };
+                }
+                None => Metrics::inc(&m.cache_misses),
+            }
         }
         let reserved = self
             .call(self.inner.store.reserve(key, fingerprint, rules.lease))

@@ -15,6 +15,7 @@
 //! cancel an upstream call already under way: its result is still stored,
 //! and the client's retry replays it.
 
+pub mod admin;
 pub mod body;
 pub mod proxy;
 
@@ -30,7 +31,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tower::{Layer, ServiceExt};
 use tracing::Instrument;
@@ -72,20 +73,15 @@ pub enum GatewayError {
 #[derive(Debug)]
 pub struct Gateway {
     local_addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    admin_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Gateway {
     /// Binds `config.listen` and starts serving in the background.
     pub async fn start(config: Config) -> Result<Self, GatewayError> {
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| GatewayError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = bind(config.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
             addr: config.listen,
             source,
@@ -95,8 +91,13 @@ impl Gateway {
             local_cache_bytes: config.limits.local_cache_bytes,
             ..EngineConfig::default()
         };
-        let (tx, rx) = oneshot::channel();
-        let task = match &config.store {
+        let (tx, rx) = watch::channel(false);
+        let admin = match config.admin_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        let tasks = match &config.store {
             StoreSpec::Memory => {
                 let store = MemoryStore::with_limits(MemoryLimits {
                     max_entries: config.limits.memory_max_entries,
@@ -107,7 +108,7 @@ impl Gateway {
                      run several instances only with a shared store"
                 );
                 let engine = Engine::with_config(store, engine_config);
-                spawn_serve(listener, engine, config, rx)?
+                spawn_serve(listener, admin, engine, config, rx)?
             }
             StoreSpec::Redis(_) | StoreSpec::Postgres(_) => {
                 return Err(GatewayError::Unsupported(
@@ -118,10 +119,14 @@ impl Gateway {
             }
         };
         tracing::info!(%local_addr, "idem gateway listening");
+        if let Some(addr) = admin_addr {
+            tracing::info!(%addr, "admin listener (healthz, readyz, metrics, records)");
+        }
         Ok(Self {
             local_addr,
-            shutdown: Some(tx),
-            task,
+            admin_addr,
+            shutdown: tx,
+            tasks,
         })
     }
 
@@ -131,15 +136,20 @@ impl Gateway {
         self.local_addr
     }
 
+    /// The admin listener's bound address, if configured.
+    #[must_use]
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// Stops accepting, lets in-flight requests finish and store their
     /// results (up to `shutdown_grace`), then returns.
-    pub async fn shutdown(mut self) -> Result<(), GatewayError> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+    pub async fn shutdown(self) -> Result<(), GatewayError> {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            task.await.map_err(|e| GatewayError::Task(e.to_string()))?;
         }
-        (&mut self.task)
-            .await
-            .map_err(|e| GatewayError::Task(e.to_string()))
+        Ok(())
     }
 
     /// Serves until `signal` completes, then shuts down gracefully.
@@ -150,25 +160,53 @@ impl Gateway {
     }
 }
 
+async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { addr, source })
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // A dropped sender also means stop.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
 fn spawn_serve<S: Store>(
     listener: TcpListener,
+    admin: Option<TcpListener>,
     engine: Engine<S>,
     config: Config,
-    shutdown: oneshot::Receiver<()>,
-) -> Result<JoinHandle<()>, GatewayError> {
+    shutdown: watch::Receiver<bool>,
+) -> Result<Vec<JoinHandle<()>>, GatewayError> {
     let routes = Arc::new(config.routes.clone());
     let proxy =
         Proxy::new(&config.upstream, Arc::clone(&routes)).map_err(GatewayError::Unsupported)?;
+    let mut tasks = Vec::with_capacity(2);
+    if let (Some(listener), Some(token)) = (admin, config.admin_token.clone()) {
+        let app = admin::router(engine.clone(), token);
+        let stop = stopped(shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::error!(%error, "admin listener failed");
+            }
+        }));
+    }
     let service = IdempotencyLayer::new(engine, config.routes.clone()).layer(proxy);
-    Ok(tokio::spawn(serve(listener, service, config, shutdown)))
+    tasks.push(tokio::spawn(serve(listener, service, config, shutdown)));
+    Ok(tasks)
 }
 
 async fn serve<S: Store>(
     listener: TcpListener,
     service: Idempotency<Proxy, S>,
     config: Config,
-    mut shutdown: oneshot::Receiver<()>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    let shutdown = stopped(shutdown);
+    tokio::pin!(shutdown);
     let limits = &config.limits;
     let read_timeout = limits.request_read_timeout;
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -185,11 +223,11 @@ async fn serve<S: Store>(
                 Ok(p) => p,
                 Err(_) => break,
             },
-            _ = &mut shutdown => break,
+            () = &mut shutdown => break,
         };
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = &mut shutdown => break,
+            () = &mut shutdown => break,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,

@@ -122,8 +122,17 @@ fn rand_u32() -> u32 {
 /// A gateway on port 0 in front of `upstream`, with `extra` TOML appended
 /// to a minimal config.
 pub async fn gateway(upstream: &str, extra: &str) -> Gateway {
+    gateway_with_env(upstream, extra, &|_| None).await
+}
+
+/// Like [`gateway`], with `IDEM_*` variables from `env`.
+pub async fn gateway_with_env(
+    upstream: &str,
+    extra: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Gateway {
     let src = format!("listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{extra}\n");
-    let cfg = config::load_str("test.toml", &src, &|_| None, &Overrides::default())
+    let cfg = config::load_str("test.toml", &src, env, &Overrides::default())
         .unwrap_or_else(|e| panic!("test config refused: {e}\n{src}"));
     Gateway::start(cfg).await.expect("gateway starts")
 }
