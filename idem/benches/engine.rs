@@ -34,27 +34,33 @@ fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("memory_store");
     g.throughput(Throughput::Elements(1));
     let store = rt.block_on(async { MemoryStore::new() });
+    // Many operations per `block_on`, so the runtime's enter/exit is not
+    // what is measured.
     g.bench_function("reserve_complete", |b| {
-        b.to_async(&rt).iter(|| {
-            let key = StoreKey::new(&scope, &n.fetch_add(1, Ordering::Relaxed).to_string());
-            let store = &store;
-            async move {
-                let Ok(Reservation::Acquired(lease)) = store.reserve(&key, fp, rules.lease).await
-                else {
-                    panic!("fresh key must be acquired");
-                };
-                let now = std::time::SystemTime::now();
-                let record = Arc::new(CompletedRecord {
-                    fingerprint: fp,
-                    response: response(),
-                    completed_at: now,
-                    expires_at: now + rules.retention,
-                });
-                store
-                    .complete(&key, lease.token, record, rules.retention)
-                    .await
-                    .expect("complete");
-            }
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    let key = StoreKey::new(&scope, &n.fetch_add(1, Ordering::Relaxed).to_string());
+                    let Ok(Reservation::Acquired(lease)) =
+                        store.reserve(&key, fp, rules.lease).await
+                    else {
+                        panic!("fresh key must be acquired");
+                    };
+                    let now = std::time::SystemTime::now();
+                    let record = Arc::new(CompletedRecord {
+                        fingerprint: fp,
+                        response: response(),
+                        completed_at: now,
+                        expires_at: now + rules.retention,
+                    });
+                    store
+                        .complete(&key, lease.token, record, rules.retention)
+                        .await
+                        .expect("complete");
+                }
+                start.elapsed()
+            })
         });
     });
     g.finish();
@@ -63,20 +69,23 @@ fn benches(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let engine = rt.block_on(async { Engine::new(MemoryStore::new()) });
     g.bench_function("fresh_key", |b| {
-        b.to_async(&rt).iter(|| {
-            let key = StoreKey::new(&scope, &n.fetch_add(1, Ordering::Relaxed).to_string());
-            let (engine, rules) = (&engine, &rules);
-            async move {
-                let out = engine
-                    .run(&key, fp, rules, || async {
-                        Finish {
-                            output: (),
-                            action: Action::Store(response()),
-                        }
-                    })
-                    .await;
-                assert!(matches!(out, Outcome::Executed(())));
-            }
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    let key = StoreKey::new(&scope, &n.fetch_add(1, Ordering::Relaxed).to_string());
+                    let out = engine
+                        .run(&key, fp, &rules, || async {
+                            Finish {
+                                output: (),
+                                action: Action::Store(response()),
+                            }
+                        })
+                        .await;
+                    assert!(matches!(out, Outcome::Executed(())));
+                }
+                start.elapsed()
+            })
         });
     });
     let hot = StoreKey::new(&scope, "hot");
@@ -87,16 +96,22 @@ fn benches(c: &mut Criterion) {
         }
     }));
     g.bench_function("replay_local_cache", |b| {
-        b.to_async(&rt).iter(|| async {
-            let out = engine
-                .run(&hot, fp, &rules, || async {
-                    Finish {
-                        output: (),
-                        action: Action::Release,
-                    }
-                })
-                .await;
-            assert!(matches!(out, Outcome::Replayed(_)));
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    let out = engine
+                        .run(&hot, fp, &rules, || async {
+                            Finish {
+                                output: (),
+                                action: Action::Release,
+                            }
+                        })
+                        .await;
+                    assert!(matches!(out, Outcome::Replayed(_)));
+                }
+                start.elapsed()
+            })
         });
     });
     g.finish();

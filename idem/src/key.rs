@@ -345,8 +345,51 @@ impl fmt::Debug for Scope {
 
 /// The storage key: `hex(scope) ":" key` (SPEC §3.3: `H(scope) ‖ key`).
 /// Cheap to clone.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StoreKey(Arc<str>);
+///
+/// It carries a hash of its text, computed once with a per-process random
+/// seed: the maps a request goes through (local cache, memory store shards,
+/// waiter registry) hash 8 bytes instead of the whole key each time, and
+/// keys chosen by clients still cannot be aimed at one bucket.
+#[derive(Clone)]
+pub struct StoreKey {
+    text: Arc<str>,
+    hash: u64,
+}
+
+impl StoreKey {
+    fn from_text(text: Arc<str>) -> Self {
+        static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
+        let hash = std::hash::BuildHasher::hash_one(SEED.get_or_init(Default::default), &*text);
+        Self { text, hash }
+    }
+}
+
+impl PartialEq for StoreKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.text == other.text
+    }
+}
+
+impl Eq for StoreKey {}
+
+impl std::hash::Hash for StoreKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for StoreKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for StoreKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.text.cmp(&other.text)
+    }
+}
 
 impl StoreKey {
     /// The store key of `key` in `scope`.
@@ -360,25 +403,25 @@ impl StoreKey {
         push_hex(&mut s, &scope.0);
         s.push(':');
         s.push_str(key);
-        StoreKey(s.into())
+        StoreKey::from_text(s.into())
     }
 
     /// The store key as text, `hex(scope) ":" key`.
     #[must_use]
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 
     /// The scope part: 32 lowercase hex characters.
     #[must_use]
     pub fn scope_hex(&self) -> &str {
-        self.0.get(..SCOPE_HEX_LEN).unwrap_or_default()
+        self.text.get(..SCOPE_HEX_LEN).unwrap_or_default()
     }
 
     /// The key part, after the `:`.
     #[must_use]
     pub fn key(&self) -> &str {
-        self.0.get(SCOPE_HEX_LEN + 1..).unwrap_or_default()
+        self.text.get(SCOPE_HEX_LEN + 1..).unwrap_or_default()
     }
 
     /// Rebuilds a store key from the text of [`StoreKey::as_str`] (stores,
@@ -401,19 +444,19 @@ impl StoreKey {
             ));
         }
         validate_key(&b[SCOPE_HEX_LEN + 1..])?;
-        Ok(StoreKey(s.into()))
+        Ok(StoreKey::from_text(s.into()))
     }
 }
 
 impl fmt::Debug for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("StoreKey").field(&&*self.0).finish()
+        f.debug_tuple("StoreKey").field(&&*self.text).finish()
     }
 }
 
 impl fmt::Display for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 

@@ -58,12 +58,11 @@ struct Shared {
 #[derive(Debug)]
 struct Shard {
     map: HashMap<StoreKey, Entry>,
-    /// When each entry stops counting: (deadline, seq). Seq makes it unique.
-    expirations: BTreeSet<(Instant, u64)>,
-    /// Completed records by age, oldest first: eviction order.
+    /// When each entry stops counting: (deadline, seq, key). The seq makes
+    /// the tuple unique, so keys are never compared.
+    expirations: BTreeSet<(Instant, u64, StoreKey)>,
+    /// Completed records by completion order, oldest first: eviction order.
     completed: BTreeMap<u64, StoreKey>,
-    /// Seq → key, for the expiration sweep.
-    by_seq: HashMap<u64, StoreKey>,
     next_seq: u64,
     bytes: u64,
     max_entries: usize,
@@ -109,7 +108,6 @@ impl MemoryStore {
                     map: HashMap::new(),
                     expirations: BTreeSet::new(),
                     completed: BTreeMap::new(),
-                    by_seq: HashMap::new(),
                     next_seq: 0,
                     bytes: 0,
                     max_entries: limits.max_entries.div_ceil(n).max(1),
@@ -194,10 +192,9 @@ impl Shard {
     }
 
     fn remove(&mut self, key: &StoreKey) -> Option<Entry> {
-        let entry = self.map.remove(key)?;
-        self.expirations.remove(&(entry.deadline, entry.seq));
+        let (key, entry) = self.map.remove_entry(key)?;
+        self.expirations.remove(&(entry.deadline, entry.seq, key));
         self.completed.remove(&entry.seq);
-        self.by_seq.remove(&entry.seq);
         self.bytes = self.bytes.saturating_sub(entry.weight);
         Some(entry)
     }
@@ -205,11 +202,10 @@ impl Shard {
     fn insert(&mut self, key: StoreKey, deadline: Instant, weight: u64, state: State) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.expirations.insert((deadline, seq));
+        self.expirations.insert((deadline, seq, key.clone()));
         if matches!(state, State::Completed(..)) {
             self.completed.insert(seq, key.clone());
         }
-        self.by_seq.insert(seq, key.clone());
         self.bytes += weight;
         self.map.insert(
             key,
@@ -223,24 +219,26 @@ impl Shard {
     }
 
     fn set_deadline(&mut self, key: &StoreKey, deadline: Instant) {
-        if let Some(e) = self.map.get_mut(key) {
-            self.expirations.remove(&(e.deadline, e.seq));
-            e.deadline = deadline;
-            self.expirations.insert((deadline, e.seq));
+        if let Some((k, e)) = self.map.get_key_value(key) {
+            let old = (e.deadline, e.seq, k.clone());
+            self.expirations.remove(&old);
+            self.expirations.insert((deadline, old.1, old.2));
+            if let Some(e) = self.map.get_mut(key) {
+                e.deadline = deadline;
+            }
         }
     }
 
     fn sweep(&mut self, now: Instant) {
-        while let Some(&(deadline, seq)) = self.expirations.first() {
-            if deadline > now {
-                break;
-            }
-            match self.by_seq.get(&seq).cloned() {
-                Some(key) => {
-                    self.remove(&key);
-                }
-                None => {
-                    self.expirations.pop_first();
+        while self
+            .expirations
+            .first()
+            .is_some_and(|(deadline, _, _)| *deadline <= now)
+        {
+            if let Some((_, _, key)) = self.expirations.pop_first() {
+                if let Some(entry) = self.map.remove(&key) {
+                    self.completed.remove(&entry.seq);
+                    self.bytes = self.bytes.saturating_sub(entry.weight);
                 }
             }
         }
@@ -249,8 +247,20 @@ impl Shard {
     /// Evicts the oldest completed records until `weight` more bytes and one
     /// more entry fit. Fails if only in-flight records are left.
     fn make_room(&mut self, weight: u64) -> Result<(), StoreError> {
+        self.make_room_while(weight, 1)
+    }
+
+    /// Like `make_room`, for an entry that is already counted.
+    fn make_room_for_bytes(&mut self, weight: u64) -> Result<(), StoreError> {
+        self.make_room_while(weight, 0)
+    }
+
+    fn make_room_while(&mut self, weight: u64, entries: usize) -> Result<(), StoreError> {
+        if self.map.len() + entries <= self.max_entries && self.bytes + weight <= self.max_bytes {
+            return Ok(());
+        }
         self.sweep(Instant::now());
-        while self.map.len() + 1 > self.max_entries || self.bytes + weight > self.max_bytes {
+        while self.map.len() + entries > self.max_entries || self.bytes + weight > self.max_bytes {
             let Some((_, key)) = self.completed.pop_first() else {
                 return Err(StoreError::Capacity(
                     "every slot holds an in-flight reservation",
@@ -329,28 +339,40 @@ impl Store for MemoryStore {
         let weight = Shard::key_weight(key) + record.response.weight() as u64;
         {
             let mut shard = self.shard(key);
-            if shard.held(key, token).is_none() {
+            let Some(held) = shard.held(key, token) else {
                 let already = shard
                     .map
                     .get(key)
                     .is_some_and(|e| matches!(e.state, State::Completed(_, t) if t == token));
                 return Ok(if already { Fence::Held } else { Fence::Lost });
-            }
-            let Some(held) = shard.remove(key) else {
-                return Ok(Fence::Lost);
             };
-            if let Err(e) = shard.make_room(weight) {
-                // Keep the guarantee: the reservation stays until its lease
-                // runs out, so no duplicate can execute meanwhile.
-                shard.insert(key.clone(), held.deadline, held.weight, held.state);
+            let (old_weight, old_deadline, old_seq) = (held.weight, held.deadline, held.seq);
+            // Room for the response, evicting older completed records; on
+            // failure the reservation stays until its lease runs out, so no
+            // duplicate can execute meanwhile.
+            shard.bytes -= old_weight.min(shard.bytes);
+            let room = shard.make_room_for_bytes(weight);
+            if let Err(e) = room {
+                shard.bytes += old_weight;
                 return Err(e);
             }
-            shard.insert(
-                key.clone(),
-                Instant::now() + retention,
-                weight,
-                State::Completed(record, token),
-            );
+            let seq = shard.next_seq;
+            shard.next_seq += 1;
+            let deadline = Instant::now() + retention;
+            shard
+                .expirations
+                .remove(&(old_deadline, old_seq, key.clone()));
+            shard.expirations.insert((deadline, seq, key.clone()));
+            shard.completed.insert(seq, key.clone());
+            shard.bytes += weight;
+            if let Some(e) = shard.map.get_mut(key) {
+                *e = Entry {
+                    seq,
+                    deadline,
+                    weight,
+                    state: State::Completed(record, token),
+                };
+            }
         }
         self.shared.notifier.notify(key);
         Ok(Fence::Held)
