@@ -574,6 +574,7 @@ struct PolicyTable {
     fail: Option<Choice<FailMode>>,
     ambiguous: Option<Choice<Ambiguous>>,
     max_body: Option<NonZeroSize>,
+    max_key_length: Option<KeyLength>,
     upstream_timeout: Option<NonZeroDuration>,
     scope_headers: Option<Vec<Spanned<String>>>,
     fingerprint_headers: Option<Vec<Spanned<String>>>,
@@ -615,6 +616,9 @@ impl PolicyTable {
         }
         if let Some(v) = self.max_body {
             p.max_body = v.0;
+        }
+        if let Some(v) = self.max_key_length {
+            p.max_key_length = v.0;
         }
         if let Some(v) = self.upstream_timeout {
             p.upstream_timeout = v.0;
@@ -825,6 +829,22 @@ impl<'de> Deserialize<'de> for SizeValue {
 
 #[derive(Debug)]
 struct NonZeroSize(u64);
+
+/// `max_key_length`: 1 to 255 (SPEC §3.2 caps keys at 255 characters).
+#[derive(Debug)]
+struct KeyLength(usize);
+
+impl<'de> Deserialize<'de> for KeyLength {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        match usize::try_from(v) {
+            Ok(n @ 1..=255) => Ok(Self(n)),
+            _ => Err(de::Error::custom(format!(
+                "`{v}` is out of range: a key may be 1 to 255 characters long"
+            ))),
+        }
+    }
+}
 
 impl<'de> Deserialize<'de> for NonZeroSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -1477,6 +1497,7 @@ fn describe_policy(out: &mut Vec<String>, p: &RoutePolicy, named_method: Option<
         ("fail", p.fail.name()),
         ("ambiguous", p.ambiguous.name()),
         ("max_body", fmt_size(p.max_body)),
+        ("max_key_length", p.max_key_length.to_string()),
         ("upstream_timeout", fmt_duration(p.upstream_timeout)),
         (
             "scope_headers",

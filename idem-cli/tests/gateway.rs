@@ -477,3 +477,31 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         "no new connections after shutdown"
     );
 }
+
+#[tokio::test]
+async fn max_key_length_is_configurable() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up.url(), "[defaults]\nmax_key_length = 8").await;
+    let (c, a) = (client(), gw.local_addr());
+    send(
+        &c,
+        a,
+        "POST",
+        "/orders",
+        &[("idempotency-key", "123456789")],
+        "",
+    )
+    .await
+    .assert_problem(400, "idempotency_key_invalid");
+    let ok = send(
+        &c,
+        a,
+        "POST",
+        "/orders",
+        &[("idempotency-key", "12345678")],
+        "",
+    )
+    .await;
+    assert_eq!(ok.status, 201);
+    assert_eq!(up.total(), 1);
+}

@@ -163,6 +163,8 @@ pub struct RoutePolicy {
     pub ambiguous: Ambiguous,
     /// Largest request body accepted, in bytes.
     pub max_body: u64,
+    /// Longest key accepted, in characters (1–255; SPEC §3.2 caps it at 255).
+    pub max_key_length: usize,
     /// Gateway only: how long the upstream has to answer.
     pub upstream_timeout: Duration,
     /// Headers whose values form the scope (lower-case names).
@@ -192,6 +194,7 @@ impl Default for RoutePolicy {
             fail: FailMode::Closed,
             ambiguous: Ambiguous::Hold,
             max_body: 1024 * 1024,
+            max_key_length: 255,
             upstream_timeout: Duration::from_secs(30),
             scope_headers: vec![http::header::AUTHORIZATION],
             fingerprint_headers: vec![http::header::CONTENT_TYPE],

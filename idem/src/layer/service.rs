@@ -83,6 +83,16 @@ where
         let engine = self.engine.clone();
         Box::pin(async move {
             let key = match key::from_header_values(req.headers().get_all(IDEMPOTENCY_KEY)) {
+                Ok(Some(k)) if k.as_str().len() > policy.max_key_length => {
+                    return Ok(problem(
+                        ProblemCode::KeyInvalid,
+                        &format!(
+                            "the key is {} characters long; this route's limit is {}",
+                            k.as_str().len(),
+                            policy.max_key_length
+                        ),
+                    ))
+                }
                 Ok(k) => k,
                 Err(e) => return Ok(problem(ProblemCode::KeyInvalid, e.reason())),
             };
