@@ -505,3 +505,29 @@ async fn max_key_length_is_configurable() {
     assert_eq!(ok.status, 201);
     assert_eq!(up.total(), 1);
 }
+
+#[tokio::test]
+async fn a_slow_body_is_cut_off_and_never_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let gw = gateway(&up.url(), "[limits]\nrequest_read_timeout = \"300ms\"").await;
+    let mut s = tokio::net::TcpStream::connect(gw.local_addr())
+        .await
+        .expect("connect");
+    s.write_all(
+        b"POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: slow\r\ncontent-length: 10\r\n\r\nab",
+    )
+    .await
+    .expect("write");
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("the gateway answers within the read timeout")
+        .expect("read");
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(head.contains("request_body_unreadable"), "{head}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(up.total(), 0, "nothing forwarded");
+}
