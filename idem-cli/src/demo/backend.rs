@@ -37,6 +37,7 @@ struct State {
     /// the bug is not in the locking but in the gap between the two locks.
     orders: Mutex<HashMap<String, u64>>,
     created: AtomicU64,
+    connections: AtomicU64,
     delay: Duration,
 }
 
@@ -49,6 +50,7 @@ impl NaiveBackend {
         let state = Arc::new(State {
             orders: Mutex::new(HashMap::new()),
             created: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             delay,
         });
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
@@ -82,6 +84,12 @@ impl NaiveBackend {
     pub fn orders_created(&self) -> u64 {
         self.state.created.load(Ordering::SeqCst)
     }
+
+    /// TCP connections accepted so far.
+    #[must_use]
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for NaiveBackend {
@@ -100,6 +108,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
+        state.connections.fetch_add(1, Ordering::SeqCst);
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
         tokio::spawn(async move {
@@ -137,12 +146,13 @@ async fn create_order(state: &State, req: Request<Incoming>) -> Response<Full<By
         .to_owned();
     // Read the body like a real service would (its content does not matter).
     let _ = req.into_body().collect().await;
-    // Check...
+    // Check (a retry that comes after the insert gets the same order back,
+    // so sequential retries are handled correctly)...
     let existing = orders(state).get(&key).copied();
     if let Some(id) = existing {
         return json(
             StatusCode::OK,
-            &serde_json::json!({ "order_id": id, "key": key, "created": false }),
+            &serde_json::json!({ "order_id": id, "key": key }),
         );
     }
     // ...await (a payment call, a slow query)... while every concurrent
@@ -153,7 +163,7 @@ async fn create_order(state: &State, req: Request<Incoming>) -> Response<Full<By
     orders(state).insert(key.clone(), id);
     json(
         StatusCode::CREATED,
-        &serde_json::json!({ "order_id": id, "key": key, "created": true }),
+        &serde_json::json!({ "order_id": id, "key": key }),
     )
 }
 

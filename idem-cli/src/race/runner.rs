@@ -243,8 +243,19 @@ async fn send(
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true")),
             key,
         },
-        Ok(Err(e)) => Sample::Failed(e.to_string()),
+        Ok(Err(e)) => Sample::Failed(describe(&e)),
         Err(_) => Sample::Failed(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// hyper's messages, in the words of someone racing a server.
+fn describe(e: &hyper::Error) -> String {
+    if e.is_canceled() {
+        "the connection closed before the request was sent (a server idle timeout?)".into()
+    } else if e.is_incomplete_message() {
+        "the server closed the connection before answering".into()
+    } else {
+        e.to_string()
     }
 }
 
