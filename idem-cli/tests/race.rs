@@ -41,6 +41,18 @@ fn json(out: &Output) -> Value {
     })
 }
 
+/// `idem race URL ARGS… [--count-url COUNT] --json`: exit code and the object.
+async fn race_json(url: &str, args: &[&str], count_url: Option<&str>) -> (i32, Value) {
+    let mut argv = vec!["race", url];
+    argv.extend_from_slice(args);
+    if let Some(c) = count_url {
+        argv.extend(["--count-url", c]);
+    }
+    argv.push("--json");
+    let out = idem(&argv).await;
+    (code(&out), json(&out))
+}
+
 /// A gateway in front of the naive service, duplicates coalesced.
 async fn gateway_for(backend: &NaiveBackend) -> idem_cli::gateway::Gateway {
     support::gateway(
@@ -53,22 +65,20 @@ async fn gateway_for(backend: &NaiveBackend) -> idem_cli::gateway::Gateway {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_naive_service_shows_duplicates_and_exits_1() {
     let backend = NaiveBackend::start(GAP).await.expect("backend");
-    let out = idem(&[
-        "race",
+    let (code, v) = race_json(
         &backend.orders_url(),
-        "-n",
-        "100",
-        "-d",
-        "{\"sku\":\"tea\"}",
-        "-H",
-        "Content-Type: application/json",
-        "--count-url",
-        &backend.count_url(),
-        "--json",
-    ])
+        &[
+            "-n",
+            "100",
+            "-d",
+            "{\"sku\":\"tea\"}",
+            "-H",
+            "Content-Type: application/json",
+        ],
+        Some(&backend.count_url()),
+    )
     .await;
-    let v = json(&out);
-    assert_eq!(code(&out), 1, "duplicates must exit 1: {v}");
+    assert_eq!(code, 1, "duplicates must exit 1: {v}");
     let executions = v["executions"].as_u64().expect("executions");
     assert!(
         executions > 1,
@@ -107,23 +117,8 @@ async fn through_the_gateway_one_execution_and_exit_0() {
     let backend = NaiveBackend::start(GAP).await.expect("backend");
     let gw = gateway_for(&backend).await;
     let url = format!("http://{}/orders", gw.local_addr());
-    let out = idem(&[
-        "race",
-        &url,
-        "-n",
-        "100",
-        "--count-url",
-        &backend.count_url(),
-        "--json",
-    ])
-    .await;
-    let v = json(&out);
-    assert_eq!(
-        code(&out),
-        0,
-        "no duplicates must exit 0: {v}\n{}",
-        stderr(&out)
-    );
+    let (code, v) = race_json(&url, &["-n", "100"], Some(&backend.count_url())).await;
+    assert_eq!(code, 0, "no duplicates must exit 0: {v}");
     assert_eq!(
         v["executions"], 1,
         "behind the gateway, 100 concurrent same-key requests must execute exactly once: {v}"
@@ -149,8 +144,7 @@ async fn through_the_gateway_one_execution_and_exit_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_has_the_promised_fields() {
     let backend = NaiveBackend::start(GAP).await.expect("backend");
-    let out = idem(&["race", &backend.orders_url(), "-n", "20", "--json"]).await;
-    let v = json(&out);
+    let (code, v) = race_json(&backend.orders_url(), &["-n", "20"], None).await;
     let fields: Vec<&str> = v
         .as_object()
         .expect("object")
@@ -192,7 +186,7 @@ async fn json_has_the_promised_fields() {
         .sum();
     assert_eq!(total, 20);
     // Without a count URL the distinct 2xx bodies still give the naive service away.
-    assert_eq!(code(&out), 1, "{v}");
+    assert_eq!(code, 1, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,15 +221,14 @@ async fn no_key_sends_no_key() {
     let backend = NaiveBackend::start(GAP).await.expect("backend");
     let gw = gateway_for(&backend).await;
     let url = format!("http://{}/orders", gw.local_addr());
-    let out = idem(&["race", &url, "-n", "10", "--no-key", "--json"]).await;
-    let v = json(&out);
+    let (code, v) = race_json(&url, &["-n", "10", "--no-key"], None).await;
     assert_eq!(
         v["statuses"],
         serde_json::json!({ "400": 10 }),
         "key required: {v}"
     );
     assert_eq!(backend.orders_created(), 0);
-    assert_eq!(code(&out), 0);
+    assert_eq!(code, 0);
     gw.shutdown().await.expect("shutdown");
 }
 
@@ -244,21 +237,13 @@ async fn load_mode_reports_a_rate() {
     let backend = NaiveBackend::start(Duration::from_millis(1))
         .await
         .expect("backend");
-    let out = idem(&[
-        "race",
+    let (code, v) = race_json(
         &backend.orders_url(),
-        "--duration",
-        "1s",
-        "--concurrency",
-        "4",
-        "--unique-keys",
-        "--count-url",
-        &backend.count_url(),
-        "--json",
-    ])
+        &["--duration", "1s", "--concurrency", "4", "--unique-keys"],
+        Some(&backend.count_url()),
+    )
     .await;
-    let v = json(&out);
-    assert_eq!(code(&out), 0, "{v}");
+    assert_eq!(code, 0, "{v}");
     let requests = v["requests"].as_u64().expect("requests");
     assert!(requests >= 4, "{v}");
     assert_eq!(

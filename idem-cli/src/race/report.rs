@@ -372,6 +372,18 @@ mod tests {
         }
     }
 
+    /// A burst's report: `keys` keys, the count URL before and after.
+    fn burst(samples: &[Sample], keys: usize, counts: Option<(u64, u64)>) -> Report {
+        Report::build(
+            samples,
+            Context {
+                keys,
+                counts,
+                load_elapsed: None,
+            },
+        )
+    }
+
     #[test]
     fn nearest_rank_percentiles() {
         let mut v: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
@@ -400,14 +412,7 @@ mod tests {
     fn one_execution_and_replays_is_clean() {
         let mut s = vec![answered(201, 20, 1, false, 0)];
         s.extend((0..9).map(|_| answered(201, 21, 1, true, 0)));
-        let r = Report::build(
-            &s,
-            Context {
-                keys: 1,
-                counts: Some((5, 6)),
-                load_elapsed: None,
-            },
-        );
+        let r = burst(&s, 1, Some((5, 6)));
         assert_eq!(r.verdict(), Verdict::NoDuplicates);
         assert!(!r.duplicates);
         assert_eq!((r.requests, r.replayed, r.executions), (10, 9, Some(1)));
@@ -423,12 +428,7 @@ mod tests {
             answered(201, 20, 1, false, 0),
             answered(200, 21, 1, false, 0),
         ];
-        let cx = Context {
-            keys: 1,
-            counts: Some((0, 2)),
-            load_elapsed: None,
-        };
-        let r = Report::build(&s, cx);
+        let r = burst(&s, 1, Some((0, 2)));
         assert_eq!(r.verdict(), Verdict::Duplicates);
         assert!(r.duplicates);
         assert!(
@@ -445,13 +445,7 @@ mod tests {
             answered(201, 20, 1, false, 0),
             answered(201, 21, 2, false, 0),
         ];
-        let r = Report::build(
-            &s,
-            Context {
-                keys: 1,
-                ..Context::default()
-            },
-        );
+        let r = burst(&s, 1, None);
         assert_eq!(r.verdict(), Verdict::Duplicates);
         assert!(r.verdict.contains("2 different 2xx answers under one key"));
         assert_eq!(r.executions, None);
@@ -460,14 +454,7 @@ mod tests {
     #[test]
     fn unique_keys_may_each_execute() {
         let s: Vec<_> = (0..4).map(|k| answered(201, 5, k, false, k)).collect();
-        let r = Report::build(
-            &s,
-            Context {
-                keys: 4,
-                counts: Some((0, 4)),
-                load_elapsed: None,
-            },
-        );
+        let r = burst(&s, 4, Some((0, 4)));
         assert_eq!(r.verdict(), Verdict::NoDuplicates, "{}", r.verdict);
         assert_eq!((r.distinct_bodies, r.distinct_2xx_bodies), (4, 1));
     }
@@ -475,13 +462,7 @@ mod tests {
     #[test]
     fn different_error_bodies_are_not_duplicates() {
         let s = vec![answered(201, 5, 1, false, 0), answered(409, 5, 2, false, 0)];
-        let r = Report::build(
-            &s,
-            Context {
-                keys: 1,
-                ..Context::default()
-            },
-        );
+        let r = burst(&s, 1, None);
         assert_eq!(r.verdict(), Verdict::NoDuplicates);
         assert_eq!(r.distinct_bodies, 2);
     }
@@ -492,13 +473,7 @@ mod tests {
             answered(201, 5, 1, false, 0),
             Sample::Failed("connection reset".into()),
         ];
-        let r = Report::build(
-            &s,
-            Context {
-                keys: 1,
-                ..Context::default()
-            },
-        );
+        let r = burst(&s, 1, None);
         assert_eq!(r.verdict(), Verdict::Inconclusive);
         assert_eq!(r.errors, 1);
         assert!(r.verdict.contains("connection reset"));
@@ -526,13 +501,7 @@ mod tests {
         assert_eq!(v["requests_per_sec"], 1.0);
         assert_eq!(v["duration_s"], 2.0);
         assert_eq!(v["duplicates"], false);
-        let burst = Report::build(
-            &s,
-            Context {
-                keys: 1,
-                ..Context::default()
-            },
-        );
+        let burst = burst(&s, 1, None);
         let v: serde_json::Value = serde_json::from_str(&burst.to_json()).expect("json");
         assert!(v.get("requests_per_sec").is_none() && v.get("duration_s").is_none());
     }

@@ -80,14 +80,20 @@ async fn burst(
     n: usize,
     progress: &Progress,
 ) -> Result<(Vec<Sample>, Option<Duration>), RaceError> {
+    // Everything is built before the start: after it, a task only sends.
+    // (And before any task waits on the barrier, so no error path can leave
+    // tasks parked on it forever.)
+    let requests = (0..n)
+        .map(|i| {
+            let (key_id, key) = key_for(&plan.keys, i as u64, || i.to_string());
+            build(plan, &plan.target, key.as_deref()).map(|r| (key_id, r))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     progress.phase("connecting", n);
     let senders = connect_all(addr, n, plan.connect_timeout, progress).await?;
-    // Everything is built before the start: after it, a task only sends.
     let barrier = Arc::new(Barrier::new(n + 1));
     let mut tasks = Vec::with_capacity(n);
-    for (i, mut sender) in senders.into_iter().enumerate() {
-        let (key_id, key) = key_for(&plan.keys, i as u64, || i.to_string());
-        let request = build(plan, &plan.target, key.as_deref())?;
+    for (mut sender, (key_id, request)) in senders.into_iter().zip(requests) {
         let barrier = Arc::clone(&barrier);
         let timeout = plan.request_timeout;
         let progress = progress.clone();
