@@ -175,7 +175,7 @@ impl DemoReport {
     #[must_use]
     pub fn explanation(&self) -> String {
         let n = self.options.requests;
-        let delay = race::report::ms(self.options.delay);
+        let delay = format!("{:?}", self.options.delay);
         let direct = self.direct.executions.unwrap_or(0);
         let first = if direct > 1 {
             format!(
@@ -205,20 +205,47 @@ impl DemoReport {
                 self.gateway.verdict
             )
         };
-        format!("{first}\n{second}\n")
+        format!("{}\n{}", wrap(&first, 78), wrap(&second, 78))
     }
+}
+
+/// Word-wraps `text` at `width` columns; every line ends with a newline.
+fn wrap(text: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line = 0;
+    for word in text.split_whitespace() {
+        let len = word.chars().count();
+        if line > 0 && line + 1 + len > width {
+            out.push('\n');
+            line = 0;
+        }
+        if line > 0 {
+            out.push(' ');
+            line += 1;
+        }
+        out.push_str(word);
+        line += len;
+    }
+    out.push('\n');
+    out
 }
 
 /// `idem demo`: run, print the table and the explanation; exit 0, or 1 if
 /// the gateway let a duplicate through.
 pub async fn command() -> ExitCode {
     let options = DemoOptions::default();
-    println!(
-        "idem demo: {} identical POST /orders (one Idempotency-Key), released together, \
-         against a naive \"create order\" service (check, await {}, insert).\n",
-        options.requests,
-        race::report::ms(options.delay)
+    print!(
+        "{}",
+        wrap(
+            &format!(
+                "idem demo: {} identical POST /orders with one Idempotency-Key, released \
+                 together, against a naive \"create order\" service (check, await {:?}, insert).",
+                options.requests, options.delay
+            ),
+            78
+        )
     );
+    println!();
     match run(options).await {
         Ok(report) => {
             println!("{}", report.table());
@@ -233,5 +260,18 @@ pub async fn command() -> ExitCode {
             eprintln!("idem demo: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wrap_keeps_words_whole() {
+        assert_eq!(super::wrap("aa bb cc", 5), "aa bb\ncc\n");
+        assert_eq!(
+            super::wrap("a-very-long-word x", 4),
+            "a-very-long-word\nx\n"
+        );
+        assert_eq!(super::wrap("", 10), "\n");
     }
 }
