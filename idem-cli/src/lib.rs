@@ -1,9 +1,19 @@
-//! The `idem` command line: `idem serve` (the gateway), and more to come.
+//! The `idem` command line: `idem serve` (the gateway), `idem race` (the
+//! duplicate prober) and `idem demo`.
 //!
 //! `main` is thin; [`run`] does the work so tests can drive it in-process.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file, `IDEM_*` variables and flags → [`config::Config`];
+//! - [`gateway`]: `idem serve`, the reverse proxy;
+//! - [`race`]: `idem race`, N requests released together, and what came back;
+//! - [`demo`]: `idem demo`, a naive service raced without and behind the gateway.
 
 pub mod config;
+pub mod demo;
 pub mod gateway;
+pub mod race;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +22,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Overrides;
 use crate::gateway::Gateway;
+use crate::race::RaceArgs;
 
 /// idem: make non-idempotent HTTP operations safe to retry and safe to race.
 #[derive(Debug, Parser)]
@@ -27,6 +38,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the idempotency gateway in front of an HTTP service.
     Serve(ServeArgs),
+    /// Fire N identical requests at once and report duplicates (exit 1 if any).
+    Race(RaceArgs),
+    /// Show duplicates on a naive service, then gone behind the gateway.
+    Demo,
 }
 
 /// `idem serve` flags (SPEC §12). Flags override `IDEM_*` variables, which
@@ -57,7 +72,11 @@ pub struct ServeArgs {
 #[must_use]
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // Only the gateway logs; the race and the demo print their own reports,
+    // and the demo's in-process gateway must not add log lines to them.
+    if matches!(cli.command, Command::Serve(_)) {
+        init_tracing();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -91,6 +110,8 @@ fn init_tracing() {
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Race(args) => race::command(args).await,
+        Command::Demo => demo::command().await,
     }
 }
 
