@@ -91,6 +91,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -183,6 +184,7 @@ struct Inner {
     channel: String,
     timeout: Duration,
     cluster: bool,
+    listening: Arc<AtomicBool>,
     _subscriber: AbortOnDrop,
 }
 
@@ -332,12 +334,14 @@ impl RedisStoreBuilder {
     async fn finish(self, conn: Conn, nodes: Vec<Client>) -> Result<RedisStore, StoreError> {
         let channel = format!("{}changed", self.prefix);
         let notifier = Notifier::new();
+        let listening = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = oneshot::channel();
         let subscriber = Subscriber {
             nodes,
             channel: channel.clone(),
             notifier: notifier.clone(),
             timeout: self.connect_timeout.max(self.timeout),
+            listening: Arc::clone(&listening),
         };
         let task = tokio::spawn(subscriber.run(ready_tx));
         if tokio::time::timeout(self.connect_timeout, ready_rx)
@@ -359,6 +363,7 @@ impl RedisStoreBuilder {
                 channel,
                 timeout: self.timeout,
                 cluster,
+                listening,
                 _subscriber: AbortOnDrop(task),
             }),
         })
@@ -406,6 +411,13 @@ impl RedisStore {
     #[must_use]
     pub fn is_cluster(&self) -> bool {
         self.inner.cluster
+    }
+
+    /// Whether the change subscription is up right now. While it is down,
+    /// waiters still finish, by polling.
+    #[must_use]
+    pub fn is_listening(&self) -> bool {
+        self.inner.listening.load(Ordering::Acquire)
     }
 
     /// The Redis key of `key`'s record: `{prefix}{<store key>}`.
@@ -559,6 +571,8 @@ struct Subscriber {
     channel: String,
     notifier: Notifier,
     timeout: Duration,
+    /// Up while subscribed (see [`RedisStore::is_listening`]).
+    listening: Arc<AtomicBool>,
 }
 
 impl Subscriber {
@@ -569,7 +583,9 @@ impl Subscriber {
         loop {
             let node = &self.nodes[attempt % self.nodes.len()];
             attempt = attempt.wrapping_add(1);
-            match self.listen(node, &mut ready).await {
+            let outcome = self.listen(node, &mut ready).await;
+            self.listening.store(false, Ordering::Release);
+            match outcome {
                 Ok(()) => {
                     tracing::warn!(channel = %self.channel, "Redis change subscription lost; reconnecting");
                     backoff = SUBSCRIBER_MIN_BACKOFF;
@@ -593,6 +609,7 @@ impl Subscriber {
         let pubsub = bounded_redis(self.timeout, node.get_async_pubsub()).await?;
         let (mut sink, mut stream) = pubsub.split();
         bounded_redis(self.timeout, sink.subscribe(&self.channel)).await?;
+        self.listening.store(true, Ordering::Release);
         // Anything published while we were not subscribed is lost: wake every
         // waiter so it reads the record again.
         self.notifier.notify_all();
