@@ -47,6 +47,9 @@
 //!
 //! - `memory` (default): the in-process [`MemoryStore`](store::memory::MemoryStore).
 //! - `tower` (default): [`layer::IdempotencyLayer`].
+//! - `redis`: [`RedisStore`](store::redis::RedisStore), for many instances
+//!   sharing one Redis or Redis Cluster (needs Rust 1.88, the `redis` crate's
+//!   minimum).
 //!
 //! # Guarantees
 //!

@@ -72,3 +72,36 @@ macro_rules! conformance {
 conformance!(memory, async {
     Some(Arc::new(idem::store::memory::MemoryStore::new()))
 });
+
+/// A prefix no other test (or earlier run) uses: tests isolate themselves
+/// and never flush the shared server.
+#[cfg(feature = "redis")]
+fn redis_test_prefix() -> String {
+    format!("idem-test-{:016x}:", rand::random::<u64>())
+}
+
+#[cfg(feature = "redis")]
+conformance!(redis, async {
+    let url = services::redis_url();
+    match idem::store::redis::RedisStore::builder()
+        .prefix(redis_test_prefix())
+        .connect(&url)
+        .await
+    {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => services::unavailable("Redis", &url, &e),
+    }
+});
+
+#[cfg(feature = "redis")]
+conformance!(redis_cluster, async {
+    let spec = services::redis_cluster_urls();
+    match idem::store::redis::RedisStore::builder()
+        .prefix(redis_test_prefix())
+        .connect_cluster(&services::expand_cluster_urls(&spec))
+        .await
+    {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => services::unavailable("Redis Cluster", &spec, &e),
+    }
+});
