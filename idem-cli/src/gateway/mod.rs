@@ -39,6 +39,8 @@ use tracing::Instrument;
 use idem::layer::{Idempotency, IdempotencyLayer, ResponseBody};
 use idem::problem::{Problem, ProblemCode};
 use idem::store::memory::{MemoryLimits, MemoryStore};
+use idem::store::redis::RedisStore;
+use idem::store::AnyStore;
 use idem::{Engine, EngineConfig, Store};
 
 use crate::config::{Config, StoreSpec};
@@ -64,6 +66,14 @@ pub enum GatewayError {
     /// The configuration asks for something this build cannot do.
     #[error("{0}")]
     Unsupported(String),
+    /// The store did not answer at start-up.
+    #[error("cannot use the store {store}: {reason}")]
+    Store {
+        /// The store, with any password hidden.
+        store: String,
+        /// Why.
+        reason: String,
+    },
     /// The serve loop's task failed.
     #[error("the gateway task failed: {0}")]
     Task(String),
@@ -97,27 +107,9 @@ impl Gateway {
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-        let tasks = match &config.store {
-            StoreSpec::Memory => {
-                let store = MemoryStore::with_limits(MemoryLimits {
-                    max_entries: config.limits.memory_max_entries,
-                    max_bytes: config.limits.memory_max_bytes,
-                });
-                tracing::warn!(
-                    "store = memory: records live in this process only and are lost on restart; \
-                     run several instances only with a shared store"
-                );
-                let engine = Engine::with_config(store, engine_config);
-                spawn_serve(listener, admin, engine, config, rx)?
-            }
-            StoreSpec::Redis(_) | StoreSpec::Postgres(_) => {
-                return Err(GatewayError::Unsupported(
-                    "this build supports only `store = \"memory\"`; the Redis and PostgreSQL \
-                     stores are not available yet"
-                        .into(),
-                ))
-            }
-        };
+        let store = open_store(&config).await?;
+        let engine = Engine::with_config(store, engine_config);
+        let tasks = spawn_serve(listener, admin, engine, config, rx)?;
         tracing::info!(%local_addr, "idem gateway listening");
         if let Some(addr) = admin_addr {
             tracing::info!(%addr, "admin listener (healthz, readyz, metrics, records)");
@@ -158,6 +150,60 @@ impl Gateway {
         tracing::info!("shutting down: no new connections; finishing in-flight requests");
         self.shutdown().await
     }
+}
+
+/// Opens the configured store. A remote store must answer at start-up:
+/// better to refuse to start than to serve 503s from the first request.
+async fn open_store(config: &Config) -> Result<AnyStore, GatewayError> {
+    let unreachable = |e: idem::StoreError| GatewayError::Store {
+        store: config.store.to_string(),
+        reason: e.to_string(),
+    };
+    let store = match &config.store {
+        StoreSpec::Memory => {
+            tracing::warn!(
+                "store = memory: records live in this process only and are lost on restart; \
+                 run several instances only with a shared store (redis:// or postgres://)"
+            );
+            AnyStore::Memory(MemoryStore::with_limits(MemoryLimits {
+                max_entries: config.limits.memory_max_entries,
+                max_bytes: config.limits.memory_max_bytes,
+            }))
+        }
+        StoreSpec::Redis(url) => {
+            let builder = RedisStore::builder().timeout(config.limits.store_timeout);
+            let urls = redis_urls(url);
+            let store = if urls.len() > 1 {
+                builder.connect_cluster(&urls).await
+            } else {
+                builder.connect(url).await
+            };
+            AnyStore::Redis(store.map_err(unreachable)?)
+        }
+        StoreSpec::Postgres(_) => {
+            return Err(GatewayError::Unsupported(
+                "the PostgreSQL store is not in this build yet".into(),
+            ))
+        }
+    };
+    tracing::info!(store = %config.store, "store ready");
+    Ok(store)
+}
+
+/// `redis://a:7000,b:7001,c:7002` (or full URLs separated by commas) names
+/// the nodes of a Redis Cluster; one address is a standalone server.
+fn redis_urls(spec: &str) -> Vec<String> {
+    let (scheme, rest) = spec.split_once("://").unwrap_or(("redis", spec));
+    rest.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if s.contains("://") {
+                s.to_owned()
+            } else {
+                format!("{scheme}://{s}")
+            }
+        })
+        .collect()
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {

@@ -23,6 +23,9 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
 
+pub use any::AnyStore;
+
+mod any;
 #[cfg(feature = "memory")]
 pub mod memory;
 #[cfg(feature = "redis")]
