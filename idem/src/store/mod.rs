@@ -25,6 +25,8 @@ use crate::record::{CompletedRecord, Record, Token};
 
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 /// A boxed error from a backend.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -79,6 +81,10 @@ pub enum StoreError {
     /// A record could not be decoded.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// The store's configuration was refused (a malformed URL, a bad
+    /// schema name); raised when the store is built, never per call.
+    #[error("invalid store configuration: {0}")]
+    Config(String),
 }
 
 /// The atomic operations every store provides (SPEC §7).

@@ -5,6 +5,8 @@
 //! `Option<Arc<Store>>` (`None`: the service is unreachable and the test is
 //! skipped loudly, unless `IDEM_REQUIRE_SERVICES=1`).
 
+#[cfg(feature = "postgres")]
+mod pg;
 mod services;
 mod suite;
 
@@ -72,3 +74,8 @@ macro_rules! conformance {
 conformance!(memory, async {
     Some(Arc::new(idem::store::memory::MemoryStore::new()))
 });
+
+// Each test gets a store in a fresh schema (see pg.rs); stale schemas of
+// earlier runs are dropped by later ones.
+#[cfg(feature = "postgres")]
+conformance!(postgres, async { pg::store().await.map(Arc::new) });
