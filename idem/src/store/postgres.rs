@@ -132,6 +132,11 @@ const GET: &str = include_str!("sql/get.sql");
 const PURGE: &str = include_str!("sql/purge.sql");
 const CLEANUP: &str = include_str!("sql/cleanup.sql");
 
+/// Ends the reserve's bounds inside [`PostgresStore::transaction`].
+/// (`reset_val` is what `SET … TO DEFAULT` would restore.)
+const RESET: &str = "SELECT set_config(name, reset_val, true) FROM pg_settings \
+                     WHERE name IN ('lock_timeout', 'statement_timeout')";
+
 /// Run on every pooled connection when it connects; `$1` is the time-out in
 /// ms. See the module docs on `plan_cache_mode` (SPEC §7).
 const SETUP: &str = "SELECT set_config('plan_cache_mode', 'force_custom_plan', false), \
@@ -393,12 +398,11 @@ fn valid_schema(s: &str) -> bool {
 }
 
 async fn migrate(pool: &PgPool, sql: &Statements, timeout: Duration) -> Result<(), StoreError> {
-    bounded(timeout, async {
-        let mut tx = pool.begin().await?;
-        sqlx::raw_sql(&sql.migrate).execute(&mut *tx).await?;
-        tx.commit().await
-    })
-    .await
+    // One simple-query message: PostgreSQL runs its statements as ONE
+    // implicit transaction, which holds the advisory lock to the end.
+    bounded(timeout, sqlx::raw_sql(&sql.migrate).execute(pool))
+        .await
+        .map(drop)
 }
 
 impl PostgresStore {
@@ -579,11 +583,12 @@ impl PostgresStore {
             Concurrent::Wait => rules.wait_timeout,
             Concurrent::Reject => REJECT_LOCK_WAIT,
         };
-        // One round trip: BEGIN, bound the wait for a duplicate's row lock,
-        // and give `f` the database's own statement time-out back.
+        // One round trip: BEGIN and bound the reserve's wait for a
+        // duplicate's row lock (the statement may wait that long too).
         let begin = format!(
-            "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout TO DEFAULT",
-            lock_wait.as_millis().max(1)
+            "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+            lock_wait.as_millis().max(1),
+            (lock_wait + self.shared.timeout).as_millis()
         );
         let mut tx = self
             .call(self.shared.pool.begin_with(begin))
@@ -630,6 +635,13 @@ impl PostgresStore {
             return outcome;
         }
 
+        // `f` (and the COMMIT, which may queue for the NOTIFY lock) run
+        // under the database's own settings, not the reserve's bounds.
+        let reset = self.call(sqlx::query(RESET).execute(&mut *tx)).await;
+        if let Err(e) = reset {
+            self.rollback(tx).await;
+            return Err(OnceError::Store(e));
+        }
         let value = match f(&mut tx).await {
             Ok(value) => value,
             Err(e) => {
@@ -968,9 +980,14 @@ impl Listener {
     }
 
     /// Feeds `notifier` until the store drops (the task is aborted).
-    async fn run(mut self, notifier: Notifier) {
+    async fn run(self, notifier: Notifier) {
+        let Self {
+            pool,
+            mut listener,
+            channel,
+        } = self;
         loop {
-            match self.listener.try_recv().await {
+            match listener.try_recv().await {
                 Ok(Some(n)) => match StoreKey::from_stored(n.payload()) {
                     Ok(key) => notifier.notify(&key),
                     Err(error) => tracing::debug!(%error, "ignoring a foreign notification"),
@@ -979,24 +996,24 @@ impl Listener {
                 // eagerly): anything sent meanwhile is gone, wake everyone.
                 Ok(None) => notifier.notify_all(),
                 Err(error) => {
-                    tracing::warn!(%error, channel = %self.channel, "listener lost; reconnecting");
-                    self.reconnect().await;
+                    tracing::warn!(%error, %channel, "listener lost; reconnecting");
+                    // Give the pool's one connection back before asking for
+                    // a new one.
+                    drop(listener);
+                    listener = Self::reconnect(&pool, &channel).await;
                     notifier.notify_all();
                 }
             }
         }
     }
 
-    /// Replaces the listener, retrying with backoff until it listens again.
-    async fn reconnect(&mut self) {
+    /// A new listener, retrying with backoff until it listens again.
+    async fn reconnect(pool: &PgPool, channel: &str) -> PgListener {
         let mut pause = Duration::from_millis(100);
         loop {
             tokio::time::sleep(pause).await;
-            match Self::listen(&self.pool, &self.channel).await {
-                Ok(listener) => {
-                    self.listener = listener;
-                    return;
-                }
+            match Self::listen(pool, channel).await {
+                Ok(listener) => return listener,
                 Err(error) => {
                     tracing::warn!(%error, ?pause, "listener reconnect failed");
                     pause = (pause * 2).min(Duration::from_secs(5));

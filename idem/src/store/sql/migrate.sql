@@ -1,5 +1,6 @@
 -- migrate: creates (or checks) the schema, the records table and its
--- clean-up index. Run in ONE transaction; {schema} and {table} are replaced
+-- clean-up index. Sent as ONE simple-query message, which PostgreSQL runs as
+-- ONE implicit transaction; {schema} and {table} are replaced
 -- by the validated, quoted schema name and "schema".idem_records.
 -- Re-runnable: every statement is IF NOT EXISTS.
 --
