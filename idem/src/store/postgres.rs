@@ -106,10 +106,10 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sqlx::postgres::{
-    PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow, Postgres,
+    PgArguments, PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow, Postgres,
 };
 use sqlx::query::Query;
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use tokio::task::AbortHandle;
 
 /// The sqlx this store is built on, for writing [`PostgresStore::transaction`]
@@ -285,8 +285,13 @@ impl PostgresStoreBuilder {
                 })
             })
             .connect_lazy_with(options.clone());
-        // Reach the server once now, so a wrong URL fails at start-up.
-        bounded(timeout, pool.acquire()).await?;
+        // Reach the server once now, on a connection of its own, so a wrong
+        // URL, password or database fails at start-up with its reason (the
+        // pool would retry a refused connection until its time-out).
+        bounded(timeout, async {
+            PgConnection::connect_with(&options).await?.close().await
+        })
+        .await?;
         if self.migrate {
             migrate(&pool, &sql, timeout).await?;
         }
