@@ -133,9 +133,7 @@ const PURGE: &str = include_str!("sql/purge.sql");
 const CLEANUP: &str = include_str!("sql/cleanup.sql");
 
 /// Ends the reserve's bounds inside [`PostgresStore::transaction`].
-/// (`reset_val` is what `SET … TO DEFAULT` would restore.)
-const RESET: &str = "SELECT set_config(name, reset_val, true) FROM pg_settings \
-                     WHERE name IN ('lock_timeout', 'statement_timeout')";
+const RESET: &str = "SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT";
 
 /// Run on every pooled connection when it connects; `$1` is the time-out in
 /// ms. See the module docs on `plan_cache_mode` (SPEC §7).
@@ -642,7 +640,7 @@ impl PostgresStore {
 
         // `f` (and the COMMIT, which may queue for the NOTIFY lock) run
         // under the database's own settings, not the reserve's bounds.
-        let reset = self.call(sqlx::query(RESET).execute(&mut *tx)).await;
+        let reset = self.call(sqlx::Executor::execute(&mut *tx, RESET)).await;
         if let Err(e) = reset {
             self.rollback(tx).await;
             return Err(OnceError::Store(e));
