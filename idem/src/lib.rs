@@ -12,8 +12,9 @@
 //! - [`fingerprint`]: what makes a request *this* request (SPEC §3.4).
 //! - [`record`]: what the store keeps (SPEC §2).
 //! - [`policy`]: per-route settings and the route table (SPEC §12).
-//! - [`store`]: the atomic [`Store`](store::Store) trait and the
-//!   [`MemoryStore`](store::memory::MemoryStore) (SPEC §7).
+//! - [`store`]: the atomic [`Store`](store::Store) trait, the
+//!   [`MemoryStore`](store::memory::MemoryStore) and (feature `postgres`) the
+//!   `PostgresStore` with its transactional API (SPEC §7).
 //! - [`engine`]: the algorithm, waiting, leases and the function-level API
 //!   (SPEC §3, §5, §6, §8).
 //! - [`problem`]: the errors idem returns, as `application/problem+json` (SPEC §4).
@@ -50,6 +51,10 @@
 //! - `redis`: [`RedisStore`](store::redis::RedisStore), for many instances
 //!   sharing one Redis or Redis Cluster (needs Rust 1.88, the `redis` crate's
 //!   minimum).
+//! - `postgres`: `store::postgres::PostgresStore` (sqlx, Tokio; no TLS):
+//!   records in PostgreSQL, LISTEN/NOTIFY for waiters, and
+//!   `PostgresStore::transaction`, which commits a business effect and its
+//!   idempotency record in ONE transaction. See `docs/postgres.md`.
 //!
 //! # Guarantees
 //!

@@ -39,6 +39,7 @@ use tracing::Instrument;
 use idem::layer::{Idempotency, IdempotencyLayer, ResponseBody};
 use idem::problem::{Problem, ProblemCode};
 use idem::store::memory::{MemoryLimits, MemoryStore};
+use idem::store::postgres::PostgresStore;
 use idem::store::redis::RedisStore;
 use idem::store::AnyStore;
 use idem::{Engine, EngineConfig, Store};
@@ -180,11 +181,13 @@ async fn open_store(config: &Config) -> Result<AnyStore, GatewayError> {
             };
             AnyStore::Redis(store.map_err(unreachable)?)
         }
-        StoreSpec::Postgres(_) => {
-            return Err(GatewayError::Unsupported(
-                "the PostgreSQL store is not in this build yet".into(),
-            ))
-        }
+        StoreSpec::Postgres(url) => AnyStore::Postgres(
+            PostgresStore::builder(url.as_str())
+                .timeout(config.limits.store_timeout)
+                .connect()
+                .await
+                .map_err(unreachable)?,
+        ),
     };
     tracing::info!(store = %config.store, "store ready");
     Ok(store)

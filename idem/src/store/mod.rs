@@ -28,6 +28,8 @@ pub use any::AnyStore;
 mod any;
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 
@@ -84,8 +86,8 @@ pub enum StoreError {
     /// A record could not be decoded.
     #[error("corrupt record: {0}")]
     Corrupt(String),
-    /// The store's settings are invalid (a malformed URL or option).
-    /// Raised when a store is built, never by its operations.
+    /// The store's configuration was refused (a malformed URL, a bad
+    /// schema name); raised when the store is built, never per call.
     #[error("invalid store configuration: {0}")]
     Config(String),
 }

@@ -5,6 +5,8 @@
 //! `Option<Arc<Store>>` (`None`: the service is unreachable and the test is
 //! skipped loudly, unless `IDEM_REQUIRE_SERVICES=1`).
 
+#[cfg(feature = "postgres")]
+mod pg;
 mod services;
 mod suite;
 
@@ -105,3 +107,7 @@ conformance!(redis_cluster, async {
         Err(e) => services::unavailable("Redis Cluster", &spec, &e),
     }
 });
+// Each test gets a store in a fresh schema (see pg.rs); stale schemas of
+// earlier runs are dropped by later ones.
+#[cfg(feature = "postgres")]
+conformance!(postgres, async { pg::store().await.map(Arc::new) });

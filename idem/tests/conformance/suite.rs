@@ -170,22 +170,24 @@ pub async fn release_then_reserve<S: Store>(store: Arc<S>) {
 }
 
 pub async fn lease_expiry_and_fencing<S: Store>(store: Arc<S>) {
-    let short = Duration::from_millis(300);
+    // Margins of half a lease: a remote store on a loaded machine can take
+    // a good part of 100 ms per call.
+    let short = Duration::from_millis(1000);
     let k = fresh_key("lease");
     let old = acquire(&*store, &k, fp("a"), short).await;
     // A heartbeat keeps it.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
         store.extend(&k, old, short).await.expect("extend"),
         Fence::Held
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(matches!(
         store.reserve(&k, fp("a"), short).await.expect("reserve"),
         Reservation::InFlight { .. }
     ));
     // Silence: the lease runs out and another holder takes over.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let new = acquire(&*store, &k, fp("a"), LEASE).await;
     assert_ne!(old, new);
     assert_eq!(

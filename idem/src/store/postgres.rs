@@ -1,0 +1,1130 @@
+//! The PostgreSQL store (SPEC §7, feature `postgres`): many instances,
+//! durability, and exactly-once *with* business data.
+//!
+//! [`PostgresStore::connect`] (or [`PostgresStore::builder`]) opens a pool,
+//! runs the embedded migration (unless disabled), starts ONE listener
+//! connection for notifications and a clean-up task. Everything it runs is
+//! in `src/store/sql/*.sql`, one file per statement, each with an
+//! `-- Atomicity:` note; the statements are plain strings checked by the
+//! tests, so building needs no database.
+//!
+//! # Table
+//!
+//! One table, `"<schema>".idem_records` (schema `idem` by default, see
+//! [`PostgresStoreBuilder::schema`]), one row per scoped key:
+//!
+//! | column | type | meaning |
+//! |---|---|---|
+//! | `key` | `text COLLATE "C"` primary key | the [`StoreKey`], `hex(scope):key` |
+//! | `state` | `smallint` | 1 = in flight, 2 = completed |
+//! | `token` | `bytea` | the holder's fencing token (16 bytes) |
+//! | `fingerprint` | `bytea` | the request's fingerprint (32 bytes) |
+//! | `started_at` | `timestamptz` | when the reservation was taken |
+//! | `expires_at` | `timestamptz`, indexed | end of the lease (in flight) or of retention (completed) |
+//! | `completed_at` | `timestamptz` | when it completed |
+//! | `status`, `header_names`, `header_values`, `body` | `integer`, `text[]`, `bytea[]`, `bytea` | the stored response, byte for byte |
+//!
+//! The migration is re-runnable (`IF NOT EXISTS` throughout) and takes a
+//! transaction-scoped advisory lock, so any number of instances may start at
+//! once. Turn it off with [`PostgresStoreBuilder::migrate`] when a DBA runs
+//! `sql/migrate.sql` instead.
+//!
+//! # Statements
+//!
+//! Every store call is ONE statement; leases and retention are measured with
+//! the DATABASE clock (`statement_timestamp()`), never the client's, so
+//! instances with skewed clocks agree.
+//!
+//! - `reserve`: `INSERT … ON CONFLICT (key) DO UPDATE SET <take over if
+//!   expired, else write back unchanged> RETURNING …`. It always returns the
+//!   row as it is after the statement, read under the row lock, so there is
+//!   no second read and no read-then-write window; `token = $new` tells the
+//!   caller it won.
+//! - `complete`: `UPDATE … WHERE key = $1 AND token = $2` (a retry of a
+//!   holder whose first answer was lost is acknowledged and changes nothing).
+//! - `release`: `DELETE … WHERE key = $1 AND token = $2 AND state = 1`.
+//! - `extend`: `UPDATE … SET expires_at = … WHERE key = $1 AND token = $2 AND
+//!   state = 1`.
+//! - `get`, `purge`: one `SELECT` / `DELETE` by key.
+//!
+//! # Notifications
+//!
+//! `complete`, `release` and `purge` call `pg_notify('<schema>_idem_changed',
+//! key)` in the same statement, so the notification is delivered when (and
+//! only if) the change commits. Each store keeps ONE listener connection
+//! (`LISTEN`) that feeds the crate's [`Notifier`]; [`Store::subscribe`] just
+//! subscribes to that notifier, so a waiting duplicate holds no pooled
+//! connection. When the listener's connection is lost it reconnects and
+//! wakes every waiter ([`Notifier::notify_all`]), since notifications may
+//! have been missed meanwhile; waiters poll as well, so a lost notification
+//! only delays them. `reserve` and `extend` notify nobody: no waiter waits
+//! for them, and `NOTIFY` makes committing transactions queue on one lock.
+//!
+//! # Clean-up
+//!
+//! Expired rows already read as absent; a background task deletes them in
+//! batches ([`PostgresStoreBuilder::cleanup_batch`], default 1000) every
+//! [`PostgresStoreBuilder::cleanup_interval`] (default 60 s), walking the
+//! `expires_at` index and skipping rows that are locked right now. Any
+//! number of instances may run it. The task stops when the store is dropped.
+//!
+//! # Time-outs and errors
+//!
+//! Every call is bounded by [`PostgresStoreBuilder::timeout`] (default 2 s)
+//! on the client, and the same `statement_timeout` is set on the server so
+//! an abandoned statement stops there too: either way the caller gets
+//! [`StoreError::Timeout`]. Unreachable servers and refused statements are
+//! [`StoreError::Unavailable`]; rows that cannot be decoded are
+//! [`StoreError::Corrupt`].
+//!
+//! # `plan_cache_mode`
+//!
+//! Every pooled connection runs `SET plan_cache_mode = force_custom_plan`
+//! when it connects. sqlx prepares each statement once per connection, and
+//! PostgreSQL switches a prepared statement to a *generic* plan after five
+//! executions; one chosen while the table was empty is a sequential scan,
+//! and it is kept for the life of the connection (SPEC §7 measured a 7×
+//! throughput drop). Custom plans are re-planned with the actual key, which
+//! costs a few microseconds and always uses the primary key index. The test
+//! `postgres_plans` checks both the setting and the plan.
+//!
+//! # Transactions: exactly once with business data
+//!
+//! [`PostgresStore::transaction`] reserves the key, runs the caller's writes
+//! on the SAME transaction, stores the result and commits once: the business
+//! effect and its idempotency record commit or roll back together. See its
+//! docs for how duplicates behave.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sqlx::postgres::{
+    PgArguments, PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow, Postgres,
+};
+use sqlx::query::Query;
+use sqlx::{Connection, Row};
+use tokio::task::AbortHandle;
+
+/// The sqlx this store is built on, for writing [`PostgresStore::transaction`]
+/// closures with the same version.
+pub use sqlx;
+
+use super::{Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
+use crate::engine::{Once, OnceError, Rules};
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::policy::Concurrent;
+use crate::record::{CompletedRecord, Record, StoredResponse, Token};
+
+const MIGRATE: &str = include_str!("sql/migrate.sql");
+const RESERVE: &str = include_str!("sql/reserve.sql");
+const COMPLETE: &str = include_str!("sql/complete.sql");
+const RELEASE: &str = include_str!("sql/release.sql");
+const EXTEND: &str = include_str!("sql/extend.sql");
+const GET: &str = include_str!("sql/get.sql");
+const PURGE: &str = include_str!("sql/purge.sql");
+const CLEANUP: &str = include_str!("sql/cleanup.sql");
+
+/// Ends the reserve's bounds inside [`PostgresStore::transaction`].
+const RESET: &str = "SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT";
+
+/// Run on every pooled connection when it connects; `$1` is the time-out in
+/// ms. See the module docs on `plan_cache_mode` (SPEC §7).
+const SETUP: &str = "SELECT set_config('plan_cache_mode', 'force_custom_plan', false), \
+                     set_config('statement_timeout', $1, false)";
+
+/// `state` of an in-flight row.
+const IN_FLIGHT: i16 = 1;
+/// `state` of a completed row.
+const COMPLETED: i16 = 2;
+
+/// Longest lease or retention written (100 years): keeps `now() + d` within
+/// PostgreSQL's timestamp range.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// Longest schema name accepted, so the channel name fits in 63 bytes.
+const MAX_SCHEMA_LEN: usize = 40;
+/// How long a transactional duplicate waits for the row lock in `reject` mode.
+const REJECT_LOCK_WAIT: Duration = Duration::from_millis(10);
+
+/// The closure's future in [`PostgresStore::transaction`].
+pub type TxFuture<'c, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'c>>;
+
+/// The transaction [`PostgresStore::transaction`] hands to its closure.
+pub type PgTransaction = sqlx::Transaction<'static, Postgres>;
+
+/// Settings of a [`PostgresStore`]; finish with
+/// [`PostgresStoreBuilder::connect`].
+#[derive(Clone)]
+#[must_use]
+pub struct PostgresStoreBuilder {
+    url: String,
+    schema: String,
+    max_connections: u32,
+    timeout: Duration,
+    migrate: bool,
+    cleanup_interval: Option<Duration>,
+    cleanup_batch: u32,
+}
+
+impl fmt::Debug for PostgresStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may carry a password: never print it.
+        f.debug_struct("PostgresStoreBuilder")
+            .field("schema", &self.schema)
+            .field("max_connections", &self.max_connections)
+            .field("timeout", &self.timeout)
+            .field("migrate", &self.migrate)
+            .field("cleanup_interval", &self.cleanup_interval)
+            .field("cleanup_batch", &self.cleanup_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStoreBuilder {
+    /// Settings for the database at `url` (`postgres://user@host:port/db`),
+    /// with the defaults: schema `idem`, 10 connections, 2 s time-out,
+    /// migration on, clean-up every 60 s in batches of 1000.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            schema: "idem".into(),
+            max_connections: 10,
+            timeout: Duration::from_secs(2),
+            migrate: true,
+            cleanup_interval: Some(Duration::from_secs(60)),
+            cleanup_batch: 1000,
+        }
+    }
+
+    /// The schema holding the table: 1–40 characters of `a-z`, `0-9` and
+    /// `_`, not starting with a digit. Default `idem`.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Most pooled connections (the listener has one more of its own).
+    /// Default 10.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Bound of every store call, on the client and as the connections'
+    /// `statement_timeout`. Default 2 s.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Whether [`connect`](Self::connect) runs the embedded migration.
+    /// Default on.
+    pub fn migrate(mut self, on: bool) -> Self {
+        self.migrate = on;
+        self
+    }
+
+    /// How often expired rows are deleted; `None` turns the task off (run
+    /// [`PostgresStore::delete_expired`] yourself). Default 60 s.
+    pub fn cleanup_interval(mut self, every: Option<Duration>) -> Self {
+        self.cleanup_interval = every;
+        self
+    }
+
+    /// Rows deleted per clean-up statement. Default 1000.
+    pub fn cleanup_batch(mut self, rows: u32) -> Self {
+        self.cleanup_batch = rows.max(1);
+        self
+    }
+
+    /// Connects, migrates (unless disabled), and starts the listener and
+    /// the clean-up task.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for a malformed URL or schema name;
+    /// [`StoreError::Unavailable`] or [`StoreError::Timeout`] when the
+    /// database cannot be reached or the migration fails.
+    pub async fn connect(self) -> Result<PostgresStore, StoreError> {
+        if !valid_schema(&self.schema) {
+            return Err(StoreError::Config(format!(
+                "schema name {:?}: use 1–{MAX_SCHEMA_LEN} characters of a-z, 0-9 and _, \
+                 not starting with a digit",
+                self.schema
+            )));
+        }
+        let options = PgConnectOptions::from_str(&self.url)
+            .map_err(|e| StoreError::Config(format!("database URL: {e}")))?;
+        let timeout = self.timeout;
+        let sql = Statements::new(&self.schema);
+
+        // SPEC §7: a generic plan chosen while the table was empty stays a
+        // sequential scan for the life of the connection; custom plans use
+        // the index. See the module docs.
+        let statement_timeout = timeout.as_millis().max(1).to_string();
+        let pool = PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(timeout)
+            .after_connect(move |conn, _meta| {
+                let statement_timeout = statement_timeout.clone();
+                Box::pin(async move {
+                    sqlx::query(SETUP)
+                        .bind(statement_timeout)
+                        .execute(conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect_lazy_with(options.clone());
+        // Reach the server once now, on a connection of its own, so a wrong
+        // URL, password or database fails at start-up with its reason (the
+        // pool would retry a refused connection until its time-out).
+        bounded(timeout, async {
+            PgConnection::connect_with(&options).await?.close().await
+        })
+        .await?;
+        if self.migrate {
+            migrate(&pool, &sql, timeout).await?;
+        }
+
+        let notifier = Notifier::new();
+        let listener = Listener::start(options, sql.channel.clone(), timeout).await?;
+        let mut tasks = vec![tokio::spawn(listener.run(notifier.clone())).abort_handle()];
+        if let Some(every) = self.cleanup_interval {
+            let cleaner = Cleaner {
+                pool: pool.clone(),
+                sql: sql.cleanup.clone(),
+                batch: i64::from(self.cleanup_batch),
+                timeout,
+            };
+            tasks.push(tokio::spawn(cleaner.run(every)).abort_handle());
+        }
+        Ok(PostgresStore {
+            shared: Arc::new(Shared {
+                pool,
+                sql,
+                schema: self.schema,
+                timeout,
+                cleanup_batch: i64::from(self.cleanup_batch),
+                notifier,
+                _tasks: Tasks(tasks),
+            }),
+        })
+    }
+}
+
+/// The PostgreSQL store. Cheap to clone; clones share the pool, the
+/// listener and the clean-up task, which stop when the last clone drops.
+#[derive(Clone)]
+pub struct PostgresStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    pool: PgPool,
+    sql: Statements,
+    schema: String,
+    timeout: Duration,
+    cleanup_batch: i64,
+    notifier: Notifier,
+    _tasks: Tasks,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.shared.schema)
+            .field("timeout", &self.shared.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Aborts the background tasks when the store is dropped.
+struct Tasks(Vec<AbortHandle>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// The statements, with the schema filled in.
+struct Statements {
+    migrate: String,
+    reserve: String,
+    complete: String,
+    release: String,
+    extend: String,
+    get: String,
+    purge: String,
+    cleanup: String,
+    channel: String,
+}
+
+impl Statements {
+    fn new(schema: &str) -> Self {
+        // `schema` is validated (lowercase letters, digits, `_`), so quoting
+        // it is enough to make it an identifier.
+        let quoted = format!("\"{schema}\"");
+        let table = format!("{quoted}.idem_records");
+        let fill = |sql: &str| sql.replace("{schema}", &quoted).replace("{table}", &table);
+        Self {
+            migrate: fill(MIGRATE),
+            reserve: fill(RESERVE),
+            complete: fill(COMPLETE),
+            release: fill(RELEASE),
+            extend: fill(EXTEND),
+            get: fill(GET),
+            purge: fill(PURGE),
+            cleanup: fill(CLEANUP),
+            channel: format!("{schema}_idem_changed"),
+        }
+    }
+}
+
+fn valid_schema(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_SCHEMA_LEN
+        && !b[0].is_ascii_digit()
+        && b.iter()
+            .all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+}
+
+async fn migrate(pool: &PgPool, sql: &Statements, timeout: Duration) -> Result<(), StoreError> {
+    // One simple-query message: PostgreSQL runs its statements as ONE
+    // implicit transaction, which holds the advisory lock to the end.
+    bounded(timeout, sqlx::raw_sql(&sql.migrate).execute(pool))
+        .await
+        .map(drop)
+}
+
+impl PostgresStore {
+    /// Connects to `url` with the default settings (see
+    /// [`PostgresStoreBuilder::new`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`PostgresStoreBuilder::connect`].
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder(url).connect().await
+    }
+
+    /// Settings for the database at `url`.
+    pub fn builder(url: impl Into<String>) -> PostgresStoreBuilder {
+        PostgresStoreBuilder::new(url)
+    }
+
+    /// The connection pool (also usable for the application's own queries).
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.shared.pool
+    }
+
+    /// The schema holding the records table.
+    #[must_use]
+    pub fn schema(&self) -> &str {
+        &self.shared.schema
+    }
+
+    /// The `NOTIFY` channel, `<schema>_idem_changed`.
+    #[must_use]
+    pub fn channel(&self) -> &str {
+        &self.shared.sql.channel
+    }
+
+    /// Runs the embedded migration (again). Safe at any time, from any
+    /// number of instances.
+    ///
+    /// # Errors
+    ///
+    /// When the database is unreachable or refuses the DDL.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        migrate(&self.shared.pool, &self.shared.sql, self.shared.timeout).await
+    }
+
+    /// Deletes every expired row now, in batches; returns how many. The
+    /// background task does the same periodically.
+    ///
+    /// # Errors
+    ///
+    /// When a batch fails or times out (the rows deleted so far stay deleted).
+    pub async fn delete_expired(&self) -> Result<u64, StoreError> {
+        Cleaner {
+            pool: self.shared.pool.clone(),
+            sql: self.shared.sql.cleanup.clone(),
+            batch: self.shared.cleanup_batch,
+            timeout: self.shared.timeout,
+        }
+        .pass()
+        .await
+    }
+
+    async fn call<T>(
+        &self,
+        fut: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        bounded(self.shared.timeout, fut).await
+    }
+
+    fn reserve_query<'q>(
+        &'q self,
+        key: &'q StoreKey,
+        token: Token,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(&self.shared.sql.reserve)
+            .bind(key.as_str())
+            .bind(token.as_u128().to_be_bytes())
+            .bind(fingerprint.0)
+            .bind(micros(lease))
+    }
+
+    fn complete_query<'q>(
+        &'q self,
+        key: &'q StoreKey,
+        token: Token,
+        response: &'q StoredResponse,
+        retention: Duration,
+    ) -> Query<'q, Postgres, PgArguments> {
+        let names: Vec<&str> = response.headers.iter().map(|(n, _)| n.as_str()).collect();
+        let values: Vec<&[u8]> = response.headers.iter().map(|(_, v)| &v[..]).collect();
+        sqlx::query(&self.shared.sql.complete)
+            .bind(key.as_str())
+            .bind(token.as_u128().to_be_bytes())
+            .bind(i32::from(response.status))
+            .bind(names)
+            .bind(values)
+            .bind(&response.body[..])
+            .bind(micros(retention))
+            .bind(&self.shared.sql.channel)
+    }
+
+    /// Runs `f` at most once per `key` and `fingerprint`, on the same
+    /// transaction as its idempotency record (SPEC §7), and returns its
+    /// stored result on every repeat.
+    ///
+    /// In ONE transaction: reserve the key, run `f`'s writes on that
+    /// transaction, insert the completed record (the value as JSON, as
+    /// [`Engine::once`](crate::Engine::once) stores it), commit. The
+    /// business effect and its record commit together or not at all:
+    ///
+    /// - `f` returns `Err` (or panics, or the call is cancelled): everything
+    ///   rolls back, the business writes AND the reservation; a retry runs
+    ///   `f` again. The error comes back as [`OnceError::Failed`].
+    /// - the key already holds a completed record for this fingerprint: the
+    ///   stored value is returned with `replayed: true` and `f` does not run;
+    ///   for another fingerprint, [`OnceError::Mismatch`].
+    /// - a concurrent duplicate BLOCKS on the first transaction's row lock
+    ///   and, once that commits, replays its value (or, if it rolled back,
+    ///   takes the key and runs `f` itself). It waits at most
+    ///   `rules.wait_timeout` when `rules.concurrent` is `wait`, and only
+    ///   10 ms when it is `reject`; past that it gets
+    ///   [`OnceError::InProgress`] (`retry_after` 1 s). A key held by a
+    ///   non-transactional reservation ([`Engine`](crate::Engine) on this
+    ///   store) answers `InProgress` with that lease's remaining time.
+    /// - a failed `COMMIT` is [`OnceError::Store`]; whether it applied is
+    ///   unknown, but a retry with the same key finds out safely: it replays
+    ///   if the commit happened and runs `f` if it did not.
+    ///
+    /// No in-flight row is ever committed: a crashed caller leaves nothing
+    /// behind. `rules.lease` and `rules.fail` do not apply (the reservation
+    /// lives as long as the transaction, and the business data lives in the
+    /// same database). The transaction runs at the database's default
+    /// isolation level; `f`'s statements run under the database's default
+    /// `statement_timeout`, not the store's, while the store's own steps
+    /// are bounded by its time-out.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: idem::store::postgres::PostgresStore) -> Result<(), Box<dyn std::error::Error>> {
+    /// use idem::{Fingerprint, Rules, Scope, StoreKey};
+    /// use idem::store::postgres::sqlx;
+    ///
+    /// let key = StoreKey::new(&Scope::named("tenant-42"), "order-1001");
+    /// let order = store
+    ///     .transaction(&key, Fingerprint::of_bytes(b"2 x tea"), &Rules::default(), |tx| {
+    ///         Box::pin(async move {
+    ///             let (id,): (i64,) = sqlx::query_as("INSERT INTO orders (item) VALUES ('tea') RETURNING id")
+    ///                 .fetch_one(&mut **tx)
+    ///                 .await?;
+    ///             Ok::<_, sqlx::Error>(id)
+    ///         })
+    ///     })
+    ///     .await?;
+    /// println!("order {} (replayed: {})", order.value, order.replayed);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// See above; [`OnceError::Encode`] when the value cannot be encoded or
+    /// the stored one decoded.
+    pub async fn transaction<T, E, F>(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        rules: &Rules,
+        f: F,
+    ) -> Result<Once<T>, OnceError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        E: Send,
+        F: for<'c> FnOnce(&'c mut PgTransaction) -> TxFuture<'c, T, E> + Send,
+    {
+        let lock_wait = match rules.concurrent {
+            Concurrent::Wait => rules.wait_timeout,
+            Concurrent::Reject => REJECT_LOCK_WAIT,
+        };
+        // One round trip: BEGIN and bound the reserve's wait for a
+        // duplicate's row lock (the statement may wait that long too).
+        let begin = format!(
+            "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+            lock_wait.as_millis().max(1),
+            (lock_wait + self.shared.timeout).as_millis()
+        );
+        let mut tx = self
+            .call(self.shared.pool.begin_with(begin))
+            .await
+            .map_err(OnceError::Store)?;
+
+        let token = Token::generate();
+        let reserved = tokio::time::timeout(
+            self.shared.timeout + lock_wait,
+            self.reserve_query(key, token, fingerprint, rules.lease)
+                .fetch_one(&mut *tx),
+        )
+        .await;
+        let reservation = match reserved {
+            Err(_) => Err(StoreError::Timeout(self.shared.timeout + lock_wait)),
+            Ok(Err(e)) if is_contention(&e) => {
+                self.rollback(tx).await;
+                return Err(OnceError::InProgress {
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            Ok(Err(e)) => Err(store_error(e, self.shared.timeout)),
+            Ok(Ok(row)) => reservation(&row, token, fingerprint, rules.lease),
+        };
+        let outcome = match reservation {
+            Ok(Reservation::Acquired(_)) => None,
+            Ok(Reservation::Completed(record)) => Some(
+                serde_json::from_slice(&record.response.body)
+                    .map(|value| Once {
+                        value,
+                        replayed: true,
+                    })
+                    .map_err(OnceError::Encode),
+            ),
+            Ok(Reservation::InFlight { lease_remaining }) => Some(Err(OnceError::InProgress {
+                retry_after: lease_remaining,
+            })),
+            Ok(Reservation::Mismatch) => Some(Err(OnceError::Mismatch)),
+            Err(e) => Some(Err(OnceError::Store(e))),
+        };
+        if let Some(outcome) = outcome {
+            // Nothing of ours to keep, and the row lock must go now.
+            self.rollback(tx).await;
+            return outcome;
+        }
+
+        // `f` (and the COMMIT, which may queue for the NOTIFY lock) run
+        // under the database's own settings, not the reserve's bounds.
+        let reset = self.call(sqlx::Executor::execute(&mut *tx, RESET)).await;
+        if let Err(e) = reset {
+            self.rollback(tx).await;
+            return Err(OnceError::Store(e));
+        }
+        let value = match f(&mut tx).await {
+            Ok(value) => value,
+            Err(e) => {
+                self.rollback(tx).await;
+                return Err(OnceError::Failed(e));
+            }
+        };
+        let response = match serde_json::to_vec(&value) {
+            Ok(body) => StoredResponse {
+                status: 200,
+                headers: Vec::new(),
+                body: body.into(),
+            },
+            Err(e) => {
+                self.rollback(tx).await;
+                return Err(OnceError::Encode(e));
+            }
+        };
+        let held = self
+            .call(
+                self.complete_query(key, token, &response, rules.retention)
+                    .fetch_one(&mut *tx),
+            )
+            .await
+            .and_then(|row| flag(&row, "held"));
+        match held {
+            Ok(true) => {}
+            Ok(false) => {
+                self.rollback(tx).await;
+                return Err(OnceError::Store(StoreError::Corrupt(
+                    "the reservation vanished inside its own transaction".into(),
+                )));
+            }
+            Err(e) => {
+                self.rollback(tx).await;
+                return Err(OnceError::Store(e));
+            }
+        }
+        self.call(tx.commit()).await.map_err(OnceError::Store)?;
+        Ok(Once {
+            value,
+            replayed: false,
+        })
+    }
+
+    /// Rolls back now, so row locks go at once; on failure the connection
+    /// is dropped, which rolls back too.
+    async fn rollback(&self, tx: PgTransaction) {
+        if let Err(error) = self.call(tx.rollback()).await {
+            tracing::debug!(%error, "rollback failed; the connection is discarded");
+        }
+    }
+}
+
+impl Store for PostgresStore {
+    async fn reserve(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Reservation, StoreError> {
+        let token = Token::generate();
+        let row = self
+            .call(
+                self.reserve_query(key, token, fingerprint, lease)
+                    .fetch_one(&self.shared.pool),
+            )
+            .await?;
+        reservation(&row, token, fingerprint, lease)
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: Token,
+        record: Arc<CompletedRecord>,
+        retention: Duration,
+    ) -> Result<Fence, StoreError> {
+        let row = self
+            .call(
+                self.complete_query(key, token, &record.response, retention)
+                    .fetch_one(&self.shared.pool),
+            )
+            .await?;
+        fence(flag(&row, "held")?)
+    }
+
+    async fn release(&self, key: &StoreKey, token: Token) -> Result<Fence, StoreError> {
+        let row = self
+            .call(
+                sqlx::query(&self.shared.sql.release)
+                    .bind(key.as_str())
+                    .bind(token.as_u128().to_be_bytes())
+                    .bind(&self.shared.sql.channel)
+                    .fetch_one(&self.shared.pool),
+            )
+            .await?;
+        fence(flag(&row, "held")?)
+    }
+
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Fence, StoreError> {
+        let done = self
+            .call(
+                sqlx::query(&self.shared.sql.extend)
+                    .bind(key.as_str())
+                    .bind(token.as_u128().to_be_bytes())
+                    .bind(micros(lease))
+                    .execute(&self.shared.pool),
+            )
+            .await?;
+        fence(done.rows_affected() > 0)
+    }
+
+    async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
+        let row = self
+            .call(
+                sqlx::query(&self.shared.sql.get)
+                    .bind(key.as_str())
+                    .fetch_optional(&self.shared.pool),
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let fingerprint = fingerprint(&row)?;
+        Ok(Some(match state(&row)? {
+            IN_FLIGHT => Record::InFlight {
+                fingerprint,
+                lease_remaining: remaining(&row)?,
+                started_at: time(&row, "started_at_us")?,
+            },
+            _ => Record::Completed(Arc::new(completed(&row, fingerprint)?)),
+        }))
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let row = self
+            .call(
+                sqlx::query(&self.shared.sql.purge)
+                    .bind(key.as_str())
+                    .bind(&self.shared.sql.channel)
+                    .fetch_one(&self.shared.pool),
+            )
+            .await?;
+        flag(&row, "purged")
+    }
+
+    async fn subscribe(&self, key: &StoreKey) -> Result<Subscription, StoreError> {
+        // The listener connection feeds the notifier: a waiter holds no
+        // pooled connection.
+        Ok(self.shared.notifier.subscribe(key))
+    }
+}
+
+/// Awaits `fut` for at most `timeout`, mapping sqlx's errors.
+async fn bounded<T>(
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r.map_err(|e| store_error(e, timeout)),
+        Err(_) => Err(StoreError::Timeout(timeout)),
+    }
+}
+
+/// sqlx's error → a [`StoreError`], at the edge.
+fn store_error(e: sqlx::Error, timeout: Duration) -> StoreError {
+    match &e {
+        sqlx::Error::PoolTimedOut => StoreError::Timeout(timeout),
+        // query_canceled: our statement_timeout fired on the server.
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
+            StoreError::Timeout(timeout)
+        }
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. } => StoreError::Corrupt(e.to_string()),
+        _ => StoreError::Unavailable(Box::new(e)),
+    }
+}
+
+/// A transactional duplicate that met the first one's row lock: it timed
+/// out waiting (`lock_timeout`) or, under a stricter isolation level than
+/// READ COMMITTED, could not serialize.
+fn is_contention(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if matches!(db.code().as_deref(), Some("55P03" | "40001" | "40P01")))
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.min(MAX_DURATION).as_micros()).unwrap_or(i64::MAX)
+}
+
+fn fence(held: bool) -> Result<Fence, StoreError> {
+    Ok(if held { Fence::Held } else { Fence::Lost })
+}
+
+fn column<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    row.try_get(name)
+        .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
+}
+
+fn flag(row: &PgRow, name: &str) -> Result<bool, StoreError> {
+    column(row, name)
+}
+
+fn state(row: &PgRow) -> Result<i16, StoreError> {
+    match column(row, "state")? {
+        s @ (IN_FLIGHT | COMPLETED) => Ok(s),
+        s => Err(StoreError::Corrupt(format!("unknown state {s}"))),
+    }
+}
+
+fn fingerprint(row: &PgRow) -> Result<Fingerprint, StoreError> {
+    let bytes: &[u8] = column(row, "fingerprint")?;
+    <[u8; 32]>::try_from(bytes)
+        .map(Fingerprint)
+        .map_err(|_| StoreError::Corrupt(format!("a fingerprint of {} bytes", bytes.len())))
+}
+
+fn remaining(row: &PgRow) -> Result<Duration, StoreError> {
+    let us: i64 = column(row, "remaining_us")?;
+    Ok(Duration::from_micros(u64::try_from(us).unwrap_or(0)))
+}
+
+fn time(row: &PgRow, name: &str) -> Result<SystemTime, StoreError> {
+    let us: i64 = column(row, name)?;
+    let since = Duration::from_micros(us.unsigned_abs());
+    if us >= 0 {
+        UNIX_EPOCH.checked_add(since)
+    } else {
+        UNIX_EPOCH.checked_sub(since)
+    }
+    .ok_or_else(|| StoreError::Corrupt(format!("{name} out of range")))
+}
+
+/// Decodes what `reserve.sql` returned; `token` is the one it tried to write.
+fn reservation(
+    row: &PgRow,
+    token: Token,
+    fingerprint_sent: Fingerprint,
+    lease: Duration,
+) -> Result<Reservation, StoreError> {
+    if flag(row, "acquired")? {
+        return Ok(Reservation::Acquired(Lease {
+            token,
+            duration: lease,
+        }));
+    }
+    let stored = fingerprint(row)?;
+    if stored != fingerprint_sent {
+        return Ok(Reservation::Mismatch);
+    }
+    Ok(match state(row)? {
+        IN_FLIGHT => Reservation::InFlight {
+            lease_remaining: remaining(row)?,
+        },
+        _ => Reservation::Completed(Arc::new(completed(row, stored)?)),
+    })
+}
+
+/// The completed record in `row`. Retention is measured by the database
+/// clock and expressed on the local one: `expires_at` = local now + the
+/// time the database says is left.
+fn completed(row: &PgRow, fingerprint: Fingerprint) -> Result<CompletedRecord, StoreError> {
+    let status: i32 = column(row, "status")?;
+    let status = u16::try_from(status)
+        .map_err(|_| StoreError::Corrupt(format!("status {status} out of range")))?;
+    let names: Vec<String> = column(row, "header_names")?;
+    let values: Vec<Vec<u8>> = column(row, "header_values")?;
+    if names.len() != values.len() {
+        return Err(StoreError::Corrupt(format!(
+            "{} header names for {} values",
+            names.len(),
+            values.len()
+        )));
+    }
+    let body: Vec<u8> = column(row, "body")?;
+    Ok(CompletedRecord {
+        fingerprint,
+        response: StoredResponse {
+            status,
+            headers: names
+                .into_iter()
+                .zip(values.into_iter().map(Bytes::from))
+                .collect(),
+            body: Bytes::from(body),
+        },
+        completed_at: time(row, "completed_at_us")?,
+        expires_at: SystemTime::now() + remaining(row)?,
+    })
+}
+
+/// The ONE `LISTEN` connection of a store, on a one-connection pool of its
+/// own (so it never takes a slot from the calls).
+struct Listener {
+    pool: PgPool,
+    listener: PgListener,
+    channel: String,
+}
+
+impl Listener {
+    async fn start(
+        options: PgConnectOptions,
+        channel: String,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(timeout)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_lazy_with(options);
+        let listener = bounded(timeout, Self::listen(&pool, &channel)).await?;
+        Ok(Self {
+            pool,
+            listener,
+            channel,
+        })
+    }
+
+    async fn listen(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener.ignore_pool_close_event(true);
+        listener.listen(channel).await?;
+        Ok(listener)
+    }
+
+    /// Feeds `notifier` until the store drops (the task is aborted).
+    async fn run(self, notifier: Notifier) {
+        let Self {
+            pool,
+            mut listener,
+            channel,
+        } = self;
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => match StoreKey::from_stored(n.payload()) {
+                    Ok(key) => notifier.notify(&key),
+                    Err(error) => tracing::debug!(%error, "ignoring a foreign notification"),
+                },
+                // The connection was lost and is back (sqlx reconnects
+                // eagerly): anything sent meanwhile is gone, wake everyone.
+                Ok(None) => notifier.notify_all(),
+                Err(error) => {
+                    tracing::warn!(%error, %channel, "listener lost; reconnecting");
+                    // Give the pool's one connection back before asking for
+                    // a new one.
+                    drop(listener);
+                    listener = Self::reconnect(&pool, &channel).await;
+                    notifier.notify_all();
+                }
+            }
+        }
+    }
+
+    /// A new listener, retrying with backoff until it listens again.
+    async fn reconnect(pool: &PgPool, channel: &str) -> PgListener {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(pause).await;
+            match Self::listen(pool, channel).await {
+                Ok(listener) => return listener,
+                Err(error) => {
+                    tracing::warn!(%error, ?pause, "listener reconnect failed");
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Deletes expired rows in batches.
+struct Cleaner {
+    pool: PgPool,
+    sql: String,
+    batch: i64,
+    timeout: Duration,
+}
+
+impl Cleaner {
+    async fn run(self, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match self.pass().await {
+                Ok(0) => {}
+                Ok(rows) => tracing::debug!(rows, "deleted expired idempotency records"),
+                Err(error) => tracing::warn!(%error, "clean-up of expired records failed"),
+            }
+        }
+    }
+
+    /// Batches until one comes back short.
+    async fn pass(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let rows = bounded(
+                self.timeout,
+                sqlx::query(&self.sql).bind(self.batch).execute(&self.pool),
+            )
+            .await?
+            .rows_affected();
+            total += rows;
+            if rows < u64::try_from(self.batch).unwrap_or(u64::MAX) {
+                return Ok(total);
+            }
+            // Let the calls have the pool between batches.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        for good in ["idem", "_x", "a1_b2", &"a".repeat(40)] {
+            assert!(valid_schema(good), "{good}");
+        }
+        for bad in ["", "1a", "Idem", "a-b", "a\"b", "a b", &"a".repeat(41)] {
+            assert!(!valid_schema(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn statements_name_the_schema() {
+        let s = Statements::new("t_1");
+        assert!(s.reserve.contains("INSERT INTO \"t_1\".idem_records AS r"));
+        assert!(s.migrate.contains("CREATE SCHEMA IF NOT EXISTS \"t_1\";"));
+        assert_eq!(s.channel, "t_1_idem_changed");
+        for sql in [
+            &s.migrate,
+            &s.reserve,
+            &s.complete,
+            &s.release,
+            &s.extend,
+            &s.get,
+            &s.purge,
+            &s.cleanup,
+        ] {
+            assert!(!sql.contains('{'), "unfilled placeholder in {sql}");
+            assert!(sql.contains("-- Atomicity:"), "no atomicity note in {sql}");
+        }
+    }
+
+    #[test]
+    fn durations_are_clamped() {
+        assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
+        assert_eq!(
+            micros(Duration::MAX),
+            i64::try_from(MAX_DURATION.as_micros()).unwrap_or(0)
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_configuration_is_refused_before_connecting() {
+        let e = PostgresStore::builder("postgres://x@127.0.0.1:1/db")
+            .schema("Bad-Name")
+            .connect()
+            .await
+            .map(|_| ())
+            .err();
+        assert!(matches!(e, Some(StoreError::Config(_))), "{e:?}");
+        let e = PostgresStore::connect("mysql://nope")
+            .await
+            .map(|_| ())
+            .err();
+        assert!(matches!(e, Some(StoreError::Config(_))), "{e:?}");
+    }
+}

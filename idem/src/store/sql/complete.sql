@@ -1,0 +1,29 @@
+-- complete (SPEC §3.9): $1 key, $2 token, $3 status, $4 header names,
+-- $5 header values, $6 body, $7 retention in µs, $8 notification channel.
+-- Returns one row: held (bool).
+--
+-- Atomicity: ONE guarded UPDATE `WHERE key = $1 AND token = $2`. The token
+-- is the fence: a holder whose lease was taken over no longer matches, and
+-- changes nothing. Matching rows are either still in flight (they become
+-- completed) or already completed with this same token, by this holder's
+-- earlier call whose answer was lost: the CASEs then write the first
+-- response back unchanged, so a retry is acknowledged without replacing it.
+-- The UPDATE waits for the row lock and re-checks the guard on the latest
+-- version, so two completes of one holder cannot both apply. pg_notify runs
+-- in the same statement, so waiters hear of the change exactly when it
+-- commits, never before.
+WITH done AS (
+    UPDATE {table} AS r SET
+        state         = 2,
+        status        = CASE WHEN r.state = 1 THEN $3 ELSE r.status END,
+        header_names  = CASE WHEN r.state = 1 THEN $4 ELSE r.header_names END,
+        header_values = CASE WHEN r.state = 1 THEN $5 ELSE r.header_values END,
+        body          = CASE WHEN r.state = 1 THEN $6 ELSE r.body END,
+        completed_at  = CASE WHEN r.state = 1 THEN statement_timestamp() ELSE r.completed_at END,
+        expires_at    = CASE WHEN r.state = 1
+                             THEN statement_timestamp() + $7 * interval '1 microsecond'
+                             ELSE r.expires_at END
+    WHERE r.key = $1 AND r.token = $2
+    RETURNING r.key
+)
+SELECT count(*) > 0 AS held FROM (SELECT pg_notify($8, key) FROM done) AS notified

@@ -1,0 +1,13 @@
+-- release (SPEC §3.9): $1 key, $2 token, $3 notification channel.
+-- Returns one row: held (bool).
+--
+-- Atomicity: ONE guarded DELETE `WHERE key = $1 AND token = $2 AND state = 1`:
+-- only the current holder of an in-flight reservation can remove it; a
+-- fenced-out holder, or anyone once the record completed, deletes nothing.
+-- pg_notify runs in the same statement and is delivered on commit.
+WITH gone AS (
+    DELETE FROM {table}
+    WHERE key = $1 AND token = $2 AND state = 1
+    RETURNING key
+)
+SELECT count(*) > 0 AS held FROM (SELECT pg_notify($3, key) FROM gone) AS notified

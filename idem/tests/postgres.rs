@@ -1,0 +1,745 @@
+//! PostgreSQL-specific properties, beyond the conformance suite: the
+//! transactional API, notifications across instances and reconnects,
+//! clean-up, time-outs, binary safety, corrupt rows, migration, and the
+//! plans the guarded statements get (SPEC §7's measured hazard).
+//!
+//! Each test uses its own schema (see conformance/pg.rs) and drops it at the
+//! end; without a server they skip loudly (fail under IDEM_REQUIRE_SERVICES=1).
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
+#[path = "conformance/pg.rs"]
+mod pg;
+#[path = "conformance/services.rs"]
+mod services;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use idem::policy::Concurrent;
+use idem::record::Record;
+use idem::store::postgres::{sqlx, PostgresStore};
+use idem::store::{Fence, Reservation, Store, StoreError};
+use idem::{CompletedRecord, Fingerprint, OnceError, Rules, Scope, StoreKey, StoredResponse};
+use tokio::sync::Barrier;
+
+const LEASE: Duration = Duration::from_secs(30);
+const RETAIN: Duration = Duration::from_secs(3600);
+
+fn key(name: &str) -> StoreKey {
+    StoreKey::new(&Scope::named("pg-tests"), name)
+}
+
+fn fp(s: &str) -> Fingerprint {
+    Fingerprint::of_bytes(s.as_bytes())
+}
+
+fn wait_rules() -> Rules {
+    Rules {
+        concurrent: Concurrent::Wait,
+        wait_timeout: Duration::from_secs(20),
+        ..Rules::default()
+    }
+}
+
+async fn orders_table(store: &PostgresStore) {
+    let sql = format!(
+        "CREATE TABLE \"{}\".orders (id bigserial PRIMARY KEY, item text NOT NULL)",
+        store.schema()
+    );
+    sqlx::raw_sql(&sql).execute(store.pool()).await.unwrap();
+}
+
+async fn orders(store: &PostgresStore) -> i64 {
+    let sql = format!("SELECT count(*) FROM \"{}\".orders", store.schema());
+    sqlx::query_scalar(&sql)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+fn insert_order(schema: &str) -> String {
+    format!("INSERT INTO \"{schema}\".orders (item) VALUES ($1) RETURNING id")
+}
+
+fn record(fingerprint: Fingerprint, response: StoredResponse) -> Arc<CompletedRecord> {
+    let now = SystemTime::now();
+    Arc::new(CompletedRecord {
+        fingerprint,
+        response,
+        completed_at: now,
+        expires_at: now + RETAIN,
+    })
+}
+
+async fn acquire(
+    store: &PostgresStore,
+    k: &StoreKey,
+    f: Fingerprint,
+    lease: Duration,
+) -> idem::Token {
+    match store.reserve(k, f, lease).await.unwrap() {
+        Reservation::Acquired(l) => l.token,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transaction_runs_once_under_50_concurrent_calls() {
+    let Some(store) = pg::connect(pg::builder().max_connections(8)).await else {
+        return;
+    };
+    orders_table(&store).await;
+    let store = Arc::new(store);
+    let k = key("tx-race");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(Barrier::new(50));
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let (store, k, runs, barrier) = (
+                Arc::clone(&store),
+                k.clone(),
+                Arc::clone(&runs),
+                Arc::clone(&barrier),
+            );
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let insert = insert_order(store.schema());
+                store
+                    .transaction(&k, fp("2 x tea"), &wait_rules(), |tx| {
+                        Box::pin(async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            // Widen the window: the other 49 arrive meanwhile.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            let id: i64 = sqlx::query_scalar(&insert)
+                                .bind(format!("tea from task {i}"))
+                                .fetch_one(&mut **tx)
+                                .await?;
+                            Ok::<_, sqlx::Error>(id)
+                        })
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut values = Vec::new();
+    let mut fresh = 0;
+    for t in tasks {
+        let once = t.await.unwrap().unwrap();
+        fresh += usize::from(!once.replayed);
+        values.push(once.value);
+    }
+    assert_eq!(
+        orders(&store).await,
+        1,
+        "50 concurrent transactional calls with one key must create exactly one order"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the closure ran more than once"
+    );
+    assert_eq!(fresh, 1, "exactly one caller executes, the others replay");
+    assert!(
+        values.iter().all(|v| *v == values[0]),
+        "different answers: {values:?}"
+    );
+    pg::drop_schema(&store).await;
+}
+
+#[tokio::test]
+async fn transaction_error_rolls_back_business_writes_and_reservation() {
+    let Some(store) = pg::store().await else {
+        return;
+    };
+    orders_table(&store).await;
+    let k = key("tx-error");
+    let insert = insert_order(store.schema());
+    let failed = store
+        .transaction(&k, fp("a"), &wait_rules(), |tx| {
+            Box::pin(async move {
+                sqlx::query(&insert).bind("tea").execute(&mut **tx).await?;
+                Err::<i64, _>(sqlx::Error::Protocol("the payment was declined".into()))
+            })
+        })
+        .await;
+    assert!(matches!(failed, Err(OnceError::Failed(_))), "{failed:?}");
+    assert_eq!(orders(&store).await, 0, "the business write must roll back");
+    assert!(
+        store.get(&k).await.unwrap().is_none(),
+        "the reservation must roll back too"
+    );
+
+    // A retry runs again and commits both.
+    let insert = insert_order(store.schema());
+    let once = store
+        .transaction(&k, fp("a"), &wait_rules(), |tx| {
+            Box::pin(async move {
+                sqlx::query_scalar::<_, i64>(&insert)
+                    .bind("tea")
+                    .fetch_one(&mut **tx)
+                    .await
+            })
+        })
+        .await
+        .unwrap();
+    assert!(!once.replayed);
+    assert_eq!(orders(&store).await, 1);
+    assert!(matches!(
+        store.get(&k).await.unwrap(),
+        Some(Record::Completed(_))
+    ));
+    pg::drop_schema(&store).await;
+}
+
+#[tokio::test]
+async fn transaction_replay_returns_the_stored_value_without_running() {
+    let Some(store) = pg::store().await else {
+        return;
+    };
+    let k = key("tx-replay");
+    let first = store
+        .transaction(&k, fp("a"), &Rules::default(), |tx| {
+            Box::pin(async move {
+                // The closure runs under the database's settings, not the
+                // bounds the store put on its reserve.
+                let lock: String = sqlx::query_scalar("SHOW lock_timeout")
+                    .fetch_one(&mut **tx)
+                    .await?;
+                let statement: String = sqlx::query_scalar("SHOW statement_timeout")
+                    .fetch_one(&mut **tx)
+                    .await?;
+                assert_eq!((lock.as_str(), statement.as_str()), ("0", "0"));
+                Ok::<_, sqlx::Error>(vec!["order-7".to_owned()])
+            })
+        })
+        .await
+        .unwrap();
+    assert!(!first.replayed);
+    let ran = Arc::new(AtomicUsize::new(0));
+    let ran2 = Arc::clone(&ran);
+    let again = store
+        .transaction(&k, fp("a"), &Rules::default(), move |_tx| {
+            Box::pin(async move {
+                ran2.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, sqlx::Error>(vec!["order-8".to_owned()])
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        0,
+        "a replay must not run the closure"
+    );
+    assert!(again.replayed);
+    assert_eq!(again.value, first.value);
+
+    let other = store
+        .transaction(&k, fp("b"), &Rules::default(), |_tx| {
+            Box::pin(async { Ok::<_, sqlx::Error>(vec![String::new()]) })
+        })
+        .await;
+    assert!(matches!(other, Err(OnceError::Mismatch)), "{other:?}");
+    pg::drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_duplicates_reject_or_wait_on_the_row_lock() {
+    let Some(store) = pg::store().await else {
+        return;
+    };
+    let store = Arc::new(store);
+    let k = key("tx-hold");
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+    let first = {
+        let (store, k) = (Arc::clone(&store), k.clone());
+        tokio::spawn(async move {
+            store
+                .transaction(&k, fp("a"), &Rules::default(), |_tx| {
+                    Box::pin(async move {
+                        let _ = entered_tx.send(());
+                        let _ = go.await;
+                        Ok::<_, std::io::Error>(1_u32)
+                    })
+                })
+                .await
+        })
+    };
+    entered.await.unwrap();
+    // reject: the row lock is held by an open transaction → InProgress.
+    let rules = Rules {
+        concurrent: Concurrent::Reject,
+        ..Rules::default()
+    };
+    let rejected = store
+        .transaction(&k, fp("a"), &rules, |_tx| {
+            Box::pin(async { Ok::<_, std::io::Error>(2_u32) })
+        })
+        .await;
+    assert!(
+        matches!(rejected, Err(OnceError::InProgress { retry_after }) if retry_after >= Duration::from_secs(1)),
+        "{rejected:?}"
+    );
+    // The uncommitted reservation is invisible to readers.
+    assert!(store.get(&k).await.unwrap().is_none());
+    // wait: blocks until the first commits, then replays its value.
+    let waiter = {
+        let (store, k) = (Arc::clone(&store), k.clone());
+        tokio::spawn(async move {
+            store
+                .transaction(&k, fp("a"), &wait_rules(), |_tx| {
+                    Box::pin(async { Ok::<_, std::io::Error>(3_u32) })
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the duplicate should be blocked on the row lock"
+    );
+    go_tx.send(()).unwrap();
+    assert_eq!(first.await.unwrap().unwrap().value, 1);
+    let waited = waiter.await.unwrap().unwrap();
+    assert_eq!((waited.value, waited.replayed), (1, true));
+    pg::drop_schema(&store).await;
+}
+
+#[tokio::test]
+async fn transaction_meets_a_non_transactional_holder() {
+    let Some(store) = pg::store().await else {
+        return;
+    };
+    let k = key("tx-vs-engine");
+    acquire(&store, &k, fp("a"), LEASE).await;
+    let r = store
+        .transaction(&k, fp("a"), &wait_rules(), |_tx| {
+            Box::pin(async { Ok::<_, std::io::Error>(1_u8) })
+        })
+        .await;
+    assert!(
+        matches!(r, Err(OnceError::InProgress { retry_after }) if retry_after > Duration::from_secs(20)),
+        "{r:?}"
+    );
+    pg::drop_schema(&store).await;
+}
+
+#[tokio::test]
+async fn responses_are_binary_safe() {
+    let Some(store) = pg::store().await else {
+        return;
+    };
+    let k = key("binary");
+    let all_bytes: Vec<u8> = (0..=255).collect();
+    let response = StoredResponse {
+        status: 599,
+        headers: vec![
+            ("x-raw".into(), Bytes::from(vec![0, 0xff, b'\n', 0x80])),
+            ("x-empty".into(), Bytes::new()),
+            ("x-raw".into(), Bytes::from_static(b"second")),
+        ],
+        body: Bytes::from(all_bytes),
+    };
+    let t = acquire(&store, &k, fp("a"), LEASE).await;
+    let rec = record(fp("a"), response.clone());
+    assert_eq!(
+        store.complete(&k, t, rec, RETAIN).await.unwrap(),
+        Fence::Held
+    );
+    match store.reserve(&k, fp("a"), LEASE).await.unwrap() {
+        Reservation::Completed(r) => {
+            assert_eq!(r.response, response);
+            let left = r.remaining();
+            assert!(
+                left > RETAIN - Duration::from_secs(60) && left <= RETAIN,
+                "{left:?}"
+            );
+        }
+        other => panic!("expected Completed, got {other:?}"),
+    }
+    // An empty response too.
+    let k2 = key("empty");
+    let t = acquire(&store, &k2, fp("a"), LEASE).await;
+    let empty = StoredResponse {
+        status: 204,
+        headers: vec![],
+        body: Bytes::new(),
+    };
+    store
+        .complete(&k2, t, record(fp("a"), empty.clone()), RETAIN)
+        .await
+        .unwrap();
+    match store.get(&k2).await.unwrap() {
+        Some(Record::Completed(r)) => assert_eq!(r.response, empty),
+        other => panic!("expected Completed, got {other:?}"),
+    }
+    pg::drop_schema(&store).await;
+}
+
+#[tokio::test]
+async fn undecodable_rows_are_corrupt() {
+    let Some(store) = pg::store().await else {
+        return;
+    };
+    let k = key("corrupt");
+    acquire(&store, &k, fp("a"), LEASE).await;
+    let sql = format!(
+        "UPDATE \"{}\".idem_records SET fingerprint = '\\x0102' WHERE key = $1",
+        store.schema()
+    );
+    sqlx::query(&sql)
+        .bind(k.as_str())
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let e = store.get(&k).await;
+    assert!(matches!(e, Err(StoreError::Corrupt(_))), "{e:?}");
+    let e = store.reserve(&k, fp("a"), LEASE).await;
+    assert!(matches!(e, Err(StoreError::Corrupt(_))), "{e:?}");
+    pg::drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_reach_other_instances() {
+    let Some(a) = pg::store().await else {
+        return;
+    };
+    // A second instance on the same schema (migration re-run: harmless).
+    let b = PostgresStore::builder(services::database_url())
+        .schema(a.schema())
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(a.channel(), b.channel());
+    let k = key("cross");
+    let t = acquire(&a, &k, fp("a"), LEASE).await;
+    let mut sub = b.subscribe(&k).await.unwrap();
+    let rec = record(
+        fp("a"),
+        StoredResponse {
+            status: 200,
+            headers: vec![],
+            body: Bytes::from_static(b"x"),
+        },
+    );
+    a.complete(&k, t, rec, RETAIN).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), sub.changed())
+        .await
+        .expect("a complete on instance A must wake a waiter on instance B");
+    pg::drop_schema(&a).await;
+}
+
+/// The backend pid of the store's listener connection.
+async fn listener_pid(store: &PostgresStore) -> Option<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE starts_with(query, 'LISTEN \"' || $1 || '\"') \
+         ORDER BY backend_start DESC LIMIT 1",
+    )
+    .bind(store.channel())
+    .fetch_optional(store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_reconnects_and_wakes_every_waiter() {
+    let Some(store) = pg::store().await else {
+        return;
+    };
+    let old = listener_pid(&store).await.expect("a listener connection");
+    let k = key("reconnect");
+    let t = acquire(&store, &k, fp("a"), LEASE).await;
+    let mut sub = store.subscribe(&k).await.unwrap();
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(old)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert!(killed);
+    // Notifications sent while it was away are lost: it wakes everyone.
+    tokio::time::timeout(Duration::from_secs(10), sub.changed())
+        .await
+        .expect("a reconnect must wake waiters");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match listener_pid(&store).await {
+            Some(pid) if pid != old => break,
+            _ if Instant::now() > deadline => panic!("the listener did not come back"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    // And it listens again.
+    let mut sub = store.subscribe(&k).await.unwrap();
+    assert_eq!(store.release(&k, t).await.unwrap(), Fence::Held);
+    tokio::time::timeout(Duration::from_secs(5), sub.changed())
+        .await
+        .expect("notifications flow after the reconnect");
+    pg::drop_schema(&store).await;
+}
+
+#[tokio::test]
+async fn expired_rows_are_deleted_in_batches() {
+    let Some(store) = pg::connect(pg::builder().cleanup_batch(3).cleanup_interval(None)).await
+    else {
+        return;
+    };
+    for i in 0..10 {
+        acquire(
+            &store,
+            &key(&format!("short-{i}")),
+            fp("a"),
+            Duration::from_millis(50),
+        )
+        .await;
+    }
+    let live = key("live");
+    acquire(&store, &live, fp("a"), LEASE).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(store.delete_expired().await.unwrap(), 10);
+    assert_eq!(store.delete_expired().await.unwrap(), 0);
+    let sql = format!("SELECT count(*) FROM \"{}\".idem_records", store.schema());
+    let left: i64 = sqlx::query_scalar(&sql)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 1, "only the live reservation is left");
+    assert!(store.get(&live).await.unwrap().is_some());
+    pg::drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cleanup_task_runs_until_the_store_drops() {
+    let Some(store) =
+        pg::connect(pg::builder().cleanup_interval(Some(Duration::from_millis(100)))).await
+    else {
+        return;
+    };
+    acquire(&store, &key("gone"), fp("a"), Duration::from_millis(10)).await;
+    let sql = format!("SELECT count(*) FROM \"{}\".idem_records", store.schema());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = sqlx::query_scalar(&sql)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the clean-up task did not run");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let schema = store.schema().to_owned();
+    let pool = store.pool().clone();
+    drop(store);
+    // With the store gone, its listener connection goes too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE starts_with(query, 'LISTEN \"' || $1 || '_idem_changed\"')",
+        )
+        .bind(&schema)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if listening == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the listener outlived the store");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sql = format!("DROP SCHEMA \"{schema}\" CASCADE");
+    sqlx::raw_sql(&sql).execute(&pool).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_database_is_a_timeout() {
+    let Some(store) = pg::connect(pg::builder().timeout(Duration::from_millis(300))).await else {
+        return;
+    };
+    let k = key("locked");
+    let t = acquire(&store, &k, fp("a"), LEASE).await;
+    // Another session holds the row lock.
+    let mut blocker = store.pool().begin().await.unwrap();
+    let sql = format!(
+        "SELECT 1 FROM \"{}\".idem_records WHERE key = $1 FOR UPDATE",
+        store.schema()
+    );
+    sqlx::query(&sql)
+        .bind(k.as_str())
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let e = store.extend(&k, t, LEASE).await;
+    assert!(matches!(e, Err(StoreError::Timeout(_))), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    blocker.rollback().await.unwrap();
+    // The connection that timed out is usable again.
+    assert_eq!(store.extend(&k, t, LEASE).await.unwrap(), Fence::Held);
+    pg::drop_schema(&store).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_unavailable() {
+    let e = PostgresStore::builder("postgres://postgres@127.0.0.1:1/test")
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map(|_| ())
+        .err();
+    assert!(matches!(e, Some(StoreError::Unavailable(_))), "{e:?}");
+    let url = services::database_url();
+    let (base, _) = url.rsplit_once('/').unwrap();
+    let e = PostgresStore::connect(&format!(
+        "{base}/no_such_database_{:x}",
+        rand::random::<u32>()
+    ))
+    .await
+    .map(|_| ())
+    .err();
+    match e {
+        // The server's own reason (or, with no server at all, the refusal:
+        // the other tests skip or fail loudly then).
+        Some(StoreError::Unavailable(source)) => {
+            let reason = source.to_string();
+            assert!(
+                reason.contains("does not exist") || reason.contains("refused"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_is_re_runnable_and_concurrent_safe() {
+    let Some(store) = pg::connect(pg::builder().migrate(false)).await else {
+        return;
+    };
+    let store = Arc::new(store);
+    let runs: Vec<_> = (0..8)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.migrate().await })
+        })
+        .collect();
+    for r in runs {
+        r.await.unwrap().unwrap();
+    }
+    store.migrate().await.unwrap();
+    acquire(&store, &key("after-migrate"), fp("a"), LEASE).await;
+    pg::drop_schema(&store).await;
+}
+
+/// SPEC §7's measured hazard: a prepared `UPDATE … WHERE key = $1` planned
+/// while the table was empty kept a sequential scan. The store's
+/// connections use custom plans, and under load the guarded statements use
+/// the primary key index.
+#[tokio::test]
+async fn guarded_statements_use_the_index_under_load() {
+    // One connection, so the statements we inspect are the ones the store
+    // prepared and ran.
+    let Some(store) = pg::connect(pg::builder().max_connections(1)).await else {
+        return;
+    };
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(mode, "force_custom_plan");
+
+    // Prepare and run every statement while the table is (nearly) empty:
+    // with the default `auto` mode the 6th run would switch to a generic plan.
+    let k = key("warm");
+    for _ in 0..10 {
+        let t = acquire(&store, &k, fp("a"), LEASE).await;
+        store.extend(&k, t, LEASE).await.unwrap();
+        store.get(&k).await.unwrap();
+        store.release(&k, t).await.unwrap();
+    }
+
+    // Load: 50 000 rows, no ANALYZE.
+    let fill = format!(
+        "INSERT INTO \"{}\".idem_records (key, state, token, fingerprint, started_at, expires_at) \
+         SELECT 'k' || g, 1, '\\x00', '\\x00', now(), now() + interval '1 hour' \
+         FROM generate_series(1, 50000) AS g",
+        store.schema()
+    );
+    sqlx::raw_sql(&fill).execute(store.pool()).await.unwrap();
+
+    let started = Instant::now();
+    for _ in 0..200 {
+        let t = acquire(&store, &k, fp("a"), LEASE).await;
+        assert_eq!(store.extend(&k, t, LEASE).await.unwrap(), Fence::Held);
+        assert_eq!(store.release(&k, t).await.unwrap(), Fence::Held);
+    }
+    let per_op = started.elapsed() / 600;
+    eprintln!("guarded statements over 50 000 rows: {per_op:?} per statement");
+
+    // No statement of the store was ever run with a generic plan.
+    let plans: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
+         WHERE strpos(statement, $1) > 0",
+    )
+    .bind(format!("\"{}\".idem_records", store.schema()))
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert!(
+        plans.len() >= 4,
+        "the store's statements are prepared: {plans:?}"
+    );
+    for (statement, generic, custom) in &plans {
+        assert_eq!(*generic, 0, "a generic plan was used for {statement}");
+        assert!(*custom > 0);
+    }
+
+    // And the plans of the statements as shipped, on this connection, use
+    // the indexes: the guarded UPDATE the primary key, the clean-up the
+    // expires_at index (then a TID scan).
+    let table = format!("\"{}\".idem_records", store.schema());
+    let extend = include_str!("../src/store/sql/extend.sql").replace("{table}", &table);
+    let plan = explain(
+        &store,
+        &extend,
+        "text, bytea, bigint",
+        "'k777', '\\x00', 1000",
+    )
+    .await;
+    assert!(
+        plan.contains("Index Scan using idem_records_pkey"),
+        "{plan}"
+    );
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    let cleanup = include_str!("../src/store/sql/cleanup.sql").replace("{table}", &table);
+    let plan = explain(&store, &cleanup, "bigint", "1000").await;
+    assert!(plan.contains("idem_records_expires_at"), "{plan}");
+    assert!(plan.contains("Tid Scan"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    pg::drop_schema(&store).await;
+}
+
+/// `EXPLAIN EXECUTE` of `sql` prepared with `types` and run with `args`.
+async fn explain(store: &PostgresStore, sql: &str, types: &str, args: &str) -> String {
+    let name = format!("p{:08x}", rand::random::<u32>());
+    let prepare = format!("PREPARE {name}({types}) AS {sql}");
+    sqlx::raw_sql(&prepare).execute(store.pool()).await.unwrap();
+    let lines: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name}({args})"))
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!("DEALLOCATE {name}"))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    lines.join("\n")
+}
