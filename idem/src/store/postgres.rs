@@ -260,6 +260,13 @@ impl PostgresStoreBuilder {
                 self.schema
             )));
         }
+        // sqlx's parser does not insist on the scheme (with some url
+        // features it reads `mysql://…` as a host to look up): check it here.
+        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
+            return Err(StoreError::Config(
+                "database URL: it must start with postgres:// or postgresql://".into(),
+            ));
+        }
         let options = PgConnectOptions::from_str(&self.url)
             .map_err(|e| StoreError::Config(format!("database URL: {e}")))?;
         let timeout = self.timeout;
