@@ -179,6 +179,21 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Reply {
+    try_send(client, addr, method, path, headers, body)
+        .await
+        .expect("gateway answers")
+}
+
+/// Like [`send`], but a failed connection or exchange is an error, not a
+/// panic (for polling a server that may not be up, or may be killed).
+pub async fn try_send(
+    client: &HttpClient,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<Reply, String> {
     let mut req = http::Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"));
@@ -188,11 +203,11 @@ pub async fn send(
     let req = req
         .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
         .expect("request");
-    let res = client.request(req).await.expect("gateway answers");
+    let res = client.request(req).await.map_err(|e| format!("{e:?}"))?;
     let (parts, body) = res.into_parts();
-    Reply {
+    Ok(Reply {
         status: parts.status.as_u16(),
         headers: parts.headers,
-        body: body.collect().await.expect("body").to_bytes(),
-    }
+        body: body.collect().await.map_err(|e| e.to_string())?.to_bytes(),
+    })
 }
