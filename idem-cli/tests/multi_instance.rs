@@ -412,6 +412,97 @@ async fn postgres_killed_holder_is_taken_over_once_and_fenced() {
     killed_holder_is_taken_over_once_and_fenced(&url).await;
 }
 
+/// `wait` mode: duplicates parked on two other instances while the holder
+/// is SIGKILLed do not hang until `wait_timeout` and do not all execute:
+/// when the dead holder's lease runs out, exactly one of them takes over,
+/// and the others get its answer.
+async fn waiters_take_over_a_killed_holder_once(store: &str) {
+    const WAITERS: usize = 30;
+    let up = Upstream::start().await;
+    let dir = Scratch::new("kill-wait");
+    let toml = "[defaults]\nconcurrent = \"wait\"\nwait_timeout = \"120s\"\nlease = \"3s\"\n\
+                upstream_timeout = \"120s\"\n\n[limits]\nstore_timeout = \"10s\"\n";
+    let mut gws = gateways(&dir, 3, &up, store, toml).await;
+    let key = unique_key("kill-wait");
+    let path = "/orders?slow_first_ms=600000";
+    let a = gws[0].addr();
+    let (hk, p) = (key.clone(), path.to_owned());
+    let in_flight = tokio::spawn(async move {
+        let h = [("idempotency-key", hk.as_str())];
+        try_send(&client(), a, "POST", &p, &h, "{}").await
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while up.count("POST", "/orders", &key) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream never got the request"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Park the waiters on B and C while A still holds the key...
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|i| {
+            let addr = gws[1 + i % 2].addr();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let h = [("idempotency-key", key.as_str())];
+                send(&client(), addr, "POST", path, &h, "{}").await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...then A dies.
+    gws[0].kill();
+    let killed = Instant::now();
+    assert!(in_flight.await.expect("task").is_err());
+    let mut replies = Vec::with_capacity(WAITERS);
+    for w in waiters {
+        replies.push(w.await.expect("waiter"));
+    }
+    let took = killed.elapsed();
+    assert_eq!(
+        up.count("POST", "/orders", &key),
+        2,
+        "after a dead holder's lease, exactly one waiter executes"
+    );
+    let first = &replies[0];
+    for r in &replies {
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        assert_eq!(
+            r.body, first.body,
+            "every waiter gets the take-over's answer"
+        );
+    }
+    assert_eq!(
+        replies
+            .iter()
+            .filter(|r| r.header("idempotent-replayed").is_none())
+            .count(),
+        1
+    );
+    assert!(
+        took < Duration::from_secs(60),
+        "waiters should be served soon after the 3 s lease, not at wait_timeout: {took:?}"
+    );
+    eprintln!("{store}: {WAITERS} waiters on 2 instances served {took:?} after the holder died");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_waiters_take_over_a_killed_holder_once() {
+    let Some(url) = shared_redis().await else {
+        return;
+    };
+    waiters_take_over_a_killed_holder_once(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_waiters_take_over_a_killed_holder_once() {
+    let Some(url) = shared_postgres().await else {
+        return;
+    };
+    waiters_take_over_a_killed_holder_once(&url).await;
+}
+
 // --- the store stopped and restarted under a running gateway ---
 
 async fn store_down_closed_refuses_open_forwards_and_recovers(mut store: impl PrivateStore) {
@@ -419,7 +510,7 @@ async fn store_down_closed_refuses_open_forwards_and_recovers(mut store: impl Pr
     let dir = Scratch::new("store-down");
     // Default closed; `/open/*` is open. Short store time-outs: a dead
     // store is noticed quickly.
-    let toml = "[limits]\nstore_timeout = \"1s\"\n\n\
+    let toml = "[defaults]\nlease = \"3s\"\n\n[limits]\nstore_timeout = \"1s\"\n\n\
                 [[route]]\nmatch = \"POST /open/*\"\nfail = \"open\"\n";
     let gw = GatewayProcess::start(dir.path(), "gw", &up.url(), &store.url(), toml).await;
     let (c, a) = (client(), gw.addr());
@@ -440,12 +531,40 @@ async fn store_down_closed_refuses_open_forwards_and_recovers(mut store: impl Pr
         assert_eq!(up.count("POST", path, &key), 1);
     }
 
+    // A request executing when the store goes away still gets its answer
+    // (its `complete` fails and is retried until the lease ends, SPEC §3.9).
+    let slow_key = unique_key("in-flight");
+    let slow = tokio::spawn(post("/closed/slow?delay_ms=1500", slow_key.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while up.count("POST", "/closed/slow", &slow_key) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream never got the request"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
     store.stop();
+    let stopped = Instant::now();
+    let r = slow.await.expect("in-flight request");
+    let in_flight_answer = stopped.elapsed();
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(30),
+        "the answer waited {:?}: longer than the lease and its retries allow",
+        stopped.elapsed()
+    );
     gw.wait_readyz(503, Duration::from_secs(20)).await;
 
     // closed: 503, retryable, with Retry-After, and the upstream untouched.
     let key = unique_key("closed");
+    let asked = Instant::now();
     let r = post("/closed/x", key.clone()).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "a dead store held the request {:?} (store_timeout = 1s)",
+        asked.elapsed()
+    );
     r.assert_problem(503, "idempotency_store_unavailable");
     assert!(r.header("retry-after").is_some(), "503 without Retry-After");
     assert_eq!(up.count("POST", "/closed/x", &key), 0, "closed forwarded");
@@ -492,7 +611,8 @@ async fn store_down_closed_refuses_open_forwards_and_recovers(mut store: impl Pr
     assert_eq!(up.count("POST", "/open/x", &key), 1);
     gw.wait_readyz(200, Duration::from_secs(20)).await;
     eprintln!(
-        "{}: restarted; requests succeed again after {recovered:?}",
+        "{}: in-flight answer {in_flight_answer:?} after the stop; \
+         restarted; requests succeed again after {recovered:?}",
         store.url()
     );
 }
