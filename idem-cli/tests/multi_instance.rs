@@ -27,6 +27,7 @@ mod process;
 #[path = "../../idem/tests/conformance/services.rs"]
 mod services;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -38,6 +39,7 @@ use idem::store::redis::RedisStore;
 use idem::store::{AnyStore, Fence, Store};
 use idem::{CompletedRecord, Fingerprint, Scope, StoreKey, StoredResponse, Token};
 use tokio::sync::Barrier;
+use tokio::task::JoinHandle;
 
 use process::{GatewayProcess, PrivatePostgres, PrivateRedis, PrivateStore, Scratch};
 use support::{client, send, try_send, Reply, Upstream};
@@ -121,6 +123,21 @@ async fn current_token(url: &str, key: &StoreKey) -> Token {
     }
 }
 
+/// One `#[tokio::test]` per line, `name: service => body(args)`: runs
+/// `body(&url, args…)` against the shared service's URL, or skips loudly
+/// (fails with `IDEM_REQUIRE_SERVICES=1`) when it is unreachable.
+macro_rules! with_shared {
+    ($($name:ident: $service:ident => $body:ident($($arg:expr),*);)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let Some(url) = $service().await else {
+                return;
+            };
+            $body(&url, $($arg),*).await;
+        }
+    )*};
+}
+
 /// `count` gateways on `store`, each with `toml` as its config file.
 async fn gateways(
     dir: &Scratch,
@@ -136,6 +153,29 @@ async fn gateways(
         );
     }
     out
+}
+
+/// Sends `POST path` with `key` through `addr` in the background and
+/// returns once the upstream is executing it; the task yields the answer,
+/// or an error if the gateway died meanwhile.
+async fn executing(
+    up: &Upstream,
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+) -> JoinHandle<Result<Reply, String>> {
+    let (p, k) = (path.to_owned(), key.to_owned());
+    let task = tokio::spawn(async move {
+        let h = [("idempotency-key", k.as_str())];
+        try_send(&client(), addr, "POST", &p, &h, "{}").await
+    });
+    let counted = path.split('?').next().unwrap_or(path);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while up.count("POST", counted, key) == 0 {
+        assert!(Instant::now() < deadline, "the upstream never got {path}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task
 }
 
 /// Fires `N` same-key requests, round-robin over `gws`, each on its own
@@ -220,36 +260,11 @@ async fn exactly_once_across_instances(store: &str, concurrent: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_reject_300_over_3_instances_execute_once() {
-    let Some(url) = shared_redis().await else {
-        return;
-    };
-    exactly_once_across_instances(&url, "reject").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_wait_300_over_3_instances_execute_once() {
-    let Some(url) = shared_redis().await else {
-        return;
-    };
-    exactly_once_across_instances(&url, "wait").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_reject_300_over_3_instances_execute_once() {
-    let Some(url) = shared_postgres().await else {
-        return;
-    };
-    exactly_once_across_instances(&url, "reject").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_wait_300_over_3_instances_execute_once() {
-    let Some(url) = shared_postgres().await else {
-        return;
-    };
-    exactly_once_across_instances(&url, "wait").await;
+with_shared! {
+    redis_reject_300_over_3_instances_execute_once: shared_redis => exactly_once_across_instances("reject");
+    redis_wait_300_over_3_instances_execute_once: shared_redis => exactly_once_across_instances("wait");
+    postgres_reject_300_over_3_instances_execute_once: shared_postgres => exactly_once_across_instances("reject");
+    postgres_wait_300_over_3_instances_execute_once: shared_postgres => exactly_once_across_instances("wait");
 }
 
 /// The control: the same race over 3 processes that each keep their own
@@ -289,20 +304,7 @@ async fn killed_holder_is_taken_over_once_and_fenced(store: &str) {
     let path = "/orders?slow_first_ms=600000";
     let h = [("idempotency-key", key.as_str())];
 
-    let a = gws[0].addr();
-    let (hk, p) = (key.clone(), path.to_owned());
-    let in_flight = tokio::spawn(async move {
-        let h = [("idempotency-key", hk.as_str())];
-        try_send(&client(), a, "POST", &p, &h, "{}").await
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while up.count("POST", "/orders", &key) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the upstream never got the request"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let in_flight = executing(&up, gws[0].addr(), path, &key).await;
     // The token of the holder about to die, as the store has it.
     let stale = current_token(store, &k).await;
 
@@ -396,20 +398,9 @@ async fn killed_holder_is_taken_over_once_and_fenced(store: &str) {
     eprintln!("{store}: holder killed; taken over after {waited:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_holder_is_taken_over_once_and_fenced() {
-    let Some(url) = shared_redis().await else {
-        return;
-    };
-    killed_holder_is_taken_over_once_and_fenced(&url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_killed_holder_is_taken_over_once_and_fenced() {
-    let Some(url) = shared_postgres().await else {
-        return;
-    };
-    killed_holder_is_taken_over_once_and_fenced(&url).await;
+with_shared! {
+    redis_killed_holder_is_taken_over_once_and_fenced: shared_redis => killed_holder_is_taken_over_once_and_fenced();
+    postgres_killed_holder_is_taken_over_once_and_fenced: shared_postgres => killed_holder_is_taken_over_once_and_fenced();
 }
 
 /// `wait` mode: duplicates parked on two other instances while the holder
@@ -425,20 +416,7 @@ async fn waiters_take_over_a_killed_holder_once(store: &str) {
     let mut gws = gateways(&dir, 3, &up, store, toml).await;
     let key = unique_key("kill-wait");
     let path = "/orders?slow_first_ms=600000";
-    let a = gws[0].addr();
-    let (hk, p) = (key.clone(), path.to_owned());
-    let in_flight = tokio::spawn(async move {
-        let h = [("idempotency-key", hk.as_str())];
-        try_send(&client(), a, "POST", &p, &h, "{}").await
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while up.count("POST", "/orders", &key) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the upstream never got the request"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let in_flight = executing(&up, gws[0].addr(), path, &key).await;
     // Park the waiters on B and C while A still holds the key...
     let waiters: Vec<_> = (0..WAITERS)
         .map(|i| {
@@ -487,20 +465,9 @@ async fn waiters_take_over_a_killed_holder_once(store: &str) {
     eprintln!("{store}: {WAITERS} waiters on 2 instances served {took:?} after the holder died");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_waiters_take_over_a_killed_holder_once() {
-    let Some(url) = shared_redis().await else {
-        return;
-    };
-    waiters_take_over_a_killed_holder_once(&url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_waiters_take_over_a_killed_holder_once() {
-    let Some(url) = shared_postgres().await else {
-        return;
-    };
-    waiters_take_over_a_killed_holder_once(&url).await;
+with_shared! {
+    redis_waiters_take_over_a_killed_holder_once: shared_redis => waiters_take_over_a_killed_holder_once();
+    postgres_waiters_take_over_a_killed_holder_once: shared_postgres => waiters_take_over_a_killed_holder_once();
 }
 
 // --- the store stopped and restarted under a running gateway ---
@@ -534,19 +501,14 @@ async fn store_down_closed_refuses_open_forwards_and_recovers(mut store: impl Pr
     // A request executing when the store goes away still gets its answer
     // (its `complete` fails and is retried until the lease ends, SPEC §3.9).
     let slow_key = unique_key("in-flight");
-    let slow = tokio::spawn(post("/closed/slow?delay_ms=1500", slow_key.clone()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while up.count("POST", "/closed/slow", &slow_key) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the upstream never got the request"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let slow = executing(&up, a, "/closed/slow?delay_ms=1500", &slow_key).await;
 
     store.stop();
     let stopped = Instant::now();
-    let r = slow.await.expect("in-flight request");
+    let r = slow
+        .await
+        .expect("in-flight request")
+        .expect("an answer although the store went away");
     let in_flight_answer = stopped.elapsed();
     assert_eq!(r.status, 201, "{:?}", r.body);
     assert!(

@@ -251,11 +251,7 @@ impl PrivateRedis {
             .await
             .is_err()
         {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.exited() {
                 return Err(format!(
                     "redis-server on port {} exited at start-up ({status})",
                     self.port
@@ -269,17 +265,21 @@ impl PrivateRedis {
         // Something answered: make sure it is ours, not a process that took
         // the port while ours was down.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if let Some(status) = self
-            .child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-        {
+        if let Some(status) = self.exited() {
             return Err(format!(
                 "redis-server on port {} exited at start-up ({status}); port taken?",
                 self.port
             ));
         }
         Ok(())
+    }
+}
+
+impl PrivateRedis {
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 }
 
@@ -388,6 +388,13 @@ impl PrivatePostgres {
         cmd
     }
 
+    /// `pg_ctl -D <data dir>`: addresses this server only.
+    fn pg_ctl(&self) -> Command {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D").arg(self.dir.join("data"));
+        cmd
+    }
+
     /// The server's log (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
@@ -423,11 +430,7 @@ impl PrivateStore for PrivatePostgres {
     fn stop(&mut self) {
         if self.running {
             self.running = false;
-            let _ = run(self
-                .command("pg_ctl")
-                .arg("-D")
-                .arg(self.dir.join("data"))
-                .args(["-m", "immediate", "-w", "stop"]));
+            let _ = run(self.pg_ctl().args(["-m", "immediate", "-w", "stop"]));
         }
     }
 
@@ -439,9 +442,7 @@ impl PrivateStore for PrivatePostgres {
             self.dir.display()
         );
         let started = run(self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.dir.join("data"))
+            .pg_ctl()
             .args(["-o", &options])
             .arg("-l")
             .arg(self.dir.join("log"))
