@@ -334,21 +334,7 @@ async fn store_full_of_in_flight_records_is_503_closed() {
     let up = Upstream::start().await;
     let gw = gateway(&up.url(), "[limits]\nmemory_max_entries = 1").await;
     let (c, a) = (client(), gw.local_addr());
-    let holder = {
-        let c = c.clone();
-        tokio::spawn(async move {
-            send(
-                &c,
-                a,
-                "POST",
-                "/orders?delay_ms=300",
-                &[("idempotency-key", "k1")],
-                "",
-            )
-            .await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let holder = hold_a_key(&c, a, "k1").await;
     let r = send(&c, a, "POST", "/orders", &[("idempotency-key", "k2")], "").await;
     r.assert_problem(503, "idempotency_store_unavailable");
     assert!(r.header("retry-after").is_some());
@@ -426,21 +412,7 @@ async fn store_failure_with_fail_open_forwards_unprotected() {
     )
     .await;
     let (c, a) = (client(), gw.local_addr());
-    let holder = {
-        let c = c.clone();
-        tokio::spawn(async move {
-            send(
-                &c,
-                a,
-                "POST",
-                "/orders?delay_ms=300",
-                &[("idempotency-key", "k1")],
-                "",
-            )
-            .await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let holder = hold_a_key(&c, a, "k1").await;
     let r = send(&c, a, "POST", "/orders", &[("idempotency-key", "k2")], "").await;
     assert_eq!(r.status, 201, "open: forwarded without protection");
     assert_eq!(up.count("POST", "/orders", "k2"), 1);
@@ -530,4 +502,27 @@ async fn a_slow_body_is_cut_off_and_never_forwarded() {
     assert!(head.contains("request_body_unreadable"), "{head}");
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(up.total(), 0, "nothing forwarded");
+}
+
+/// Starts a 300 ms request under `key` in the background and returns once it
+/// holds its reservation (the only slot of a one-entry memory store).
+async fn hold_a_key(
+    c: &support::HttpClient,
+    a: std::net::SocketAddr,
+    key: &'static str,
+) -> tokio::task::JoinHandle<support::Reply> {
+    let c = c.clone();
+    let holder = tokio::spawn(async move {
+        send(
+            &c,
+            a,
+            "POST",
+            "/orders?delay_ms=300",
+            &[("idempotency-key", key)],
+            "",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    holder
 }

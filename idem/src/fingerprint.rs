@@ -38,6 +38,8 @@ use std::borrow::Cow;
 use std::fmt;
 
 use http::{HeaderMap, HeaderName, Method, Uri};
+
+use crate::hash::{push_hex, put, put_len};
 use serde_json::Value;
 
 /// Domain separation for [`fingerprint`].
@@ -384,25 +386,6 @@ fn array_index(token: &str) -> Option<usize> {
         return None;
     }
     token.parse().ok()
-}
-
-/// Hashes `bytes` length-prefixed, so consecutive fields cannot run into each
-/// other.
-fn put(h: &mut blake3::Hasher, bytes: &[u8]) {
-    put_len(h, bytes.len());
-    h.update(bytes);
-}
-
-fn put_len(h: &mut blake3::Hasher, len: usize) {
-    h.update(&(len as u64).to_le_bytes());
-}
-
-fn push_hex(s: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for &b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0F)]));
-    }
 }
 
 fn nibble(c: u8) -> Option<u8> {

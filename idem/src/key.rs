@@ -20,6 +20,8 @@ use std::sync::{Arc, OnceLock};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::hash::{push_hex, put, put_len};
+
 /// The longest key accepted, in characters (SPEC §3.2).
 pub const MAX_KEY_LEN: usize = 255;
 
@@ -457,25 +459,6 @@ impl fmt::Debug for StoreKey {
 impl fmt::Display for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
-    }
-}
-
-/// Hashes `bytes` length-prefixed, so consecutive fields cannot run into each
-/// other.
-fn put(h: &mut blake3::Hasher, bytes: &[u8]) {
-    put_len(h, bytes.len());
-    h.update(bytes);
-}
-
-fn put_len(h: &mut blake3::Hasher, len: usize) {
-    h.update(&(len as u64).to_le_bytes());
-}
-
-fn push_hex(s: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for &b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0F)]));
     }
 }
 

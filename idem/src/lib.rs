@@ -68,6 +68,7 @@
 
 pub mod engine;
 pub mod fingerprint;
+mod hash;
 pub mod key;
 #[cfg(feature = "tower")]
 pub mod layer;

@@ -417,6 +417,11 @@ async fn notifications_reach_other_instances() {
     assert_eq!(a.channel(), b.channel());
     let k = key("cross");
     let t = acquire(&a, &k, fp("a"), LEASE).await;
+    // B's duplicate finds the key in flight (which marks it waited for).
+    assert!(matches!(
+        b.reserve(&k, fp("a"), LEASE).await.unwrap(),
+        Reservation::InFlight { .. }
+    ));
     let mut sub = b.subscribe(&k).await.unwrap();
     let rec = record(
         fp("a"),
@@ -473,6 +478,10 @@ async fn the_listener_reconnects_and_wakes_every_waiter() {
         }
     }
     // And it listens again.
+    assert!(matches!(
+        store.reserve(&k, fp("a"), LEASE).await.unwrap(),
+        Reservation::InFlight { .. }
+    ));
     let mut sub = store.subscribe(&k).await.unwrap();
     assert_eq!(store.release(&k, t).await.unwrap(), Fence::Held);
     tokio::time::timeout(Duration::from_secs(5), sub.changed())

@@ -146,6 +146,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// A subscription that fires when `key` may have changed. Take it
     /// BEFORE reading the record, so no change slips between read and wait.
+    ///
+    /// Guaranteed for `complete`, `release` and `purge` of a record that a
+    /// `reserve` found in flight (every waiter has done that first); a store
+    /// may skip notifying changes nobody can be waiting for (PostgreSQL
+    /// does: a NOTIFY serializes commits).
     fn subscribe(
         &self,
         key: &StoreKey,

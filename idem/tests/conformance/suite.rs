@@ -252,6 +252,13 @@ pub async fn a_change_wakes_subscribers<S: Store>(store: Arc<S>) {
     for change in ["complete", "release", "purge"] {
         let k = fresh_key("wake");
         let t = acquire(&*store, &k, fp("a"), LEASE).await;
+        // A waiter first finds the key in flight (that is what makes it
+        // wait), then subscribes. Stores may skip notifications for
+        // records nobody found in flight.
+        assert!(matches!(
+            store.reserve(&k, fp("a"), LEASE).await.expect("reserve"),
+            Reservation::InFlight { .. }
+        ));
         let mut sub = store.subscribe(&k).await.expect("subscribe");
         let waiter = tokio::spawn(async move {
             tokio::time::timeout(Duration::from_secs(5), sub.changed()).await

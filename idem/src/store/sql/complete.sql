@@ -11,7 +11,8 @@
 -- The UPDATE waits for the row lock and re-checks the guard on the latest
 -- version, so two completes of one holder cannot both apply. pg_notify runs
 -- in the same statement, so waiters hear of the change exactly when it
--- commits, never before.
+-- commits, never before; and only when a reserve marked the row `waiters`
+-- (see migrate.sql: a NOTIFY serializes commits).
 WITH done AS (
     UPDATE {table} AS r SET
         state         = 2,
@@ -24,6 +25,7 @@ WITH done AS (
                              THEN statement_timestamp() + $7 * interval '1 microsecond'
                              ELSE r.expires_at END
     WHERE r.key = $1 AND r.token = $2
-    RETURNING r.key
+    RETURNING r.key, r.waiters
 )
-SELECT count(*) > 0 AS held FROM (SELECT pg_notify($8, key) FROM done) AS notified
+SELECT count(*) > 0 AS held
+FROM (SELECT CASE WHEN waiters THEN pg_notify($8, key) END FROM done) AS notified

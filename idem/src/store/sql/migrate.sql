@@ -23,6 +23,11 @@ CREATE SCHEMA IF NOT EXISTS {schema};
 --                comparison is with the DATABASE clock (statement_timestamp()).
 --   completed_at, status, header_names, header_values, body
 --                the stored response, NULL while in flight
+--   waiters      a reserve found this reservation in flight: somebody may
+--                be waiting, so complete/release must NOTIFY. NOTIFY makes
+--                a writing transaction take a global lock through its
+--                commit, which serializes commits (measured here: 1897 →
+--                310 commits/s), so it is sent only when someone can hear it.
 CREATE TABLE IF NOT EXISTS {table} (
     key           text COLLATE "C" PRIMARY KEY,
     state         smallint    NOT NULL CHECK (state IN (1, 2)),
@@ -36,6 +41,9 @@ CREATE TABLE IF NOT EXISTS {table} (
     header_values bytea[],
     body          bytea
 ) WITH (fillfactor = 90);
+
+-- Added after layout version 1 (re-runnable).
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS waiters boolean NOT NULL DEFAULT false;
 
 -- The batched clean-up walks this index, oldest first.
 CREATE INDEX IF NOT EXISTS idem_records_expires_at ON {table} (expires_at);

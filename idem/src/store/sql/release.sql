@@ -4,10 +4,12 @@
 -- Atomicity: ONE guarded DELETE `WHERE key = $1 AND token = $2 AND state = 1`:
 -- only the current holder of an in-flight reservation can remove it; a
 -- fenced-out holder, or anyone once the record completed, deletes nothing.
--- pg_notify runs in the same statement and is delivered on commit.
+-- pg_notify runs in the same statement and is delivered on commit, only
+-- when a reserve marked the row `waiters` (see migrate.sql).
 WITH gone AS (
     DELETE FROM {table}
     WHERE key = $1 AND token = $2 AND state = 1
-    RETURNING key
+    RETURNING key, waiters
 )
-SELECT count(*) > 0 AS held FROM (SELECT pg_notify($3, key) FROM gone) AS notified
+SELECT count(*) > 0 AS held
+FROM (SELECT CASE WHEN waiters THEN pg_notify($3, key) END FROM gone) AS notified

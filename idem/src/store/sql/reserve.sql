@@ -15,7 +15,9 @@
 -- our token; otherwise they write the row back unchanged (a HOT update: no
 -- indexed column changes) and RETURNING reports it. Concurrent reserves of
 -- one key queue on the row lock and each sees its predecessor's result, so
--- exactly one of them can find `token = $2`.
+-- exactly one of them can find `token = $2`. A reserve that finds the row
+-- in flight marks `waiters`, under the same row lock, so the holder's
+-- complete (which waits for that lock) knows to NOTIFY.
 INSERT INTO {table} AS r (key, state, token, fingerprint, started_at, expires_at)
 VALUES ($1, 1, $2, $3, statement_timestamp(),
         statement_timestamp() + $4 * interval '1 microsecond')
@@ -29,7 +31,9 @@ ON CONFLICT (key) DO UPDATE SET
     status        = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.status END,
     header_names  = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.header_names END,
     header_values = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.header_values END,
-    body          = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.body END
+    body          = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.body END,
+    waiters       = CASE WHEN r.expires_at <= statement_timestamp() THEN false
+                         ELSE r.waiters OR r.state = 1 END
 RETURNING
     r.token = $2 AS acquired,
     r.state,
