@@ -51,7 +51,8 @@
 //!
 //! `complete`, `release` and `purge` call `pg_notify('<schema>_idem_changed',
 //! key)` in the same statement, so the notification is delivered when (and
-//! only if) the change commits. Each store keeps ONE listener connection
+//! only if) the change commits; the store also wakes the waiters of its
+//! own process directly. Each store keeps ONE listener connection
 //! (`LISTEN`) that feeds the crate's [`Notifier`]; [`Store::subscribe`] just
 //! subscribes to that notifier, so a waiting duplicate holds no pooled
 //! connection. When the listener's connection is lost it reconnects and
@@ -691,10 +692,20 @@ impl PostgresStore {
             }
         }
         self.call(tx.commit()).await.map_err(OnceError::Store)?;
+        self.shared.notifier.notify(key);
         Ok(Once {
             value,
             replayed: false,
         })
+    }
+
+    /// The outcome of a fenced change. When it applied, waiters in this
+    /// process are woken at once; other instances hear of it by NOTIFY.
+    fn changed(&self, key: &StoreKey, held: bool) -> Result<Fence, StoreError> {
+        if held {
+            self.shared.notifier.notify(key);
+        }
+        fence(held)
     }
 
     /// Rolls back now, so row locks go at once; on failure the connection
@@ -736,7 +747,7 @@ impl Store for PostgresStore {
                     .fetch_one(&self.shared.pool),
             )
             .await?;
-        fence(flag(&row, "held")?)
+        self.changed(key, flag(&row, "held")?)
     }
 
     async fn release(&self, key: &StoreKey, token: Token) -> Result<Fence, StoreError> {
@@ -749,7 +760,7 @@ impl Store for PostgresStore {
                     .fetch_one(&self.shared.pool),
             )
             .await?;
-        fence(flag(&row, "held")?)
+        self.changed(key, flag(&row, "held")?)
     }
 
     async fn extend(
@@ -801,7 +812,11 @@ impl Store for PostgresStore {
                     .fetch_one(&self.shared.pool),
             )
             .await?;
-        flag(&row, "purged")
+        let purged = flag(&row, "purged")?;
+        if purged {
+            self.shared.notifier.notify(key);
+        }
+        Ok(purged)
     }
 
     async fn subscribe(&self, key: &StoreKey) -> Result<Subscription, StoreError> {
