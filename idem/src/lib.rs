@@ -12,7 +12,7 @@
 //! - [`fingerprint`]: what makes a request *this* request (SPEC §3.4).
 //! - [`record`]: what the store keeps (SPEC §2).
 //! - [`policy`]: per-route settings and the route table (SPEC §12).
-//! - [`store`]: the atomic [`Store`](store::Store) trait, the
+//! - [`store`]: the atomic [`Store`] trait, the
 //!   [`MemoryStore`](store::memory::MemoryStore) and (feature `postgres`) the
 //!   `PostgresStore` with its transactional API (SPEC §7).
 //! - [`engine`]: the algorithm, waiting, leases and the function-level API

@@ -477,13 +477,19 @@ async fn the_listener_reconnects_and_wakes_every_waiter() {
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-    // And it listens again.
+    // And it listens again: a change made by another instance reaches it.
+    let other = PostgresStore::builder(services::database_url())
+        .schema(store.schema())
+        .connect()
+        .await
+        .unwrap();
+    // A waiter found it in flight (so the release notifies).
     assert!(matches!(
         store.reserve(&k, fp("a"), LEASE).await.unwrap(),
         Reservation::InFlight { .. }
     ));
     let mut sub = store.subscribe(&k).await.unwrap();
-    assert_eq!(store.release(&k, t).await.unwrap(), Fence::Held);
+    assert_eq!(other.release(&k, t).await.unwrap(), Fence::Held);
     tokio::time::timeout(Duration::from_secs(5), sub.changed())
         .await
         .expect("notifications flow after the reconnect");

@@ -51,7 +51,8 @@
 //!
 //! `complete`, `release` and `purge` call `pg_notify('<schema>_idem_changed',
 //! key)` in the same statement, so the notification is delivered when (and
-//! only if) the change commits. Each store keeps ONE listener connection
+//! only if) the change commits; the store also wakes the waiters of its
+//! own process directly. Each store keeps ONE listener connection
 //! (`LISTEN`) that feeds the crate's [`Notifier`]; [`Store::subscribe`] just
 //! subscribes to that notifier, so a waiting duplicate holds no pooled
 //! connection. When the listener's connection is lost it reconnects and
@@ -73,20 +74,24 @@
 //! Every call is bounded by [`PostgresStoreBuilder::timeout`] (default 2 s)
 //! on the client, and the same `statement_timeout` is set on the server so
 //! an abandoned statement stops there too: either way the caller gets
-//! [`StoreError::Timeout`]. Unreachable servers and refused statements are
-//! [`StoreError::Unavailable`]; rows that cannot be decoded are
-//! [`StoreError::Corrupt`].
+//! [`StoreError::Timeout`]. A server that cannot be reached shows as
+//! [`StoreError::Unavailable`] with its reason at start-up, and as
+//! `Timeout` later (the pool retries connecting until the time-out); a
+//! statement the server refuses is `Unavailable`; rows that cannot be
+//! decoded are [`StoreError::Corrupt`].
 //!
 //! # `plan_cache_mode`
 //!
-//! Every pooled connection runs `SET plan_cache_mode = force_custom_plan`
-//! when it connects. sqlx prepares each statement once per connection, and
-//! PostgreSQL switches a prepared statement to a *generic* plan after five
-//! executions; one chosen while the table was empty is a sequential scan,
-//! and it is kept for the life of the connection (SPEC §7 measured a 7×
-//! throughput drop). Custom plans are re-planned with the actual key, which
+//! Every pooled connection sets `plan_cache_mode = force_custom_plan` when
+//! it connects. sqlx prepares each statement once per connection, and after
+//! five executions PostgreSQL may switch a prepared statement to a *generic*
+//! plan, kept for the life of the connection; one chosen while the table was
+//! empty can be a sequential scan (SPEC §7 measured a 7× throughput drop).
+//! Custom plans are re-planned with the actual key, which
 //! costs a few microseconds and always uses the primary key index. The test
-//! `postgres_plans` checks both the setting and the plan.
+//! `guarded_statements_use_the_index_under_load` (`tests/postgres.rs`)
+//! checks the setting, that no statement ever ran a generic plan over a
+//! 50 000-row table, and the plans themselves.
 //!
 //! # Transactions: exactly once with business data
 //!
@@ -691,10 +696,20 @@ impl PostgresStore {
             }
         }
         self.call(tx.commit()).await.map_err(OnceError::Store)?;
+        self.shared.notifier.notify(key);
         Ok(Once {
             value,
             replayed: false,
         })
+    }
+
+    /// The outcome of a fenced change. When it applied, waiters in this
+    /// process are woken at once; other instances hear of it by NOTIFY.
+    fn changed(&self, key: &StoreKey, held: bool) -> Result<Fence, StoreError> {
+        if held {
+            self.shared.notifier.notify(key);
+        }
+        fence(held)
     }
 
     /// Rolls back now, so row locks go at once; on failure the connection
@@ -736,7 +751,7 @@ impl Store for PostgresStore {
                     .fetch_one(&self.shared.pool),
             )
             .await?;
-        fence(flag(&row, "held")?)
+        self.changed(key, flag(&row, "held")?)
     }
 
     async fn release(&self, key: &StoreKey, token: Token) -> Result<Fence, StoreError> {
@@ -749,7 +764,7 @@ impl Store for PostgresStore {
                     .fetch_one(&self.shared.pool),
             )
             .await?;
-        fence(flag(&row, "held")?)
+        self.changed(key, flag(&row, "held")?)
     }
 
     async fn extend(
@@ -801,7 +816,11 @@ impl Store for PostgresStore {
                     .fetch_one(&self.shared.pool),
             )
             .await?;
-        flag(&row, "purged")
+        let purged = flag(&row, "purged")?;
+        if purged {
+            self.shared.notifier.notify(key);
+        }
+        Ok(purged)
     }
 
     async fn subscribe(&self, key: &StoreKey) -> Result<Subscription, StoreError> {
