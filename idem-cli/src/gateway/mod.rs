@@ -99,7 +99,12 @@ impl Gateway {
         })?;
         let engine_config = EngineConfig {
             store_timeout: config.limits.store_timeout,
-            local_cache_bytes: config.limits.local_cache_bytes,
+            // The memory store is itself in this process: a second copy of
+            // its records would only cost an insert per request.
+            local_cache_bytes: match config.store {
+                StoreSpec::Memory => 0,
+                _ => config.limits.local_cache_bytes,
+            },
             ..EngineConfig::default()
         };
         let (tx, rx) = watch::channel(false);
@@ -257,6 +262,7 @@ async fn serve<S: Store>(
     let shutdown = stopped(shutdown);
     tokio::pin!(shutdown);
     let limits = &config.limits;
+    let routes = Arc::new(config.routes.clone());
     let read_timeout = limits.request_read_timeout;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -289,9 +295,10 @@ async fn serve<S: Store>(
         };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
+        let routes = Arc::clone(&routes);
         let conn = http.serve_connection(
             TokioIo::new(stream),
-            service_fn(move |req| handle(service.clone(), read_timeout, req)),
+            service_fn(move |req| handle(service.clone(), Arc::clone(&routes), read_timeout, req)),
         );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -327,6 +334,7 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
 
 async fn handle<S: Store>(
     service: Idempotency<Proxy, S>,
+    routes: Arc<idem::RouteTable>,
     read_timeout: Duration,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody<ProxyBody>>, Infallible> {
@@ -335,7 +343,18 @@ async fn handle<S: Store>(
     parts.headers.insert(X_REQUEST_ID, id.clone());
     let span =
         tracing::debug_span!("request", id = ?id, method = %parts.method, path = %parts.uri.path());
+    let participates = routes.classify(&parts.method, parts.uri.path()).is_some();
     let req = Request::from_parts(parts, GatewayBody::incoming(body, read_timeout));
+    if !participates {
+        // Pass-through: nothing is stored, so nothing is lost if the client
+        // hangs up and the call is dropped; no task needed.
+        let mut res = match service.oneshot(req).instrument(span).await {
+            Ok(res) => res,
+            Err(never) => match never {},
+        };
+        res.headers_mut().insert(X_REQUEST_ID, id);
+        return Ok(res);
+    }
     // Its own task: a client hanging up must not cancel an upstream call
     // whose result still has to be stored.
     let task = tokio::spawn(service.oneshot(req).instrument(span));
