@@ -132,6 +132,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     if args.check {
         println!("{}", config.describe());
+        for note in gateway::unserved_async(&config) {
+            println!("note: {note}");
+        }
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }

@@ -86,3 +86,24 @@ fn tempfile() -> (std::path::PathBuf, std::fs::File) {
     let file = std::fs::File::create(&path).expect("create temp file");
     (path, file)
 }
+
+#[test]
+fn check_says_async_routes_are_served_synchronously() {
+    let mut file = tempfile();
+    writeln!(
+        file.1,
+        "upstream = \"http://127.0.0.1:3000\"\n[[route]]\nmatch = \"POST /jobs/*\"\nmode = \"async\""
+    )
+    .expect("write");
+    let out = idem()
+        .args(["serve", "--check", "--config"])
+        .arg(&file.0)
+        .output()
+        .expect("run idem");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("note: route /jobs/*: mode = \"async\" is not available yet"),
+        "{stdout}"
+    );
+}

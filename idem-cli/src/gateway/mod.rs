@@ -113,6 +113,9 @@ impl Gateway {
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        for note in unserved_async(&config) {
+            tracing::warn!("{note}");
+        }
         let store = open_store(&config).await?;
         let engine = Engine::with_config(store, engine_config);
         let tasks = spawn_serve(listener, admin, engine, config, rx)?;
@@ -156,6 +159,33 @@ impl Gateway {
         tracing::info!("shutting down: no new connections; finishing in-flight requests");
         self.shutdown().await
     }
+}
+
+/// SPEC §9's async mode is parsed but not served yet: the routes asking for
+/// it, as sentences for the start-up log and `--check`, rather than silently
+/// answering them synchronously.
+#[must_use]
+pub fn unserved_async(config: &Config) -> Vec<String> {
+    let is_async = |p: &idem::RoutePolicy| p.mode == idem::policy::Mode::Async;
+    let mut notes = Vec::new();
+    if is_async(config.routes.default_policy()) {
+        notes.push(
+            "[defaults] mode = \"async\" is not available yet: requests are served synchronously"
+                .to_owned(),
+        );
+    }
+    for route in config
+        .routes
+        .routes()
+        .iter()
+        .filter(|r| is_async(&r.policy))
+    {
+        notes.push(format!(
+            "route {}: mode = \"async\" is not available yet: it is served synchronously",
+            route.path.as_str()
+        ));
+    }
+    notes
 }
 
 /// Opens the configured store. A remote store must answer at start-up:
