@@ -31,20 +31,11 @@ fn check_prints_the_plan_and_exits_zero() {
 
 #[test]
 fn a_bad_config_file_is_refused_with_file_and_line() {
-    let mut file = tempfile();
-    writeln!(
-        file.1,
-        "upstream = \"http://127.0.0.1:3000\"\n\n[defaults]\nconcurent = \"wait\""
-    )
-    .expect("write");
-    let out = idem()
-        .args(["serve", "--check", "--config"])
-        .arg(&file.0)
-        .output()
-        .expect("run idem");
+    let (path, out) =
+        check_file("upstream = \"http://127.0.0.1:3000\"\n\n[defaults]\nconcurent = \"wait\"");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    let expected = format!("{}:4:", file.0.display());
+    let expected = format!("{}:4:", path.display());
     assert!(
         stderr.contains(&expected),
         "wanted `{expected}` in: {stderr}"
@@ -81,6 +72,18 @@ fn a_bad_flag_value_is_refused() {
     assert!(stderr.contains("--listen"), "{stderr}");
 }
 
+/// Writes `toml` to a fresh file and runs `idem serve --check --config` on it.
+fn check_file(toml: &str) -> (std::path::PathBuf, std::process::Output) {
+    let (path, mut file) = tempfile();
+    writeln!(file, "{toml}").expect("write");
+    let out = idem()
+        .args(["serve", "--check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run idem");
+    (path, out)
+}
+
 fn tempfile() -> (std::path::PathBuf, std::fs::File) {
     let path = std::env::temp_dir().join(format!("idem-cli-test-{:x}.toml", rand::random::<u64>()));
     let file = std::fs::File::create(&path).expect("create temp file");
@@ -89,17 +92,9 @@ fn tempfile() -> (std::path::PathBuf, std::fs::File) {
 
 #[test]
 fn check_says_async_routes_are_served_synchronously() {
-    let mut file = tempfile();
-    writeln!(
-        file.1,
-        "upstream = \"http://127.0.0.1:3000\"\n[[route]]\nmatch = \"POST /jobs/*\"\nmode = \"async\""
-    )
-    .expect("write");
-    let out = idem()
-        .args(["serve", "--check", "--config"])
-        .arg(&file.0)
-        .output()
-        .expect("run idem");
+    let (_, out) = check_file(
+        "upstream = \"http://127.0.0.1:3000\"\n[[route]]\nmatch = \"POST /jobs/*\"\nmode = \"async\"",
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(

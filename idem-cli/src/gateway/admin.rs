@@ -131,7 +131,16 @@ async fn metrics<S: Store>(State(admin): State<Arc<Admin<S>>>, headers: HeaderMa
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-fn parse_key(raw: &str) -> Result<StoreKey, Box<Response>> {
+/// The store key a records route names, once the caller is authorized:
+/// 401 without the token, 400 for a malformed key.
+fn record_key<S>(
+    admin: &Admin<S>,
+    headers: &HeaderMap,
+    raw: &str,
+) -> Result<StoreKey, Box<Response>> {
+    if !authorized(admin, headers) {
+        return Err(Box::new(unauthorized()));
+    }
     StoreKey::from_stored(raw).map_err(|e| {
         Box::new(
             (
@@ -154,10 +163,7 @@ async fn inspect<S: Store>(
     headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Response {
-    if !authorized(&admin, &headers) {
-        return unauthorized();
-    }
-    let key = match parse_key(&raw) {
+    let key = match record_key(&admin, &headers, &raw) {
         Ok(k) => k,
         Err(r) => return *r,
     };
@@ -205,10 +211,7 @@ async fn purge<S: Store>(
     headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Response {
-    if !authorized(&admin, &headers) {
-        return unauthorized();
-    }
-    let key = match parse_key(&raw) {
+    let key = match record_key(&admin, &headers, &raw) {
         Ok(k) => k,
         Err(r) => return *r,
     };
