@@ -764,13 +764,9 @@ impl<S: Store> Engine<S> {
         let outcome = self
             .run(key, fingerprint, rules, || async {
                 match f().await {
-                    Ok(value) => match serde_json::to_vec(&value) {
-                        Ok(body) => Finish {
-                            action: Action::Store(StoredResponse {
-                                status: 200,
-                                headers: Vec::new(),
-                                body: body.into(),
-                            }),
+                    Ok(value) => match encode_value(&value) {
+                        Ok(response) => Finish {
+                            action: Action::Store(response),
                             output: Ok(value),
                         },
                         Err(e) => Finish {
@@ -790,17 +786,33 @@ impl<S: Store> Engine<S> {
                 value,
                 replayed: false,
             }),
-            Outcome::Replayed(record) => serde_json::from_slice(&record.response.body)
-                .map(|value| Once {
-                    value,
-                    replayed: true,
-                })
-                .map_err(OnceError::Encode),
+            Outcome::Replayed(record) => decode_value(&record),
             Outcome::InProgress { retry_after } => Err(OnceError::InProgress { retry_after }),
             Outcome::Mismatch => Err(OnceError::Mismatch),
             Outcome::StoreUnavailable { error } => Err(OnceError::Store(error)),
         }
     }
+}
+
+/// How the function-level APIs store a value: JSON, as a 200 response.
+pub(crate) fn encode_value<T: Serialize>(value: &T) -> Result<StoredResponse, serde_json::Error> {
+    Ok(StoredResponse {
+        status: 200,
+        headers: Vec::new(),
+        body: serde_json::to_vec(value)?.into(),
+    })
+}
+
+/// The stored value of a record written by [`encode_value`], as a replay.
+pub(crate) fn decode_value<T: DeserializeOwned, E>(
+    record: &CompletedRecord,
+) -> Result<Once<T>, OnceError<E>> {
+    serde_json::from_slice(&record.response.body)
+        .map(|value| Once {
+            value,
+            replayed: true,
+        })
+        .map_err(OnceError::Encode)
 }
 
 /// A result of [`Engine::once`].

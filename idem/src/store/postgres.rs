@@ -122,7 +122,7 @@ use tokio::task::AbortHandle;
 pub use sqlx;
 
 use super::{Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
-use crate::engine::{Once, OnceError, Rules};
+use crate::engine::{decode_value, encode_value, Once, OnceError, Rules};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::policy::Concurrent;
@@ -630,14 +630,7 @@ impl PostgresStore {
         };
         let outcome = match reservation {
             Ok(Reservation::Acquired(_)) => None,
-            Ok(Reservation::Completed(record)) => Some(
-                serde_json::from_slice(&record.response.body)
-                    .map(|value| Once {
-                        value,
-                        replayed: true,
-                    })
-                    .map_err(OnceError::Encode),
-            ),
+            Ok(Reservation::Completed(record)) => Some(decode_value(&record)),
             Ok(Reservation::InFlight { lease_remaining }) => Some(Err(OnceError::InProgress {
                 retry_after: lease_remaining,
             })),
@@ -664,12 +657,8 @@ impl PostgresStore {
                 return Err(OnceError::Failed(e));
             }
         };
-        let response = match serde_json::to_vec(&value) {
-            Ok(body) => StoredResponse {
-                status: 200,
-                headers: Vec::new(),
-                body: body.into(),
-            },
+        let response = match encode_value(&value) {
+            Ok(response) => response,
             Err(e) => {
                 self.rollback(tx).await;
                 return Err(OnceError::Encode(e));
