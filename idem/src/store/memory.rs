@@ -4,15 +4,22 @@
 //! for the few instructions of one operation and never across an `.await`,
 //! so each operation is atomic and no request waits on a global lock.
 //!
-//! Bounded by entries and bytes: when full it evicts the oldest `Completed`
-//! record first and never an `InFlight` one; if only in-flight records are
-//! left, `reserve` fails with [`StoreError::Capacity`]. Expired records are
-//! ignored on read and swept by a background task once a second.
+//! Bounded by entries and bytes, for the store as a whole: a record's
+//! weight is charged against the bounds *before* it is added, and when they
+//! are reached the store evicts the oldest `Completed` record (of one shard
+//! at a time, shards taking turns), never an `InFlight` one. If only
+//! in-flight records are left, `reserve` fails with
+//! [`StoreError::Capacity`]; a response larger than the whole byte bound is
+//! refused up front by `complete`, evicting nobody. Expired records are
+//! ignored on read and swept by a background task once a second. Every
+//! index entry names the version (sequence number) of the record it was
+//! made for, so a stale index entry can never delete a newer record.
 //!
 //! Everything is lost when the process exits.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -23,12 +30,13 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
 
-/// Bounds of a [`MemoryStore`].
+/// Bounds of a [`MemoryStore`], for the whole store (not per shard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryLimits {
     /// Most records kept (in flight and completed).
     pub max_entries: usize,
-    /// Most bytes of keys and stored responses kept (approximate).
+    /// Most bytes of keys and stored responses kept (approximate per
+    /// record, exact in sum). A single record larger than this is refused.
     pub max_bytes: u64,
 }
 
@@ -53,20 +61,71 @@ struct Shared {
     hasher: std::collections::hash_map::RandomState,
     notifier: Notifier,
     limits: MemoryLimits,
+    usage: Usage,
+    /// The shard the next eviction pass starts at, so shards take turns.
+    evict_cursor: AtomicUsize,
 }
 
+/// What the whole store holds, charged *before* a record is added, so the
+/// bounds hold for the store as a whole however the keys spread over shards.
 #[derive(Debug)]
+struct Usage {
+    bytes: AtomicU64,
+    entries: AtomicUsize,
+    max_bytes: u64,
+    max_entries: usize,
+}
+
+impl Usage {
+    /// Takes `bytes` and `entries` if both fit under the bounds; else takes
+    /// nothing.
+    fn try_charge(&self, bytes: u64, entries: usize) -> bool {
+        let max_bytes = self.max_bytes;
+        if self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                b.checked_add(bytes).filter(|n| *n <= max_bytes)
+            })
+            .is_err()
+        {
+            return false;
+        }
+        let max_entries = self.max_entries;
+        if entries > 0
+            && self
+                .entries
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
+                    e.checked_add(entries).filter(|n| *n <= max_entries)
+                })
+                .is_err()
+        {
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn refund(&self, bytes: u64, entries: usize) {
+        if bytes > 0 {
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
+        if entries > 0 {
+            self.entries.fetch_sub(entries, Ordering::AcqRel);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
 struct Shard {
     map: HashMap<StoreKey, Entry>,
     /// When each entry stops counting: (deadline, seq, key). The seq makes
-    /// the tuple unique, so keys are never compared.
+    /// the tuple unique, so keys are never compared, and ties an index
+    /// entry to one version of the record: an index entry whose seq no
+    /// longer matches the map's is stale and never deletes anything.
     expirations: BTreeSet<(Instant, u64, StoreKey)>,
     /// Completed records by completion order, oldest first: eviction order.
     completed: BTreeMap<u64, StoreKey>,
     next_seq: u64,
-    bytes: u64,
-    max_entries: usize,
-    max_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -100,26 +159,21 @@ impl MemoryStore {
     /// starts the sweep task (which stops once the store is dropped).
     #[must_use]
     pub fn with_limits(limits: MemoryLimits) -> Self {
-        // Few shards for small stores, so the bounds stay exact-ish.
+        // Shards only spread lock contention; the bounds are store-wide.
         let n = (limits.max_entries / 4096).clamp(1, 64).next_power_of_two();
-        let shards = (0..n)
-            .map(|_| {
-                Mutex::new(Shard {
-                    map: HashMap::new(),
-                    expirations: BTreeSet::new(),
-                    completed: BTreeMap::new(),
-                    next_seq: 0,
-                    bytes: 0,
-                    max_entries: limits.max_entries.div_ceil(n).max(1),
-                    max_bytes: limits.max_bytes.div_ceil(n as u64).max(1),
-                })
-            })
-            .collect();
+        let shards = (0..n).map(|_| Mutex::new(Shard::default())).collect();
         let shared = Arc::new(Shared {
             shards,
             hasher: std::collections::hash_map::RandomState::new(),
             notifier: Notifier::new(),
             limits,
+            usage: Usage {
+                bytes: AtomicU64::new(0),
+                entries: AtomicUsize::new(0),
+                max_bytes: limits.max_bytes,
+                max_entries: limits.max_entries,
+            },
+            evict_cursor: AtomicUsize::new(0),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweep(Arc::downgrade(&shared)));
@@ -148,13 +202,42 @@ impl MemoryStore {
     /// Approximate bytes held.
     #[must_use]
     pub fn bytes(&self) -> u64 {
-        self.shared.shards.iter().map(|s| lock(s).bytes).sum()
+        self.shared.usage.bytes.load(Ordering::Acquire)
     }
 
     fn shard(&self, key: &StoreKey) -> MutexGuard<'_, Shard> {
         // Truncating the hash to pick a shard is intended.
         let i = (self.shared.hasher.hash_one(key) as usize) & (self.shared.shards.len() - 1);
         lock(&self.shared.shards[i])
+    }
+
+    /// Charges `bytes` and `entries` against the store-wide bounds,
+    /// evicting the oldest completed records, one shard at a time, until
+    /// they fit. Never evicts an in-flight record. Must be called with no
+    /// shard lock held (it takes them one by one).
+    fn make_room(&self, bytes: u64, entries: usize) -> Result<(), StoreError> {
+        let usage = &self.shared.usage;
+        while !usage.try_charge(bytes, entries) {
+            if !self.evict_one() {
+                return Err(StoreError::Capacity(
+                    "every slot holds an in-flight reservation",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees at least one record (expired first, then the oldest completed
+    /// record of the next shard that has one). False if nothing can go.
+    fn evict_one(&self) -> bool {
+        let shards = &self.shared.shards;
+        let start = self.shared.evict_cursor.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let usage = &self.shared.usage;
+        (0..shards.len()).any(|i| {
+            let mut shard = lock(&shards[(start + i) & (shards.len() - 1)]);
+            shard.sweep(now, usage) > 0 || shard.evict_oldest(usage)
+        })
     }
 }
 
@@ -181,24 +264,38 @@ async fn sweep(shared: Weak<Shared>) {
         };
         let now = Instant::now();
         for shard in shared.shards.iter() {
-            lock(shard).sweep(now);
+            lock(shard).sweep(now, &shared.usage);
         }
     }
 }
 
-impl Shard {
-    fn key_weight(key: &StoreKey) -> u64 {
-        (key.as_str().len() + 96) as u64
-    }
+fn key_weight(key: &StoreKey) -> u64 {
+    (key.as_str().len() + 96) as u64
+}
 
-    fn remove(&mut self, key: &StoreKey) -> Option<Entry> {
+impl Shard {
+    /// Removes the record under `key` with its index entries, and gives its
+    /// weight back.
+    fn remove(&mut self, key: &StoreKey, usage: &Usage) -> Option<Entry> {
         let (key, entry) = self.map.remove_entry(key)?;
         self.expirations.remove(&(entry.deadline, entry.seq, key));
         self.completed.remove(&entry.seq);
-        self.bytes = self.bytes.saturating_sub(entry.weight);
+        usage.refund(entry.weight, 1);
         Some(entry)
     }
 
+    /// Removes the record under `key` only if it is still the version an
+    /// index entry named (`seq`): a stale index entry deletes nothing.
+    fn remove_version(&mut self, key: &StoreKey, seq: u64, usage: &Usage) -> bool {
+        if self.map.get(key).is_some_and(|e| e.seq == seq) {
+            self.remove(key, usage);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Adds a record whose weight and entry the caller has already charged.
     fn insert(&mut self, key: StoreKey, deadline: Instant, weight: u64, state: State) {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -206,7 +303,6 @@ impl Shard {
         if matches!(state, State::Completed(..)) {
             self.completed.insert(seq, key.clone());
         }
-        self.bytes += weight;
         self.map.insert(
             key,
             Entry {
@@ -229,54 +325,37 @@ impl Shard {
         }
     }
 
-    fn sweep(&mut self, now: Instant) {
+    /// Drops every record whose deadline has passed; how many went.
+    fn sweep(&mut self, now: Instant, usage: &Usage) -> usize {
+        let mut freed = 0;
         while self
             .expirations
             .first()
             .is_some_and(|(deadline, _, _)| *deadline <= now)
         {
-            if let Some((_, _, key)) = self.expirations.pop_first() {
-                if let Some(entry) = self.map.remove(&key) {
-                    self.completed.remove(&entry.seq);
-                    self.bytes = self.bytes.saturating_sub(entry.weight);
-                }
+            if let Some((_, seq, key)) = self.expirations.pop_first() {
+                freed += usize::from(self.remove_version(&key, seq, usage));
             }
         }
+        freed
     }
 
-    /// Evicts the oldest completed records until `weight` more bytes and one
-    /// more entry fit. Fails if only in-flight records are left.
-    fn make_room(&mut self, weight: u64) -> Result<(), StoreError> {
-        self.make_room_while(weight, 1)
-    }
-
-    /// Like `make_room`, for an entry that is already counted.
-    fn make_room_for_bytes(&mut self, weight: u64) -> Result<(), StoreError> {
-        self.make_room_while(weight, 0)
-    }
-
-    fn make_room_while(&mut self, weight: u64, entries: usize) -> Result<(), StoreError> {
-        if self.map.len() + entries <= self.max_entries && self.bytes + weight <= self.max_bytes {
-            return Ok(());
+    /// Evicts this shard's oldest completed record; false if it has none.
+    fn evict_oldest(&mut self, usage: &Usage) -> bool {
+        while let Some((seq, key)) = self.completed.pop_first() {
+            if self.remove_version(&key, seq, usage) {
+                return true;
+            }
         }
-        self.sweep(Instant::now());
-        while self.map.len() + entries > self.max_entries || self.bytes + weight > self.max_bytes {
-            let Some((_, key)) = self.completed.pop_first() else {
-                return Err(StoreError::Capacity(
-                    "every slot holds an in-flight reservation",
-                ));
-            };
-            self.remove(&key);
-        }
-        Ok(())
+        false
     }
 
     /// The live entry under `key`, dropping it first if it has expired.
-    fn live(&mut self, key: &StoreKey, now: Instant) -> Option<&mut Entry> {
+    fn live(&mut self, key: &StoreKey, now: Instant, usage: &Usage) -> Option<&mut Entry> {
         if self.map.get(key).is_some_and(|e| e.deadline <= now) {
             // An expired completed record is gone; an expired lease is free
             // to take over. Either way it reads as "no record".
-            self.remove(key);
+            self.remove(key, usage);
         }
         self.map.get_mut(key)
     }
@@ -286,6 +365,25 @@ impl Shard {
         self.map
             .get_mut(key)
             .filter(|e| matches!(e.state, State::InFlight { token: t, .. } if t == token))
+    }
+
+    /// Turns the caller's held in-flight entry into `record` (the caller
+    /// has charged any extra weight already).
+    fn complete_held(&mut self, key: &StoreKey, deadline: Instant, weight: u64, state: State) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Some(e) = self.map.get_mut(key) {
+            let old = (e.deadline, e.seq, key.clone());
+            *e = Entry {
+                seq,
+                deadline,
+                weight,
+                state,
+            };
+            self.expirations.remove(&old);
+            self.expirations.insert((deadline, seq, key.clone()));
+            self.completed.insert(seq, key.clone());
+        }
     }
 }
 
@@ -297,36 +395,52 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<Reservation, StoreError> {
         let now = Instant::now();
-        let mut shard = self.shard(key);
-        if let Some(entry) = shard.live(key, now) {
-            return Ok(match &entry.state {
-                State::InFlight { fingerprint: f, .. } if *f != fingerprint => {
-                    Reservation::Mismatch
+        let usage = &self.shared.usage;
+        let weight = key_weight(key);
+        let mut charged = false;
+        loop {
+            let mut shard = self.shard(key);
+            if let Some(entry) = shard.live(key, now, usage) {
+                let found = match &entry.state {
+                    State::InFlight { fingerprint: f, .. } if *f != fingerprint => {
+                        Reservation::Mismatch
+                    }
+                    State::InFlight { .. } => Reservation::InFlight {
+                        lease_remaining: entry.deadline - now,
+                    },
+                    State::Completed(r, _) if r.fingerprint != fingerprint => Reservation::Mismatch,
+                    State::Completed(r, _) => Reservation::Completed(Arc::clone(r)),
+                };
+                if charged {
+                    usage.refund(weight, 1);
                 }
-                State::InFlight { .. } => Reservation::InFlight {
-                    lease_remaining: entry.deadline - now,
+                return Ok(found);
+            }
+            if !charged && !usage.try_charge(weight, 1) {
+                // Full: make room with this shard unlocked (eviction takes
+                // shard locks one by one), then look again: someone may
+                // have reserved the key meanwhile.
+                drop(shard);
+                self.make_room(weight, 1)?;
+                charged = true;
+                continue;
+            }
+            let token = Token::generate();
+            shard.insert(
+                key.clone(),
+                now + lease,
+                weight,
+                State::InFlight {
+                    token,
+                    fingerprint,
+                    started_at: SystemTime::now(),
                 },
-                State::Completed(r, _) if r.fingerprint != fingerprint => Reservation::Mismatch,
-                State::Completed(r, _) => Reservation::Completed(Arc::clone(r)),
-            });
-        }
-        let weight = Shard::key_weight(key);
-        shard.make_room(weight)?;
-        let token = Token::generate();
-        shard.insert(
-            key.clone(),
-            now + lease,
-            weight,
-            State::InFlight {
+            );
+            return Ok(Reservation::Acquired(Lease {
                 token,
-                fingerprint,
-                started_at: SystemTime::now(),
-            },
-        );
-        Ok(Reservation::Acquired(Lease {
-            token,
-            duration: lease,
-        }))
+                duration: lease,
+            }));
+        }
     }
 
     async fn complete(
@@ -336,43 +450,53 @@ impl Store for MemoryStore {
         record: Arc<CompletedRecord>,
         retention: Duration,
     ) -> Result<Fence, StoreError> {
-        let weight = Shard::key_weight(key) + record.response.weight() as u64;
-        {
+        let usage = &self.shared.usage;
+        let weight = key_weight(key) + record.response.weight() as u64;
+        if weight > self.shared.limits.max_bytes {
+            // Refused up front: making room for it would evict everyone
+            // and still not fit. The reservation stays as it is.
+            return Err(StoreError::Capacity(
+                "the response is larger than the memory store's byte bound",
+            ));
+        }
+        // Extra bytes charged for this record beyond the entry's weight.
+        let mut charged = 0;
+        let mut record = Some(record);
+        loop {
             let mut shard = self.shard(key);
             let Some(held) = shard.held(key, token) else {
+                usage.refund(charged, 0);
                 let already = shard
                     .map
                     .get(key)
                     .is_some_and(|e| matches!(e.state, State::Completed(_, t) if t == token));
                 return Ok(if already { Fence::Held } else { Fence::Lost });
             };
-            let (old_weight, old_deadline, old_seq) = (held.weight, held.deadline, held.seq);
-            // Room for the response, evicting older completed records; on
-            // failure the reservation stays until its lease runs out, so no
-            // duplicate can execute meanwhile.
-            shard.bytes -= old_weight.min(shard.bytes);
-            let room = shard.make_room_for_bytes(weight);
-            if let Err(e) = room {
-                shard.bytes += old_weight;
-                return Err(e);
+            let need = weight.saturating_sub(held.weight);
+            if charged < need && !usage.try_charge(need - charged, 0) {
+                // Room is made with the shard unlocked, so the holder's own
+                // entry is never touched by it (eviction spares in-flight
+                // records); the entry is checked again after.
+                drop(shard);
+                if let Err(e) = self.make_room(need - charged, 0) {
+                    usage.refund(charged, 0);
+                    return Err(e);
+                }
+                charged = need;
+                continue;
             }
-            let seq = shard.next_seq;
-            shard.next_seq += 1;
-            let deadline = Instant::now() + retention;
-            shard
-                .expirations
-                .remove(&(old_deadline, old_seq, key.clone()));
-            shard.expirations.insert((deadline, seq, key.clone()));
-            shard.completed.insert(seq, key.clone());
-            shard.bytes += weight;
-            if let Some(e) = shard.map.get_mut(key) {
-                *e = Entry {
-                    seq,
-                    deadline,
-                    weight,
-                    state: State::Completed(record, token),
-                };
-            }
+            let surplus = (charged.max(need) - need) + held.weight.saturating_sub(weight);
+            usage.refund(surplus, 0);
+            let Some(record) = record.take() else {
+                return Ok(Fence::Lost);
+            };
+            shard.complete_held(
+                key,
+                Instant::now() + retention,
+                weight,
+                State::Completed(record, token),
+            );
+            break;
         }
         self.shared.notifier.notify(key);
         Ok(Fence::Held)
@@ -384,7 +508,7 @@ impl Store for MemoryStore {
             if shard.held(key, token).is_none() {
                 return Ok(Fence::Lost);
             }
-            shard.remove(key);
+            shard.remove(key, &self.shared.usage);
         }
         self.shared.notifier.notify(key);
         Ok(Fence::Held)
@@ -407,22 +531,24 @@ impl Store for MemoryStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         let now = Instant::now();
         let mut shard = self.shard(key);
-        Ok(shard.live(key, now).map(|e| match &e.state {
-            State::InFlight {
-                fingerprint,
-                started_at,
-                ..
-            } => Record::InFlight {
-                fingerprint: *fingerprint,
-                lease_remaining: e.deadline - now,
-                started_at: *started_at,
-            },
-            State::Completed(r, _) => Record::Completed(Arc::clone(r)),
-        }))
+        Ok(shard
+            .live(key, now, &self.shared.usage)
+            .map(|e| match &e.state {
+                State::InFlight {
+                    fingerprint,
+                    started_at,
+                    ..
+                } => Record::InFlight {
+                    fingerprint: *fingerprint,
+                    lease_remaining: e.deadline - now,
+                    started_at: *started_at,
+                },
+                State::Completed(r, _) => Record::Completed(Arc::clone(r)),
+            }))
     }
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        let removed = self.shard(key).remove(key).is_some();
+        let removed = self.shard(key).remove(key, &self.shared.usage).is_some();
         if removed {
             self.shared.notifier.notify(key);
         }
