@@ -1,7 +1,8 @@
 //! Request fingerprints (SPEC §3.4): what makes a request *this* request.
 //!
 //! A [`Fingerprint`] is a BLAKE3 hash over the method, the path, the query
-//! (its `&`-separated parts sorted, so their order does not count), the
+//! (its `&`-separated parts sorted by name, stably, so the order of distinct
+//! parameters does not count but that of a repeated one does), the
 //! configured headers (default `content-type`, see [`DEFAULT_HEADERS`]) and
 //! the body. The same key sent again with another fingerprint is a reused key
 //! (422 `idempotency_key_reused`).
@@ -123,8 +124,10 @@ pub struct FingerprintOptions<'a> {
 /// selected headers and the body.
 ///
 /// - Path: `uri.path()` as it is.
-/// - Query: split on `&`, empty parts dropped, the parts sorted, so
-///   `?b=2&a=1` equals `?a=1&b=2` and no query equals an empty one (`?`).
+/// - Query: split on `&`, empty parts dropped, the parts sorted by name
+///   (stably: repeated parameters keep their order), so `?b=2&a=1` equals
+///   `?a=1&b=2`, `?a=1&a=2` differs from `?a=2&a=1`, and no query equals an
+///   empty one (`?`).
 ///   Parts are not percent-decoded.
 /// - Headers: for each of `opts.headers` its name and all its values in
 ///   order; an absent header differs from an empty one.
@@ -191,8 +194,10 @@ pub fn validate_json_pointer(p: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Hashes the query's non-empty `&`-parts in sorted order. Allocates only
-/// when there are two parts or more.
+/// Hashes the query's non-empty `&`-parts sorted by parameter name. The
+/// sort is stable, so repeated parameters keep their order (`a=1&a=2` is a
+/// list that many servers read in order: it differs from `a=2&a=1`).
+/// Allocates only when there are two parts or more.
 fn put_query(h: &mut blake3::Hasher, query: &str) {
     let mut parts = query.split('&').filter(|p| !p.is_empty());
     let Some(first) = parts.next() else {
@@ -206,7 +211,7 @@ fn put_query(h: &mut blake3::Hasher, query: &str) {
     };
     let mut all = vec![first, second];
     all.extend(parts);
-    all.sort_unstable();
+    all.sort_by_key(|part| part.split_once('=').map_or(*part, |(name, _)| name));
     put_len(h, all.len());
     for part in all {
         put(h, part.as_bytes());
@@ -567,6 +572,9 @@ mod tests {
         assert_eq!(with("http://example.com/p?a=1"), with("/p?a=1"));
         assert_ne!(with("/p?a=1&b=2"), with("/p?a=1b=2"));
         assert_ne!(with("/p?a=1&b=2"), with("/p?a=1&b=2&b=2"));
+        // Repeated parameters are a list: their order counts (hardening 11).
+        assert_ne!(with("/p?a=1&a=2"), with("/p?a=2&a=1"));
+        assert_eq!(with("/p?a=1&b=x&a=2"), with("/p?b=x&a=1&a=2"));
         assert_ne!(with("/p?a"), with("/pa"));
     }
 
