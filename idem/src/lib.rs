@@ -10,6 +10,7 @@
 //!
 //! - [`key`]: the `Idempotency-Key` header, scopes and storage keys (SPEC §3.2–3).
 //! - [`fingerprint`]: what makes a request *this* request (SPEC §3.4).
+//! - [`path`]: the one normal form of a request path (matching, fingerprint, forwarding).
 //! - [`record`]: what the store keeps (SPEC §2).
 //! - [`policy`]: per-route settings and the route table (SPEC §12).
 //! - [`store`]: the atomic [`Store`] trait, the
@@ -72,6 +73,7 @@ mod hash;
 pub mod key;
 #[cfg(feature = "tower")]
 pub mod layer;
+pub mod path;
 pub mod policy;
 pub mod problem;
 pub mod record;
