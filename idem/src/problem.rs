@@ -11,8 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 
-/// Where each code is documented: `{DOCS_BASE}#{code}`.
-pub const DOCS_BASE: &str = "https://github.com/idem-rs/idem/blob/main/docs/problems.md";
+/// Where each code is documented: `{DOCS_BASE}#{code}`, the `type` of every
+/// problem. Built from the package's `repository` (the workspace
+/// `Cargo.toml`), the one place the project's URL is written.
+pub const DOCS_BASE: &str = concat!(env!("CARGO_PKG_REPOSITORY"), "/blob/main/docs/problems.md");
 
 /// The media type of problem documents.
 pub const CONTENT_TYPE: &str = "application/problem+json";
