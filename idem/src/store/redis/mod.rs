@@ -91,7 +91,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -99,17 +98,17 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Client, ErrorKind, RedisError, Script, ScriptInvocation, Value};
-use futures_util::StreamExt;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
+use super::background::{self, AbortOnDrop, Listening};
 use super::{Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
 use reply::{encode_headers, epoch_ms, token_hex, ttl_ms, Reply};
+use subscriber::Subscriber;
 
 mod reply;
+mod subscriber;
 
 /// The prefix of every key (and of the change channel) unless configured.
 pub const DEFAULT_PREFIX: &str = "idem:";
@@ -117,12 +116,6 @@ pub const DEFAULT_PREFIX: &str = "idem:";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The default bound on establishing a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How often the subscriber connection is checked with a PING.
-const SUBSCRIBER_PING_EVERY: Duration = Duration::from_secs(5);
-/// Backoff between subscriber reconnection attempts.
-const SUBSCRIBER_MIN_BACKOFF: Duration = Duration::from_millis(50);
-const SUBSCRIBER_MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// One Lua script per atomic operation.
 struct Scripts {
@@ -164,15 +157,6 @@ impl Conn {
     }
 }
 
-/// Aborts the subscriber task when the last clone of the store is dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 struct Inner {
     conn: Conn,
     scripts: Scripts,
@@ -181,7 +165,8 @@ struct Inner {
     channel: String,
     timeout: Duration,
     cluster: bool,
-    listening: Arc<AtomicBool>,
+    listening: Listening,
+    /// The subscriber task, stopped when the last clone of the store drops.
     _subscriber: AbortOnDrop,
 }
 
@@ -331,17 +316,16 @@ impl RedisStoreBuilder {
     async fn finish(self, conn: Conn, nodes: Vec<Client>) -> Result<RedisStore, StoreError> {
         let channel = format!("{}changed", self.prefix);
         let notifier = Notifier::new();
-        let listening = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let subscriber = Subscriber {
+        let subscriber = Subscriber::new(
             nodes,
-            channel: channel.clone(),
-            notifier: notifier.clone(),
-            timeout: self.connect_timeout.max(self.timeout),
-            listening: Arc::clone(&listening),
-        };
-        let task = tokio::spawn(subscriber.run(ready_tx));
-        if tokio::time::timeout(self.connect_timeout, ready_rx)
+            channel.clone(),
+            self.connect_timeout.max(self.timeout),
+        );
+        let listener = background::listen(subscriber, notifier.clone(), subscriber::backoff());
+        let listening = listener.listening();
+        let mut tasks = AbortOnDrop::new();
+        tasks.spawn(listener.run());
+        if tokio::time::timeout(self.connect_timeout, listening.up())
             .await
             .is_err()
         {
@@ -361,7 +345,7 @@ impl RedisStoreBuilder {
                 timeout: self.timeout,
                 cluster,
                 listening,
-                _subscriber: AbortOnDrop(task),
+                _subscriber: tasks,
             }),
         })
     }
@@ -414,7 +398,7 @@ impl RedisStore {
     /// waiters still finish, by polling.
     #[must_use]
     pub fn is_listening(&self) -> bool {
-        self.inner.listening.load(Ordering::Acquire)
+        self.inner.listening.is_up()
     }
 
     /// The Redis key of `key`'s record: `{prefix}{<store key>}`.
@@ -560,89 +544,6 @@ impl Store for RedisStore {
     }
 }
 
-/// The background subscriber: ONE pub/sub connection per store.
-struct Subscriber {
-    /// Nodes to subscribe through, tried in turn (one for standalone Redis;
-    /// every given node for a Cluster, where PUBLISH reaches all of them).
-    nodes: Vec<Client>,
-    channel: String,
-    notifier: Notifier,
-    timeout: Duration,
-    /// Up while subscribed (see [`RedisStore::is_listening`]).
-    listening: Arc<AtomicBool>,
-}
-
-impl Subscriber {
-    async fn run(self, ready: oneshot::Sender<()>) {
-        let mut ready = Some(ready);
-        let mut backoff = SUBSCRIBER_MIN_BACKOFF;
-        let mut attempt = 0_usize;
-        loop {
-            let node = &self.nodes[attempt % self.nodes.len()];
-            attempt = attempt.wrapping_add(1);
-            let outcome = self.listen(node, &mut ready).await;
-            self.listening.store(false, Ordering::Release);
-            match outcome {
-                Ok(()) => {
-                    tracing::warn!(channel = %self.channel, "Redis change subscription lost; reconnecting");
-                    backoff = SUBSCRIBER_MIN_BACKOFF;
-                }
-                Err(error) => {
-                    tracing::debug!(channel = %self.channel, %error, "Redis change subscription failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(SUBSCRIBER_MAX_BACKOFF);
-                }
-            }
-        }
-    }
-
-    /// Subscribes through `node` and feeds the notifier until the
-    /// connection drops (`Ok`) or cannot be set up (`Err`).
-    async fn listen(
-        &self,
-        node: &Client,
-        ready: &mut Option<oneshot::Sender<()>>,
-    ) -> Result<(), RedisError> {
-        let pubsub = bounded_redis(self.timeout, node.get_async_pubsub()).await?;
-        let (mut sink, mut stream) = pubsub.split();
-        bounded_redis(self.timeout, sink.subscribe(&self.channel)).await?;
-        self.listening.store(true, Ordering::Release);
-        // Anything published while we were not subscribed is lost: wake every
-        // waiter so it reads the record again.
-        self.notifier.notify_all();
-        if let Some(tx) = ready.take() {
-            // The store may have given up waiting for us: nothing to do then.
-            let _ = tx.send(());
-        }
-        let mut ping = tokio::time::interval(SUBSCRIBER_PING_EVERY);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ping.tick().await;
-        loop {
-            tokio::select! {
-                msg = stream.next() => {
-                    let Some(msg) = msg else { return Ok(()) };
-                    if !self.notifier.has_watchers() {
-                        continue;
-                    }
-                    let key = std::str::from_utf8(msg.get_payload_bytes())
-                        .ok()
-                        .and_then(|s| StoreKey::from_stored(s).ok());
-                    match key {
-                        Some(key) => self.notifier.notify(&key),
-                        None => tracing::debug!(channel = %self.channel, "ignoring a malformed change notification"),
-                    }
-                }
-                _ = ping.tick() => {
-                    // A connection that silently died (no FIN) is found here.
-                    if bounded_redis(self.timeout, sink.ping::<Value>()).await.is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Awaits a Redis future within `timeout`, as a store result.
 async fn bounded<T>(
     timeout: Duration,
@@ -652,22 +553,6 @@ async fn bounded<T>(
         Ok(r) => r.map_err(|e| store_error(e, timeout)),
         Err(_) => Err(StoreError::Timeout(timeout)),
     }
-}
-
-/// Awaits a Redis future within `timeout`, as a Redis result.
-async fn bounded_redis<T>(
-    timeout: Duration,
-    fut: impl Future<Output = Result<T, RedisError>>,
-) -> Result<T, RedisError> {
-    tokio::time::timeout(timeout, fut)
-        .await
-        .unwrap_or_else(|_| {
-            Err(RedisError::from((
-                ErrorKind::Io,
-                "timed out",
-                format!("no answer within {timeout:?}"),
-            )))
-        })
 }
 
 /// Classifies a Redis error at the edge.
