@@ -23,7 +23,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
 
-pub use any::AnyStore;
+pub use any::{AnyStore, ConnectOptions, StoreUrl};
 
 mod any;
 #[cfg(any(feature = "redis", feature = "postgres"))]
