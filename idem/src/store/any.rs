@@ -1,22 +1,5 @@
 //! [`AnyStore`]: one type over every backend compiled in, chosen at run
-//! time by a store URL ([`StoreUrl`], SPEC §12):
-//!
-//! | URL | backend |
-//! |---|---|
-//! | `memory` | [`MemoryStore`](super::memory::MemoryStore) (feature `memory`) |
-//! | `redis://host:port[/db]`, `rediss://…` | one Redis server (feature `redis`) |
-//! | `redis://a:7000,b:7001,c:7002` | a Redis Cluster through any of those nodes |
-//! | `postgres://user@host:port/db`, `postgresql://…` | PostgreSQL (feature `postgres`) |
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use idem::store::{AnyStore, ConnectOptions};
-//! # async fn run() -> Result<(), idem::StoreError> {
-//! let options = ConnectOptions::new().timeout(Duration::from_millis(500));
-//! let store = AnyStore::connect("redis://127.0.0.1:6379", options).await?;
-//! assert_eq!(store.kind(), "redis");
-//! # Ok(()) }
-//! ```
+//! time by a store URL ([`StoreUrl`], SPEC §12).
 
 use std::fmt;
 use std::str::FromStr;
@@ -28,7 +11,21 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
 
-/// Any store this build supports. Implements [`Store`] by delegation.
+/// Any store this build supports, chosen by URL with
+/// [`AnyStore::connect`]. Implements [`Store`] by delegation.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem::store::{AnyStore, ConnectOptions};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), idem::StoreError> {
+/// let options = ConnectOptions::new().timeout(Duration::from_millis(500));
+/// let store = AnyStore::connect("memory", options).await?;
+/// assert_eq!(store.kind(), "memory");
+/// // `redis://127.0.0.1:6379`, `redis://a:7000,b:7001,c:7002` (a Cluster)
+/// // or `postgres://idem@db/idem` when those features are on.
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum AnyStore {
@@ -44,7 +41,7 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
-    /// Opens the store `url` names (see the [module docs](self)): a memory
+    /// Opens the store `url` names (see [`StoreUrl`]): a memory
     /// store with `options`' limits, or a connection to Redis, a Redis
     /// Cluster or PostgreSQL, which must answer now.
     ///
@@ -213,8 +210,16 @@ impl ConnectOptions {
     }
 }
 
-/// A store URL, checked: which backend, and where (see the [module
-/// docs](self) for the forms). Whether that backend is compiled in is
+/// A store URL, checked: which backend, and where (SPEC §12).
+///
+/// | URL | backend |
+/// |---|---|
+/// | `memory` | the in-process memory store (feature `memory`) |
+/// | `redis://host:port[/db]`, `rediss://…` | one Redis server (feature `redis`) |
+/// | `redis://a:7000,b:7001,c:7002` | a Redis Cluster, through any of those nodes |
+/// | `postgres://user@host:port/db`, `postgresql://…` | PostgreSQL (feature `postgres`) |
+///
+/// Schemes may be in any case. Whether the backend is compiled in is
 /// checked by [`AnyStore::connect_to`].
 ///
 /// `Display` and `Debug` show the URL with any password as `***`.
