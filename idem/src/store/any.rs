@@ -1,6 +1,8 @@
 //! [`AnyStore`]: one type over every backend compiled in, chosen at run
-//! time (by URL scheme in `idem serve`).
+//! time by a store URL ([`StoreUrl`], SPEC §12).
 
+use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +11,21 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
 
-/// Any store this build supports. Implements [`Store`] by delegation.
+/// Any store this build supports, chosen by URL with
+/// [`AnyStore::connect`]. Implements [`Store`] by delegation.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem::store::{AnyStore, ConnectOptions};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), idem::StoreError> {
+/// let options = ConnectOptions::new().timeout(Duration::from_millis(500));
+/// let store = AnyStore::connect("memory", options).await?;
+/// assert_eq!(store.kind(), "memory");
+/// // `redis://127.0.0.1:6379`, `redis://a:7000,b:7001,c:7002` (a Cluster)
+/// // or `postgres://idem@db/idem` when those features are on.
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum AnyStore {
@@ -25,6 +41,67 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
+    /// Opens the store `url` names (see [`StoreUrl`]): a memory
+    /// store with `options`' limits, or a connection to Redis, a Redis
+    /// Cluster or PostgreSQL, which must answer now.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] when `url` names no store, or a backend this
+    /// build leaves out (its feature is off), or the backend refuses its
+    /// settings; otherwise the backend's own errors when it cannot be
+    /// reached ([`StoreError::Unavailable`], [`StoreError::Timeout`]).
+    pub async fn connect(url: &str, options: ConnectOptions) -> Result<Self, StoreError> {
+        Self::connect_to(&url.parse()?, options).await
+    }
+
+    /// [`connect`](Self::connect) to a URL already parsed (and checked).
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect).
+    pub async fn connect_to(url: &StoreUrl, options: ConnectOptions) -> Result<Self, StoreError> {
+        match &url.target {
+            #[cfg(feature = "memory")]
+            Target::Memory => Ok(Self::Memory(super::memory::MemoryStore::with_limits(
+                options.memory_limits,
+            ))),
+            #[cfg(feature = "redis")]
+            Target::Redis => {
+                let mut builder = super::redis::RedisStore::builder();
+                if let Some(timeout) = options.timeout {
+                    builder = builder.timeout(timeout);
+                }
+                Ok(Self::Redis(builder.connect(&url.url).await?))
+            }
+            #[cfg(feature = "redis")]
+            Target::RedisCluster(nodes) => {
+                let mut builder = super::redis::RedisStore::builder();
+                if let Some(timeout) = options.timeout {
+                    builder = builder.timeout(timeout);
+                }
+                Ok(Self::Redis(builder.connect_cluster(nodes).await?))
+            }
+            #[cfg(feature = "postgres")]
+            Target::Postgres => {
+                let mut builder = super::postgres::PostgresStore::builder(url.url.as_str());
+                if let Some(timeout) = options.timeout {
+                    builder = builder.timeout(timeout);
+                }
+                Ok(Self::Postgres(builder.connect().await?))
+            }
+            #[allow(
+                unreachable_patterns,
+                reason = "reachable when a backend is compiled out"
+            )]
+            _ => Err(StoreError::Config(format!(
+                "`{url}` needs the {kind} store, which this build of idem leaves out \
+                 (enable the crate feature `{kind}`)",
+                kind = url.kind(),
+            ))),
+        }
+    }
+
     /// A short name of the backend: `memory`, `redis` or `postgres`.
     #[must_use]
     pub fn kind(&self) -> &'static str {
@@ -96,5 +173,399 @@ impl Store for AnyStore {
 
     async fn subscribe(&self, key: &StoreKey) -> Result<Subscription, StoreError> {
         delegate!(self, s => s.subscribe(key).await)
+    }
+}
+
+/// How [`AnyStore::connect`] sets up the store it opens.
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct ConnectOptions {
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "postgres")),
+        allow(dead_code, reason = "only remote stores have a time-out")
+    )]
+    timeout: Option<Duration>,
+    #[cfg(feature = "memory")]
+    memory_limits: super::memory::MemoryLimits,
+}
+
+impl ConnectOptions {
+    /// The backends' defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The bound on every call to a remote store (Redis, PostgreSQL);
+    /// default: the backend's own (2 s). The memory store ignores it.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The memory store's bounds (default [`MemoryLimits::default`](super::memory::MemoryLimits)).
+    #[cfg(feature = "memory")]
+    pub fn memory_limits(mut self, limits: super::memory::MemoryLimits) -> Self {
+        self.memory_limits = limits;
+        self
+    }
+}
+
+/// A store URL, checked: which backend, and where (SPEC §12).
+///
+/// | URL | backend |
+/// |---|---|
+/// | `memory` | the in-process memory store (feature `memory`) |
+/// | `redis://host:port[/db]`, `rediss://…` | one Redis server (feature `redis`) |
+/// | `redis://a:7000,b:7001,c:7002` | a Redis Cluster, through any of those nodes |
+/// | `postgres://user@host:port/db`, `postgresql://…` | PostgreSQL (feature `postgres`) |
+///
+/// Schemes may be in any case. Whether the backend is compiled in is
+/// checked by [`AnyStore::connect_to`].
+///
+/// `Display` and `Debug` show the URL with any password as `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl {
+    /// As given.
+    url: String,
+    target: Target,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Memory,
+    Redis,
+    /// The node URLs, each with the scheme.
+    RedisCluster(Vec<String>),
+    Postgres,
+}
+
+impl StoreUrl {
+    /// The backend: `memory`, `redis` or `postgres`.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self.target {
+            Target::Memory => "memory",
+            Target::Redis | Target::RedisCluster(_) => "redis",
+            Target::Postgres => "postgres",
+        }
+    }
+
+    /// Whether the URL names the nodes of a Redis Cluster.
+    #[must_use]
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::RedisCluster(_))
+    }
+
+    /// The URL as given, password included: for connecting, never for logs.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.url
+    }
+}
+
+impl FromStr for StoreUrl {
+    type Err = StoreError;
+
+    /// `memory`, `redis://…`, `rediss://…` (several nodes separated by
+    /// commas: a Cluster), `postgres://…` or `postgresql://…`; schemes in
+    /// any case.
+    fn from_str(s: &str) -> Result<Self, StoreError> {
+        if s == "memory" {
+            return Ok(Self {
+                url: s.to_owned(),
+                target: Target::Memory,
+            });
+        }
+        let lower = s.to_ascii_lowercase();
+        let scheme_len = |schemes: &[&str]| {
+            schemes
+                .iter()
+                .find(|p| lower.starts_with(*p))
+                .map(|p| p.len())
+        };
+        let (target, len) = if let Some(len) = scheme_len(&["redis://", "rediss://"]) {
+            let nodes = redis_nodes(s);
+            let target = if nodes.len() > 1 {
+                Target::RedisCluster(nodes)
+            } else {
+                Target::Redis
+            };
+            (target, len)
+        } else if let Some(len) = scheme_len(&["postgres://", "postgresql://"]) {
+            (Target::Postgres, len)
+        } else {
+            return Err(StoreError::Config(format!(
+                "`{}` is not a store: use `memory`, `redis://host:port[/db]` \
+                 (or rediss://) or `postgres://user@host:port/db` (or postgresql://)",
+                redact(s)
+            )));
+        };
+        if s.len() == len {
+            return Err(StoreError::Config(format!("`{s}` has no host")));
+        }
+        Ok(Self {
+            url: s.to_owned(),
+            target,
+        })
+    }
+}
+
+impl StoreUrl {
+    /// The URL as given, with any password shown as `***` (each node's,
+    /// for a Cluster).
+    fn redacted(&self) -> String {
+        if !self.is_cluster() {
+            return redact(&self.url);
+        }
+        let nodes: Vec<String> = self
+            .url
+            .split(',')
+            .map(|node| {
+                if node.contains("://") {
+                    redact(node)
+                } else {
+                    // `b:7001` after the first node: the user info starts it.
+                    let shown = redact(&format!("x://{node}"));
+                    shown.get("x://".len()..).unwrap_or_default().to_owned()
+                }
+            })
+            .collect();
+        nodes.join(",")
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StoreUrl").field(&self.redacted()).finish()
+    }
+}
+
+/// `redis://a:7000,b:7001,c:7002` (or full URLs separated by commas) names
+/// the nodes of a Redis Cluster; one address is a standalone server.
+fn redis_nodes(spec: &str) -> Vec<String> {
+    let (scheme, rest) = spec.split_once("://").unwrap_or(("redis", spec));
+    rest.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if s.contains("://") {
+                s.to_owned()
+            } else {
+                format!("{scheme}://{s}")
+            }
+        })
+        .collect()
+}
+
+/// `url` with any password (in the user info or a `password=` query
+/// parameter) replaced by `***`.
+fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let start = scheme_end + 3;
+    let mut out = url[..start].to_owned();
+    let mut rest = &url[start..];
+    // The last `@` ends the user info: a password may itself contain `/`.
+    if let Some(at) = rest.rfind('@') {
+        let userinfo = &rest[..at];
+        match userinfo.split_once(':') {
+            Some((user, _)) => {
+                out.push_str(user);
+                out.push_str(":***");
+            }
+            None => out.push_str(userinfo),
+        }
+        rest = &rest[at..];
+    }
+    let Some((head, query)) = rest.split_once('?') else {
+        out.push_str(rest);
+        return out;
+    };
+    out.push_str(head);
+    out.push('?');
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((k, _))
+                if ["password", "pass", "passwd", "pwd"]
+                    .iter()
+                    .any(|p| k.eq_ignore_ascii_case(p)) =>
+            {
+                format!("{k}=***")
+            }
+            _ => param.to_owned(),
+        })
+        .collect();
+    out.push_str(&params.join("&"));
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    fn url(s: &str) -> StoreUrl {
+        s.parse().unwrap()
+    }
+
+    fn refused(s: &str) -> String {
+        match s.parse::<StoreUrl>() {
+            Err(StoreError::Config(why)) => why,
+            other => panic!("{s:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn urls_name_their_backend() {
+        let memory = url("memory");
+        assert_eq!((memory.kind(), memory.is_cluster()), ("memory", false));
+        for s in [
+            "redis://127.0.0.1:6379",
+            "redis://h:6379/2",
+            "rediss://:pw@h:6380",
+            "REDIS://h",
+            // A trailing comma names no second node.
+            "redis://h:6379,",
+        ] {
+            let u = url(s);
+            assert_eq!((u.kind(), u.is_cluster(), u.as_str()), ("redis", false, s));
+            assert_eq!(u.target, Target::Redis, "{s}");
+        }
+        for s in [
+            "postgres://idem@db:5432/idem",
+            "postgresql://db/idem",
+            "Postgres://db",
+        ] {
+            let u = url(s);
+            assert_eq!(
+                (u.kind(), u.is_cluster(), u.as_str()),
+                ("postgres", false, s)
+            );
+        }
+    }
+
+    #[test]
+    fn several_redis_nodes_are_a_cluster() {
+        let cases = [
+            (
+                "redis://a:7000,b:7001,c:7002",
+                &["redis://a:7000", "redis://b:7001", "redis://c:7002"][..],
+            ),
+            (
+                "rediss://a:7000,rediss://b:7001",
+                &["rediss://a:7000", "rediss://b:7001"][..],
+            ),
+            (
+                "redis://a:7000,,b:7001,",
+                &["redis://a:7000", "redis://b:7001"][..],
+            ),
+        ];
+        for (s, nodes) in cases {
+            let u = url(s);
+            assert_eq!((u.kind(), u.is_cluster(), u.as_str()), ("redis", true, s));
+            assert_eq!(
+                u.target,
+                Target::RedisCluster(nodes.iter().map(|n| (*n).to_owned()).collect())
+            );
+        }
+    }
+
+    #[test]
+    fn other_strings_are_refused() {
+        for bad in [
+            "",
+            "Memory",
+            "mem",
+            "redis:/h",
+            "http://h",
+            "mysql://u:hunter2@h/db",
+        ] {
+            let why = refused(bad);
+            assert!(
+                why.contains("memory") && why.contains("postgres://"),
+                "{why}"
+            );
+            assert!(!why.contains("hunter2"), "{why}");
+        }
+        for bad in ["redis://", "rediss://", "postgres://", "postgresql://"] {
+            assert!(refused(bad).contains("has no host"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        let cases = [
+            ("memory", "memory"),
+            ("redis://:hunter2@h:6379/0", "redis://:***@h:6379/0"),
+            ("redis://h:6379", "redis://h:6379"),
+            (
+                "postgres://idem:hunter2@db:5432/idem",
+                "postgres://idem:***@db:5432/idem",
+            ),
+            (
+                "postgres://idem:hu/nt@er2@db/idem",
+                "postgres://idem:***@db/idem",
+            ),
+            (
+                "postgres://idem@db/idem?password=hunter2&sslmode=require",
+                "postgres://idem@db/idem?password=***&sslmode=require",
+            ),
+            (
+                "redis://:hunter2@a:7000,:hunter2@b:7001,redis://u:hunter2@c:7002",
+                "redis://:***@a:7000,:***@b:7001,redis://u:***@c:7002",
+            ),
+        ];
+        for (s, shown) in cases {
+            let u = url(s);
+            assert_eq!(u.to_string(), shown);
+            assert!(!format!("{u:?}").contains("hunter2"));
+        }
+    }
+
+    #[cfg(feature = "memory")]
+    #[tokio::test]
+    #[allow(irrefutable_let_patterns, reason = "memory may be the only backend")]
+    async fn memory_takes_its_limits() {
+        use crate::store::memory::MemoryLimits;
+        let limits = MemoryLimits {
+            max_entries: 7,
+            max_bytes: 1 << 20,
+        };
+        let options = ConnectOptions::new()
+            .timeout(Duration::from_secs(1))
+            .memory_limits(limits);
+        let store = AnyStore::connect("memory", options).await.unwrap();
+        assert_eq!(store.kind(), "memory");
+        let AnyStore::Memory(memory) = store else {
+            panic!("not the memory store");
+        };
+        assert_eq!(memory.limits(), limits);
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    #[tokio::test]
+    async fn a_backend_left_out_is_a_clear_error() {
+        let e = AnyStore::connect("postgres://u:hunter2@db/idem", ConnectOptions::new())
+            .await
+            .unwrap_err();
+        let why = e.to_string();
+        assert!(why.contains("feature `postgres`"), "{why}");
+        assert!(!why.contains("hunter2"), "{why}");
+    }
+
+    #[cfg(not(feature = "redis"))]
+    #[tokio::test]
+    async fn redis_left_out_is_a_clear_error() {
+        let e = AnyStore::connect("redis://a:7000,b:7001", ConnectOptions::new())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("feature `redis`"), "{e}");
     }
 }

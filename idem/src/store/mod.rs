@@ -23,9 +23,15 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
 
-pub use any::AnyStore;
+pub use any::{AnyStore, ConnectOptions, StoreUrl};
 
 mod any;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+#[cfg_attr(
+    not(feature = "redis"),
+    allow(dead_code, reason = "the PostgreSQL listener has yet to move onto it")
+)]
+mod background;
 #[cfg(feature = "memory")]
 pub mod memory;
 #[cfg(feature = "postgres")]

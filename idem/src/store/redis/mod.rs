@@ -28,7 +28,7 @@
 //!
 //! # Scripts
 //!
-//! Every operation is ONE Lua script (`src/store/lua/*.lua`, loaded with
+//! Every operation is ONE Lua script (`src/store/redis/lua/*.lua`, loaded with
 //! `include_str!` into a [`redis::Script`], sent by `EVALSHA` and reloaded
 //! after a Redis restart), and each says in an `-- Atomicity:` comment why
 //! it cannot interleave badly: `reserve`, `complete`, `release`, `extend`,
@@ -91,23 +91,24 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Client, ErrorKind, RedisError, Script, ScriptInvocation, Value};
-use bytes::Bytes;
-use futures_util::StreamExt;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
+use super::background::{self, AbortOnDrop, Listening};
 use super::{Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
-use crate::record::{CompletedRecord, Record, StoredResponse, Token};
+use crate::record::{CompletedRecord, Record, Token};
+use reply::{encode_headers, epoch_ms, token_hex, ttl_ms, Reply};
+use subscriber::Subscriber;
+
+mod reply;
+mod subscriber;
 
 /// The prefix of every key (and of the change channel) unless configured.
 pub const DEFAULT_PREFIX: &str = "idem:";
@@ -115,17 +116,6 @@ pub const DEFAULT_PREFIX: &str = "idem:";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The default bound on establishing a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The longest TTL sent to Redis (about 2 000 years): longer ones would
-/// overflow Redis's expiry arithmetic.
-const MAX_TTL: Duration = Duration::from_millis(1 << 46);
-/// Format version of the `headers` field.
-const HEADERS_V1: u8 = 1;
-/// How often the subscriber connection is checked with a PING.
-const SUBSCRIBER_PING_EVERY: Duration = Duration::from_secs(5);
-/// Backoff between subscriber reconnection attempts.
-const SUBSCRIBER_MIN_BACKOFF: Duration = Duration::from_millis(50);
-const SUBSCRIBER_MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// One Lua script per atomic operation.
 struct Scripts {
@@ -167,15 +157,6 @@ impl Conn {
     }
 }
 
-/// Aborts the subscriber task when the last clone of the store is dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 struct Inner {
     conn: Conn,
     scripts: Scripts,
@@ -184,7 +165,8 @@ struct Inner {
     channel: String,
     timeout: Duration,
     cluster: bool,
-    listening: Arc<AtomicBool>,
+    listening: Listening,
+    /// The subscriber task, stopped when the last clone of the store drops.
     _subscriber: AbortOnDrop,
 }
 
@@ -334,17 +316,16 @@ impl RedisStoreBuilder {
     async fn finish(self, conn: Conn, nodes: Vec<Client>) -> Result<RedisStore, StoreError> {
         let channel = format!("{}changed", self.prefix);
         let notifier = Notifier::new();
-        let listening = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let subscriber = Subscriber {
+        let subscriber = Subscriber::new(
             nodes,
-            channel: channel.clone(),
-            notifier: notifier.clone(),
-            timeout: self.connect_timeout.max(self.timeout),
-            listening: Arc::clone(&listening),
-        };
-        let task = tokio::spawn(subscriber.run(ready_tx));
-        if tokio::time::timeout(self.connect_timeout, ready_rx)
+            channel.clone(),
+            self.connect_timeout.max(self.timeout),
+        );
+        let listener = background::listen(subscriber, notifier.clone(), subscriber::backoff());
+        let listening = listener.listening();
+        let mut tasks = AbortOnDrop::new();
+        tasks.spawn(listener.run());
+        if tokio::time::timeout(self.connect_timeout, listening.up())
             .await
             .is_err()
         {
@@ -364,7 +345,7 @@ impl RedisStoreBuilder {
                 timeout: self.timeout,
                 cluster,
                 listening,
-                _subscriber: AbortOnDrop(task),
+                _subscriber: tasks,
             }),
         })
     }
@@ -417,7 +398,7 @@ impl RedisStore {
     /// waiters still finish, by polling.
     #[must_use]
     pub fn is_listening(&self) -> bool {
-        self.inner.listening.load(Ordering::Acquire)
+        self.inner.listening.is_up()
     }
 
     /// The Redis key of `key`'s record: `{prefix}{<store key>}`.
@@ -563,89 +544,6 @@ impl Store for RedisStore {
     }
 }
 
-/// The background subscriber: ONE pub/sub connection per store.
-struct Subscriber {
-    /// Nodes to subscribe through, tried in turn (one for standalone Redis;
-    /// every given node for a Cluster, where PUBLISH reaches all of them).
-    nodes: Vec<Client>,
-    channel: String,
-    notifier: Notifier,
-    timeout: Duration,
-    /// Up while subscribed (see [`RedisStore::is_listening`]).
-    listening: Arc<AtomicBool>,
-}
-
-impl Subscriber {
-    async fn run(self, ready: oneshot::Sender<()>) {
-        let mut ready = Some(ready);
-        let mut backoff = SUBSCRIBER_MIN_BACKOFF;
-        let mut attempt = 0_usize;
-        loop {
-            let node = &self.nodes[attempt % self.nodes.len()];
-            attempt = attempt.wrapping_add(1);
-            let outcome = self.listen(node, &mut ready).await;
-            self.listening.store(false, Ordering::Release);
-            match outcome {
-                Ok(()) => {
-                    tracing::warn!(channel = %self.channel, "Redis change subscription lost; reconnecting");
-                    backoff = SUBSCRIBER_MIN_BACKOFF;
-                }
-                Err(error) => {
-                    tracing::debug!(channel = %self.channel, %error, "Redis change subscription failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(SUBSCRIBER_MAX_BACKOFF);
-                }
-            }
-        }
-    }
-
-    /// Subscribes through `node` and feeds the notifier until the
-    /// connection drops (`Ok`) or cannot be set up (`Err`).
-    async fn listen(
-        &self,
-        node: &Client,
-        ready: &mut Option<oneshot::Sender<()>>,
-    ) -> Result<(), RedisError> {
-        let pubsub = bounded_redis(self.timeout, node.get_async_pubsub()).await?;
-        let (mut sink, mut stream) = pubsub.split();
-        bounded_redis(self.timeout, sink.subscribe(&self.channel)).await?;
-        self.listening.store(true, Ordering::Release);
-        // Anything published while we were not subscribed is lost: wake every
-        // waiter so it reads the record again.
-        self.notifier.notify_all();
-        if let Some(tx) = ready.take() {
-            // The store may have given up waiting for us: nothing to do then.
-            let _ = tx.send(());
-        }
-        let mut ping = tokio::time::interval(SUBSCRIBER_PING_EVERY);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ping.tick().await;
-        loop {
-            tokio::select! {
-                msg = stream.next() => {
-                    let Some(msg) = msg else { return Ok(()) };
-                    if !self.notifier.has_watchers() {
-                        continue;
-                    }
-                    let key = std::str::from_utf8(msg.get_payload_bytes())
-                        .ok()
-                        .and_then(|s| StoreKey::from_stored(s).ok());
-                    match key {
-                        Some(key) => self.notifier.notify(&key),
-                        None => tracing::debug!(channel = %self.channel, "ignoring a malformed change notification"),
-                    }
-                }
-                _ = ping.tick() => {
-                    // A connection that silently died (no FIN) is found here.
-                    if bounded_redis(self.timeout, sink.ping::<Value>()).await.is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Awaits a Redis future within `timeout`, as a store result.
 async fn bounded<T>(
     timeout: Duration,
@@ -655,22 +553,6 @@ async fn bounded<T>(
         Ok(r) => r.map_err(|e| store_error(e, timeout)),
         Err(_) => Err(StoreError::Timeout(timeout)),
     }
-}
-
-/// Awaits a Redis future within `timeout`, as a Redis result.
-async fn bounded_redis<T>(
-    timeout: Duration,
-    fut: impl Future<Output = Result<T, RedisError>>,
-) -> Result<T, RedisError> {
-    tokio::time::timeout(timeout, fut)
-        .await
-        .unwrap_or_else(|_| {
-            Err(RedisError::from((
-                ErrorKind::Io,
-                "timed out",
-                format!("no answer within {timeout:?}"),
-            )))
-        })
 }
 
 /// Classifies a Redis error at the edge.
@@ -689,240 +571,4 @@ fn store_error(e: RedisError, timeout: Duration) -> StoreError {
 
 fn config_error(e: RedisError) -> StoreError {
     StoreError::Config(e.to_string())
-}
-
-fn token_hex(token: Token) -> String {
-    format!("{:032x}", token.as_u128())
-}
-
-/// A TTL in whole milliseconds, at least 1 (Redis deletes a key given 0).
-fn ttl_ms(d: Duration) -> u64 {
-    u64::try_from(d.min(MAX_TTL).as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
-}
-
-fn epoch_ms(t: SystemTime) -> u64 {
-    let since = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Encodes headers as version byte, then per header `u32` length + name,
-/// `u32` length + value (big endian).
-fn encode_headers(headers: &[(String, Bytes)]) -> Vec<u8> {
-    let size = headers
-        .iter()
-        .map(|(n, v)| 8 + n.len() + v.len())
-        .sum::<usize>();
-    let mut out = Vec::with_capacity(1 + size);
-    out.push(HEADERS_V1);
-    for (name, value) in headers {
-        for part in [name.as_bytes(), value.as_ref()] {
-            // Header names and values are far below 4 GiB (HTTP limits them
-            // to kilobytes); saturating keeps the encoder total anyway.
-            let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(part);
-        }
-    }
-    out
-}
-
-fn decode_headers(bytes: &[u8]) -> Result<Vec<(String, Bytes)>, StoreError> {
-    let corrupt = |why: &str| StoreError::Corrupt(format!("stored headers: {why}"));
-    let Some((&version, mut rest)) = bytes.split_first() else {
-        return Err(corrupt("empty"));
-    };
-    if version != HEADERS_V1 {
-        return Err(corrupt("unknown format version"));
-    }
-    let take = |rest: &mut &[u8]| -> Result<Vec<u8>, StoreError> {
-        let (len, tail) = rest
-            .split_first_chunk::<4>()
-            .ok_or_else(|| corrupt("truncated length"))?;
-        let len = usize::try_from(u32::from_be_bytes(*len)).map_err(|_| corrupt("length"))?;
-        if tail.len() < len {
-            return Err(corrupt("truncated field"));
-        }
-        let (field, tail) = tail.split_at(len);
-        *rest = tail;
-        Ok(field.to_vec())
-    };
-    let mut headers = Vec::new();
-    while !rest.is_empty() {
-        let name = String::from_utf8(take(&mut rest)?).map_err(|_| corrupt("name not UTF-8"))?;
-        let value = Bytes::from(take(&mut rest)?);
-        headers.push((name, value));
-    }
-    Ok(headers)
-}
-
-/// A script's array reply, read field by field.
-struct Reply(std::vec::IntoIter<Value>);
-
-impl Reply {
-    fn new(v: Value) -> Result<Self, StoreError> {
-        match v {
-            Value::Array(items) => Ok(Self(items.into_iter())),
-            other => Err(StoreError::Corrupt(format!(
-                "expected an array from a script, got {other:?}"
-            ))),
-        }
-    }
-
-    fn bytes(&mut self, what: &str) -> Result<Vec<u8>, StoreError> {
-        match self.0.next() {
-            Some(Value::BulkString(b)) => Ok(b),
-            Some(Value::SimpleString(s)) => Ok(s.into_bytes()),
-            other => Err(StoreError::Corrupt(format!(
-                "{what}: expected a string, got {other:?}"
-            ))),
-        }
-    }
-
-    fn text(&mut self, what: &str) -> Result<String, StoreError> {
-        String::from_utf8(self.bytes(what)?)
-            .map_err(|_| StoreError::Corrupt(format!("{what}: not UTF-8")))
-    }
-
-    fn tag(&mut self) -> Result<String, StoreError> {
-        self.text("reply tag")
-    }
-
-    fn number<T: std::str::FromStr>(&mut self, what: &str) -> Result<T, StoreError> {
-        self.text(what)?
-            .parse()
-            .map_err(|_| StoreError::Corrupt(format!("{what}: not a number")))
-    }
-
-    fn time(&mut self, what: &str) -> Result<SystemTime, StoreError> {
-        Ok(UNIX_EPOCH + Duration::from_millis(self.number(what)?))
-    }
-
-    fn fingerprint(&mut self) -> Result<Fingerprint, StoreError> {
-        Fingerprint::from_hex(&self.text("fingerprint")?)
-            .ok_or_else(|| StoreError::Corrupt("fingerprint: not 64 hex digits".into()))
-    }
-
-    /// A lease's remaining time from `PTTL`; a record without TTL would hold
-    /// its key forever, so it is corrupt.
-    fn pttl(&mut self) -> Result<Duration, StoreError> {
-        match self.0.next() {
-            Some(Value::Int(ms)) if ms >= 0 => Ok(Duration::from_millis(ms.unsigned_abs())),
-            // -2: expired between the read and PTTL (cannot happen inside one
-            // script, but zero is the truthful answer).
-            Some(Value::Int(-2)) => Ok(Duration::ZERO),
-            other => Err(StoreError::Corrupt(format!(
-                "in-flight record without a lease (PTTL {other:?})"
-            ))),
-        }
-    }
-
-    /// `fp, status, headers, body, completed_at, expires_at`.
-    fn completed(&mut self) -> Result<CompletedRecord, StoreError> {
-        let fingerprint = self.fingerprint()?;
-        let status = self.number("status")?;
-        let headers = decode_headers(&self.bytes("headers")?)?;
-        let body = Bytes::from(self.bytes("body")?);
-        Ok(CompletedRecord {
-            fingerprint,
-            response: StoredResponse {
-                status,
-                headers,
-                body,
-            },
-            completed_at: self.time("completed_at")?,
-            expires_at: self.time("expires_at")?,
-        })
-    }
-
-    /// An unknown tag, or the script's own `corrupt` answer.
-    fn unexpected(&mut self, tag: &str) -> StoreError {
-        if tag == "corrupt" {
-            let why = self.text("reason").unwrap_or_default();
-            StoreError::Corrupt(why)
-        } else {
-            StoreError::Corrupt(format!("unexpected reply tag {tag:?}"))
-        }
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-mod tests {
-    use super::*;
-
-    #[test]
-    fn headers_round_trip() {
-        let headers = vec![
-            ("content-type".to_owned(), Bytes::from_static(b"text/plain")),
-            ("set-cookie".to_owned(), Bytes::from_static(b"a=1")),
-            ("set-cookie".to_owned(), Bytes::from_static(b"")),
-            ("x-bin".to_owned(), Bytes::from_static(b"\x00\xff\r\n")),
-        ];
-        assert_eq!(decode_headers(&encode_headers(&headers)).unwrap(), headers);
-        assert_eq!(decode_headers(&encode_headers(&[])).unwrap(), vec![]);
-    }
-
-    #[test]
-    fn bad_headers_are_corrupt() {
-        let good = encode_headers(&[("a".to_owned(), Bytes::from_static(b"b"))]);
-        for bad in [
-            &[][..],
-            &[2][..],
-            &good[..good.len() - 1],
-            &good[..3],
-            &[1, 0, 0, 0, 1, 0xff, 0, 0, 0, 0][..],
-        ] {
-            assert!(
-                matches!(decode_headers(bad), Err(StoreError::Corrupt(_))),
-                "{bad:?} was accepted"
-            );
-        }
-    }
-
-    #[test]
-    fn ttls_are_whole_positive_milliseconds() {
-        assert_eq!(ttl_ms(Duration::ZERO), 1);
-        assert_eq!(ttl_ms(Duration::from_micros(1500)), 1);
-        assert_eq!(ttl_ms(Duration::from_secs(30)), 30_000);
-        assert_eq!(ttl_ms(Duration::MAX), 1 << 46);
-    }
-
-    #[test]
-    fn tokens_are_fixed_width_hex() {
-        assert_eq!(token_hex(Token::from_u128(0)), "0".repeat(32));
-        assert_eq!(token_hex(Token::from_u128(u128::MAX)), "f".repeat(32));
-        assert_eq!(token_hex(Token::from_u128(0xab)).len(), 32);
-    }
-
-    #[test]
-    fn script_replies_decode() {
-        let fp = Fingerprint::of_bytes(b"x");
-        let bulk = |s: &[u8]| Value::BulkString(s.to_vec());
-        let mut r = Reply::new(Value::Array(vec![
-            bulk(b"completed"),
-            bulk(fp.to_hex().as_bytes()),
-            bulk(b"201"),
-            bulk(&encode_headers(&[])),
-            bulk(b"\x00body"),
-            bulk(b"1000"),
-            bulk(b"2000"),
-        ]))
-        .unwrap();
-        assert_eq!(r.tag().unwrap(), "completed");
-        let c = r.completed().unwrap();
-        assert_eq!(c.fingerprint, fp);
-        assert_eq!(c.response.status, 201);
-        assert_eq!(c.response.body, Bytes::from_static(b"\x00body"));
-        assert_eq!(c.completed_at, UNIX_EPOCH + Duration::from_secs(1));
-        assert_eq!(c.expires_at, UNIX_EPOCH + Duration::from_secs(2));
-
-        let mut r = Reply::new(Value::Array(vec![bulk(b"corrupt"), bulk(b"why")])).unwrap();
-        let tag = r.tag().unwrap();
-        assert!(matches!(r.unexpected(&tag), StoreError::Corrupt(w) if w == "why"));
-        assert!(Reply::new(Value::Int(1)).is_err());
-        let mut r = Reply::new(Value::Array(vec![Value::Int(-1)])).unwrap();
-        assert!(r.pttl().is_err());
-    }
 }
