@@ -13,11 +13,19 @@ pub fn redis_url() -> String {
     std::env::var("IDEM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-/// `IDEM_TEST_REDIS_CLUSTER_URLS`, default `redis://127.0.0.1:7000,7001,7002`
-/// (see [`expand_cluster_urls`]).
-pub fn redis_cluster_urls() -> String {
+/// `IDEM_TEST_REDIS_CLUSTER_URLS` when set and not empty: a Redis Cluster
+/// the tests share (see [`expand_cluster_urls`]). Unset, the tests start a
+/// cluster of their own (`conformance/cluster.rs`).
+pub fn shared_redis_cluster_urls() -> Option<String> {
     std::env::var("IDEM_TEST_REDIS_CLUSTER_URLS")
-        .unwrap_or_else(|_| "redis://127.0.0.1:7000,7001,7002".into())
+        .ok()
+        .filter(|spec| !spec.trim().is_empty())
+}
+
+/// For the benches: [`shared_redis_cluster_urls`], or the cluster
+/// `.ci/redis-cluster` starts, `redis://127.0.0.1:7000,7001,7002`.
+pub fn redis_cluster_urls() -> String {
+    shared_redis_cluster_urls().unwrap_or_else(|| "redis://127.0.0.1:7000,7001,7002".into())
 }
 
 /// Splits a comma-separated node list into URLs. An item that is a bare
