@@ -2,12 +2,16 @@
 //! records, notifications across instances (standalone and Cluster), time-outs,
 //! and surviving a Redis restart.
 //!
-//! Shared servers (6379, the Cluster on 7000–7002) are only touched under a
-//! random key prefix. Tests that stop or pause Redis start a private
-//! `redis-server` on a free port and stop only that process, by its handle.
+//! The shared Redis (6379) is only touched under a random key prefix. The
+//! Cluster tests run on a cluster this binary starts for itself, unless
+//! `IDEM_TEST_REDIS_CLUSTER_URLS` names one (see conformance/cluster.rs).
+//! Tests that stop or pause Redis start a private `redis-server` on a free
+//! port and stop only that process, by its handle.
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+#[path = "conformance/cluster.rs"]
+mod cluster;
 #[path = "conformance/services.rs"]
 mod services;
 
@@ -68,15 +72,14 @@ async fn shared(prefix: &str) -> Option<RedisStore> {
 }
 
 async fn cluster(prefix: &str) -> Option<RedisStore> {
-    let spec = services::redis_cluster_urls();
-    let urls = services::expand_cluster_urls(&spec);
+    let cluster = cluster::Cluster::get().await?;
     match RedisStore::builder()
         .prefix(prefix)
-        .connect_cluster(&urls)
+        .connect_cluster(cluster.urls())
         .await
     {
         Ok(s) => Some(s),
-        Err(e) => services::unavailable("Redis Cluster", &spec, &e),
+        Err(e) => cluster.unreachable(&e),
     }
 }
 

@@ -5,6 +5,8 @@
 //! `Option<Arc<Store>>` (`None`: the service is unreachable and the test is
 //! skipped loudly, unless `IDEM_REQUIRE_SERVICES=1`).
 
+#[cfg(feature = "redis")]
+mod cluster;
 #[cfg(feature = "postgres")]
 mod pg;
 mod services;
@@ -95,16 +97,18 @@ conformance!(redis, async {
     }
 });
 
+// A cluster of the test binary's own unless IDEM_TEST_REDIS_CLUSTER_URLS
+// names one (see cluster.rs).
 #[cfg(feature = "redis")]
 conformance!(redis_cluster, async {
-    let spec = services::redis_cluster_urls();
+    let cluster = cluster::Cluster::get().await?;
     match idem::store::redis::RedisStore::builder()
         .prefix(redis_test_prefix())
-        .connect_cluster(&services::expand_cluster_urls(&spec))
+        .connect_cluster(cluster.urls())
         .await
     {
         Ok(store) => Some(Arc::new(store)),
-        Err(e) => services::unavailable("Redis Cluster", &spec, &e),
+        Err(e) => cluster.unreachable(&e),
     }
 });
 // Each test gets a store in a fresh schema (see pg.rs); stale schemas of
