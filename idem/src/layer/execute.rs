@@ -1,13 +1,22 @@
 //! Phase 4, *run*: the engine reserves the key and, if this request wins,
 //! calls the inner service, buffers its response and decides what the store
 //! keeps (SPEC §3.8–9).
+//!
+//! All of it runs on its own Tokio task. A server drops a request's future
+//! when its client hangs up; were the engine's work part of that future, a
+//! started execution would be cancelled half-way and its reservation let
+//! go, so the client's retry would run the effect a second time. The task
+//! is detached from the caller: it runs to its end and stores (or holds, or
+//! releases) whatever the caller would have got, and the retry finds it.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
-use std::sync::Arc;
 use tower_service::Service;
+use tracing::Instrument;
 
 use super::response::{capture, problem};
 use super::service::Identity;
@@ -20,7 +29,8 @@ use crate::store::{BoxError, Store};
 /// What the inner service answered, as the caller gets it.
 type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 
-/// Runs `req` through the engine: executed here at most once per key.
+/// Runs `req` through the engine on a task of its own: executed at most
+/// once per key, and never cancelled by the caller going away.
 pub(super) async fn run<Svc, St, ReqB, ResB>(
     engine: Engine<St>,
     mut inner: Svc,
@@ -29,19 +39,37 @@ pub(super) async fn run<Svc, St, ReqB, ResB>(
     req: Request<Bytes>,
 ) -> Outcome<Answer<ResB, Svc::Error>>
 where
-    Svc: Service<Request<ReqB>, Response = Response<ResB>>,
-    ReqB: From<Bytes>,
-    ResB: Body<Data = Bytes>,
+    Svc: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: Send + 'static,
+    ReqB: From<Bytes> + Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
     St: Store,
 {
-    let Identity {
-        key,
-        fingerprint,
-        rules,
-    } = identity;
-    let op = || async move { execute(&mut inner, req.map(ReqB::from), &policy).await };
-    engine.run(&key, fingerprint, &rules, op).await
+    let task = async move {
+        let Identity {
+            key,
+            fingerprint,
+            rules,
+        } = identity;
+        let op = || async move { execute(&mut inner, req.map(ReqB::from), &policy).await };
+        engine.run(&key, fingerprint, &rules, op).await
+    };
+    // Dropping the handle (the caller went away) detaches the task.
+    match tokio::spawn(task.instrument(tracing::Span::current())).await {
+        Ok(outcome) => outcome,
+        // A panic is the caller's, as it would be without the task.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => {
+            // Only a runtime shutting down cancels the task.
+            tracing::error!(error = %e, "the request's task was cancelled");
+            Outcome::Executed(Ok(problem(
+                ProblemCode::Internal,
+                "the request was cancelled while the server shut down",
+            )))
+        }
+    }
 }
 
 /// Calls the inner service and decides what the store keeps (SPEC §3.9).

@@ -49,6 +49,15 @@
 //! unreachable or ambiguous upstream by putting an [`UpstreamFailure`] into
 //! its response's extensions.
 //!
+//! # Cancel safety
+//!
+//! A guarded request's execution (reserve, call the inner service, store)
+//! runs on its own Tokio task, so the layer needs a Tokio runtime. When the
+//! client hangs up and the server drops the response future, a started
+//! execution is not cancelled: it runs to its end and its answer is stored
+//! (or the key held or released, SPEC §3.9), so the client's retry gets a
+//! 409 while it runs, then the replay — never a second execution.
+//!
 //! # Layout
 //!
 //! - `layer.rs`: [`IdempotencyLayer`];
