@@ -1,25 +1,39 @@
-//! The layer is cancel-safe (issue 10, item 1).
+//! The layer is cancel-safe, and an ambiguous end of an execution never
+//! frees the key (issue 10, item 1; SPEC §3.9).
 //!
-//! A client that hangs up while its handler runs must not cancel the
-//! execution: the retry with the same key gets 409 (or waits, per route)
-//! and then the replay; the handler runs once. Proved end to end with
-//! `axum::serve` and a raw TCP client that drops its socket.
+//! - A client that hangs up while its handler runs must not cancel the
+//!   execution: the retry with the same key gets 409 (or waits, per route)
+//!   and then the replay; the handler runs once. Proved end to end with
+//!   `axum::serve` and a raw TCP client that drops its socket.
+//! - An inner service `Err` and a response body that breaks while it is
+//!   read are ambiguous (the effect may have happened): the route's
+//!   `ambiguous` policy decides, `hold` by default.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Frame;
 use idem::layer::IdempotencyLayer;
-use idem::policy::Concurrent;
+use idem::policy::{Ambiguous, Concurrent};
 use idem::store::memory::MemoryStore;
 use idem::{Engine, RoutePolicy, RouteTable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
+use tower::{Layer, ServiceExt};
 
 /// Long enough for anything this file waits for; never reached when green.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -214,4 +228,134 @@ async fn a_client_hanging_up_does_not_cancel_the_execution_wait() {
     );
     assert!(text.ends_with("charge 1"), "{text}");
     assert_eq!(server.probe.executions.load(Ordering::SeqCst), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Ambiguous ends: inner `Err`, a broken response body
+// ---------------------------------------------------------------------------
+
+fn post_req(key: &str) -> Request<Full<Bytes>> {
+    Request::post("/charges")
+        .header("idempotency-key", key)
+        .body(Full::new(Bytes::from_static(b"amount=10")))
+        .expect("request")
+}
+
+/// An inner service whose effect happened, then it failed.
+#[derive(Clone)]
+struct Failing {
+    executions: Arc<AtomicUsize>,
+}
+
+impl tower::Service<Request<Full<Bytes>>> for Failing {
+    type Response = Response<Full<Bytes>>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, io::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<Full<Bytes>>) -> Self::Future {
+        let executions = Arc::clone(&self.executions);
+        Box::pin(async move {
+            executions.fetch_add(1, Ordering::SeqCst);
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "the database connection broke after the insert",
+            ))
+        })
+    }
+}
+
+fn failing(executions: &Arc<AtomicUsize>) -> Failing {
+    Failing {
+        executions: Arc::clone(executions),
+    }
+}
+
+#[tokio::test]
+async fn an_inner_error_holds_the_key_by_default() {
+    let executions = Arc::new(AtomicUsize::new(0));
+    let svc = layer(routes(|_| {})).layer(failing(&executions));
+    let first = svc.clone().oneshot(post_req("err-1")).await;
+    assert!(first.is_err(), "the inner error reaches the caller");
+    let retry = svc.oneshot(post_req("err-1")).await;
+    assert_eq!(executions.load(Ordering::SeqCst), 1, "no second execution");
+    let retry = retry.expect("a problem");
+    assert_eq!(retry.status(), StatusCode::CONFLICT, "held, not released");
+    assert!(retry.headers().contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn an_inner_error_follows_ambiguous_store_and_release() {
+    let executions = Arc::new(AtomicUsize::new(0));
+    let svc = layer(routes(|p| p.ambiguous = Ambiguous::Store)).layer(failing(&executions));
+    assert!(svc.clone().oneshot(post_req("err-2")).await.is_err());
+    let retry = svc.oneshot(post_req("err-2")).await;
+    assert_eq!(executions.load(Ordering::SeqCst), 1, "no second execution");
+    let retry = retry.expect("the stored problem");
+    assert_eq!(retry.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let body = retry.into_body().collect().await.expect("body").to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("upstream_unavailable"),
+        "{body:?}"
+    );
+
+    // `release` is the one policy under which a retry runs again.
+    let executions = Arc::new(AtomicUsize::new(0));
+    let svc = layer(routes(|p| p.ambiguous = Ambiguous::Release)).layer(failing(&executions));
+    assert!(svc.clone().oneshot(post_req("err-3")).await.is_err());
+    assert!(svc.oneshot(post_req("err-3")).await.is_err());
+    assert_eq!(executions.load(Ordering::SeqCst), 2);
+}
+
+/// A response body that sends one chunk, then breaks.
+struct Broken {
+    sent: bool,
+}
+
+impl hyper::body::Body for Broken {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.sent {
+            return Poll::Ready(Some(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "the response stream broke",
+            ))));
+        }
+        self.sent = true;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"{\"id\":")))))
+    }
+}
+
+#[tokio::test]
+async fn a_response_body_that_breaks_holds_the_key() {
+    let executions = Arc::new(AtomicUsize::new(0));
+    let inner = {
+        let executions = Arc::clone(&executions);
+        tower::service_fn(move |_req: Request<Full<Bytes>>| {
+            let executions = Arc::clone(&executions);
+            async move {
+                executions.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Infallible>(Response::new(Broken { sent: false }))
+            }
+        })
+    };
+    let svc = layer(routes(|_| {})).layer(inner);
+    let first = svc.clone().oneshot(post_req("body-1")).await.expect("res");
+    assert_eq!(
+        first.status(),
+        StatusCode::BAD_GATEWAY,
+        "an unknown outcome"
+    );
+    let retry = svc.oneshot(post_req("body-1")).await.expect("res");
+    assert_eq!(executions.load(Ordering::SeqCst), 1, "no second execution");
+    assert_eq!(retry.status(), StatusCode::CONFLICT, "held, not released");
 }

@@ -18,12 +18,13 @@ use http_body_util::BodyExt;
 use tower_service::Service;
 use tracing::Instrument;
 
-use super::response::{capture, problem};
+use super::response::{capture, problem, stored_problem};
 use super::service::Identity;
 use super::{ResponseBody, UpstreamFailure};
 use crate::engine::{Action, Engine, Finish, Outcome};
 use crate::policy::{Ambiguous, RoutePolicy};
-use crate::problem::ProblemCode;
+use crate::problem::{Problem, ProblemCode};
+use crate::record::StoredResponse;
 use crate::store::{BoxError, Store};
 
 /// What the inner service answered, as the caller gets it.
@@ -73,6 +74,12 @@ where
 }
 
 /// Calls the inner service and decides what the store keeps (SPEC §3.9).
+///
+/// Once the inner service has the request its effect may have happened, so
+/// an `Err` from it, or a response body that breaks while it is read, is
+/// an *ambiguous* outcome (like an upstream reset in the gateway): the
+/// route's `ambiguous` policy decides, and the key is never simply freed
+/// unless that policy says `release`.
 async fn execute<Svc, ReqB, ResB>(
     inner: &mut Svc,
     req: Request<ReqB>,
@@ -86,39 +93,55 @@ where
     let res = match inner.call(req).await {
         Ok(res) => res,
         Err(e) => {
+            tracing::warn!(
+                "the inner service failed after it received the request; outcome unknown"
+            );
+            let unknown = Problem::new(
+                ProblemCode::UpstreamUnavailable,
+                "the service failed after it received the request; the outcome is unknown",
+            );
             return Finish {
                 output: Err(e),
-                action: Action::Release,
-            }
+                action: ambiguous(policy, || stored_problem(&unknown)),
+            };
         }
     };
     let failure = res.extensions().get::<UpstreamFailure>().copied();
     let (parts, body) = res.into_parts();
     let bytes = match body.collect().await {
         Ok(c) => c.to_bytes(),
-        Err(_) => {
+        Err(e) => {
+            let error: BoxError = e.into();
+            tracing::warn!(%error, "the response body broke while it was read; outcome unknown");
+            let unknown = Problem::new(
+                ProblemCode::UpstreamUnavailable,
+                "the response broke while it was being read; the outcome is unknown",
+            );
             return Finish {
-                output: Ok(problem(
-                    ProblemCode::UpstreamUnavailable,
-                    "the response body failed while it was being read",
-                )),
-                action: Action::Release,
-            }
+                action: ambiguous(policy, || stored_problem(&unknown)),
+                output: Ok(unknown.to_response()),
+            };
         }
     };
     let stored = || capture(parts.status, &parts.headers, bytes.clone());
     let action = match failure {
         Some(UpstreamFailure::Unreachable) => Action::Release,
-        Some(UpstreamFailure::Timeout | UpstreamFailure::Reset) => match policy.ambiguous {
-            Ambiguous::Hold => Action::Hold,
-            Ambiguous::Release => Action::Release,
-            Ambiguous::Store => Action::Store(stored()),
-        },
+        Some(UpstreamFailure::Timeout | UpstreamFailure::Reset) => ambiguous(policy, stored),
         None if policy.store_statuses.contains(parts.status.as_u16()) => Action::Store(stored()),
         None => Action::Release,
     };
     Finish {
         output: Ok(Response::from_parts(parts, ResponseBody::full(bytes))),
         action,
+    }
+}
+
+/// What the store keeps after an ambiguous outcome: the route's `ambiguous`
+/// policy; under `store`, `answer` becomes the final answer.
+fn ambiguous(policy: &RoutePolicy, answer: impl FnOnce() -> StoredResponse) -> Action {
+    match policy.ambiguous {
+        Ambiguous::Hold => Action::Hold,
+        Ambiguous::Release => Action::Release,
+        Ambiguous::Store => Action::Store(answer()),
     }
 }

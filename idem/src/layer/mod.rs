@@ -49,6 +49,18 @@
 //! unreachable or ambiguous upstream by putting an [`UpstreamFailure`] into
 //! its response's extensions.
 //!
+//! # Ambiguous outcomes
+//!
+//! Once the inner service has the request, its effect may have happened.
+//! So an `Err` from it, a response body that breaks while it is read (the
+//! client gets 502 `upstream_unavailable`), and an
+//! [`UpstreamFailure::Timeout`] or [`UpstreamFailure::Reset`] are ambiguous
+//! (SPEC §3.9): the route's `ambiguous` policy decides what the store keeps.
+//! `hold` (the default) keeps the reservation until its lease runs out, so
+//! retries get 409 meanwhile; `store` keeps a 502 `upstream_unavailable`
+//! problem (or the proxy's own problem) as the final answer; only `release`
+//! lets an immediate retry run the effect again.
+//!
 //! # Cancel safety
 //!
 //! A guarded request's execution (reserve, call the inner service, store)

@@ -90,6 +90,12 @@ pub(super) fn problem<B: From<Bytes>>(code: ProblemCode, detail: &str) -> Respon
     Problem::new(code, detail).to_response()
 }
 
+/// `problem` as a stored answer (the `ambiguous = store` policy).
+pub(super) fn stored_problem(problem: &Problem) -> StoredResponse {
+    let (parts, body) = problem.to_response::<Bytes>().into_parts();
+    capture(parts.status, &parts.headers, body)
+}
+
 /// The *respond* phase: what the client gets for each engine outcome.
 pub(super) fn respond<B, E>(
     outcome: Outcome<Result<Response<ResponseBody<B>>, E>>,
