@@ -5,9 +5,9 @@
 //!   execution: the retry with the same key gets 409 (or waits, per route)
 //!   and then the replay; the handler runs once. Proved end to end with
 //!   `axum::serve` and a raw TCP client that drops its socket.
-//! - An inner service `Err` and a response body that breaks while it is
-//!   read are ambiguous (the effect may have happened): the route's
-//!   `ambiguous` policy decides, `hold` by default.
+//! - An inner service `Err`, a response body that breaks while it is read
+//!   and a panicking handler are ambiguous (the effect may have happened):
+//!   the route's `ambiguous` policy decides, `hold` by default.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -231,7 +231,7 @@ async fn a_client_hanging_up_does_not_cancel_the_execution_wait() {
 }
 
 // ---------------------------------------------------------------------------
-// Ambiguous ends: inner `Err`, a broken response body
+// Ambiguous ends: inner `Err`, a broken response body, a panic
 // ---------------------------------------------------------------------------
 
 fn post_req(key: &str) -> Request<Full<Bytes>> {
@@ -358,4 +358,34 @@ async fn a_response_body_that_breaks_holds_the_key() {
     let retry = svc.oneshot(post_req("body-1")).await.expect("res");
     assert_eq!(executions.load(Ordering::SeqCst), 1, "no second execution");
     assert_eq!(retry.status(), StatusCode::CONFLICT, "held, not released");
+}
+
+#[tokio::test]
+async fn a_panicking_handler_holds_the_key() {
+    let executions = Arc::new(AtomicUsize::new(0));
+    let inner = {
+        let executions = Arc::clone(&executions);
+        tower::service_fn(move |_req: Request<Full<Bytes>>| {
+            let executions = Arc::clone(&executions);
+            async move {
+                let n = executions.fetch_add(1, Ordering::SeqCst) + 1;
+                if n >= 1 {
+                    panic!("the handler panicked after its effect");
+                }
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            }
+        })
+    };
+    let svc = layer(routes(|_| {})).layer(inner);
+    // The panic still reaches the caller, as it would without the layer.
+    let first = tokio::spawn(svc.clone().oneshot(post_req("panic-1"))).await;
+    assert!(first.is_err_and(|e| e.is_panic()), "the panic propagates");
+    // Retries keep getting 409 (a release in the background would let one run).
+    for _ in 0..10 {
+        let retry = tokio::spawn(svc.clone().oneshot(post_req("panic-1"))).await;
+        assert_eq!(executions.load(Ordering::SeqCst), 1, "no second execution");
+        let retry = retry.expect("no panic").expect("res");
+        assert_eq!(retry.status(), StatusCode::CONFLICT, "held, not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

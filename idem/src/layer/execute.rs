@@ -8,13 +8,22 @@
 //! go, so the client's retry would run the effect a second time. The task
 //! is detached from the caller: it runs to its end and stores (or holds, or
 //! releases) whatever the caller would have got, and the retry finds it.
+//!
+//! A panic in the inner service is caught at the call, settled as an
+//! ambiguous outcome (unwinding through the engine would release the key),
+//! then resumed, so the caller sees the panic as it would without the layer.
 
+use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -54,8 +63,37 @@ where
             fingerprint,
             rules,
         } = identity;
-        let op = || async move { execute(&mut inner, req.map(ReqB::from), &policy).await };
-        engine.run(&key, fingerprint, &rules, op).await
+        let mut panicked = None;
+        let slot = &mut panicked;
+        let op = || async move {
+            let call = CatchUnwind {
+                future: execute(&mut inner, req.map(ReqB::from), &policy),
+            };
+            match call.await {
+                Ok(finish) => finish,
+                Err(panic) => {
+                    // Unwinding through the engine would let the key go.
+                    *slot = Some(panic);
+                    tracing::error!(
+                        "the inner service panicked after it received the request; outcome unknown"
+                    );
+                    let unknown = Problem::new(
+                        ProblemCode::UpstreamUnavailable,
+                        "the service failed after it received the request; the outcome is unknown",
+                    );
+                    Finish {
+                        action: ambiguous(&policy, || stored_problem(&unknown)),
+                        output: Ok(unknown.to_response()),
+                    }
+                }
+            }
+        };
+        let outcome = engine.run(&key, fingerprint, &rules, op).await;
+        // The key is settled; now the panic goes on as if uncaught.
+        if let Some(panic) = panicked {
+            std::panic::resume_unwind(panic);
+        }
+        outcome
     };
     // Dropping the handle (the caller went away) detaches the task.
     match tokio::spawn(task.instrument(tracing::Span::current())).await {
@@ -143,5 +181,28 @@ fn ambiguous(policy: &RoutePolicy, answer: impl FnOnce() -> StoredResponse) -> A
         Ambiguous::Hold => Action::Hold,
         Ambiguous::Release => Action::Release,
         Ambiguous::Store => Action::Store(answer()),
+    }
+}
+
+pin_project! {
+    /// Polls `future`, catching a panic as `Err(payload)`.
+    struct CatchUnwind<F> {
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let future = self.project().future;
+        // Unwind safety: a future that panicked is never polled again, and
+        // the panic is resumed once the key is settled.
+        match panic::catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
     }
 }

@@ -52,8 +52,9 @@
 //! # Ambiguous outcomes
 //!
 //! Once the inner service has the request, its effect may have happened.
-//! So an `Err` from it, a response body that breaks while it is read (the
-//! client gets 502 `upstream_unavailable`), and an
+//! So an `Err` from it, a panic in it (the panic still reaches the caller,
+//! once the key is settled), a response body that breaks while it is read
+//! (the client gets 502 `upstream_unavailable`), and an
 //! [`UpstreamFailure::Timeout`] or [`UpstreamFailure::Reset`] are ambiguous
 //! (SPEC §3.9): the route's `ambiguous` policy decides what the store keeps.
 //! `hold` (the default) keeps the reservation until its lease runs out, so
