@@ -13,6 +13,7 @@
 //! ambiguous outcome (unwinding through the engine would release the key),
 //! then resumed, so the caller sees the panic as it would without the layer.
 
+use std::any::Any;
 use std::future::Future;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
@@ -66,32 +67,12 @@ where
         let mut panicked = None;
         let slot = &mut panicked;
         let op = || async move {
-            let call = CatchUnwind {
-                future: execute(&mut inner, req.map(ReqB::from), &policy),
-            };
-            match call.await {
-                Ok(finish) => finish,
-                Err(panic) => {
-                    // Unwinding through the engine would let the key go.
-                    *slot = Some(panic);
-                    tracing::error!(
-                        "the inner service panicked after it received the request; outcome unknown"
-                    );
-                    let unknown = Problem::new(
-                        ProblemCode::UpstreamUnavailable,
-                        "the service failed after it received the request; the outcome is unknown",
-                    );
-                    Finish {
-                        action: ambiguous(&policy, || stored_problem(&unknown)),
-                        output: Ok(unknown.to_response()),
-                    }
-                }
-            }
+            execute_catching(&mut inner, req.map(ReqB::from), &policy, slot).await
         };
         let outcome = engine.run(&key, fingerprint, &rules, op).await;
         // The key is settled; now the panic goes on as if uncaught.
         if let Some(panic) = panicked {
-            std::panic::resume_unwind(panic);
+            panic::resume_unwind(panic);
         }
         outcome
     };
@@ -99,7 +80,7 @@ where
     match tokio::spawn(task.instrument(tracing::Span::current())).await {
         Ok(outcome) => outcome,
         // A panic is the caller's, as it would be without the task.
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) if e.is_panic() => panic::resume_unwind(e.into_panic()),
         Err(e) => {
             // Only a runtime shutting down cancels the task.
             tracing::error!(error = %e, "the request's task was cancelled");
@@ -107,6 +88,41 @@ where
                 ProblemCode::Internal,
                 "the request was cancelled while the server shut down",
             )))
+        }
+    }
+}
+
+/// [`execute`], with a panic caught into `panicked` and settled as an
+/// ambiguous outcome: unwinding through the engine would let the key go.
+async fn execute_catching<Svc, ReqB, ResB>(
+    inner: &mut Svc,
+    req: Request<ReqB>,
+    policy: &RoutePolicy,
+    panicked: &mut Option<Box<dyn Any + Send>>,
+) -> Finish<Answer<ResB, Svc::Error>>
+where
+    Svc: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    let call = CatchUnwind {
+        future: execute(inner, req, policy),
+    };
+    match call.await {
+        Ok(finish) => finish,
+        Err(panic) => {
+            *panicked = Some(panic);
+            tracing::error!(
+                "the inner service panicked after it received the request; outcome unknown"
+            );
+            let unknown = Problem::new(
+                ProblemCode::UpstreamUnavailable,
+                "the service failed after it received the request; the outcome is unknown",
+            );
+            Finish {
+                action: ambiguous(policy, || stored_problem(&unknown)),
+                output: Ok(unknown.to_response()),
+            }
         }
     }
 }
