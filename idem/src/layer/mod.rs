@@ -1,13 +1,41 @@
 //! A `tower::Layer` that gives any HTTP service the guarantees of SPEC §3–§6.
 //!
 //! ```
-//! use axum::{routing::post, Router};
+//! use axum::{body::Body, http::{Request, StatusCode}, routing::post, Router};
 //! use idem::{layer::IdempotencyLayer, store::memory::MemoryStore, Engine, RouteTable};
+//! use tower::ServiceExt;
 //!
-//! let app: Router = Router::new()
-//!     .route("/payments", post(|| async { "charged" }))
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let app = Router::new()
+//!     .route("/payments", post(|| async { (StatusCode::CREATED, "charged") }))
 //!     .layer(IdempotencyLayer::new(Engine::new(MemoryStore::new()), RouteTable::default()));
-//! # let _ = app;
+//! let pay = |key: Option<&str>, amount: &'static str| {
+//!     let mut req = Request::post("/payments");
+//!     if let Some(key) = key {
+//!         req = req.header("idempotency-key", key);
+//!     }
+//!     req.body(Body::from(amount)).unwrap()
+//! };
+//!
+//! // The first request runs the handler.
+//! let res = app.clone().oneshot(pay(Some("order-1"), "10 EUR")).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::CREATED);
+//!
+//! // A retry gets the stored answer; the handler does not run again.
+//! let res = app.clone().oneshot(pay(Some("order-1"), "10 EUR")).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::CREATED);
+//! assert_eq!(res.headers()["idempotent-replayed"], "true");
+//!
+//! // The same key with another request: 422 `idempotency_key_reused`.
+//! let res = app.clone().oneshot(pay(Some("order-1"), "99 EUR")).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+//!
+//! // No key where the route requires one: 400 `idempotency_key_missing`.
+//! let res = app.oneshot(pay(None, "10 EUR")).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+//! assert_eq!(res.headers()["content-type"], "application/problem+json");
+//! # }
 //! ```
 //!
 //! Participating requests (by default POST and PATCH) are buffered up to the
@@ -21,20 +49,58 @@
 //! unreachable or ambiguous upstream by putting an [`UpstreamFailure`] into
 //! its response's extensions.
 //!
+//! # Ambiguous outcomes
+//!
+//! Once the inner service has the request, its effect may have happened.
+//! So an `Err` from it, a panic in it (the panic still reaches the caller,
+//! once the key is settled), a response body that breaks while it is read
+//! (the client gets 502 `upstream_unavailable`), and an
+//! [`UpstreamFailure::Timeout`] or [`UpstreamFailure::Reset`] are ambiguous
+//! (SPEC §3.9): the route's `ambiguous` policy decides what the store keeps.
+//! `hold` (the default) keeps the reservation until its lease runs out, so
+//! retries get 409 meanwhile; `store` keeps a 502 `upstream_unavailable`
+//! problem (or the proxy's own problem) as the final answer; only `release`
+//! lets an immediate retry run the effect again.
+//!
+//! # Cancel safety
+//!
+//! A guarded request's execution (reserve, call the inner service, store)
+//! runs on its own Tokio task, so the layer needs a Tokio runtime. When the
+//! client hangs up and the server drops the response future, a started
+//! execution is not cancelled: it runs to its end and its answer is stored
+//! (or the key held or released, SPEC §3.9), so the client's retry gets a
+//! 409 while it runs, then the replay — never a second execution.
+//!
+//! # Layout
+//!
+//! - `layer.rs`: [`IdempotencyLayer`];
+//! - `service.rs`: [`Idempotency`] and the phases of a request (resolve
+//!   route and key → read body → fingerprint → run → respond);
+//! - `execute.rs`: the *run* phase (the engine, the inner call, what the
+//!   store keeps);
+//! - `future.rs`: [`ResponseFuture`]; `body.rs`: [`ResponseBody`];
+//! - `response.rs`: capture, replay, hop-by-hop headers, the layer's problems.
+//!
 //! [`Engine`]: crate::Engine
 
 mod body;
+mod execute;
+mod future;
+#[allow(
+    clippy::module_inception,
+    reason = "tower-http's split: `layer/layer.rs` holds the `Layer`"
+)]
+mod layer;
+mod response;
 mod service;
-mod tower_layer;
 
 pub use body::ResponseBody;
+pub use future::ResponseFuture;
+pub use layer::IdempotencyLayer;
+pub use response::{capture, is_hop_by_hop, replay, strip_hop_by_hop};
 pub use service::Idempotency;
-pub use tower_layer::IdempotencyLayer;
 
-use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-
-use crate::record::StoredResponse;
+use http::header::HeaderName;
 
 /// The request header that carries the key.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -52,77 +118,4 @@ pub enum UpstreamFailure {
     Timeout,
     /// The connection broke after the request was sent: the `ambiguous` policy decides.
     Reset,
-}
-
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Whether `name` is hop-by-hop (RFC 9110 §7.6.1), including any header the
-/// `Connection` header lists.
-#[must_use]
-pub fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
-        || headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
-}
-
-/// Removes hop-by-hop headers in place.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    for name in listed {
-        headers.remove(name);
-    }
-}
-
-/// Captures a response for storage, minus hop-by-hop headers.
-#[must_use]
-pub fn capture(status: http::StatusCode, headers: &HeaderMap, body: Bytes) -> StoredResponse {
-    StoredResponse {
-        status: status.as_u16(),
-        headers: headers
-            .iter()
-            .filter(|(n, _)| !is_hop_by_hop(n, headers))
-            .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
-            .collect(),
-        body,
-    }
-}
-
-/// Rebuilds a stored response for replay, with `Idempotent-Replayed: true`.
-#[must_use]
-pub fn replay<B: From<Bytes>>(stored: &StoredResponse) -> http::Response<B> {
-    let mut res = http::Response::new(B::from(stored.body.clone()));
-    *res.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
-    let headers = res.headers_mut();
-    for (name, value) in &stored.headers {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_maybe_shared(value.clone()),
-        ) {
-            headers.append(n, v);
-        }
-    }
-    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-    res
 }

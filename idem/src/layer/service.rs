@@ -1,19 +1,32 @@
-use std::future::Future;
-use std::pin::Pin;
+//! [`Idempotency`], the service, and the phases of one request through it:
+//!
+//! 1. **resolve** route and key ([`resolve`], synchronous, in `call`): pass
+//!    through, refuse (400), or guard;
+//! 2. **read body**, bounded by the route's `max_body` ([`read_body`]);
+//! 3. **fingerprint**: storage key, fingerprint and rules ([`identify`]);
+//! 4. **run**: the engine reserves and runs the inner service at most once
+//!    ([`execute::run`](super::execute::run));
+//! 5. **respond**: one answer per engine outcome
+//!    ([`respond`](super::response::respond)).
+
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower_service::Service;
 
-use super::{capture, replay, ResponseBody, UpstreamFailure, IDEMPOTENCY_KEY};
-use crate::engine::{Action, Engine, Finish, Outcome, Rules};
-use crate::fingerprint::{fingerprint, FingerprintOptions};
-use crate::key::{self, Scope, StoreKey};
-use crate::policy::{Ambiguous, KeyPolicy, RoutePolicy, RouteTable};
+use super::execute;
+use super::future::ResponseFuture;
+use super::response::respond;
+use super::{ResponseBody, IDEMPOTENCY_KEY};
+use crate::engine::{Engine, Rules};
+use crate::fingerprint::{fingerprint, Fingerprint, FingerprintOptions};
+use crate::key::{self, IdempotencyKey, Scope, StoreKey};
+use crate::policy::{KeyPolicy, RoutePolicy, RouteTable};
 use crate::problem::{Problem, ProblemCode};
 use crate::store::{BoxError, Store};
 
@@ -48,8 +61,6 @@ impl<Svc, St> Idempotency<Svc, St> {
     }
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
 impl<Svc, St, ReqB, ResB> Service<Request<ReqB>> for Idempotency<Svc, St>
 where
     Svc: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -63,121 +74,109 @@ where
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = Svc::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+    type Future = ResponseFuture<Svc::Future, ResB, Svc::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        // Use the service that was driven to readiness; leave a clone behind.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let Some(policy) = self
-            .routes
-            .classify(req.method(), req.uri().path())
-            .cloned()
-        else {
-            return Box::pin(passthrough(inner, req));
-        };
-        let engine = self.engine.clone();
-        Box::pin(async move {
-            let key = match key::from_header_values(req.headers().get_all(IDEMPOTENCY_KEY)) {
-                Ok(Some(k)) if k.as_str().len() > policy.max_key_length => {
-                    return Ok(problem(
-                        ProblemCode::KeyInvalid,
-                        &format!(
-                            "the key is {} characters long; this route's limit is {}",
-                            k.as_str().len(),
-                            policy.max_key_length
-                        ),
-                    ))
-                }
-                Ok(k) => k,
-                Err(e) => return Ok(problem(ProblemCode::KeyInvalid, e.reason())),
-            };
-            if key.is_none() {
-                match policy.key {
-                    KeyPolicy::Required => {
-                        return Ok(problem(
-                            ProblemCode::KeyMissing,
-                            "this route requires an Idempotency-Key header",
-                        ))
-                    }
-                    KeyPolicy::Optional => return passthrough(inner, req).await,
-                    KeyPolicy::Derived => {}
-                }
+        match resolve(&self.routes, &req) {
+            Resolved::PassThrough => ResponseFuture::pass_through(self.inner.call(req)),
+            Resolved::Refused(problem) => ResponseFuture::ready(problem.to_response()),
+            Resolved::Guarded(guard) => {
+                // Take the service that was driven to readiness; leave a clone.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                let engine = self.engine.clone();
+                ResponseFuture::guarded(Box::pin(guarded(engine, inner, guard, req)))
             }
-            let (parts, body) = req.into_parts();
-            let bytes = match read_body(&parts.headers, body, policy.max_body).await {
-                Ok(b) => b,
-                Err(p) => return Ok(p.to_response()),
-            };
-            let fp = fingerprint(
-                &parts.method,
-                &parts.uri,
-                &parts.headers,
-                &bytes,
-                &FingerprintOptions {
-                    headers: &policy.fingerprint_headers,
-                    canonical_json: policy.canonical_json,
-                    ignore_json_pointers: &policy.ignore_json_pointers,
-                },
-            );
-            let scope = Scope::from_headers(&parts.headers, &policy.scope_headers);
-            let mut rules = Rules::from(&*policy);
-            let store_key = match &key {
-                Some(k) => StoreKey::new(&scope, k.as_str()),
-                None => {
-                    rules.retention = policy.dedupe_window;
-                    StoreKey::new(&scope, &format!("derived:{}", fp.to_hex()))
-                }
-            };
-            let op = || async move {
-                let req = Request::from_parts(parts, ReqB::from(bytes));
-                execute(&mut inner, req, &policy).await
-            };
-            match engine.run(&store_key, fp, &rules, op).await {
-                Outcome::Executed(r) | Outcome::Bypassed(r) => r,
-                Outcome::Replayed(record) => Ok(replay(&record.response)),
-                Outcome::InProgress { retry_after } => Ok(Problem::new(
-                    ProblemCode::KeyInProgress,
-                    "a request with this Idempotency-Key is still being processed; retry later",
-                )
-                .retry_after(retry_after)
-                .to_response()),
-                Outcome::Mismatch => Ok(problem(
-                    ProblemCode::KeyReused,
-                    "this Idempotency-Key was already used with a different request \
-                     (method, path, selected headers or body differ); use a new key",
-                )),
-                Outcome::StoreUnavailable { .. } => Ok(Problem::new(
-                    ProblemCode::StoreUnavailable,
-                    "the idempotency store cannot be reached; nothing was executed",
-                )
-                .retry_after(std::time::Duration::from_secs(1))
-                .to_response()),
-            }
-        })
+        }
     }
 }
 
-fn problem<B: From<Bytes>>(code: ProblemCode, detail: &str) -> Response<B> {
-    Problem::new(code, detail).to_response()
+/// What the *resolve* phase decided.
+enum Resolved {
+    /// Not protected: the method does not participate, or the key is
+    /// optional and absent.
+    PassThrough,
+    /// A bad or missing key (400).
+    Refused(Problem),
+    /// Run through the engine.
+    Guarded(Guard),
 }
 
-async fn passthrough<Svc, ReqB, ResB>(
-    mut inner: Svc,
+/// A request the engine guards: its route's policy and its key (`None`:
+/// derived from the fingerprint).
+struct Guard {
+    policy: Arc<RoutePolicy>,
+    key: Option<IdempotencyKey>,
+}
+
+/// Phase 1: the route's policy and the request's key (SPEC §3.1–2).
+fn resolve<B>(routes: &RouteTable, req: &Request<B>) -> Resolved {
+    let Some(policy) = routes.classify(req.method(), req.uri().path()) else {
+        return Resolved::PassThrough;
+    };
+    let key = match key::from_header_values(req.headers().get_all(IDEMPOTENCY_KEY)) {
+        Ok(key) => key,
+        Err(e) => return Resolved::Refused(Problem::new(ProblemCode::KeyInvalid, e.reason())),
+    };
+    match key {
+        Some(k) if k.as_str().len() > policy.max_key_length => Resolved::Refused(Problem::new(
+            ProblemCode::KeyInvalid,
+            format!(
+                "the key is {} characters long; this route's limit is {}",
+                k.as_str().len(),
+                policy.max_key_length
+            ),
+        )),
+        Some(k) => Resolved::Guarded(Guard {
+            policy: Arc::clone(policy),
+            key: Some(k),
+        }),
+        None => match policy.key {
+            KeyPolicy::Required => Resolved::Refused(Problem::new(
+                ProblemCode::KeyMissing,
+                "this route requires an Idempotency-Key header",
+            )),
+            KeyPolicy::Optional => Resolved::PassThrough,
+            KeyPolicy::Derived => Resolved::Guarded(Guard {
+                policy: Arc::clone(policy),
+                key: None,
+            }),
+        },
+    }
+}
+
+/// Phases 2–5 of a guarded request.
+async fn guarded<Svc, St, ReqB, ResB>(
+    engine: Engine<St>,
+    inner: Svc,
+    guard: Guard,
     req: Request<ReqB>,
 ) -> Result<Response<ResponseBody<ResB>>, Svc::Error>
 where
-    Svc: Service<Request<ReqB>, Response = Response<ResB>>,
+    Svc: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: Send + 'static,
+    ReqB: Body<Data = Bytes> + From<Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+    St: Store,
 {
-    let res = inner.call(req).await?;
-    Ok(res.map(|body| ResponseBody::Inner { body }))
+    let (parts, body) = req.into_parts();
+    let bytes = match read_body(&parts.headers, body, guard.policy.max_body).await {
+        Ok(bytes) => bytes,
+        Err(problem) => return Ok(problem.to_response()),
+    };
+    let identity = identify(&parts, &bytes, &guard);
+    let req = Request::from_parts(parts, bytes);
+    respond(execute::run(engine, inner, identity, guard.policy, req).await)
 }
 
-/// Reads the whole body, refusing it (413) as soon as it exceeds `max`.
+/// Phase 2: the whole body, refused (413) as soon as it exceeds `max`.
 async fn read_body<B>(headers: &http::HeaderMap, body: B, max: u64) -> Result<Bytes, Problem>
 where
     B: Body<Data = Bytes>,
@@ -207,53 +206,43 @@ where
     }
 }
 
-/// Calls the inner service and decides what the store keeps (SPEC §3.9).
-async fn execute<Svc, ReqB, ResB>(
-    inner: &mut Svc,
-    req: Request<ReqB>,
-    policy: &RoutePolicy,
-) -> Finish<Result<Response<ResponseBody<ResB>>, Svc::Error>>
-where
-    Svc: Service<Request<ReqB>, Response = Response<ResB>>,
-    ResB: Body<Data = Bytes>,
-    ResB::Error: Into<BoxError>,
-{
-    let res = match inner.call(req).await {
-        Ok(res) => res,
-        Err(e) => {
-            return Finish {
-                output: Err(e),
-                action: Action::Release,
-            }
-        }
-    };
-    let failure = res.extensions().get::<UpstreamFailure>().copied();
-    let (parts, body) = res.into_parts();
-    let bytes = match body.collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => {
-            return Finish {
-                output: Ok(problem(
-                    ProblemCode::UpstreamUnavailable,
-                    "the response body failed while it was being read",
-                )),
-                action: Action::Release,
-            }
-        }
-    };
-    let stored = || capture(parts.status, &parts.headers, bytes.clone());
-    let action = match failure {
-        Some(UpstreamFailure::Unreachable) => Action::Release,
-        Some(UpstreamFailure::Timeout | UpstreamFailure::Reset) => match policy.ambiguous {
-            Ambiguous::Hold => Action::Hold,
-            Ambiguous::Release => Action::Release,
-            Ambiguous::Store => Action::Store(stored()),
+/// Who a guarded request is, for the engine.
+pub(super) struct Identity {
+    /// `H(scope) ‖ key`, or the derived key.
+    pub(super) key: StoreKey,
+    /// What makes the request *this* request.
+    pub(super) fingerprint: Fingerprint,
+    /// The route's rules (retention = `dedupe_window` for derived keys).
+    pub(super) rules: Rules,
+}
+
+/// Phase 3: fingerprint and scope (SPEC §3.3–4); a missing key under
+/// `derived` becomes the fingerprint.
+fn identify(parts: &Parts, body: &[u8], guard: &Guard) -> Identity {
+    let policy = &guard.policy;
+    let fingerprint = fingerprint(
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        body,
+        &FingerprintOptions {
+            headers: &policy.fingerprint_headers,
+            canonical_json: policy.canonical_json,
+            ignore_json_pointers: &policy.ignore_json_pointers,
         },
-        None if policy.store_statuses.contains(parts.status.as_u16()) => Action::Store(stored()),
-        None => Action::Release,
+    );
+    let scope = Scope::from_headers(&parts.headers, &policy.scope_headers);
+    let mut rules = Rules::from(&**policy);
+    let key = match &guard.key {
+        Some(k) => StoreKey::new(&scope, k.as_str()),
+        None => {
+            rules.retention = policy.dedupe_window;
+            StoreKey::new(&scope, &format!("derived:{}", fingerprint.to_hex()))
+        }
     };
-    Finish {
-        output: Ok(Response::from_parts(parts, ResponseBody::full(bytes))),
-        action,
+    Identity {
+        key,
+        fingerprint,
+        rules,
     }
 }

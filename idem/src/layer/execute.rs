@@ -1,0 +1,224 @@
+//! Phase 4, *run*: the engine reserves the key and, if this request wins,
+//! calls the inner service, buffers its response and decides what the store
+//! keeps (SPEC §3.8–9).
+//!
+//! All of it runs on its own Tokio task. A server drops a request's future
+//! when its client hangs up; were the engine's work part of that future, a
+//! started execution would be cancelled half-way and its reservation let
+//! go, so the client's retry would run the effect a second time. The task
+//! is detached from the caller: it runs to its end and stores (or holds, or
+//! releases) whatever the caller would have got, and the retry finds it.
+//!
+//! A panic in the inner service is caught at the call, settled as an
+//! ambiguous outcome (unwinding through the engine would release the key),
+//! then resumed, so the caller sees the panic as it would without the layer.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+use tracing::Instrument;
+
+use super::response::{capture, problem, stored_problem};
+use super::service::Identity;
+use super::{ResponseBody, UpstreamFailure};
+use crate::engine::{Action, Engine, Finish, Outcome};
+use crate::policy::{Ambiguous, RoutePolicy};
+use crate::problem::{Problem, ProblemCode};
+use crate::record::StoredResponse;
+use crate::store::{BoxError, Store};
+
+/// What the inner service answered, as the caller gets it.
+type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+/// Runs `req` through the engine on a task of its own: executed at most
+/// once per key, and never cancelled by the caller going away.
+pub(super) async fn run<Svc, St, ReqB, ResB>(
+    engine: Engine<St>,
+    mut inner: Svc,
+    identity: Identity,
+    policy: Arc<RoutePolicy>,
+    req: Request<Bytes>,
+) -> Outcome<Answer<ResB, Svc::Error>>
+where
+    Svc: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: Send + 'static,
+    ReqB: From<Bytes> + Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+    St: Store,
+{
+    let task = async move {
+        let Identity {
+            key,
+            fingerprint,
+            rules,
+        } = identity;
+        let mut panicked = None;
+        let slot = &mut panicked;
+        let op = || async move {
+            execute_catching(&mut inner, req.map(ReqB::from), &policy, slot).await
+        };
+        let outcome = engine.run(&key, fingerprint, &rules, op).await;
+        // The key is settled; now the panic goes on as if uncaught.
+        if let Some(panic) = panicked {
+            panic::resume_unwind(panic);
+        }
+        outcome
+    };
+    // Dropping the handle (the caller went away) detaches the task.
+    match tokio::spawn(task.instrument(tracing::Span::current())).await {
+        Ok(outcome) => outcome,
+        // A panic is the caller's, as it would be without the task.
+        Err(e) if e.is_panic() => panic::resume_unwind(e.into_panic()),
+        Err(e) => {
+            // Only a runtime shutting down cancels the task.
+            tracing::error!(error = %e, "the request's task was cancelled");
+            Outcome::Executed(Ok(problem(
+                ProblemCode::Internal,
+                "the request was cancelled while the server shut down",
+            )))
+        }
+    }
+}
+
+/// [`execute`], with a panic caught into `panicked` and settled as an
+/// ambiguous outcome: unwinding through the engine would let the key go.
+async fn execute_catching<Svc, ReqB, ResB>(
+    inner: &mut Svc,
+    req: Request<ReqB>,
+    policy: &RoutePolicy,
+    panicked: &mut Option<Box<dyn Any + Send>>,
+) -> Finish<Answer<ResB, Svc::Error>>
+where
+    Svc: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    let call = CatchUnwind {
+        future: execute(inner, req, policy),
+    };
+    match call.await {
+        Ok(finish) => finish,
+        Err(panic) => {
+            *panicked = Some(panic);
+            tracing::error!(
+                "the inner service panicked after it received the request; outcome unknown"
+            );
+            let unknown = Problem::new(
+                ProblemCode::UpstreamUnavailable,
+                "the service failed after it received the request; the outcome is unknown",
+            );
+            Finish {
+                action: ambiguous(policy, || stored_problem(&unknown)),
+                output: Ok(unknown.to_response()),
+            }
+        }
+    }
+}
+
+/// Calls the inner service and decides what the store keeps (SPEC §3.9).
+///
+/// Once the inner service has the request its effect may have happened, so
+/// an `Err` from it, or a response body that breaks while it is read, is
+/// an *ambiguous* outcome (like an upstream reset in the gateway): the
+/// route's `ambiguous` policy decides, and the key is never simply freed
+/// unless that policy says `release`.
+async fn execute<Svc, ReqB, ResB>(
+    inner: &mut Svc,
+    req: Request<ReqB>,
+    policy: &RoutePolicy,
+) -> Finish<Answer<ResB, Svc::Error>>
+where
+    Svc: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    let res = match inner.call(req).await {
+        Ok(res) => res,
+        Err(e) => {
+            tracing::warn!(
+                "the inner service failed after it received the request; outcome unknown"
+            );
+            let unknown = Problem::new(
+                ProblemCode::UpstreamUnavailable,
+                "the service failed after it received the request; the outcome is unknown",
+            );
+            return Finish {
+                output: Err(e),
+                action: ambiguous(policy, || stored_problem(&unknown)),
+            };
+        }
+    };
+    let failure = res.extensions().get::<UpstreamFailure>().copied();
+    let (parts, body) = res.into_parts();
+    let bytes = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            let error: BoxError = e.into();
+            tracing::warn!(%error, "the response body broke while it was read; outcome unknown");
+            let unknown = Problem::new(
+                ProblemCode::UpstreamUnavailable,
+                "the response broke while it was being read; the outcome is unknown",
+            );
+            return Finish {
+                action: ambiguous(policy, || stored_problem(&unknown)),
+                output: Ok(unknown.to_response()),
+            };
+        }
+    };
+    let stored = || capture(parts.status, &parts.headers, bytes.clone());
+    let action = match failure {
+        Some(UpstreamFailure::Unreachable) => Action::Release,
+        Some(UpstreamFailure::Timeout | UpstreamFailure::Reset) => ambiguous(policy, stored),
+        None if policy.store_statuses.contains(parts.status.as_u16()) => Action::Store(stored()),
+        None => Action::Release,
+    };
+    Finish {
+        output: Ok(Response::from_parts(parts, ResponseBody::full(bytes))),
+        action,
+    }
+}
+
+/// What the store keeps after an ambiguous outcome: the route's `ambiguous`
+/// policy; under `store`, `answer` becomes the final answer.
+fn ambiguous(policy: &RoutePolicy, answer: impl FnOnce() -> StoredResponse) -> Action {
+    match policy.ambiguous {
+        Ambiguous::Hold => Action::Hold,
+        Ambiguous::Release => Action::Release,
+        Ambiguous::Store => Action::Store(answer()),
+    }
+}
+
+pin_project! {
+    /// Polls `future`, catching a panic as `Err(payload)`.
+    struct CatchUnwind<F> {
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let future = self.project().future;
+        // Unwind safety: a future that panicked is never polled again, and
+        // the panic is resumed once the key is settled.
+        match panic::catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The responses the layer builds: captured for storage, replayed, its own
+//! problems, and the answer for each engine [`Outcome`] (the *respond* phase).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::Response;
+
+use super::{ResponseBody, IDEMPOTENT_REPLAYED};
+use crate::engine::Outcome;
+use crate::problem::{Problem, ProblemCode};
+use crate::record::StoredResponse;
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether `name` is hop-by-hop (RFC 9110 §7.6.1), including any header the
+/// `Connection` header lists.
+#[must_use]
+pub fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+        || headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+}
+
+/// Removes hop-by-hop headers in place.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    for name in listed {
+        headers.remove(name);
+    }
+}
+
+/// Captures a response for storage, minus hop-by-hop headers.
+#[must_use]
+pub fn capture(status: http::StatusCode, headers: &HeaderMap, body: Bytes) -> StoredResponse {
+    StoredResponse {
+        status: status.as_u16(),
+        headers: headers
+            .iter()
+            .filter(|(n, _)| !is_hop_by_hop(n, headers))
+            .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
+            .collect(),
+        body,
+    }
+}
+
+/// Rebuilds a stored response for replay, with `Idempotent-Replayed: true`.
+#[must_use]
+pub fn replay<B: From<Bytes>>(stored: &StoredResponse) -> Response<B> {
+    let mut res = Response::new(B::from(stored.body.clone()));
+    *res.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
+    let headers = res.headers_mut();
+    for (name, value) in &stored.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_maybe_shared(value.clone()),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    res
+}
+
+/// One of the layer's own `application/problem+json` answers (SPEC §4).
+pub(super) fn problem<B: From<Bytes>>(code: ProblemCode, detail: &str) -> Response<B> {
+    Problem::new(code, detail).to_response()
+}
+
+/// `problem` as a stored answer (the `ambiguous = store` policy).
+pub(super) fn stored_problem(problem: &Problem) -> StoredResponse {
+    let (parts, body) = problem.to_response::<Bytes>().into_parts();
+    capture(parts.status, &parts.headers, body)
+}
+
+/// The *respond* phase: what the client gets for each engine outcome.
+pub(super) fn respond<B, E>(
+    outcome: Outcome<Result<Response<ResponseBody<B>>, E>>,
+) -> Result<Response<ResponseBody<B>>, E> {
+    match outcome {
+        Outcome::Executed(r) | Outcome::Bypassed(r) => r,
+        Outcome::Replayed(record) => Ok(replay(&record.response)),
+        Outcome::InProgress { retry_after } => Ok(Problem::new(
+            ProblemCode::KeyInProgress,
+            "a request with this Idempotency-Key is still being processed; retry later",
+        )
+        .retry_after(retry_after)
+        .to_response()),
+        Outcome::Mismatch => Ok(problem(
+            ProblemCode::KeyReused,
+            "this Idempotency-Key was already used with a different request \
+             (method, path, selected headers or body differ); use a new key",
+        )),
+        Outcome::StoreUnavailable { .. } => Ok(Problem::new(
+            ProblemCode::StoreUnavailable,
+            "the idempotency store cannot be reached; nothing was executed",
+        )
+        .retry_after(Duration::from_secs(1))
+        .to_response()),
+    }
+}
