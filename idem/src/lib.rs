@@ -18,6 +18,7 @@
 //! - [`engine`]: the algorithm, waiting, leases and the function-level API
 //!   (SPEC §3, §5, §6, §8).
 //! - [`problem`]: the errors idem returns, as `application/problem+json` (SPEC §4).
+//! - [`error`]: [`StoreError`], the store failures, as types.
 //! - [`layer`]: a `tower::Layer` for axum and hyper services (feature `tower`).
 //!
 //! # Example: run a job at most once
@@ -67,6 +68,7 @@
 //!   runs out and the key frees itself.
 
 pub mod engine;
+pub mod error;
 pub mod fingerprint;
 mod hash;
 pub mod key;
@@ -78,8 +80,9 @@ pub mod record;
 pub mod store;
 
 pub use engine::{Action, Engine, EngineConfig, Finish, Once, OnceError, Outcome, Rules};
+pub use error::StoreError;
 pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, Scope, StoreKey};
 pub use policy::{RoutePolicy, RouteTable};
 pub use record::{CompletedRecord, Record, StoredResponse, Token};
-pub use store::{Store, StoreError};
+pub use store::Store;

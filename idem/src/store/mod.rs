@@ -23,6 +23,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
 
+pub use crate::error::{BoxError, ConfigError, Corruption, StoreError};
 pub use any::AnyStore;
 
 mod any;
@@ -32,9 +33,6 @@ pub mod memory;
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
-
-/// A boxed error from a backend.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The outcome of [`Store::reserve`] (SPEC §3.6).
 #[derive(Debug, Clone)]
@@ -68,28 +66,6 @@ pub enum Fence {
     Held,
     /// Another holder took over (or the record is gone): nothing changed.
     Lost,
-}
-
-/// A store failure. Protocol outcomes are never errors.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The backend could not be reached or refused the call.
-    #[error("store unavailable: {0}")]
-    Unavailable(#[source] BoxError),
-    /// The call did not finish within the store time-out.
-    #[error("store call timed out after {0:?}")]
-    Timeout(Duration),
-    /// The store is full of in-flight records and cannot take another.
-    #[error("store is full: {0}")]
-    Capacity(&'static str),
-    /// A record could not be decoded.
-    #[error("corrupt record: {0}")]
-    Corrupt(String),
-    /// The store's configuration was refused (a malformed URL, a bad
-    /// schema name); raised when the store is built, never per call.
-    #[error("invalid store configuration: {0}")]
-    Config(String),
 }
 
 /// The atomic operations every store provides (SPEC §7).

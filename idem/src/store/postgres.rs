@@ -123,6 +123,7 @@ pub use sqlx;
 
 use super::{Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
 use crate::engine::{decode_value, encode_value, Once, OnceError, Rules};
+use crate::error::{ConfigError, Corruption};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::policy::Concurrent;
@@ -155,6 +156,11 @@ const COMPLETED: i16 = 2;
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Longest schema name accepted, so the channel name fits in 63 bytes.
 const MAX_SCHEMA_LEN: usize = 40;
+/// What a valid schema name looks like (`MAX_SCHEMA_LEN` spelled out; a
+/// test keeps the two in step).
+const SCHEMA_RULE: &str = "use 1–40 characters of a-z, 0-9 and _, not starting with a digit";
+/// The database URL, in configuration errors.
+const URL: &str = "database URL";
 /// How long a transactional duplicate waits for the row lock in `reject` mode.
 const REJECT_LOCK_WAIT: Duration = Duration::from_millis(10);
 
@@ -259,21 +265,26 @@ impl PostgresStoreBuilder {
     /// database cannot be reached or the migration fails.
     pub async fn connect(self) -> Result<PostgresStore, StoreError> {
         if !valid_schema(&self.schema) {
-            return Err(StoreError::Config(format!(
-                "schema name {:?}: use 1–{MAX_SCHEMA_LEN} characters of a-z, 0-9 and _, \
-                 not starting with a digit",
-                self.schema
-            )));
+            return Err(ConfigError::Name {
+                what: "schema name",
+                name: self.schema,
+                rule: SCHEMA_RULE,
+            }
+            .into());
         }
         // sqlx's parser does not insist on the scheme (with some url
         // features it reads `mysql://…` as a host to look up): check it here.
         if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
-            return Err(StoreError::Config(
-                "database URL: it must start with postgres:// or postgresql://".into(),
-            ));
+            return Err(ConfigError::Scheme {
+                what: URL,
+                expected: "postgres:// or postgresql://",
+            }
+            .into());
         }
-        let options = PgConnectOptions::from_str(&self.url)
-            .map_err(|e| StoreError::Config(format!("database URL: {e}")))?;
+        let options = PgConnectOptions::from_str(&self.url).map_err(|e| ConfigError::Url {
+            what: URL,
+            source: Box::new(e),
+        })?;
         let timeout = self.timeout;
         let sql = Statements::new(&self.schema);
 
@@ -675,9 +686,9 @@ impl PostgresStore {
             Ok(true) => {}
             Ok(false) => {
                 self.rollback(tx).await;
-                return Err(OnceError::Store(StoreError::Corrupt(
-                    "the reservation vanished inside its own transaction".into(),
-                )));
+                return Err(OnceError::Store(
+                    Corruption::new("the reservation vanished inside its own transaction").into(),
+                ));
             }
             Err(e) => {
                 self.rollback(tx).await;
@@ -842,7 +853,7 @@ fn store_error(e: sqlx::Error, timeout: Duration) -> StoreError {
         | sqlx::Error::Decode(_)
         | sqlx::Error::ColumnNotFound(_)
         | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::TypeNotFound { .. } => StoreError::Corrupt(e.to_string()),
+        | sqlx::Error::TypeNotFound { .. } => Corruption::from_source(e).into(),
         _ => StoreError::Unavailable(Box::new(e)),
     }
 }
@@ -868,7 +879,7 @@ where
     T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
 {
     row.try_get(name)
-        .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
+        .map_err(|e| Corruption::with_source(format!("column {name}"), e).into())
 }
 
 fn flag(row: &PgRow, name: &str) -> Result<bool, StoreError> {
@@ -878,7 +889,7 @@ fn flag(row: &PgRow, name: &str) -> Result<bool, StoreError> {
 fn state(row: &PgRow) -> Result<i16, StoreError> {
     match column(row, "state")? {
         s @ (IN_FLIGHT | COMPLETED) => Ok(s),
-        s => Err(StoreError::Corrupt(format!("unknown state {s}"))),
+        s => Err(Corruption::new(format!("unknown state {s}")).into()),
     }
 }
 
@@ -886,7 +897,7 @@ fn fingerprint(row: &PgRow) -> Result<Fingerprint, StoreError> {
     let bytes: &[u8] = column(row, "fingerprint")?;
     <[u8; 32]>::try_from(bytes)
         .map(Fingerprint)
-        .map_err(|_| StoreError::Corrupt(format!("a fingerprint of {} bytes", bytes.len())))
+        .map_err(|_| Corruption::new(format!("a fingerprint of {} bytes", bytes.len())).into())
 }
 
 fn remaining(row: &PgRow) -> Result<Duration, StoreError> {
@@ -902,7 +913,7 @@ fn time(row: &PgRow, name: &str) -> Result<SystemTime, StoreError> {
     } else {
         UNIX_EPOCH.checked_sub(since)
     }
-    .ok_or_else(|| StoreError::Corrupt(format!("{name} out of range")))
+    .ok_or_else(|| Corruption::new(format!("{name} out of range")).into())
 }
 
 /// Decodes what `reserve.sql` returned; `token` is the one it tried to write.
@@ -936,15 +947,16 @@ fn reservation(
 fn completed(row: &PgRow, fingerprint: Fingerprint) -> Result<CompletedRecord, StoreError> {
     let status: i32 = column(row, "status")?;
     let status = u16::try_from(status)
-        .map_err(|_| StoreError::Corrupt(format!("status {status} out of range")))?;
+        .map_err(|_| Corruption::new(format!("status {status} out of range")))?;
     let names: Vec<String> = column(row, "header_names")?;
     let values: Vec<Vec<u8>> = column(row, "header_values")?;
     if names.len() != values.len() {
-        return Err(StoreError::Corrupt(format!(
+        return Err(Corruption::new(format!(
             "{} header names for {} values",
             names.len(),
             values.len()
-        )));
+        ))
+        .into());
     }
     let body: Vec<u8> = column(row, "body")?;
     Ok(CompletedRecord {
@@ -1116,6 +1128,11 @@ mod tests {
             assert!(!sql.contains('{'), "unfilled placeholder in {sql}");
             assert!(sql.contains("-- Atomicity:"), "no atomicity note in {sql}");
         }
+    }
+
+    #[test]
+    fn the_schema_rule_states_the_limit() {
+        assert!(SCHEMA_RULE.contains(&format!("1–{MAX_SCHEMA_LEN} ")));
     }
 
     #[test]

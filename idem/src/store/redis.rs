@@ -104,7 +104,9 @@ use futures_util::StreamExt;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::{Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
+use super::{
+    ConfigError, Corruption, Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription,
+};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, StoredResponse, Token};
@@ -291,9 +293,7 @@ impl RedisStoreBuilder {
     ) -> Result<RedisStore, StoreError> {
         self.validate()?;
         if urls.is_empty() {
-            return Err(StoreError::Config(
-                "a Redis Cluster needs at least one node URL".into(),
-            ));
+            return Err(StoreError::Config(ConfigError::NoNodes));
         }
         let urls: Vec<&str> = urls.iter().map(AsRef::as_ref).collect();
         let nodes = urls
@@ -313,16 +313,17 @@ impl RedisStoreBuilder {
 
     fn validate(&self) -> Result<(), StoreError> {
         if self.prefix.contains(['{', '}']) {
-            return Err(StoreError::Config(format!(
-                "the Redis key prefix {:?} contains '{{' or '}}', which would move the \
-                 hash tag of every key into the prefix",
-                self.prefix
-            )));
+            return Err(StoreError::Config(ConfigError::Name {
+                what: "the Redis key prefix",
+                name: self.prefix.clone(),
+                rule: "it must not contain '{' or '}', which would move the hash tag of \
+                       every key into the prefix",
+            }));
         }
         if self.timeout.is_zero() || self.connect_timeout.is_zero() {
-            return Err(StoreError::Config(
-                "Redis time-outs must be longer than zero".into(),
-            ));
+            return Err(StoreError::Config(ConfigError::ZeroTimeout {
+                what: "Redis time-outs",
+            }));
         }
         Ok(())
     }
@@ -446,9 +447,9 @@ impl RedisStore {
         match self.eval(invocation).await? {
             Value::Int(1) => Ok(Fence::Held),
             Value::Int(0) => Ok(Fence::Lost),
-            other => Err(StoreError::Corrupt(format!(
-                "unexpected reply {other:?} from a fenced script"
-            ))),
+            other => Err(StoreError::Corrupt(
+                format!("unexpected reply {other:?} from a fenced script").into(),
+            )),
         }
     }
 }
@@ -550,9 +551,9 @@ impl Store for RedisStore {
             .arg(key.as_str());
         match self.eval(inv).await? {
             Value::Int(n) => Ok(n > 0),
-            other => Err(StoreError::Corrupt(format!(
-                "unexpected reply {other:?} from purge"
-            ))),
+            other => Err(StoreError::Corrupt(
+                format!("unexpected reply {other:?} from purge").into(),
+            )),
         }
     }
 
@@ -681,14 +682,17 @@ fn store_error(e: RedisError, timeout: Duration) -> StoreError {
     let corrupt = matches!(e.kind(), ErrorKind::Parse | ErrorKind::UnexpectedReturnType)
         || e.code() == Some("WRONGTYPE");
     if corrupt {
-        StoreError::Corrupt(e.to_string())
+        StoreError::Corrupt(Corruption::from_source(e))
     } else {
         StoreError::Unavailable(Box::new(e))
     }
 }
 
 fn config_error(e: RedisError) -> StoreError {
-    StoreError::Config(e.to_string())
+    StoreError::Config(ConfigError::Url {
+        what: "Redis URL",
+        source: Box::new(e),
+    })
 }
 
 fn token_hex(token: Token) -> String {
@@ -729,7 +733,7 @@ fn encode_headers(headers: &[(String, Bytes)]) -> Vec<u8> {
 }
 
 fn decode_headers(bytes: &[u8]) -> Result<Vec<(String, Bytes)>, StoreError> {
-    let corrupt = |why: &str| StoreError::Corrupt(format!("stored headers: {why}"));
+    let corrupt = |why: &str| StoreError::Corrupt(format!("stored headers: {why}").into());
     let Some((&version, mut rest)) = bytes.split_first() else {
         return Err(corrupt("empty"));
     };
@@ -764,9 +768,9 @@ impl Reply {
     fn new(v: Value) -> Result<Self, StoreError> {
         match v {
             Value::Array(items) => Ok(Self(items.into_iter())),
-            other => Err(StoreError::Corrupt(format!(
-                "expected an array from a script, got {other:?}"
-            ))),
+            other => Err(StoreError::Corrupt(
+                format!("expected an array from a script, got {other:?}").into(),
+            )),
         }
     }
 
@@ -774,15 +778,15 @@ impl Reply {
         match self.0.next() {
             Some(Value::BulkString(b)) => Ok(b),
             Some(Value::SimpleString(s)) => Ok(s.into_bytes()),
-            other => Err(StoreError::Corrupt(format!(
-                "{what}: expected a string, got {other:?}"
-            ))),
+            other => Err(StoreError::Corrupt(
+                format!("{what}: expected a string, got {other:?}").into(),
+            )),
         }
     }
 
     fn text(&mut self, what: &str) -> Result<String, StoreError> {
         String::from_utf8(self.bytes(what)?)
-            .map_err(|_| StoreError::Corrupt(format!("{what}: not UTF-8")))
+            .map_err(|_| StoreError::Corrupt(format!("{what}: not UTF-8").into()))
     }
 
     fn tag(&mut self) -> Result<String, StoreError> {
@@ -792,7 +796,7 @@ impl Reply {
     fn number<T: std::str::FromStr>(&mut self, what: &str) -> Result<T, StoreError> {
         self.text(what)?
             .parse()
-            .map_err(|_| StoreError::Corrupt(format!("{what}: not a number")))
+            .map_err(|_| StoreError::Corrupt(format!("{what}: not a number").into()))
     }
 
     fn time(&mut self, what: &str) -> Result<SystemTime, StoreError> {
@@ -812,9 +816,9 @@ impl Reply {
             // -2: expired between the read and PTTL (cannot happen inside one
             // script, but zero is the truthful answer).
             Some(Value::Int(-2)) => Ok(Duration::ZERO),
-            other => Err(StoreError::Corrupt(format!(
-                "in-flight record without a lease (PTTL {other:?})"
-            ))),
+            other => Err(StoreError::Corrupt(
+                format!("in-flight record without a lease (PTTL {other:?})").into(),
+            )),
         }
     }
 
@@ -840,9 +844,9 @@ impl Reply {
     fn unexpected(&mut self, tag: &str) -> StoreError {
         if tag == "corrupt" {
             let why = self.text("reason").unwrap_or_default();
-            StoreError::Corrupt(why)
+            StoreError::Corrupt(why.into())
         } else {
-            StoreError::Corrupt(format!("unexpected reply tag {tag:?}"))
+            StoreError::Corrupt(format!("unexpected reply tag {tag:?}").into())
         }
     }
 }
