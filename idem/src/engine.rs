@@ -11,6 +11,9 @@
 //!
 //! A request that is cancelled while it holds a reservation (its future is
 //! dropped) releases it in the background, best effort.
+//!
+//! The function-level API, [`Engine::once`], is in `once.rs`, above the
+//! engine.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,49 +22,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
-use crate::policy::{Concurrent, FailMode, RoutePolicy};
+use crate::policy::{Concurrent, FailMode};
 use crate::record::{CompletedRecord, Record, StoredResponse, Token};
 use crate::store::{Fence, Reservation, Store, StoreError};
 
-/// The per-call settings of one route (derived from a [`RoutePolicy`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rules {
-    /// How long a reservation lives without a heartbeat.
-    pub lease: Duration,
-    /// How long a completed record is replayed.
-    pub retention: Duration,
-    /// Reject or wait for concurrent duplicates.
-    pub concurrent: Concurrent,
-    /// How long a waiting duplicate waits.
-    pub wait_timeout: Duration,
-    /// What to do when the store fails.
-    pub fail: FailMode,
-}
-
-impl Default for Rules {
-    fn default() -> Self {
-        (&RoutePolicy::default()).into()
-    }
-}
-
-impl From<&RoutePolicy> for Rules {
-    fn from(p: &RoutePolicy) -> Self {
-        Self {
-            lease: p.lease,
-            retention: p.retention,
-            concurrent: p.concurrent,
-            wait_timeout: p.wait_timeout,
-            fail: p.fail,
-        }
-    }
-}
+/// The per-call settings [`Engine::run`] takes; defined in
+/// [`policy`](crate::policy), next to the policy they come from.
+pub use crate::policy::Rules;
 
 /// What an operation hands back: its output and what the store keeps.
 #[derive(Debug)]
@@ -743,109 +715,6 @@ impl<S: Store> Engine<S> {
         Metrics::inc(&self.inner.metrics.fenced);
         tracing::warn!(%key, op, "fenced out: another holder took the key over; nothing stored");
     }
-
-    /// Function-level API (SPEC §8): runs `f` at most once per `key` and
-    /// `fingerprint` and returns its stored result on every repeat.
-    ///
-    /// `Ok` results are stored (as JSON) for `rules.retention`; an `Err`
-    /// releases the key so a retry runs `f` again.
-    pub async fn once<T, E, F, Fut>(
-        &self,
-        key: &StoreKey,
-        fingerprint: Fingerprint,
-        rules: &Rules,
-        f: F,
-    ) -> Result<Once<T>, OnceError<E>>
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let outcome = self
-            .run(key, fingerprint, rules, || async {
-                match f().await {
-                    Ok(value) => match encode_value(&value) {
-                        Ok(response) => Finish {
-                            action: Action::Store(response),
-                            output: Ok(value),
-                        },
-                        Err(e) => Finish {
-                            output: Err(OnceError::Encode(e)),
-                            action: Action::Release,
-                        },
-                    },
-                    Err(e) => Finish {
-                        output: Err(OnceError::Failed(e)),
-                        action: Action::Release,
-                    },
-                }
-            })
-            .await;
-        match outcome {
-            Outcome::Executed(r) | Outcome::Bypassed(r) => r.map(|value| Once {
-                value,
-                replayed: false,
-            }),
-            Outcome::Replayed(record) => decode_value(&record),
-            Outcome::InProgress { retry_after } => Err(OnceError::InProgress { retry_after }),
-            Outcome::Mismatch => Err(OnceError::Mismatch),
-            Outcome::StoreUnavailable { error } => Err(OnceError::Store(error)),
-        }
-    }
-}
-
-/// How the function-level APIs store a value: JSON, as a 200 response.
-pub(crate) fn encode_value<T: Serialize>(value: &T) -> Result<StoredResponse, serde_json::Error> {
-    Ok(StoredResponse {
-        status: 200,
-        headers: Vec::new(),
-        body: serde_json::to_vec(value)?.into(),
-    })
-}
-
-/// The stored value of a record written by [`encode_value`], as a replay.
-pub(crate) fn decode_value<T: DeserializeOwned, E>(
-    record: &CompletedRecord,
-) -> Result<Once<T>, OnceError<E>> {
-    serde_json::from_slice(&record.response.body)
-        .map(|value| Once {
-            value,
-            replayed: true,
-        })
-        .map_err(OnceError::Encode)
-}
-
-/// A result of [`Engine::once`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Once<T> {
-    /// The value: computed now, or the stored one.
-    pub value: T,
-    /// `true` when `value` is the stored result of an earlier run.
-    pub replayed: bool,
-}
-
-/// Why [`Engine::once`] returned no value.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum OnceError<E> {
-    /// The closure failed; the key was released so a retry runs it again.
-    #[error("the operation failed")]
-    Failed(#[source] E),
-    /// Another run holds the key; retry after this long.
-    #[error("another run of this key is in progress; retry in {retry_after:?}")]
-    InProgress {
-        /// Time until the holder's lease runs out.
-        retry_after: Duration,
-    },
-    /// The key was used with a different input.
-    #[error("the key was already used with a different input")]
-    Mismatch,
-    /// The store failed (and `fail = closed`).
-    #[error(transparent)]
-    Store(StoreError),
-    /// The value could not be encoded or the stored one decoded.
-    #[error("cannot encode or decode the stored value: {0}")]
-    Encode(#[source] serde_json::Error),
 }
 
 /// Releases a reservation (best effort, in the background) if the request

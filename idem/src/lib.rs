@@ -11,12 +11,15 @@
 //! - [`key`]: the `Idempotency-Key` header, scopes and storage keys (SPEC §3.2–3).
 //! - [`fingerprint`]: what makes a request *this* request (SPEC §3.4).
 //! - [`record`]: what the store keeps (SPEC §2).
-//! - [`policy`]: per-route settings and the route table (SPEC §12).
+//! - [`policy`]: per-route settings, the route table and the per-call
+//!   [`Rules`] (SPEC §12).
 //! - [`store`]: the atomic [`Store`] trait, the
 //!   [`MemoryStore`](store::memory::MemoryStore) and (feature `postgres`) the
 //!   `PostgresStore` with its transactional API (SPEC §7).
-//! - [`engine`]: the algorithm, waiting, leases and the function-level API
-//!   (SPEC §3, §5, §6, §8).
+//! - [`engine`]: the algorithm, waiting and leases (SPEC §3, §5, §6).
+//! - [`once`]: the function-level API, [`Engine::once`] (SPEC §8); its stored
+//!   value and result types live below the store (`value.rs`), shared with
+//!   `PostgresStore::transaction`, so no backend imports the engine.
 //! - [`problem`]: the errors idem returns, as `application/problem+json` (SPEC §4).
 //! - [`error`]: [`StoreError`], the store failures, as types.
 //! - [`layer`]: a `tower::Layer` for axum and hyper services (feature `tower`).
@@ -74,15 +77,18 @@ mod hash;
 pub mod key;
 #[cfg(feature = "tower")]
 pub mod layer;
+pub mod once;
 pub mod policy;
 pub mod problem;
 pub mod record;
 pub mod store;
+mod value;
 
-pub use engine::{Action, Engine, EngineConfig, Finish, Once, OnceError, Outcome, Rules};
+pub use engine::{Action, Engine, EngineConfig, Finish, Outcome};
 pub use error::StoreError;
 pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, Scope, StoreKey};
-pub use policy::{RoutePolicy, RouteTable};
+pub use once::{Once, OnceError};
+pub use policy::{RoutePolicy, RouteTable, Rules};
 pub use record::{CompletedRecord, Record, StoredResponse, Token};
 pub use store::Store;

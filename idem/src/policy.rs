@@ -4,7 +4,8 @@
 //! is the contract's built-in defaults. A [`RouteTable`] is an ordered list of
 //! [`Route`]s (first match wins) plus the policy for unmatched requests.
 //!
-//! [`PolicyError`] says why a policy value was refused.
+//! [`Rules`] are the few settings a single call needs, derived from a
+//! policy. [`PolicyError`] says why a policy value was refused.
 //!
 //! This module depends on `std`, `http` and `thiserror` only, so
 //! configuration front ends can use it without the engine.
@@ -210,6 +211,41 @@ impl Default for RoutePolicy {
             mode: Mode::Sync,
             canonical_json: false,
             ignore_json_pointers: Vec::new(),
+        }
+    }
+}
+
+/// The per-call settings of one route, derived from a [`RoutePolicy`]: what
+/// [`Engine::run`](crate::Engine::run), [`Engine::once`](crate::Engine::once)
+/// and the stores' transactional APIs need to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    /// How long a reservation lives without a heartbeat.
+    pub lease: Duration,
+    /// How long a completed record is replayed.
+    pub retention: Duration,
+    /// Reject or wait for concurrent duplicates.
+    pub concurrent: Concurrent,
+    /// How long a waiting duplicate waits.
+    pub wait_timeout: Duration,
+    /// What to do when the store fails.
+    pub fail: FailMode,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        (&RoutePolicy::default()).into()
+    }
+}
+
+impl From<&RoutePolicy> for Rules {
+    fn from(p: &RoutePolicy) -> Self {
+        Self {
+            lease: p.lease,
+            retention: p.retention,
+            concurrent: p.concurrent,
+            wait_timeout: p.wait_timeout,
+            fail: p.fail,
         }
     }
 }

@@ -122,12 +122,12 @@ use tokio::task::AbortHandle;
 pub use sqlx;
 
 use super::{Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
-use crate::engine::{decode_value, encode_value, Once, OnceError, Rules};
 use crate::error::{ConfigError, Corruption};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
-use crate::policy::Concurrent;
+use crate::policy::{Concurrent, Rules};
 use crate::record::{CompletedRecord, Record, StoredResponse, Token};
+use crate::value::{decode_value, encode_value, Once, OnceError};
 
 const MIGRATE: &str = include_str!("sql/migrate.sql");
 const RESERVE: &str = include_str!("sql/reserve.sql");
