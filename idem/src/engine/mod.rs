@@ -12,28 +12,39 @@
 //! A request that is cancelled while it holds a reservation (its future is
 //! dropped) releases it in the background, best effort.
 //!
+//! This file holds the engine, [`Engine::run`] and the waiting loop; the
+//! rest is split by concern:
+//!
+//! - `flight.rs`: single-flight waiting, one watcher per key per process;
+//! - `lease.rs`: executing under a lease (heartbeat, complete-with-retry,
+//!   fencing) and the guard that releases it on cancellation;
+//! - `metrics.rs`: [`Metrics`] and the store-latency [`Histogram`].
+//!
 //! The function-level API, [`Engine::once`], is in `once.rs`, above the
 //! engine.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::policy::{Concurrent, FailMode};
-use crate::record::{CompletedRecord, Record, StoredResponse, Token};
-use crate::store::{Fence, Reservation, Store, StoreError};
+use crate::record::{CompletedRecord, Record, StoredResponse};
+use crate::store::{Reservation, Store, StoreError};
+
+use flight::{FlightState, Flights};
 
 /// The per-call settings [`Engine::run`] takes; defined in
 /// [`policy`](crate::policy), next to the policy they come from.
 pub use crate::policy::Rules;
+pub use metrics::{Histogram, Metrics, LATENCY_BUCKETS};
+
+mod flight;
+mod lease;
+mod metrics;
 
 /// What an operation hands back: its output and what the store keeps.
 #[derive(Debug)]
@@ -102,86 +113,6 @@ impl Default for EngineConfig {
     }
 }
 
-/// Counters by outcome (SPEC §10). Cheap relaxed atomics.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Operations executed under a reservation.
-    pub executed: AtomicU64,
-    /// Stored answers replayed (from the store or the local cache).
-    pub replayed: AtomicU64,
-    /// Duplicates that waited and then replayed or executed.
-    pub waited: AtomicU64,
-    /// Concurrent duplicates answered 409.
-    pub conflict: AtomicU64,
-    /// Keys reused with another request (422).
-    pub mismatch: AtomicU64,
-    /// Operations run without protection (`fail = open`).
-    pub bypass: AtomicU64,
-    /// Store failures seen.
-    pub store_error: AtomicU64,
-    /// `complete`/`release` refused because another holder took over.
-    pub fenced: AtomicU64,
-    /// Local cache hits.
-    pub cache_hits: AtomicU64,
-    /// Local cache misses (lookups that went to the store).
-    pub cache_misses: AtomicU64,
-    /// Operations executing right now.
-    pub in_flight: AtomicU64,
-    /// Latency of every store call.
-    pub store_latency: Histogram,
-}
-
-impl Metrics {
-    fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Upper bounds (seconds) of the store-latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 14] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
-
-/// A fixed-bucket latency histogram of relaxed atomics (Prometheus style).
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Observations at or under each bound of [`LATENCY_BUCKETS`] (not cumulative).
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    sum_nanos: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Cumulative counts per bound of [`LATENCY_BUCKETS`], the sum in
-    /// seconds and the count (observations above the last bound are only
-    /// in the count, as Prometheus' `+Inf`).
-    #[must_use]
-    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
-        let mut acc = 0;
-        let cumulative = LATENCY_BUCKETS
-            .iter()
-            .zip(&self.buckets)
-            .map(|(le, n)| {
-                acc += n.load(Ordering::Relaxed);
-                (*le, acc)
-            })
-            .collect();
-        let sum = Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed)).as_secs_f64();
-        (cumulative, sum, self.count.load(Ordering::Relaxed))
-    }
-}
-
 /// The idempotency engine. Cheap to clone; clones share everything.
 pub struct Engine<S> {
     inner: Arc<Inner<S>>,
@@ -209,33 +140,6 @@ struct Inner<S> {
     cache: Option<moka::sync::Cache<StoreKey, Arc<CompletedRecord>>>,
     flights: Flights,
     metrics: Metrics,
-}
-
-/// What a key's single-flight watcher has seen.
-#[derive(Debug, Clone)]
-enum FlightState {
-    Pending {
-        lease_remaining: Duration,
-    },
-    Completed(Arc<CompletedRecord>),
-    /// Released or lease expired: waiters try to reserve again.
-    Vacant,
-    Failed,
-}
-
-const FLIGHT_SHARDS: usize = 16;
-
-#[derive(Default)]
-struct Flights {
-    shards: [Mutex<HashMap<StoreKey, watch::Receiver<FlightState>>>; FLIGHT_SHARDS],
-    hasher: std::collections::hash_map::RandomState,
-}
-
-impl Flights {
-    fn shard(&self, key: &StoreKey) -> &Mutex<HashMap<StoreKey, watch::Receiver<FlightState>>> {
-        // Truncating the hash to pick a shard is intended.
-        &self.shards[(self.hasher.hash_one(key) % FLIGHT_SHARDS as u64) as usize]
-    }
 }
 
 struct CacheExpiry;
@@ -515,239 +419,6 @@ impl<S: Store> Engine<S> {
                     }
                 }
             }
-        }
-    }
-
-    /// Joins the watcher of `key`, starting one if there is none: all
-    /// waiters of a key in this process share ONE subscription and poll loop.
-    fn join_flight(&self, key: &StoreKey) -> watch::Receiver<FlightState> {
-        let shard = self.inner.flights.shard(key);
-        let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(rx) = map.get(key) {
-            // Join only a live watcher that has no verdict yet; one that is
-            // finishing would hand back a stale verdict.
-            if rx.has_changed().is_ok() && matches!(*rx.borrow(), FlightState::Pending { .. }) {
-                return rx.clone();
-            }
-        }
-        let (tx, rx) = watch::channel(FlightState::Pending {
-            lease_remaining: Duration::ZERO,
-        });
-        map.insert(key.clone(), rx.clone());
-        drop(map);
-        let engine = self.clone();
-        let key = key.clone();
-        tokio::spawn(async move {
-            engine.watch_flight(&key, &tx).await;
-            let shard = engine.inner.flights.shard(&key);
-            let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            // Remove our entry only: a newer watcher may have replaced it.
-            if map
-                .get(&key)
-                .is_some_and(|rx| rx.same_channel(&tx.subscribe()))
-            {
-                map.remove(&key);
-            }
-        });
-        rx
-    }
-
-    async fn watch_flight(&self, key: &StoreKey, tx: &watch::Sender<FlightState>) {
-        let store = &self.inner.store;
-        let mut sub = match self.call(store.subscribe(key)).await {
-            Ok(s) => Some(s),
-            Err(error) => {
-                tracing::debug!(%key, %error, "subscribe failed; polling only");
-                None
-            }
-        };
-        let mut pause = Duration::from_millis(5);
-        loop {
-            let state = match self.call(store.get(key)).await {
-                Err(_) => FlightState::Failed,
-                Ok(None) => FlightState::Vacant,
-                Ok(Some(Record::Completed(r))) => FlightState::Completed(r),
-                Ok(Some(Record::InFlight {
-                    lease_remaining, ..
-                })) if lease_remaining.is_zero() => FlightState::Vacant,
-                Ok(Some(Record::InFlight {
-                    lease_remaining, ..
-                })) => FlightState::Pending { lease_remaining },
-            };
-            let FlightState::Pending { lease_remaining } = state else {
-                tx.send_replace(state);
-                return;
-            };
-            tx.send_replace(state);
-            // Poll again soon, and no later than the lease's end.
-            let sleep = pause.min(lease_remaining + Duration::from_millis(1));
-            pause = (pause * 2).min(self.inner.config.poll_interval);
-            tokio::select! {
-                () = tx.closed() => return,
-                () = tokio::time::sleep(sleep) => {}
-                () = async {
-                    match sub.as_mut() {
-                        Some(s) => s.changed().await,
-                        None => std::future::pending().await,
-                    }
-                } => {}
-            }
-        }
-    }
-
-    /// Runs `op` under the lease, with heartbeat, then finishes (SPEC §3.8–9).
-    async fn execute<R, F, Fut>(
-        &self,
-        key: &StoreKey,
-        fingerprint: Fingerprint,
-        token: Token,
-        rules: &Rules,
-        op: F,
-    ) -> R
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Finish<R>>,
-    {
-        let m = &self.inner.metrics;
-        Metrics::inc(&m.executed);
-        m.in_flight.fetch_add(1, Ordering::Relaxed);
-        let mut guard = LeaseGuard {
-            engine: self.clone(),
-            key: Some(key.clone()),
-            token,
-        };
-        let op = op();
-        tokio::pin!(op);
-        let mut lease_ends = Instant::now() + rules.lease;
-        let heartbeat = async {
-            let every = (rules.lease / 3).max(Duration::from_millis(10));
-            let mut tick = tokio::time::interval_at(Instant::now() + every, every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let at = Instant::now();
-                match self
-                    .call(self.inner.store.extend(key, token, rules.lease))
-                    .await
-                {
-                    Ok(Fence::Held) => lease_ends = at + rules.lease,
-                    Ok(Fence::Lost) => {
-                        tracing::warn!(%key, "lease lost while executing; the result will not be stored");
-                        return;
-                    }
-                    Err(error) => tracing::warn!(%key, %error, "heartbeat failed"),
-                }
-            }
-        };
-        let finish = tokio::select! {
-            f = &mut op => f,
-            () = heartbeat => op.await,
-        };
-        m.in_flight.fetch_sub(1, Ordering::Relaxed);
-        match finish.action {
-            Action::Store(response) => {
-                let now = SystemTime::now();
-                let record = Arc::new(CompletedRecord {
-                    fingerprint,
-                    response,
-                    completed_at: now,
-                    expires_at: now + rules.retention,
-                });
-                guard.disarm();
-                self.complete(key, token, record, rules.retention, lease_ends)
-                    .await;
-            }
-            Action::Release => {
-                guard.disarm();
-                match self.call(self.inner.store.release(key, token)).await {
-                    Ok(Fence::Held) => {}
-                    Ok(Fence::Lost) => self.fenced(key, "release"),
-                    Err(error) => {
-                        tracing::warn!(%key, %error, "release failed; the key frees itself when the lease runs out");
-                    }
-                }
-            }
-            Action::Hold => guard.disarm(),
-        }
-        finish.output
-    }
-
-    /// `complete`, retried with backoff until the lease would run out.
-    async fn complete(
-        &self,
-        key: &StoreKey,
-        token: Token,
-        record: Arc<CompletedRecord>,
-        retention: Duration,
-        lease_ends: Instant,
-    ) {
-        let mut backoff = Duration::from_millis(10);
-        loop {
-            let r = self
-                .call(
-                    self.inner
-                        .store
-                        .complete(key, token, Arc::clone(&record), retention),
-                )
-                .await;
-            match r {
-                Ok(Fence::Held) => {
-                    if let Some(c) = &self.inner.cache {
-                        c.insert(key.clone(), record);
-                    }
-                    return;
-                }
-                Ok(Fence::Lost) => return self.fenced(key, "complete"),
-                Err(error) if Instant::now() + backoff < lease_ends => {
-                    tracing::warn!(%key, %error, ?backoff, "complete failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                Err(error) => {
-                    tracing::error!(%key, %error, "complete failed until the lease ran out; the result is NOT stored");
-                    return;
-                }
-            }
-        }
-    }
-
-    fn fenced(&self, key: &StoreKey, op: &str) {
-        Metrics::inc(&self.inner.metrics.fenced);
-        tracing::warn!(%key, op, "fenced out: another holder took the key over; nothing stored");
-    }
-}
-
-/// Releases a reservation (best effort, in the background) if the request
-/// is cancelled while it holds it.
-struct LeaseGuard<S: Store> {
-    engine: Engine<S>,
-    key: Option<StoreKey>,
-    token: Token,
-}
-
-impl<S: Store> LeaseGuard<S> {
-    fn disarm(&mut self) {
-        self.key = None;
-    }
-}
-
-impl<S: Store> Drop for LeaseGuard<S> {
-    fn drop(&mut self) {
-        let Some(key) = self.key.take() else {
-            return;
-        };
-        let engine = self.engine.clone();
-        let token = self.token;
-        engine
-            .inner
-            .metrics
-            .in_flight
-            .fetch_sub(1, Ordering::Relaxed);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                tracing::debug!(%key, "request cancelled; releasing its reservation");
-                let _ = engine.call(engine.inner.store.release(&key, token)).await;
-            });
         }
     }
 }
