@@ -2,8 +2,10 @@
 //! fenced `complete` (retried until the lease would run out) or `release`,
 //! and the [`LeaseGuard`] that releases it when a request is cancelled.
 //!
-//! A guard dropped while armed (the request's future was dropped) releases
-//! the reservation in the background, best effort.
+//! The [`Lease`] is a permit, as in pingora-cache's lock: the guard owns it
+//! while the operation runs and hands it back by value to the step that
+//! finishes it; a guard dropped with its lease (the request's future was
+//! dropped) releases it in the background, best effort.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -16,16 +18,16 @@ use super::{Action, Engine, Finish, Metrics};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::policy::Rules;
-use crate::record::{CompletedRecord, Token};
-use crate::store::{Fence, Store};
+use crate::record::CompletedRecord;
+use crate::store::{Fence, Lease, Store};
 
 impl<S: Store> Engine<S> {
-    /// Runs `op` under the lease, with heartbeat, then finishes (SPEC §3.8–9).
+    /// Runs `op` under `lease`, with heartbeat, then finishes (SPEC §3.8–9).
     pub(super) async fn execute<R, F, Fut>(
         &self,
         key: &StoreKey,
         fingerprint: Fingerprint,
-        token: Token,
+        lease: Lease,
         rules: &Rules,
         op: F,
     ) -> R
@@ -36,10 +38,11 @@ impl<S: Store> Engine<S> {
         let m = &self.inner.metrics;
         Metrics::inc(&m.executed);
         m.in_flight.fetch_add(1, Ordering::Relaxed);
-        let mut guard = LeaseGuard {
+        let token = lease.token;
+        let guard = LeaseGuard {
             engine: self.clone(),
-            key: Some(key.clone()),
-            token,
+            key: key.clone(),
+            lease: Some(lease),
         };
         let op = op();
         tokio::pin!(op);
@@ -69,6 +72,7 @@ impl<S: Store> Engine<S> {
             () = heartbeat => op.await,
         };
         m.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let lease = guard.disarm();
         match finish.action {
             Action::Store(response) => {
                 let now = SystemTime::now();
@@ -78,21 +82,13 @@ impl<S: Store> Engine<S> {
                     completed_at: now,
                     expires_at: now + rules.retention,
                 });
-                guard.disarm();
-                self.complete(key, token, record, rules.retention, lease_ends)
+                self.complete(key, lease, record, rules.retention, lease_ends)
                     .await;
             }
-            Action::Release => {
-                guard.disarm();
-                match self.call(self.inner.store.release(key, token)).await {
-                    Ok(Fence::Held) => {}
-                    Ok(Fence::Lost) => self.fenced(key, "release"),
-                    Err(error) => {
-                        tracing::warn!(%key, %error, "release failed; the key frees itself when the lease runs out");
-                    }
-                }
-            }
-            Action::Hold => guard.disarm(),
+            Action::Release => self.release(key, lease).await,
+            // Kept without heartbeat: the lease runs out by itself (the
+            // permit is simply dropped here, never handed to the store).
+            Action::Hold => {}
         }
         finish.output
     }
@@ -101,7 +97,7 @@ impl<S: Store> Engine<S> {
     async fn complete(
         &self,
         key: &StoreKey,
-        token: Token,
+        lease: Lease,
         record: Arc<CompletedRecord>,
         retention: Duration,
         lease_ends: Instant,
@@ -112,7 +108,7 @@ impl<S: Store> Engine<S> {
                 .call(
                     self.inner
                         .store
-                        .complete(key, token, Arc::clone(&record), retention),
+                        .complete(key, lease.token, Arc::clone(&record), retention),
                 )
                 .await;
             match r {
@@ -136,33 +132,53 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// `release`: an immediate retry executes again.
+    async fn release(&self, key: &StoreKey, lease: Lease) {
+        match self.call(self.inner.store.release(key, lease.token)).await {
+            Ok(Fence::Held) => {}
+            Ok(Fence::Lost) => self.fenced(key, "release"),
+            Err(error) => {
+                tracing::warn!(%key, %error, "release failed; the key frees itself when the lease runs out");
+            }
+        }
+    }
+
     fn fenced(&self, key: &StoreKey, op: &str) {
         Metrics::inc(&self.inner.metrics.fenced);
         tracing::warn!(%key, op, "fenced out: another holder took the key over; nothing stored");
     }
 }
 
-/// Releases a reservation (best effort, in the background) if the request
-/// is cancelled while it holds it.
+/// Holds a [`Lease`] while its operation runs. Releases it (best effort, in
+/// the background) if the request is cancelled before [`disarm`] handed the
+/// lease back.
+///
+/// [`disarm`]: LeaseGuard::disarm
 struct LeaseGuard<S: Store> {
     engine: Engine<S>,
-    key: Option<StoreKey>,
-    token: Token,
+    key: StoreKey,
+    lease: Option<Lease>,
 }
 
 impl<S: Store> LeaseGuard<S> {
-    fn disarm(&mut self) {
-        self.key = None;
+    /// Hands the lease back to the caller, who finishes it; the guard
+    /// then drops without releasing anything.
+    fn disarm(mut self) -> Lease {
+        // Only `disarm` (which consumes the guard) and `drop` take the
+        // lease, so it is still here.
+        self.lease
+            .take()
+            .expect("a lease guard is disarmed once, by value")
     }
 }
 
 impl<S: Store> Drop for LeaseGuard<S> {
     fn drop(&mut self) {
-        let Some(key) = self.key.take() else {
+        let Some(lease) = self.lease.take() else {
             return;
         };
         let engine = self.engine.clone();
-        let token = self.token;
+        let key = self.key.clone();
         engine
             .inner
             .metrics
@@ -171,7 +187,9 @@ impl<S: Store> Drop for LeaseGuard<S> {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
                 tracing::debug!(%key, "request cancelled; releasing its reservation");
-                let _ = engine.call(engine.inner.store.release(&key, token)).await;
+                let _ = engine
+                    .call(engine.inner.store.release(&key, lease.token))
+                    .await;
             });
         }
     }

@@ -33,7 +33,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::policy::{Concurrent, FailMode};
 use crate::record::{CompletedRecord, Record, StoredResponse};
-use crate::store::{Reservation, Store, StoreError};
+use crate::store::{Decision, Store, StoreError};
 
 use flight::{FlightState, Flights};
 
@@ -283,27 +283,23 @@ impl<S: Store> Engine<S> {
             Ok(r) => r,
             Err(error) => return self.store_failed(key, rules, error, op).await,
         };
-        match reservation {
-            Reservation::Acquired(lease) => {
-                Outcome::Executed(self.execute(key, fingerprint, lease.token, rules, op).await)
+        match reservation.decide(rules.concurrent) {
+            Decision::Execute(lease) => {
+                Outcome::Executed(self.execute(key, fingerprint, lease, rules, op).await)
             }
-            Reservation::Completed(record) => Outcome::Replayed(self.replayed(key, record)),
-            Reservation::Mismatch => {
+            Decision::Replay(record) => Outcome::Replayed(self.replayed(key, record)),
+            Decision::Mismatch => {
                 Metrics::inc(&m.mismatch);
                 Outcome::Mismatch
             }
-            Reservation::InFlight { lease_remaining } => match rules.concurrent {
-                Concurrent::Reject => {
-                    Metrics::inc(&m.conflict);
-                    Outcome::InProgress {
-                        retry_after: lease_remaining,
-                    }
-                }
-                Concurrent::Wait => {
-                    self.wait(key, fingerprint, rules, lease_remaining, op)
-                        .await
-                }
-            },
+            Decision::Conflict { retry_after } => {
+                Metrics::inc(&m.conflict);
+                Outcome::InProgress { retry_after }
+            }
+            Decision::Wait { lease_remaining } => {
+                self.wait(key, fingerprint, rules, lease_remaining, op)
+                    .await
+            }
         }
     }
 
@@ -393,23 +389,27 @@ impl<S: Store> Engine<S> {
             let reserved = self
                 .call(self.inner.store.reserve(key, fingerprint, rules.lease))
                 .await;
-            match reserved {
+            let reservation = match reserved {
+                Ok(r) => r,
                 Err(error) => return self.store_failed(key, rules, error, op).await,
-                Ok(Reservation::Acquired(lease)) => {
+            };
+            // Still waiting: a key held by someone else is waited for again.
+            match reservation.decide(Concurrent::Wait) {
+                Decision::Execute(lease) => {
                     Metrics::inc(&m.waited);
                     return Outcome::Executed(
-                        self.execute(key, fingerprint, lease.token, rules, op).await,
+                        self.execute(key, fingerprint, lease, rules, op).await,
                     );
                 }
-                Ok(Reservation::Completed(record)) => {
+                Decision::Replay(record) => {
                     Metrics::inc(&m.waited);
                     return Outcome::Replayed(self.replayed(key, record));
                 }
-                Ok(Reservation::Mismatch) => {
+                Decision::Mismatch => {
                     Metrics::inc(&m.mismatch);
                     return Outcome::Mismatch;
                 }
-                Ok(Reservation::InFlight { lease_remaining: l }) => {
+                Decision::Wait { lease_remaining: l } | Decision::Conflict { retry_after: l } => {
                     lease_remaining = l;
                     if Instant::now() >= deadline {
                         Metrics::inc(&m.conflict);

@@ -102,6 +102,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -121,7 +122,7 @@ use tokio::task::AbortHandle;
 /// closures with the same version.
 pub use sqlx;
 
-use super::{Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
+use super::{Decision, Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
 use crate::error::{ConfigError, Corruption};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -639,20 +640,14 @@ impl PostgresStore {
             Ok(Err(e)) => Err(store_error(e, self.shared.timeout)),
             Ok(Ok(row)) => reservation(&row, token, fingerprint, rules.lease),
         };
-        let outcome = match reservation {
-            Ok(Reservation::Acquired(_)) => None,
-            Ok(Reservation::Completed(record)) => Some(decode_value(&record)),
-            Ok(Reservation::InFlight { lease_remaining }) => Some(Err(OnceError::InProgress {
-                retry_after: lease_remaining,
-            })),
-            Ok(Reservation::Mismatch) => Some(Err(OnceError::Mismatch)),
-            Err(e) => Some(Err(OnceError::Store(e))),
+        let lease = match settle(reservation, rules.concurrent) {
+            ControlFlow::Continue(lease) => lease,
+            ControlFlow::Break(answer) => {
+                // Nothing of ours to keep, and the row lock must go now.
+                self.rollback(tx).await;
+                return answer;
+            }
         };
-        if let Some(outcome) = outcome {
-            // Nothing of ours to keep, and the row lock must go now.
-            self.rollback(tx).await;
-            return outcome;
-        }
 
         // `f` (and the COMMIT, which may queue for the NOTIFY lock) run
         // under the database's own settings, not the reserve's bounds.
@@ -677,7 +672,7 @@ impl PostgresStore {
         };
         let held = self
             .call(
-                self.complete_query(key, token, &response, rules.retention)
+                self.complete_query(key, lease.token, &response, rules.retention)
                     .fetch_one(&mut *tx),
             )
             .await
@@ -856,6 +851,31 @@ fn store_error(e: sqlx::Error, timeout: Duration) -> StoreError {
         | sqlx::Error::TypeNotFound { .. } => Corruption::from_source(e).into(),
         _ => StoreError::Unavailable(Box::new(e)),
     }
+}
+
+/// What a transactional call does after its reserve: go on under the lease,
+/// or answer now (and roll back).
+fn settle<T: DeserializeOwned, E>(
+    reserved: Result<Reservation, StoreError>,
+    concurrent: Concurrent,
+) -> ControlFlow<Result<Once<T>, OnceError<E>>, Lease> {
+    let decision = match reserved {
+        Ok(r) => r.decide(concurrent),
+        Err(e) => return ControlFlow::Break(Err(OnceError::Store(e))),
+    };
+    ControlFlow::Break(match decision {
+        Decision::Execute(lease) => return ControlFlow::Continue(lease),
+        Decision::Replay(record) => decode_value(&record),
+        Decision::Mismatch => Err(OnceError::Mismatch),
+        // Another transaction's row lock was waited for by the reserve
+        // itself; what is left is a non-transactional holder, which commits
+        // nothing this transaction could block on: answer at once, in
+        // either mode.
+        Decision::Conflict { retry_after }
+        | Decision::Wait {
+            lease_remaining: retry_after,
+        } => Err(OnceError::InProgress { retry_after }),
+    })
 }
 
 /// A transactional duplicate that met the first one's row lock: it timed
