@@ -8,21 +8,31 @@
 //!
 //! # Layout
 //!
+//! Imports run downward only: [`layer`] and [`once`] → [`engine`] →
+//! [`store`] → everything below it. A backend never imports the engine.
+//!
+//! - [`layer`]: a `tower::Layer` for axum and hyper services (feature `tower`).
+//! - [`once`]: the function-level API, [`Engine::once`] (SPEC §8).
+//! - [`engine`]: the algorithm (SPEC §3, §5, §6): [`Engine::run`] and waiting
+//!   in `engine/mod.rs`, single-flight waiters in `engine/flight.rs`, the
+//!   lease guard, heartbeat and fenced completion in `engine/lease.rs`,
+//!   counters in `engine/metrics.rs`.
+//! - [`store`]: the atomic [`Store`] trait, [`Reservation`](store::Reservation)
+//!   and the [`Decision`](store::Decision) it leads to, the
+//!   [`MemoryStore`](store::memory::MemoryStore), (feature `redis`) the
+//!   `RedisStore` and (feature `postgres`) the `PostgresStore` with its
+//!   transactional API in `store/postgres/` (SPEC §7).
+//! - [`policy`]: per-route settings, the route table that picks them, and the
+//!   per-call [`Rules`] (SPEC §12).
+//! - [`record`]: what the store keeps (SPEC §2).
 //! - [`key`]: the `Idempotency-Key` header, scopes and storage keys (SPEC §3.2–3).
 //! - [`fingerprint`]: what makes a request *this* request (SPEC §3.4).
-//! - [`record`]: what the store keeps (SPEC §2).
-//! - [`policy`]: per-route settings, the route table and the per-call
-//!   [`Rules`] (SPEC §12).
-//! - [`store`]: the atomic [`Store`] trait, the
-//!   [`MemoryStore`](store::memory::MemoryStore) and (feature `postgres`) the
-//!   `PostgresStore` with its transactional API (SPEC §7).
-//! - [`engine`]: the algorithm, waiting and leases (SPEC §3, §5, §6).
-//! - [`once`]: the function-level API, [`Engine::once`] (SPEC §8); its stored
-//!   value and result types live below the store (`value.rs`), shared with
-//!   `PostgresStore::transaction`, so no backend imports the engine.
 //! - [`problem`]: the errors idem returns, as `application/problem+json` (SPEC §4).
 //! - [`error`]: [`StoreError`], the store failures, as types.
-//! - [`layer`]: a `tower::Layer` for axum and hyper services (feature `tower`).
+//! - `value.rs`: how the function-level APIs store a value (JSON) and their
+//!   results, [`Once`] and [`OnceError`], shared by [`Engine::once`] and
+//!   `PostgresStore::transaction`.
+//! - `hash.rs`: the hashing both the key and the fingerprint use.
 //!
 //! # Example: run a job at most once
 //!
