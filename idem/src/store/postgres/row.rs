@@ -18,9 +18,10 @@ use crate::store::{Lease, Reservation};
 /// `state` of an in-flight row.
 pub(super) const IN_FLIGHT: i16 = 1;
 /// `state` of a completed row.
-pub(super) const COMPLETED: i16 = 2;
+const COMPLETED: i16 = 2;
 
-pub(super) fn column<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
+/// Column `name`, or [`StoreError::Corrupt`] naming it (with sqlx's reason).
+fn column<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
 where
     T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
 {
@@ -28,10 +29,12 @@ where
         .map_err(|e| Corruption::with_source(format!("column {name}"), e).into())
 }
 
+/// A boolean column (`acquired`, `held`, `purged`).
 pub(super) fn flag(row: &PgRow, name: &str) -> Result<bool, StoreError> {
     column(row, name)
 }
 
+/// `state`: [`IN_FLIGHT`] or completed.
 pub(super) fn state(row: &PgRow) -> Result<i16, StoreError> {
     match column(row, "state")? {
         s @ (IN_FLIGHT | COMPLETED) => Ok(s),
@@ -39,6 +42,7 @@ pub(super) fn state(row: &PgRow) -> Result<i16, StoreError> {
     }
 }
 
+/// The 32-byte `fingerprint`.
 pub(super) fn fingerprint(row: &PgRow) -> Result<Fingerprint, StoreError> {
     let bytes: &[u8] = column(row, "fingerprint")?;
     <[u8; 32]>::try_from(bytes)
@@ -46,11 +50,13 @@ pub(super) fn fingerprint(row: &PgRow) -> Result<Fingerprint, StoreError> {
         .map_err(|_| Corruption::new(format!("a fingerprint of {} bytes", bytes.len())).into())
 }
 
+/// `remaining_us`: time left on the lease or retention, by the database clock.
 pub(super) fn remaining(row: &PgRow) -> Result<Duration, StoreError> {
     let us: i64 = column(row, "remaining_us")?;
     Ok(Duration::from_micros(u64::try_from(us).unwrap_or(0)))
 }
 
+/// A timestamp column returned as µs since the epoch.
 pub(super) fn time(row: &PgRow, name: &str) -> Result<SystemTime, StoreError> {
     let us: i64 = column(row, name)?;
     let since = Duration::from_micros(us.unsigned_abs());
