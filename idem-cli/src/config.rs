@@ -737,7 +737,7 @@ struct MatchValue(Route);
 impl<'de> Deserialize<'de> for MatchValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         from_str_with(d, |s| {
-            let route = Route::parse_match(s, Arc::default())?;
+            let route = Route::parse_match(s, Arc::default()).map_err(|e| e.to_string())?;
             if let Some(m) = &route.method {
                 parse_method(m.as_str())?;
             }
@@ -867,7 +867,7 @@ enum StatusEntry {
 impl StatusEntry {
     fn add_to(&self, set: StatusSet) -> Result<StatusSet, String> {
         match self {
-            StatusEntry::Text(s) => set.parse_entry(s),
+            StatusEntry::Text(s) => set.parse_entry(s).map_err(|e| e.to_string()),
             StatusEntry::Code(n @ 100..=999) => Ok(set.with(u16::try_from(*n).unwrap_or(0))),
             StatusEntry::Code(n) => Err(format!("`{n}` is not a status code (100–999)")),
         }

@@ -8,18 +8,32 @@
 //!
 //! # Layout
 //!
+//! Imports run downward only: [`layer`] and [`once`] → [`engine`] →
+//! [`store`] → everything below it. A backend never imports the engine.
+//!
+//! - [`layer`]: a `tower::Layer` for axum and hyper services (feature `tower`).
+//! - [`once`]: the function-level API, [`Engine::once`] (SPEC §8).
+//! - [`engine`]: the algorithm (SPEC §3, §5, §6): [`Engine::run`] and waiting
+//!   in `engine/mod.rs`, single-flight waiters in `engine/flight.rs`, the
+//!   lease guard, heartbeat and fenced completion in `engine/lease.rs`,
+//!   counters in `engine/metrics.rs`.
+//! - [`store`]: the atomic [`Store`] trait, [`Reservation`](store::Reservation)
+//!   and the [`Decision`](store::Decision) it leads to, the
+//!   [`MemoryStore`](store::memory::MemoryStore), (feature `redis`) the
+//!   `RedisStore` and (feature `postgres`) the `PostgresStore` with its
+//!   transactional API in `store/postgres/` (SPEC §7).
+//! - [`policy`]: per-route settings, the route table that picks them, and the
+//!   per-call [`Rules`] (SPEC §12).
+//! - [`record`]: what the store keeps (SPEC §2).
 //! - [`key`]: the `Idempotency-Key` header, scopes and storage keys (SPEC §3.2–3).
 //! - [`fingerprint`]: what makes a request *this* request (SPEC §3.4).
 //! - [`path`]: the one normal form of a request path (matching, fingerprint, forwarding).
-//! - [`record`]: what the store keeps (SPEC §2).
-//! - [`policy`]: per-route settings and the route table (SPEC §12).
-//! - [`store`]: the atomic [`Store`] trait, the
-//!   [`MemoryStore`](store::memory::MemoryStore) and (feature `postgres`) the
-//!   `PostgresStore` with its transactional API (SPEC §7).
-//! - [`engine`]: the algorithm, waiting, leases and the function-level API
-//!   (SPEC §3, §5, §6, §8).
 //! - [`problem`]: the errors idem returns, as `application/problem+json` (SPEC §4).
-//! - [`layer`]: a `tower::Layer` for axum and hyper services (feature `tower`).
+//! - [`error`]: [`StoreError`], the store failures, as types.
+//! - `value.rs`: how the function-level APIs store a value (JSON) and their
+//!   results, [`Once`] and [`OnceError`], shared by [`Engine::once`] and
+//!   `PostgresStore::transaction`.
+//! - `hash.rs`: the hashing both the key and the fingerprint use.
 //!
 //! # Example: run a job at most once
 //!
@@ -68,20 +82,25 @@
 //!   runs out and the key frees itself.
 
 pub mod engine;
+pub mod error;
 pub mod fingerprint;
 mod hash;
 pub mod key;
 #[cfg(feature = "tower")]
 pub mod layer;
+pub mod once;
 pub mod path;
 pub mod policy;
 pub mod problem;
 pub mod record;
 pub mod store;
+mod value;
 
-pub use engine::{Action, Engine, EngineConfig, Finish, Once, OnceError, Outcome, Rules};
+pub use engine::{Action, Engine, EngineConfig, Finish, Outcome};
+pub use error::StoreError;
 pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, Scope, StoreKey};
-pub use policy::{RoutePolicy, RouteTable};
+pub use once::{Once, OnceError};
+pub use policy::{RoutePolicy, RouteTable, Rules};
 pub use record::{CompletedRecord, Record, StoredResponse, Token};
-pub use store::{Store, StoreError};
+pub use store::Store;

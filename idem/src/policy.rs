@@ -4,8 +4,11 @@
 //! is the contract's built-in defaults. A [`RouteTable`] is an ordered list of
 //! [`Route`]s (first match wins) plus the policy for unmatched requests.
 //!
-//! This module depends on `std`, `http` and `serde` only, so configuration
-//! front ends can use it without the engine.
+//! [`Rules`] are the few settings a single call needs, derived from a
+//! policy. [`PolicyError`] says why a policy value was refused.
+//!
+//! This module depends on `std`, `http` and `thiserror` only, so
+//! configuration front ends can use it without the engine.
 
 use std::fmt;
 use std::sync::Arc;
@@ -99,19 +102,25 @@ impl StatusSet {
     }
 
     /// Parses one entry of a `store_statuses` list: `"2xx"` or `"404"`.
-    pub fn parse_entry(self, entry: &str) -> Result<Self, String> {
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyError::StatusClass`] or [`PolicyError::StatusCode`].
+    pub fn parse_entry(self, entry: &str) -> Result<Self, PolicyError> {
         let e = entry.trim();
         if e.len() == 3 && e[1..].eq_ignore_ascii_case("xx") {
             return match e.as_bytes()[0] {
                 c @ b'1'..=b'9' => Ok(self.with_class(u16::from(c - b'0'))),
-                _ => Err(format!("`{entry}` is not a status class (use 1xx … 9xx)")),
+                _ => Err(PolicyError::StatusClass {
+                    entry: entry.to_owned(),
+                }),
             };
         }
         match e.parse::<u16>() {
             Ok(s) if (100..1000).contains(&s) => Ok(self.with(s)),
-            _ => Err(format!(
-                "`{entry}` is not a status code (100–999) or a class like \"2xx\""
-            )),
+            _ => Err(PolicyError::StatusCode {
+                entry: entry.to_owned(),
+            }),
         }
     }
 
@@ -206,6 +215,93 @@ impl Default for RoutePolicy {
     }
 }
 
+/// The per-call settings of one route, derived from a [`RoutePolicy`]: what
+/// [`Engine::run`](crate::Engine::run), [`Engine::once`](crate::Engine::once)
+/// and the stores' transactional APIs need to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    /// How long a reservation lives without a heartbeat.
+    pub lease: Duration,
+    /// How long a completed record is replayed.
+    pub retention: Duration,
+    /// Reject or wait for concurrent duplicates.
+    pub concurrent: Concurrent,
+    /// How long a waiting duplicate waits.
+    pub wait_timeout: Duration,
+    /// What to do when the store fails.
+    pub fail: FailMode,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        (&RoutePolicy::default()).into()
+    }
+}
+
+impl From<&RoutePolicy> for Rules {
+    fn from(p: &RoutePolicy) -> Self {
+        Self {
+            lease: p.lease,
+            retention: p.retention,
+            concurrent: p.concurrent,
+            wait_timeout: p.wait_timeout,
+            fail: p.fail,
+        }
+    }
+}
+
+/// Why a policy value (a status entry, a path pattern, a route's `match`)
+/// was refused. The messages name the offending text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// `Nxx` with a first digit outside 1–9.
+    #[error("`{entry}` is not a status class (use 1xx … 9xx)")]
+    StatusClass {
+        /// The entry as written.
+        entry: String,
+    },
+    /// Neither a status code in 100–999 nor a class.
+    #[error("`{entry}` is not a status code (100–999) or a class like \"2xx\"")]
+    StatusCode {
+        /// The entry as written.
+        entry: String,
+    },
+    /// A path pattern that does not start with `/`.
+    #[error("path pattern `{pattern}` must start with `/`")]
+    PatternStart {
+        /// The pattern as written.
+        pattern: String,
+    },
+    /// `**` before the last segment.
+    #[error("path pattern `{pattern}`: `**` may only be the last segment")]
+    RestNotLast {
+        /// The pattern as written.
+        pattern: String,
+    },
+    /// `*` inside a segment (`/a*`).
+    #[error("path pattern `{pattern}`: `*` must be a whole segment")]
+    PartialWildcard {
+        /// The pattern as written.
+        pattern: String,
+    },
+    /// A `match` whose method is not an HTTP method.
+    #[error("`{method}` is not an HTTP method")]
+    Method {
+        /// The method as written.
+        method: String,
+        /// Why `http` refused it.
+        #[source]
+        source: http::method::InvalidMethod,
+    },
+    /// A `match` that is not `METHOD /path` or `/path`.
+    #[error("match `{spec}` must be `METHOD /path` or `/path` (e.g. \"POST /payments/*\")")]
+    Match {
+        /// The `match` as written.
+        spec: String,
+    },
+}
+
 /// A path pattern: segments separated by `/`; `*` matches exactly one
 /// segment; `**` as the last segment matches zero or more segments.
 /// Matching ignores the query string.
@@ -224,9 +320,16 @@ enum Segment {
 
 impl PathPattern {
     /// Parses a pattern such as `/payments/*` or `/api/**`.
-    pub fn parse(pattern: &str) -> Result<Self, String> {
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyError::PatternStart`], [`PolicyError::RestNotLast`] or
+    /// [`PolicyError::PartialWildcard`].
+    pub fn parse(pattern: &str) -> Result<Self, PolicyError> {
         let Some(rest) = pattern.strip_prefix('/') else {
-            return Err(format!("path pattern `{pattern}` must start with `/`"));
+            return Err(PolicyError::PatternStart {
+                pattern: pattern.to_owned(),
+            });
         };
         let parts: Vec<&str> = if rest.is_empty() {
             Vec::new()
@@ -239,14 +342,14 @@ impl PathPattern {
                 "*" => Segment::One,
                 "**" if i + 1 == parts.len() => Segment::Rest,
                 "**" => {
-                    return Err(format!(
-                        "path pattern `{pattern}`: `**` may only be the last segment"
-                    ))
+                    return Err(PolicyError::RestNotLast {
+                        pattern: pattern.to_owned(),
+                    })
                 }
                 p if p.contains('*') => {
-                    return Err(format!(
-                        "path pattern `{pattern}`: `*` must be a whole segment"
-                    ))
+                    return Err(PolicyError::PartialWildcard {
+                        pattern: pattern.to_owned(),
+                    })
                 }
                 p => Segment::Literal(p.to_owned()),
             };
@@ -306,20 +409,28 @@ pub struct Route {
 
 impl Route {
     /// Parses a `match` string: `"POST /payments/*"`, `"* /x"` or `"/x"`.
-    pub fn parse_match(spec: &str, policy: Arc<RoutePolicy>) -> Result<Self, String> {
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyError::Match`], [`PolicyError::Method`], or the path
+    /// pattern's error.
+    pub fn parse_match(spec: &str, policy: Arc<RoutePolicy>) -> Result<Self, PolicyError> {
         let mut words = spec.split_whitespace();
         let (method, path) = match (words.next(), words.next(), words.next()) {
             (Some(p), None, None) => (None, p),
             (Some("*"), Some(p), None) => (None, p),
             (Some(m), Some(p), None) => {
-                let method = Method::from_bytes(m.as_bytes())
-                    .map_err(|_| format!("`{m}` is not an HTTP method"))?;
+                let method =
+                    Method::from_bytes(m.as_bytes()).map_err(|source| PolicyError::Method {
+                        method: m.to_owned(),
+                        source,
+                    })?;
                 (Some(method), p)
             }
             _ => {
-                return Err(format!(
-                    "match `{spec}` must be `METHOD /path` or `/path` (e.g. \"POST /payments/*\")"
-                ))
+                return Err(PolicyError::Match {
+                    spec: spec.to_owned(),
+                })
             }
         };
         Ok(Self {

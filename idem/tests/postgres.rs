@@ -722,7 +722,7 @@ async fn guarded_statements_use_the_index_under_load() {
     // the indexes: the guarded UPDATE the primary key, the clean-up the
     // expires_at index (then a TID scan).
     let table = format!("\"{}\".idem_records", store.schema());
-    let extend = include_str!("../src/store/sql/extend.sql").replace("{table}", &table);
+    let extend = include_str!("../src/store/postgres/sql/extend.sql").replace("{table}", &table);
     let plan = explain(
         &store,
         &extend,
@@ -735,7 +735,7 @@ async fn guarded_statements_use_the_index_under_load() {
         "{plan}"
     );
     assert!(!plan.contains("Seq Scan"), "{plan}");
-    let cleanup = include_str!("../src/store/sql/cleanup.sql").replace("{table}", &table);
+    let cleanup = include_str!("../src/store/postgres/sql/cleanup.sql").replace("{table}", &table);
     let plan = explain(&store, &cleanup, "bigint", "1000").await;
     assert!(plan.contains("idem_records_expires_at"), "{plan}");
     assert!(plan.contains("Tid Scan"), "{plan}");

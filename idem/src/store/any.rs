@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Fence, Reservation, Store, StoreError, Subscription};
+use super::{ConfigError, Fence, Reservation, Store, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
@@ -94,11 +94,10 @@ impl AnyStore {
                 unreachable_patterns,
                 reason = "reachable when a backend is compiled out"
             )]
-            _ => Err(StoreError::Config(format!(
-                "`{url}` needs the {kind} store, which this build of idem leaves out \
-                 (enable the crate feature `{kind}`)",
-                kind = url.kind(),
-            ))),
+            _ => Err(StoreError::Config(ConfigError::NotCompiledIn {
+                url: url.to_string(),
+                backend: url.kind(),
+            })),
         }
     }
 
@@ -294,14 +293,10 @@ impl FromStr for StoreUrl {
         } else if let Some(len) = scheme_len(&["postgres://", "postgresql://"]) {
             (Target::Postgres, len)
         } else {
-            return Err(StoreError::Config(format!(
-                "`{}` is not a store: use `memory`, `redis://host:port[/db]` \
-                 (or rediss://) or `postgres://user@host:port/db` (or postgresql://)",
-                redact(s)
-            )));
+            return Err(StoreError::Config(ConfigError::NotAStore { url: redact(s) }));
         };
         if s.len() == len {
-            return Err(StoreError::Config(format!("`{s}` has no host")));
+            return Err(StoreError::Config(ConfigError::NoHost { url: redact(s) }));
         }
         Ok(Self {
             url: s.to_owned(),
@@ -417,7 +412,7 @@ mod tests {
 
     fn refused(s: &str) -> String {
         match s.parse::<StoreUrl>() {
-            Err(StoreError::Config(why)) => why,
+            Err(StoreError::Config(why)) => why.to_string(),
             other => panic!("{s:?} gave {other:?}"),
         }
     }

@@ -21,8 +21,10 @@ use tokio::sync::watch;
 
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
+use crate::policy::Concurrent;
 use crate::record::{CompletedRecord, Record, Token};
 
+pub use crate::error::{BoxError, ConfigError, Corruption, StoreError};
 pub use any::{AnyStore, ConnectOptions, StoreUrl};
 
 mod any;
@@ -39,11 +41,12 @@ pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 
-/// A boxed error from a backend.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
-
 /// The outcome of [`Store::reserve`] (SPEC §3.6).
-#[derive(Debug, Clone)]
+///
+/// Like pingora-cache's lock, acquiring hands back an outcome; the winner's
+/// [`Lease`] is a permit it owns and hands back by value when it is done.
+/// [`Reservation::decide`] says what the caller must do with each outcome.
+#[derive(Debug)]
 pub enum Reservation {
     /// The caller holds the key and must execute, then complete or release.
     Acquired(Lease),
@@ -59,12 +62,60 @@ pub enum Reservation {
 }
 
 /// A held reservation: the fencing token and the lease it was granted with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// A permit, not a value to copy around: it is neither `Copy` nor `Clone`,
+/// so one reservation has one owner, who completes or releases it (the
+/// engine hands it back by value; a request cancelled while holding it
+/// releases it in the background).
+#[derive(Debug, PartialEq, Eq)]
 pub struct Lease {
     /// The holder's fencing token.
     pub token: Token,
     /// How long the reservation lives without a heartbeat.
     pub duration: Duration,
+}
+
+/// What the caller of [`Store::reserve`] must do next (SPEC §3.6, §5):
+/// the one reading of a [`Reservation`] that the engine (`run`, `wait`)
+/// and the transactional APIs share.
+#[derive(Debug)]
+pub enum Decision {
+    /// Execute under this lease, then complete or release it.
+    Execute(Lease),
+    /// Replay this stored answer.
+    Replay(Arc<CompletedRecord>),
+    /// The key was used with a different request (422).
+    Mismatch,
+    /// Another execution holds the key and duplicates are rejected (409):
+    /// retry after this long.
+    Conflict {
+        /// Time left on the holder's lease.
+        retry_after: Duration,
+    },
+    /// Another execution holds the key and duplicates wait for it.
+    Wait {
+        /// Time left on the holder's lease.
+        lease_remaining: Duration,
+    },
+}
+
+impl Reservation {
+    /// What to do with this outcome when concurrent duplicates are
+    /// `concurrent` (SPEC §5).
+    #[must_use]
+    pub fn decide(self, concurrent: Concurrent) -> Decision {
+        match self {
+            Self::Acquired(lease) => Decision::Execute(lease),
+            Self::Completed(record) => Decision::Replay(record),
+            Self::Mismatch => Decision::Mismatch,
+            Self::InFlight { lease_remaining } => match concurrent {
+                Concurrent::Reject => Decision::Conflict {
+                    retry_after: lease_remaining,
+                },
+                Concurrent::Wait => Decision::Wait { lease_remaining },
+            },
+        }
+    }
 }
 
 /// The outcome of a fenced operation (`complete`, `release`, `extend`).
@@ -76,33 +127,11 @@ pub enum Fence {
     Lost,
 }
 
-/// A store failure. Protocol outcomes are never errors.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The backend could not be reached or refused the call.
-    #[error("store unavailable: {0}")]
-    Unavailable(#[source] BoxError),
-    /// The call did not finish within the store time-out.
-    #[error("store call timed out after {0:?}")]
-    Timeout(Duration),
-    /// The store is full of in-flight records and cannot take another.
-    #[error("store is full: {0}")]
-    Capacity(&'static str),
-    /// A record could not be decoded.
-    #[error("corrupt record: {0}")]
-    Corrupt(String),
-    /// The store's configuration was refused (a malformed URL, a bad
-    /// schema name); raised when the store is built, never per call.
-    #[error("invalid store configuration: {0}")]
-    Config(String),
-}
-
 /// The atomic operations every store provides (SPEC §7).
 ///
 /// `complete`, `release` and `extend` are fenced: they apply only while the
 /// record carries the caller's token. Implementations must pass the
-/// conformance suite in `tests/conformance.rs`.
+/// conformance suite in `tests/conformance/`.
 pub trait Store: Send + Sync + 'static {
     /// ONE atomic step: no record or an expired lease → write `InFlight`
     /// with a new token; otherwise report what is there.

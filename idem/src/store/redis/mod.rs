@@ -100,7 +100,9 @@ use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Client, ErrorKind, RedisError, Script, ScriptInvocation, Value};
 
 use super::background::{self, AbortOnDrop, Listening};
-use super::{Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
+use super::{
+    ConfigError, Corruption, Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription,
+};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
@@ -273,9 +275,7 @@ impl RedisStoreBuilder {
     ) -> Result<RedisStore, StoreError> {
         self.validate()?;
         if urls.is_empty() {
-            return Err(StoreError::Config(
-                "a Redis Cluster needs at least one node URL".into(),
-            ));
+            return Err(StoreError::Config(ConfigError::NoNodes));
         }
         let urls: Vec<&str> = urls.iter().map(AsRef::as_ref).collect();
         let nodes = urls
@@ -295,16 +295,17 @@ impl RedisStoreBuilder {
 
     fn validate(&self) -> Result<(), StoreError> {
         if self.prefix.contains(['{', '}']) {
-            return Err(StoreError::Config(format!(
-                "the Redis key prefix {:?} contains '{{' or '}}', which would move the \
-                 hash tag of every key into the prefix",
-                self.prefix
-            )));
+            return Err(StoreError::Config(ConfigError::Name {
+                what: "the Redis key prefix",
+                name: self.prefix.clone(),
+                rule: "it must not contain '{' or '}', which would move the hash tag of \
+                       every key into the prefix",
+            }));
         }
         if self.timeout.is_zero() || self.connect_timeout.is_zero() {
-            return Err(StoreError::Config(
-                "Redis time-outs must be longer than zero".into(),
-            ));
+            return Err(StoreError::Config(ConfigError::ZeroTimeout {
+                what: "Redis time-outs",
+            }));
         }
         Ok(())
     }
@@ -427,9 +428,9 @@ impl RedisStore {
         match self.eval(invocation).await? {
             Value::Int(1) => Ok(Fence::Held),
             Value::Int(0) => Ok(Fence::Lost),
-            other => Err(StoreError::Corrupt(format!(
-                "unexpected reply {other:?} from a fenced script"
-            ))),
+            other => Err(StoreError::Corrupt(
+                format!("unexpected reply {other:?} from a fenced script").into(),
+            )),
         }
     }
 }
@@ -531,9 +532,9 @@ impl Store for RedisStore {
             .arg(key.as_str());
         match self.eval(inv).await? {
             Value::Int(n) => Ok(n > 0),
-            other => Err(StoreError::Corrupt(format!(
-                "unexpected reply {other:?} from purge"
-            ))),
+            other => Err(StoreError::Corrupt(
+                format!("unexpected reply {other:?} from purge").into(),
+            )),
         }
     }
 
@@ -563,12 +564,15 @@ fn store_error(e: RedisError, timeout: Duration) -> StoreError {
     let corrupt = matches!(e.kind(), ErrorKind::Parse | ErrorKind::UnexpectedReturnType)
         || e.code() == Some("WRONGTYPE");
     if corrupt {
-        StoreError::Corrupt(e.to_string())
+        StoreError::Corrupt(Corruption::from_source(e))
     } else {
         StoreError::Unavailable(Box::new(e))
     }
 }
 
 fn config_error(e: RedisError) -> StoreError {
-    StoreError::Config(e.to_string())
+    StoreError::Config(ConfigError::Url {
+        what: "Redis URL",
+        source: Box::new(e),
+    })
 }

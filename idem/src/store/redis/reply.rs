@@ -56,7 +56,7 @@ pub(super) fn encode_headers(headers: &[(String, Bytes)]) -> Vec<u8> {
 }
 
 pub(super) fn decode_headers(bytes: &[u8]) -> Result<Vec<(String, Bytes)>, StoreError> {
-    let corrupt = |why: &str| StoreError::Corrupt(format!("stored headers: {why}"));
+    let corrupt = |why: &str| StoreError::Corrupt(format!("stored headers: {why}").into());
     let Some((&version, mut rest)) = bytes.split_first() else {
         return Err(corrupt("empty"));
     };
@@ -93,7 +93,7 @@ impl Reply {
             Value::Array(items) => Ok(Self(items.into_iter())),
             other => Err(StoreError::Corrupt(format!(
                 "expected an array from a script, got {other:?}"
-            ))),
+            ).into())),
         }
     }
 
@@ -103,13 +103,13 @@ impl Reply {
             Some(Value::SimpleString(s)) => Ok(s.into_bytes()),
             other => Err(StoreError::Corrupt(format!(
                 "{what}: expected a string, got {other:?}"
-            ))),
+            ).into())),
         }
     }
 
     pub(super) fn text(&mut self, what: &str) -> Result<String, StoreError> {
         String::from_utf8(self.bytes(what)?)
-            .map_err(|_| StoreError::Corrupt(format!("{what}: not UTF-8")))
+            .map_err(|_| StoreError::Corrupt(format!("{what}: not UTF-8").into()))
     }
 
     pub(super) fn tag(&mut self) -> Result<String, StoreError> {
@@ -119,7 +119,7 @@ impl Reply {
     pub(super) fn number<T: std::str::FromStr>(&mut self, what: &str) -> Result<T, StoreError> {
         self.text(what)?
             .parse()
-            .map_err(|_| StoreError::Corrupt(format!("{what}: not a number")))
+            .map_err(|_| StoreError::Corrupt(format!("{what}: not a number").into()))
     }
 
     pub(super) fn time(&mut self, what: &str) -> Result<SystemTime, StoreError> {
@@ -141,7 +141,7 @@ impl Reply {
             Some(Value::Int(-2)) => Ok(Duration::ZERO),
             other => Err(StoreError::Corrupt(format!(
                 "in-flight record without a lease (PTTL {other:?})"
-            ))),
+            ).into())),
         }
     }
 
@@ -167,9 +167,9 @@ impl Reply {
     pub(super) fn unexpected(&mut self, tag: &str) -> StoreError {
         if tag == "corrupt" {
             let why = self.text("reason").unwrap_or_default();
-            StoreError::Corrupt(why)
+            StoreError::Corrupt(why.into())
         } else {
-            StoreError::Corrupt(format!("unexpected reply tag {tag:?}"))
+            StoreError::Corrupt(format!("unexpected reply tag {tag:?}").into())
         }
     }
 }
@@ -247,7 +247,7 @@ mod tests {
 
         let mut r = Reply::new(Value::Array(vec![bulk(b"corrupt"), bulk(b"why")])).unwrap();
         let tag = r.tag().unwrap();
-        assert!(matches!(r.unexpected(&tag), StoreError::Corrupt(w) if w == "why"));
+        assert!(matches!(r.unexpected(&tag), StoreError::Corrupt(w) if w.to_string() == "why"));
         assert!(Reply::new(Value::Int(1)).is_err());
         let mut r = Reply::new(Value::Array(vec![Value::Int(-1)])).unwrap();
         assert!(r.pttl().is_err());

@@ -4,9 +4,14 @@
 //! [`PostgresStore::connect`] (or [`PostgresStore::builder`]) opens a pool,
 //! runs the embedded migration (unless disabled), starts ONE listener
 //! connection for notifications and a clean-up task. Everything it runs is
-//! in `src/store/sql/*.sql`, one file per statement, each with an
+//! in `src/store/postgres/sql/*.sql`, one file per statement, each with an
 //! `-- Atomicity:` note; the statements are plain strings checked by the
 //! tests, so building needs no database.
+//!
+//! This file holds the builder, the store and its [`Store`] calls; the
+//! rest is split by concern: `row.rs` decodes rows into records,
+//! `listener.rs` is the `LISTEN` connection, and `transaction.rs` is
+//! [`PostgresStore::transaction`], built on the same statements and rows.
 //!
 //! # Table
 //!
@@ -102,31 +107,33 @@
 
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use bytes::Bytes;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use sqlx::postgres::{
-    PgArguments, PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow, Postgres,
+    PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, Postgres,
 };
 use sqlx::query::Query;
-use sqlx::{Connection, Row};
+use sqlx::Connection;
 use tokio::task::AbortHandle;
 
 /// The sqlx this store is built on, for writing [`PostgresStore::transaction`]
 /// closures with the same version.
 pub use sqlx;
+pub use transaction::{PgTransaction, TxFuture};
 
-use super::{Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
-use crate::engine::{decode_value, encode_value, Once, OnceError, Rules};
+use super::{Fence, Notifier, Reservation, Store, StoreError, Subscription};
+use crate::error::{ConfigError, Corruption};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
-use crate::policy::Concurrent;
 use crate::record::{CompletedRecord, Record, StoredResponse, Token};
+use listener::Listener;
+use row::{completed, fingerprint, flag, remaining, reservation, state, time, IN_FLIGHT};
+
+mod listener;
+mod row;
+mod transaction;
 
 const MIGRATE: &str = include_str!("sql/migrate.sql");
 const RESERVE: &str = include_str!("sql/reserve.sql");
@@ -137,32 +144,21 @@ const GET: &str = include_str!("sql/get.sql");
 const PURGE: &str = include_str!("sql/purge.sql");
 const CLEANUP: &str = include_str!("sql/cleanup.sql");
 
-/// Ends the reserve's bounds inside [`PostgresStore::transaction`].
-const RESET: &str = "SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT";
-
 /// Run on every pooled connection when it connects; `$1` is the time-out in
 /// ms. See the module docs on `plan_cache_mode` (SPEC §7).
 const SETUP: &str = "SELECT set_config('plan_cache_mode', 'force_custom_plan', false), \
                      set_config('statement_timeout', $1, false)";
-
-/// `state` of an in-flight row.
-const IN_FLIGHT: i16 = 1;
-/// `state` of a completed row.
-const COMPLETED: i16 = 2;
 
 /// Longest lease or retention written (100 years): keeps `now() + d` within
 /// PostgreSQL's timestamp range.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Longest schema name accepted, so the channel name fits in 63 bytes.
 const MAX_SCHEMA_LEN: usize = 40;
-/// How long a transactional duplicate waits for the row lock in `reject` mode.
-const REJECT_LOCK_WAIT: Duration = Duration::from_millis(10);
-
-/// The closure's future in [`PostgresStore::transaction`].
-pub type TxFuture<'c, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'c>>;
-
-/// The transaction [`PostgresStore::transaction`] hands to its closure.
-pub type PgTransaction = sqlx::Transaction<'static, Postgres>;
+/// What a valid schema name looks like (`MAX_SCHEMA_LEN` spelled out; a
+/// test keeps the two in step).
+const SCHEMA_RULE: &str = "use 1–40 characters of a-z, 0-9 and _, not starting with a digit";
+/// The database URL, in configuration errors.
+const URL: &str = "database URL";
 
 /// Settings of a [`PostgresStore`]; finish with
 /// [`PostgresStoreBuilder::connect`].
@@ -259,21 +255,26 @@ impl PostgresStoreBuilder {
     /// database cannot be reached or the migration fails.
     pub async fn connect(self) -> Result<PostgresStore, StoreError> {
         if !valid_schema(&self.schema) {
-            return Err(StoreError::Config(format!(
-                "schema name {:?}: use 1–{MAX_SCHEMA_LEN} characters of a-z, 0-9 and _, \
-                 not starting with a digit",
-                self.schema
-            )));
+            return Err(ConfigError::Name {
+                what: "schema name",
+                name: self.schema,
+                rule: SCHEMA_RULE,
+            }
+            .into());
         }
         // sqlx's parser does not insist on the scheme (with some url
         // features it reads `mysql://…` as a host to look up): check it here.
         if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
-            return Err(StoreError::Config(
-                "database URL: it must start with postgres:// or postgresql://".into(),
-            ));
+            return Err(ConfigError::Scheme {
+                what: URL,
+                expected: "postgres:// or postgresql://",
+            }
+            .into());
         }
-        let options = PgConnectOptions::from_str(&self.url)
-            .map_err(|e| StoreError::Config(format!("database URL: {e}")))?;
+        let options = PgConnectOptions::from_str(&self.url).map_err(|e| ConfigError::Url {
+            what: URL,
+            source: Box::new(e),
+        })?;
         let timeout = self.timeout;
         let sql = Statements::new(&self.schema);
 
@@ -522,176 +523,6 @@ impl PostgresStore {
             .bind(&self.shared.sql.channel)
     }
 
-    /// Runs `f` at most once per `key` and `fingerprint`, on the same
-    /// transaction as its idempotency record (SPEC §7), and returns its
-    /// stored result on every repeat.
-    ///
-    /// In ONE transaction: reserve the key, run `f`'s writes on that
-    /// transaction, insert the completed record (the value as JSON, as
-    /// [`Engine::once`](crate::Engine::once) stores it), commit. The
-    /// business effect and its record commit together or not at all:
-    ///
-    /// - `f` returns `Err` (or panics, or the call is cancelled): everything
-    ///   rolls back, the business writes AND the reservation; a retry runs
-    ///   `f` again. The error comes back as [`OnceError::Failed`].
-    /// - the key already holds a completed record for this fingerprint: the
-    ///   stored value is returned with `replayed: true` and `f` does not run;
-    ///   for another fingerprint, [`OnceError::Mismatch`].
-    /// - a concurrent duplicate BLOCKS on the first transaction's row lock
-    ///   and, once that commits, replays its value (or, if it rolled back,
-    ///   takes the key and runs `f` itself). It waits at most
-    ///   `rules.wait_timeout` when `rules.concurrent` is `wait`, and only
-    ///   10 ms when it is `reject`; past that it gets
-    ///   [`OnceError::InProgress`] (`retry_after` 1 s). A key held by a
-    ///   non-transactional reservation ([`Engine`](crate::Engine) on this
-    ///   store) answers `InProgress` with that lease's remaining time.
-    /// - a failed `COMMIT` is [`OnceError::Store`]; whether it applied is
-    ///   unknown, but a retry with the same key finds out safely: it replays
-    ///   if the commit happened and runs `f` if it did not.
-    ///
-    /// No in-flight row is ever committed: a crashed caller leaves nothing
-    /// behind. `rules.lease` and `rules.fail` do not apply (the reservation
-    /// lives as long as the transaction, and the business data lives in the
-    /// same database). The transaction runs at the database's default
-    /// isolation level; `f`'s statements run under the database's default
-    /// `statement_timeout`, not the store's, while the store's own steps
-    /// are bounded by its time-out.
-    ///
-    /// ```no_run
-    /// # async fn demo(store: idem::store::postgres::PostgresStore) -> Result<(), Box<dyn std::error::Error>> {
-    /// use idem::{Fingerprint, Rules, Scope, StoreKey};
-    /// use idem::store::postgres::sqlx;
-    ///
-    /// let key = StoreKey::new(&Scope::named("tenant-42"), "order-1001");
-    /// let order = store
-    ///     .transaction(&key, Fingerprint::of_bytes(b"2 x tea"), &Rules::default(), |tx| {
-    ///         Box::pin(async move {
-    ///             let (id,): (i64,) = sqlx::query_as("INSERT INTO orders (item) VALUES ('tea') RETURNING id")
-    ///                 .fetch_one(&mut **tx)
-    ///                 .await?;
-    ///             Ok::<_, sqlx::Error>(id)
-    ///         })
-    ///     })
-    ///     .await?;
-    /// println!("order {} (replayed: {})", order.value, order.replayed);
-    /// # Ok(())
-    /// # }
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// See above; [`OnceError::Encode`] when the value cannot be encoded or
-    /// the stored one decoded.
-    pub async fn transaction<T, E, F>(
-        &self,
-        key: &StoreKey,
-        fingerprint: Fingerprint,
-        rules: &Rules,
-        f: F,
-    ) -> Result<Once<T>, OnceError<E>>
-    where
-        T: Serialize + DeserializeOwned + Send,
-        E: Send,
-        F: for<'c> FnOnce(&'c mut PgTransaction) -> TxFuture<'c, T, E> + Send,
-    {
-        let lock_wait = match rules.concurrent {
-            Concurrent::Wait => rules.wait_timeout,
-            Concurrent::Reject => REJECT_LOCK_WAIT,
-        };
-        // One round trip: BEGIN and bound the reserve's wait for a
-        // duplicate's row lock (the statement may wait that long too).
-        let begin = format!(
-            "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
-            lock_wait.as_millis().max(1),
-            (lock_wait + self.shared.timeout).as_millis()
-        );
-        let mut tx = self
-            .call(self.shared.pool.begin_with(begin))
-            .await
-            .map_err(OnceError::Store)?;
-
-        let token = Token::generate();
-        let reserved = tokio::time::timeout(
-            self.shared.timeout + lock_wait,
-            self.reserve_query(key, token, fingerprint, rules.lease)
-                .fetch_one(&mut *tx),
-        )
-        .await;
-        let reservation = match reserved {
-            Err(_) => Err(StoreError::Timeout(self.shared.timeout + lock_wait)),
-            Ok(Err(e)) if is_contention(&e) => {
-                self.rollback(tx).await;
-                return Err(OnceError::InProgress {
-                    retry_after: Duration::from_secs(1),
-                });
-            }
-            Ok(Err(e)) => Err(store_error(e, self.shared.timeout)),
-            Ok(Ok(row)) => reservation(&row, token, fingerprint, rules.lease),
-        };
-        let outcome = match reservation {
-            Ok(Reservation::Acquired(_)) => None,
-            Ok(Reservation::Completed(record)) => Some(decode_value(&record)),
-            Ok(Reservation::InFlight { lease_remaining }) => Some(Err(OnceError::InProgress {
-                retry_after: lease_remaining,
-            })),
-            Ok(Reservation::Mismatch) => Some(Err(OnceError::Mismatch)),
-            Err(e) => Some(Err(OnceError::Store(e))),
-        };
-        if let Some(outcome) = outcome {
-            // Nothing of ours to keep, and the row lock must go now.
-            self.rollback(tx).await;
-            return outcome;
-        }
-
-        // `f` (and the COMMIT, which may queue for the NOTIFY lock) run
-        // under the database's own settings, not the reserve's bounds.
-        let reset = self.call(sqlx::Executor::execute(&mut *tx, RESET)).await;
-        if let Err(e) = reset {
-            self.rollback(tx).await;
-            return Err(OnceError::Store(e));
-        }
-        let value = match f(&mut tx).await {
-            Ok(value) => value,
-            Err(e) => {
-                self.rollback(tx).await;
-                return Err(OnceError::Failed(e));
-            }
-        };
-        let response = match encode_value(&value) {
-            Ok(response) => response,
-            Err(e) => {
-                self.rollback(tx).await;
-                return Err(OnceError::Encode(e));
-            }
-        };
-        let held = self
-            .call(
-                self.complete_query(key, token, &response, rules.retention)
-                    .fetch_one(&mut *tx),
-            )
-            .await
-            .and_then(|row| flag(&row, "held"));
-        match held {
-            Ok(true) => {}
-            Ok(false) => {
-                self.rollback(tx).await;
-                return Err(OnceError::Store(StoreError::Corrupt(
-                    "the reservation vanished inside its own transaction".into(),
-                )));
-            }
-            Err(e) => {
-                self.rollback(tx).await;
-                return Err(OnceError::Store(e));
-            }
-        }
-        self.call(tx.commit()).await.map_err(OnceError::Store)?;
-        self.shared.notifier.notify(key);
-        Ok(Once {
-            value,
-            replayed: false,
-        })
-    }
-
     /// The outcome of a fenced change. When it applied, waiters in this
     /// process are woken at once; other instances hear of it by NOTIFY.
     fn changed(&self, key: &StoreKey, held: bool) -> Result<Fence, StoreError> {
@@ -842,17 +673,9 @@ fn store_error(e: sqlx::Error, timeout: Duration) -> StoreError {
         | sqlx::Error::Decode(_)
         | sqlx::Error::ColumnNotFound(_)
         | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::TypeNotFound { .. } => StoreError::Corrupt(e.to_string()),
+        | sqlx::Error::TypeNotFound { .. } => Corruption::from_source(e).into(),
         _ => StoreError::Unavailable(Box::new(e)),
     }
-}
-
-/// A transactional duplicate that met the first one's row lock: it timed
-/// out waiting (`lock_timeout`) or, under a stricter isolation level than
-/// READ COMMITTED, could not serialize.
-fn is_contention(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db)
-        if matches!(db.code().as_deref(), Some("55P03" | "40001" | "40P01")))
 }
 
 fn micros(d: Duration) -> i64 {
@@ -861,184 +684,6 @@ fn micros(d: Duration) -> i64 {
 
 fn fence(held: bool) -> Result<Fence, StoreError> {
     Ok(if held { Fence::Held } else { Fence::Lost })
-}
-
-fn column<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
-where
-    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
-{
-    row.try_get(name)
-        .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
-}
-
-fn flag(row: &PgRow, name: &str) -> Result<bool, StoreError> {
-    column(row, name)
-}
-
-fn state(row: &PgRow) -> Result<i16, StoreError> {
-    match column(row, "state")? {
-        s @ (IN_FLIGHT | COMPLETED) => Ok(s),
-        s => Err(StoreError::Corrupt(format!("unknown state {s}"))),
-    }
-}
-
-fn fingerprint(row: &PgRow) -> Result<Fingerprint, StoreError> {
-    let bytes: &[u8] = column(row, "fingerprint")?;
-    <[u8; 32]>::try_from(bytes)
-        .map(Fingerprint)
-        .map_err(|_| StoreError::Corrupt(format!("a fingerprint of {} bytes", bytes.len())))
-}
-
-fn remaining(row: &PgRow) -> Result<Duration, StoreError> {
-    let us: i64 = column(row, "remaining_us")?;
-    Ok(Duration::from_micros(u64::try_from(us).unwrap_or(0)))
-}
-
-fn time(row: &PgRow, name: &str) -> Result<SystemTime, StoreError> {
-    let us: i64 = column(row, name)?;
-    let since = Duration::from_micros(us.unsigned_abs());
-    if us >= 0 {
-        UNIX_EPOCH.checked_add(since)
-    } else {
-        UNIX_EPOCH.checked_sub(since)
-    }
-    .ok_or_else(|| StoreError::Corrupt(format!("{name} out of range")))
-}
-
-/// Decodes what `reserve.sql` returned; `token` is the one it tried to write.
-fn reservation(
-    row: &PgRow,
-    token: Token,
-    fingerprint_sent: Fingerprint,
-    lease: Duration,
-) -> Result<Reservation, StoreError> {
-    if flag(row, "acquired")? {
-        return Ok(Reservation::Acquired(Lease {
-            token,
-            duration: lease,
-        }));
-    }
-    let stored = fingerprint(row)?;
-    if stored != fingerprint_sent {
-        return Ok(Reservation::Mismatch);
-    }
-    Ok(match state(row)? {
-        IN_FLIGHT => Reservation::InFlight {
-            lease_remaining: remaining(row)?,
-        },
-        _ => Reservation::Completed(Arc::new(completed(row, stored)?)),
-    })
-}
-
-/// The completed record in `row`. Retention is measured by the database
-/// clock and expressed on the local one: `expires_at` = local now + the
-/// time the database says is left.
-fn completed(row: &PgRow, fingerprint: Fingerprint) -> Result<CompletedRecord, StoreError> {
-    let status: i32 = column(row, "status")?;
-    let status = u16::try_from(status)
-        .map_err(|_| StoreError::Corrupt(format!("status {status} out of range")))?;
-    let names: Vec<String> = column(row, "header_names")?;
-    let values: Vec<Vec<u8>> = column(row, "header_values")?;
-    if names.len() != values.len() {
-        return Err(StoreError::Corrupt(format!(
-            "{} header names for {} values",
-            names.len(),
-            values.len()
-        )));
-    }
-    let body: Vec<u8> = column(row, "body")?;
-    Ok(CompletedRecord {
-        fingerprint,
-        response: StoredResponse {
-            status,
-            headers: names
-                .into_iter()
-                .zip(values.into_iter().map(Bytes::from))
-                .collect(),
-            body: Bytes::from(body),
-        },
-        completed_at: time(row, "completed_at_us")?,
-        expires_at: SystemTime::now() + remaining(row)?,
-    })
-}
-
-/// The ONE `LISTEN` connection of a store, on a one-connection pool of its
-/// own (so it never takes a slot from the calls).
-struct Listener {
-    pool: PgPool,
-    listener: PgListener,
-    channel: String,
-}
-
-impl Listener {
-    async fn start(
-        options: PgConnectOptions,
-        channel: String,
-        timeout: Duration,
-    ) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(timeout)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_lazy_with(options);
-        let listener = bounded(timeout, Self::listen(&pool, &channel)).await?;
-        Ok(Self {
-            pool,
-            listener,
-            channel,
-        })
-    }
-
-    async fn listen(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
-        let mut listener = PgListener::connect_with(pool).await?;
-        listener.ignore_pool_close_event(true);
-        listener.listen(channel).await?;
-        Ok(listener)
-    }
-
-    /// Feeds `notifier` until the store drops (the task is aborted).
-    async fn run(self, notifier: Notifier) {
-        let Self {
-            pool,
-            mut listener,
-            channel,
-        } = self;
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(n)) => match StoreKey::from_stored(n.payload()) {
-                    Ok(key) => notifier.notify(&key),
-                    Err(error) => tracing::debug!(%error, "ignoring a foreign notification"),
-                },
-                // The connection was lost and is back (sqlx reconnects
-                // eagerly): anything sent meanwhile is gone, wake everyone.
-                Ok(None) => notifier.notify_all(),
-                Err(error) => {
-                    tracing::warn!(%error, %channel, "listener lost; reconnecting");
-                    // Give the pool's one connection back before asking for
-                    // a new one.
-                    drop(listener);
-                    listener = Self::reconnect(&pool, &channel).await;
-                    notifier.notify_all();
-                }
-            }
-        }
-    }
-
-    /// A new listener, retrying with backoff until it listens again.
-    async fn reconnect(pool: &PgPool, channel: &str) -> PgListener {
-        let mut pause = Duration::from_millis(100);
-        loop {
-            tokio::time::sleep(pause).await;
-            match Self::listen(pool, channel).await {
-                Ok(listener) => return listener,
-                Err(error) => {
-                    tracing::warn!(%error, ?pause, "listener reconnect failed");
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
 }
 
 /// Deletes expired rows in batches.
@@ -1116,6 +761,11 @@ mod tests {
             assert!(!sql.contains('{'), "unfilled placeholder in {sql}");
             assert!(sql.contains("-- Atomicity:"), "no atomicity note in {sql}");
         }
+    }
+
+    #[test]
+    fn the_schema_rule_states_the_limit() {
+        assert!(SCHEMA_RULE.contains(&format!("1–{MAX_SCHEMA_LEN} ")));
     }
 
     #[test]

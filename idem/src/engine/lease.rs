@@ -1,0 +1,196 @@
+//! Executing under a lease (SPEC §3.8–9): the heartbeat that keeps it, the
+//! fenced `complete` (retried until the lease would run out) or `release`,
+//! and the [`LeaseGuard`] that releases it when a request is cancelled.
+//!
+//! The [`Lease`] is a permit, as in pingora-cache's lock: the guard owns it
+//! while the operation runs and hands it back by value to the step that
+//! finishes it; a guard dropped with its lease (the request's future was
+//! dropped) releases it in the background, best effort.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::{Action, Engine, Finish, Metrics};
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::policy::Rules;
+use crate::record::CompletedRecord;
+use crate::store::{Fence, Lease, Store};
+
+impl<S: Store> Engine<S> {
+    /// Runs `op` under `lease`, with heartbeat, then finishes (SPEC §3.8–9).
+    pub(super) async fn execute<R, F, Fut>(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease: Lease,
+        rules: &Rules,
+        op: F,
+    ) -> R
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Finish<R>>,
+    {
+        let m = &self.inner.metrics;
+        Metrics::inc(&m.executed);
+        m.in_flight.fetch_add(1, Ordering::Relaxed);
+        let token = lease.token;
+        let guard = LeaseGuard {
+            engine: self.clone(),
+            key: key.clone(),
+            lease: Some(lease),
+        };
+        let op = op();
+        tokio::pin!(op);
+        let mut lease_ends = Instant::now() + rules.lease;
+        let heartbeat = async {
+            let every = (rules.lease / 3).max(Duration::from_millis(10));
+            let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let at = Instant::now();
+                match self
+                    .call(self.inner.store.extend(key, token, rules.lease))
+                    .await
+                {
+                    Ok(Fence::Held) => lease_ends = at + rules.lease,
+                    Ok(Fence::Lost) => {
+                        tracing::warn!(%key, "lease lost while executing; the result will not be stored");
+                        return;
+                    }
+                    Err(error) => tracing::warn!(%key, %error, "heartbeat failed"),
+                }
+            }
+        };
+        let finish = tokio::select! {
+            f = &mut op => f,
+            () = heartbeat => op.await,
+        };
+        m.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let lease = guard.disarm();
+        match finish.action {
+            Action::Store(response) => {
+                let now = SystemTime::now();
+                let record = Arc::new(CompletedRecord {
+                    fingerprint,
+                    response,
+                    completed_at: now,
+                    expires_at: now + rules.retention,
+                });
+                self.complete(key, lease, record, rules.retention, lease_ends)
+                    .await;
+            }
+            Action::Release => self.release(key, lease).await,
+            // Kept without heartbeat: the lease runs out by itself (the
+            // permit is simply dropped here, never handed to the store).
+            Action::Hold => {}
+        }
+        finish.output
+    }
+
+    /// `complete`, retried with backoff until the lease would run out.
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        lease: Lease,
+        record: Arc<CompletedRecord>,
+        retention: Duration,
+        lease_ends: Instant,
+    ) {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let r = self
+                .call(
+                    self.inner
+                        .store
+                        .complete(key, lease.token, Arc::clone(&record), retention),
+                )
+                .await;
+            match r {
+                Ok(Fence::Held) => {
+                    if let Some(c) = &self.inner.cache {
+                        c.insert(key.clone(), record);
+                    }
+                    return;
+                }
+                Ok(Fence::Lost) => return self.fenced(key, "complete"),
+                Err(error) if Instant::now() + backoff < lease_ends => {
+                    tracing::warn!(%key, %error, ?backoff, "complete failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(error) => {
+                    tracing::error!(%key, %error, "complete failed until the lease ran out; the result is NOT stored");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// `release`: an immediate retry executes again.
+    async fn release(&self, key: &StoreKey, lease: Lease) {
+        match self.call(self.inner.store.release(key, lease.token)).await {
+            Ok(Fence::Held) => {}
+            Ok(Fence::Lost) => self.fenced(key, "release"),
+            Err(error) => {
+                tracing::warn!(%key, %error, "release failed; the key frees itself when the lease runs out");
+            }
+        }
+    }
+
+    fn fenced(&self, key: &StoreKey, op: &str) {
+        Metrics::inc(&self.inner.metrics.fenced);
+        tracing::warn!(%key, op, "fenced out: another holder took the key over; nothing stored");
+    }
+}
+
+/// Holds a [`Lease`] while its operation runs. Releases it (best effort, in
+/// the background) if the request is cancelled before [`disarm`] handed the
+/// lease back.
+///
+/// [`disarm`]: LeaseGuard::disarm
+struct LeaseGuard<S: Store> {
+    engine: Engine<S>,
+    key: StoreKey,
+    lease: Option<Lease>,
+}
+
+impl<S: Store> LeaseGuard<S> {
+    /// Hands the lease back to the caller, who finishes it; the guard
+    /// then drops without releasing anything.
+    fn disarm(mut self) -> Lease {
+        // Only `disarm` (which consumes the guard) and `drop` take the
+        // lease, so it is still here.
+        self.lease
+            .take()
+            .expect("a lease guard is disarmed once, by value")
+    }
+}
+
+impl<S: Store> Drop for LeaseGuard<S> {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let engine = self.engine.clone();
+        let key = self.key.clone();
+        engine
+            .inner
+            .metrics
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                tracing::debug!(%key, "request cancelled; releasing its reservation");
+                let _ = engine
+                    .call(engine.inner.store.release(&key, lease.token))
+                    .await;
+            });
+        }
+    }
+}
