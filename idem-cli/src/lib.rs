@@ -8,12 +8,14 @@
 //! - [`config`]: the TOML file, `IDEM_*` variables and flags → [`config::Config`];
 //! - [`gateway`]: `idem serve`, the reverse proxy;
 //! - [`race`]: `idem race`, N requests released together, and what came back;
-//! - [`demo`]: `idem demo`, a naive service raced without and behind the gateway.
+//! - [`demo`]: `idem demo`, a naive service raced without and behind the gateway;
+//! - [`units`]: durations and sizes (`30s`, `1MiB`), read and written.
 
 pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod race;
+pub mod units;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

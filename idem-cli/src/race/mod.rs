@@ -107,7 +107,7 @@ pub struct RaceArgs {
 }
 
 fn parse_load_duration(s: &str) -> Result<Duration, String> {
-    let d = crate::config::parse_duration(s)?;
+    let d = crate::units::parse_duration(s).map_err(|e| e.to_string())?;
     if d.is_zero() {
         return Err("the duration must be more than zero".into());
     }
