@@ -1,6 +1,6 @@
 //! Configuration of `idem serve` (SPEC §11, §12): the TOML file, the
 //! `IDEM_*` environment variables and the command-line flags, merged and
-//! validated before anything starts.
+//! validated before anything starts — or a [`Config`] built in code.
 //!
 //! Precedence, highest first: flags, environment, file, built-in defaults.
 //! An empty environment variable counts as unset. Every problem names where
@@ -53,6 +53,25 @@
 //! - `mode = "async"` is accepted (SPEC §9).
 //! - `lease`, `wait_timeout`, `upstream_timeout`, `retention`,
 //!   `dedupe_window` and `max_body` must be greater than zero.
+//!
+//! # In code
+//!
+//! ```
+//! use std::time::Duration;
+//! use idem::policy::{Concurrent, RoutePolicy, RouteTable};
+//! use idem_cli::config::{Config, Limits};
+//!
+//! let mut policy = RoutePolicy::default();
+//! policy.concurrent = Concurrent::Wait;
+//! let config = Config::new("http://127.0.0.1:3000".parse().unwrap())
+//!     .listen("127.0.0.1:0".parse().unwrap())
+//!     .routes(RouteTable::new(policy))
+//!     .limits(Limits {
+//!         shutdown_grace: Duration::from_secs(2),
+//!         ..Limits::default()
+//!     });
+//! assert!(config.describe().contains("concurrent            wait"));
+//! ```
 
 mod describe;
 mod file;
@@ -66,7 +85,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use http::Uri;
-use idem::policy::RouteTable;
+use idem::policy::{RoutePolicy, RouteTable};
 
 use crate::units::MIB;
 
@@ -89,7 +108,8 @@ pub struct Overrides {
     pub admin_listen: Option<String>,
 }
 
-/// The fully validated configuration.
+/// The fully validated configuration: from [`load`], or built in code with
+/// [`Config::new`] and the setters below.
 ///
 /// `Debug` redacts the admin token and any password in the store URL.
 #[derive(Clone)]
@@ -110,6 +130,63 @@ pub struct Config {
     pub limits: Limits,
     /// The config file used, if any.
     pub source: Option<PathBuf>,
+}
+
+impl Config {
+    /// The built-in defaults in front of `upstream` (`http://host:port`):
+    /// listen on [`DEFAULT_LISTEN`], the memory store, no admin listener,
+    /// the default policy for every request, default [`Limits`]. What a file
+    /// holding only `upstream = "…"` gives.
+    #[must_use]
+    pub fn new(upstream: Uri) -> Self {
+        Self {
+            listen: DEFAULT_LISTEN,
+            upstream,
+            store: StoreSpec::Memory,
+            admin_listen: None,
+            admin_token: None,
+            routes: RouteTable::new(RoutePolicy::default()),
+            limits: Limits::default(),
+            source: None,
+        }
+    }
+
+    /// Listens on `addr` (port 0: any free port, see `Gateway::local_addr`).
+    #[must_use]
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Keeps the records in `store`.
+    #[must_use]
+    pub fn store(mut self, store: StoreSpec) -> Self {
+        self.store = store;
+        self
+    }
+
+    /// Serves the admin listener on `addr`, guarded by the bearer `token`
+    /// (the two go together: the listener can read and purge records).
+    #[must_use]
+    pub fn admin(mut self, addr: SocketAddr, token: impl Into<String>) -> Self {
+        self.admin_listen = Some(addr);
+        self.admin_token = Some(token.into());
+        self
+    }
+
+    /// Uses `routes`: per-route policies and the default policy.
+    #[must_use]
+    pub fn routes(mut self, routes: RouteTable) -> Self {
+        self.routes = routes;
+        self
+    }
+
+    /// Uses `limits`.
+    #[must_use]
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
 }
 
 /// Which store keeps the records (SPEC §7). Parsed from `memory`,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use http::{HeaderName, Method, Uri};
-use idem::policy::{Ambiguous, Concurrent, FailMode, KeyPolicy, Mode, RoutePolicy};
+use idem::policy::{Ambiguous, Concurrent, FailMode, KeyPolicy, Mode, RoutePolicy, RouteTable};
 
 use super::*;
 use crate::units::GIB;
@@ -230,6 +230,42 @@ fn no_file_uses_built_in_defaults() {
     assert_eq!(c.source, None);
     assert_eq!(**c.routes.default_policy(), RoutePolicy::default());
     assert!(c.routes.routes().is_empty());
+    assert_eq!(
+        Config::new(c.upstream.clone()).describe(),
+        c.describe(),
+        "Config::new holds the same defaults"
+    );
+}
+
+#[test]
+fn a_config_built_in_code_is_the_same_as_its_file() {
+    let mut policy = RoutePolicy::default();
+    policy.concurrent = Concurrent::Wait;
+    let built = Config::new("http://127.0.0.1:3000".parse().unwrap())
+        .listen("127.0.0.1:0".parse().unwrap())
+        .store(StoreSpec::Redis("redis://127.0.0.1:6379".to_owned()))
+        .admin("127.0.0.1:9090".parse().unwrap(), "test-admin-token")
+        .routes(RouteTable::new(policy))
+        .limits(Limits {
+            shutdown_grace: Duration::from_secs(2),
+            ..Limits::default()
+        });
+    let loaded = load_ok(
+        r#"listen = "127.0.0.1:0"
+upstream = "http://127.0.0.1:3000"
+store = "redis://127.0.0.1:6379"
+admin_listen = "127.0.0.1:9090"
+[defaults]
+concurrent = "wait"
+[limits]
+shutdown_grace = "2s"
+"#,
+    );
+    assert_eq!(built.source, None);
+    assert_eq!(built.admin_token, loaded.admin_token);
+    // Everything but the first line, which names the file.
+    let shown = |c: &Config| c.describe().lines().skip(1).collect::<Vec<_>>().join("\n");
+    assert_eq!(shown(&built), shown(&loaded));
 }
 
 #[test]
