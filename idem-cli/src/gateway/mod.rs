@@ -46,7 +46,7 @@ use idem::{Engine, EngineConfig, Store};
 
 use crate::config::{Config, StoreSpec};
 use body::GatewayBody;
-use proxy::{Proxy, ProxyBody};
+use proxy::{Proxy, ProxyBody, ProxyError};
 
 /// The request-id header (SPEC §10).
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -64,20 +64,21 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
-    /// The configuration asks for something this build cannot do.
-    #[error("{0}")]
-    Unsupported(String),
+    /// The upstream cannot be proxied to.
+    #[error(transparent)]
+    Upstream(#[from] ProxyError),
     /// The store did not answer at start-up.
-    #[error("cannot use the store {store}: {reason}")]
+    #[error("cannot use the store {store}: {source}")]
     Store {
         /// The store, with any password hidden.
         store: String,
         /// Why.
-        reason: String,
+        #[source]
+        source: idem::StoreError,
     },
-    /// The serve loop's task failed.
+    /// The serve loop's task failed (it panicked or was cancelled).
     #[error("the gateway task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// A running gateway (used by `idem serve`, the demo and tests).
@@ -148,7 +149,7 @@ impl Gateway {
     pub async fn shutdown(self) -> Result<(), GatewayError> {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
-            task.await.map_err(|e| GatewayError::Task(e.to_string()))?;
+            task.await.map_err(GatewayError::Task)?;
         }
         Ok(())
     }
@@ -191,9 +192,9 @@ pub fn unserved_async(config: &Config) -> Vec<String> {
 /// Opens the configured store. A remote store must answer at start-up:
 /// better to refuse to start than to serve 503s from the first request.
 async fn open_store(config: &Config) -> Result<AnyStore, GatewayError> {
-    let unreachable = |e: idem::StoreError| GatewayError::Store {
+    let unreachable = |source| GatewayError::Store {
         store: config.store.to_string(),
-        reason: e.to_string(),
+        source,
     };
     let store = match &config.store {
         StoreSpec::Memory => {
@@ -263,8 +264,7 @@ fn spawn_serve<S: Store>(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Vec<JoinHandle<()>>, GatewayError> {
     let routes = Arc::new(config.routes.clone());
-    let proxy =
-        Proxy::new(&config.upstream, Arc::clone(&routes)).map_err(GatewayError::Unsupported)?;
+    let proxy = Proxy::new(&config.upstream, Arc::clone(&routes))?;
     let mut tasks = Vec::with_capacity(2);
     if let (Some(listener), Some(token)) = (admin, config.admin_token.clone()) {
         let app = admin::router(engine.clone(), token);
@@ -402,4 +402,46 @@ async fn handle<S: Store>(
     };
     res.headers_mut().insert(X_REQUEST_ID, id);
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    fn config(upstream: &str) -> Config {
+        let upstream = upstream.parse().expect("a URI");
+        Config::new(upstream).listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    #[tokio::test]
+    async fn an_upstream_the_proxy_cannot_reach_is_refused_at_start() {
+        let e = Gateway::start(config("https://127.0.0.1:3000"))
+            .await
+            .expect_err("https upstream");
+        assert!(
+            matches!(e, GatewayError::Upstream(ProxyError::Scheme(_))),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("only http://"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_store_keeps_the_store_error_as_source() {
+        // Port 1 on loopback: nothing listens, the connection is refused at once.
+        let c = config("http://127.0.0.1:3000")
+            .store(StoreSpec::Redis("redis://:hunter2@127.0.0.1:1".to_owned()));
+        let e = Gateway::start(c).await.expect_err("nothing on port 1");
+        let GatewayError::Store { store, .. } = &e else {
+            panic!("expected a store error, got {e:?}");
+        };
+        assert_eq!(store, "redis://:***@127.0.0.1:1");
+        let source = e.source().expect("a source");
+        assert!(
+            source.downcast_ref::<idem::StoreError>().is_some(),
+            "{source:?}"
+        );
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
 }
