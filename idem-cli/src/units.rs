@@ -275,8 +275,10 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
         .ok_or_else(|| err(UnitProblem::TooLarge))
 }
 
-/// `30s`, `1h30m`, `24h`, `500ms`: the inverse of [`parse_duration`].
-/// Below a millisecond, `Duration`'s own `Debug` (`250µs`).
+/// `30s`, `1h30m`, `24h`, `500ms`: the inverse of [`parse_duration`],
+/// written as the docs write durations: hours stay hours (`24h`, `168h`),
+/// days are never used. Below a millisecond, `Duration`'s own `Debug`
+/// (`250µs`).
 #[must_use]
 pub fn format_duration(d: Duration) -> String {
     if d.is_zero() {
@@ -287,7 +289,7 @@ pub fn format_duration(d: Duration) -> String {
     }
     let mut ms = d.as_millis();
     let mut out = String::new();
-    for (unit, scale) in DURATION_UNITS {
+    for (unit, scale) in DURATION_UNITS.into_iter().filter(|(u, _)| *u != "d") {
         let scale = u128::from(scale);
         if ms >= scale {
             out.push_str(&format!("{}{unit}", ms / scale));
@@ -360,6 +362,18 @@ mod tests {
             let e = parse_duration(s).expect_err(s).to_string();
             assert!(e.contains(needle), "{s:?}: `{e}` should contain `{needle}`");
         }
+        for (ms, shown) in [
+            (86_400_000, "24h"),
+            (604_800_000, "168h"),
+            (93_784_005, "26h3m4s5ms"),
+            (5_400_000, "1h30m"),
+            (30_000, "30s"),
+            (1_500, "1s500ms"),
+            (0, "0s"),
+        ] {
+            assert_eq!(format_duration(Duration::from_millis(ms)), shown);
+        }
+        assert_eq!(format_duration(Duration::from_micros(250)), "250µs");
         assert_eq!(
             parse_duration("1x").map_err(|e| e.problem().clone()),
             Err(UnitProblem::UnknownUnit("x".to_owned()))

@@ -102,3 +102,19 @@ fn check_says_async_routes_are_served_synchronously() {
         "{stdout}"
     );
 }
+
+#[test]
+fn check_writes_durations_as_the_docs_do() {
+    let out = idem()
+        .args(["serve", "--check", "--upstream", "http://127.0.0.1:3000"])
+        .output()
+        .expect("run idem");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let retention = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("retention"))
+        .unwrap_or_else(|| panic!("no retention row in:\n{stdout}"));
+    // README and SPEC §12 write the default retention `24h`, never `1d`.
+    assert_eq!(retention.split_whitespace().nth(1), Some("24h"), "{stdout}");
+}

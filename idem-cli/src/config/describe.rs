@@ -279,7 +279,7 @@ mod tests {
             "route 1: POST /payments/*",
             "2xx, 400, 404, 405, 410, 413, 415, 422",
             "1MiB",
-            "1d",
+            "retention             24h",
             "wait",
             "content-type",
         ] {

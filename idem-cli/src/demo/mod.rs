@@ -22,6 +22,7 @@ use idem::policy::{Concurrent, RoutePolicy, RouteTable};
 use crate::config::{Config, Limits};
 use crate::gateway::{Gateway, GatewayError};
 use crate::race::{self, Keys, Mode, Plan, RaceError, Report, Target, Verdict};
+use crate::units::format_duration;
 
 /// What the demo does.
 #[derive(Debug, Clone, Copy)]
@@ -189,7 +190,7 @@ impl DemoReport {
     #[must_use]
     pub fn explanation(&self) -> String {
         let n = self.options.requests;
-        let delay = format!("{:?}", self.options.delay);
+        let delay = format_duration(self.options.delay);
         let direct = self.direct.executions.unwrap_or(0);
         let first = if direct > 1 {
             format!(
@@ -253,8 +254,9 @@ pub async fn command() -> ExitCode {
         wrap(
             &format!(
                 "idem demo: {} identical POST /orders with one Idempotency-Key, released \
-                 together, against a naive \"create order\" service (check, await {:?}, insert).",
-                options.requests, options.delay
+                 together, against a naive \"create order\" service (check, await {}, insert).",
+                options.requests,
+                format_duration(options.delay)
             ),
             78
         )
