@@ -22,7 +22,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::Overrides;
+use crate::config::{Config, Overrides, StoreSpec};
 use crate::gateway::Gateway;
 use crate::race::RaceArgs;
 
@@ -65,9 +65,14 @@ pub struct ServeArgs {
     /// Address of the admin listener (token from IDEM_ADMIN_TOKEN).
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<String>,
-    /// Validate the configuration, print what would run, and exit.
+    /// Validate the configuration, connect to the store (then let it go),
+    /// print what would run, and exit: 0 if `idem serve` would start, 2 for
+    /// a bad configuration, 1 for a store that does not answer.
     #[arg(long)]
     pub check: bool,
+    /// With --check: do not connect to the store, check the configuration alone.
+    #[arg(long, requires = "check")]
+    pub no_store_check: bool,
 }
 
 /// Parses the command line, sets up logging and a runtime, and runs.
@@ -133,12 +138,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     if args.check {
-        println!("{}", config.describe());
-        for note in gateway::unserved_async(&config) {
-            println!("note: {note}");
-        }
-        println!("configuration OK");
-        return ExitCode::SUCCESS;
+        return check(&config, !args.no_store_check).await;
     }
     let gateway = match Gateway::start(config).await {
         Ok(g) => g,
@@ -154,6 +154,30 @@ async fn serve(args: ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `idem serve --check`: print the plan, then prove the store answers
+/// (unless told not to): "configuration OK" means `idem serve` would start.
+async fn check(config: &Config, connect_to_store: bool) -> ExitCode {
+    println!("{}", config.describe());
+    for note in gateway::unserved_async(config) {
+        println!("note: {note}");
+    }
+    if !connect_to_store {
+        println!("store check: skipped (--no-store-check)");
+    } else if config.store != StoreSpec::Memory {
+        if let Err(e) = gateway::check_store(config).await {
+            eprintln!("idem: {e}");
+            eprintln!(
+                "idem: the configuration is valid but the store does not answer; \
+                 --no-store-check checks the configuration alone"
+            );
+            return ExitCode::FAILURE;
+        }
+        println!("store check: {} answered", config.store);
+    }
+    println!("configuration OK");
+    ExitCode::SUCCESS
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -1,4 +1,10 @@
-//! The `idem` binary: start-up validation and `--check`.
+//! The `idem` binary: start-up validation, `--check`, `--help` and logs.
+
+#[path = "support/process.rs"]
+mod process;
+#[path = "../../idem/tests/conformance/services.rs"]
+mod services;
+mod support;
 
 use std::io::Write;
 use std::process::Command;
@@ -117,4 +123,92 @@ fn check_writes_durations_as_the_docs_do() {
         .unwrap_or_else(|| panic!("no retention row in:\n{stdout}"));
     // README and SPEC §12 write the default retention `24h`, never `1d`.
     assert_eq!(retention.split_whitespace().nth(1), Some("24h"), "{stdout}");
+}
+
+/// A loopback address where nothing listens: a port the kernel just gave
+/// out and took back.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("addr").port()
+}
+
+fn check_with_store(store: &str, extra: &[&str]) -> std::process::Output {
+    idem()
+        .args(["serve", "--check", "--upstream", "http://127.0.0.1:3000"])
+        .args(["--store", store])
+        .args(extra)
+        .output()
+        .expect("run idem")
+}
+
+#[test]
+fn check_refuses_a_store_that_does_not_answer() {
+    let port = closed_port();
+    for store in [
+        format!("redis://127.0.0.1:{port}"),
+        format!("postgres://idem:hunter2@127.0.0.1:{port}/idem"),
+    ] {
+        let out = check_with_store(&store, &[]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(1), "{store}: {stdout}\n{stderr}");
+        assert!(!stdout.contains("configuration OK"), "{store}: {stdout}");
+        assert!(stderr.contains("cannot use the store"), "{store}: {stderr}");
+        assert!(stderr.contains("--no-store-check"), "{store}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{store}: {stderr}");
+    }
+}
+
+#[test]
+fn no_store_check_checks_the_configuration_alone() {
+    let out = check_with_store(
+        &format!("redis://127.0.0.1:{}", closed_port()),
+        &["--no-store-check"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("store check: skipped"), "{stdout}");
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+
+    // Only with --check.
+    let out = idem()
+        .args([
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:3000",
+            "--no-store-check",
+        ])
+        .output()
+        .expect("run idem");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--check"));
+}
+
+#[tokio::test]
+async fn check_connects_to_a_store_that_answers() {
+    let redis = match process::PrivateRedis::start().await {
+        Ok(redis) => redis,
+        Err(e) => {
+            services::unavailable::<()>("redis-server (private)", "PATH", &e);
+            return;
+        }
+    };
+    let out = check_with_store(&redis.url(), &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("store check: {} answered", redis.url())),
+        "{stdout}"
+    );
+    assert!(stdout.contains("configuration OK"), "{stdout}");
 }

@@ -189,6 +189,21 @@ pub fn unserved_async(config: &Config) -> Vec<String> {
     notes
 }
 
+/// Connects to the configured store, then lets it go: `idem serve --check`
+/// runs this so that "configuration OK" also means "the store answers".
+/// The memory store has nothing to connect to. A PostgreSQL store creates
+/// its tables if they are missing, as `idem serve` would.
+///
+/// # Errors
+///
+/// [`GatewayError::Store`] when the store does not answer in time.
+pub async fn check_store(config: &Config) -> Result<(), GatewayError> {
+    if config.store == StoreSpec::Memory {
+        return Ok(());
+    }
+    open_store(config).await.map(drop)
+}
+
 /// Opens the configured store. A remote store must answer at start-up:
 /// better to refuse to start than to serve 503s from the first request.
 async fn open_store(config: &Config) -> Result<AnyStore, GatewayError> {
