@@ -17,6 +17,7 @@ pub mod gateway;
 pub mod race;
 pub mod units;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -98,12 +99,14 @@ pub fn main() -> ExitCode {
 }
 
 /// Logs go to stderr; `IDEM_LOG` sets the filter (default `info`) and
-/// `IDEM_LOG_FORMAT=json` switches to JSON lines.
+/// `IDEM_LOG_FORMAT=json` switches to JSON lines. Colours only when stderr
+/// is a terminal: a file or a pipe gets plain text, not escape codes.
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let json = std::env::var("IDEM_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let _ = if json {

@@ -6,8 +6,8 @@ mod process;
 mod services;
 mod support;
 
-use std::io::Write;
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 
 fn idem() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_idem"));
@@ -211,4 +211,33 @@ async fn check_connects_to_a_store_that_answers() {
         "{stdout}"
     );
     assert!(stdout.contains("configuration OK"), "{stdout}");
+}
+
+#[test]
+fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    let mut child = idem()
+        .args(["serve", "--upstream", "http://127.0.0.1:3000"])
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run idem");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let mut seen = String::new();
+    // Up to the start-up line (or the end, if it never comes).
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("idem gateway listening") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.contains("idem gateway listening"), "{seen}");
+    assert!(
+        !seen.contains('\x1b'),
+        "ANSI escape codes in logs written to a pipe: {seen:?}"
+    );
 }
