@@ -49,21 +49,30 @@ pub enum Command {
 
 /// `idem serve` flags (SPEC §12). Flags override `IDEM_*` variables, which
 /// override the config file, which overrides the built-in defaults.
+///
+/// Only `--config` is read from its variable by clap; the others are read by
+/// [`config::load`], which names the variable when its value is refused.
+/// Each help line names its variable, as [`config::SETTINGS`] does.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Also from the environment: IDEM_ADMIN_TOKEN (the admin bearer token; \
+never from the file or a flag), IDEM_LOG (log filter, default info), \
+IDEM_LOG_FORMAT=json (JSON log lines)."
+)]
 pub struct ServeArgs {
-    /// The service to protect, e.g. http://127.0.0.1:3000.
+    /// The service to protect, e.g. http://127.0.0.1:3000 [env: IDEM_UPSTREAM]
     #[arg(long, value_name = "URL")]
     pub upstream: Option<String>,
-    /// Address to listen on [default: 127.0.0.1:8080].
+    /// Address to listen on [default: 127.0.0.1:8080] [env: IDEM_LISTEN]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// memory (default), redis://host:port[/db] or postgres://user@host:port/db.
+    /// memory (default), redis://host:port[/db] or postgres://user@host:port/db [env: IDEM_STORE]
     #[arg(long, value_name = "STORE")]
     pub store: Option<String>,
-    /// TOML configuration file (also IDEM_CONFIG).
-    #[arg(long, value_name = "FILE", env = "IDEM_CONFIG")]
+    /// TOML configuration file
+    #[arg(long, value_name = "FILE", env = "IDEM_CONFIG", hide_env_values = true)]
     pub config: Option<PathBuf>,
-    /// Address of the admin listener (token from IDEM_ADMIN_TOKEN).
+    /// Address of the admin listener (token from IDEM_ADMIN_TOKEN) [env: IDEM_ADMIN_LISTEN]
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<String>,
     /// Validate the configuration, connect to the store (then let it go),

@@ -241,3 +241,45 @@ fn logs_written_to_a_pipe_carry_no_colour_codes() {
         "ANSI escape codes in logs written to a pipe: {seen:?}"
     );
 }
+
+#[test]
+fn serve_help_names_the_variable_of_every_flag_that_has_one() {
+    let out = idem().args(["serve", "--help"]).output().expect("run idem");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    let line_of = |flag: &str| {
+        help.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{flag} <")))
+            .unwrap_or_else(|| panic!("no {flag} in:\n{help}"))
+    };
+    let with_vars = idem_cli::config::SETTINGS
+        .iter()
+        .map(|s| (s.flag, s.var))
+        .chain([("--config", "IDEM_CONFIG")]);
+    for (flag, var) in with_vars {
+        let line = line_of(flag);
+        assert!(line.contains(&format!("[env: {var}]")), "{line}");
+    }
+    for var in ["IDEM_ADMIN_TOKEN", "IDEM_LOG", "IDEM_LOG_FORMAT"] {
+        assert!(help.contains(var), "{var} missing from:\n{help}");
+    }
+    assert!(help.contains("--no-store-check"), "{help}");
+}
+
+#[test]
+fn idem_config_names_the_file() {
+    let (path, mut file) = tempfile();
+    writeln!(file, "upstream = \"http://127.0.0.1:3000\"").expect("write");
+    let out = idem()
+        .args(["serve", "--check"])
+        .env("IDEM_CONFIG", &path)
+        .output()
+        .expect("run idem");
+    let _ = std::fs::remove_file(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("config file:   {}", path.display())),
+        "{stdout}"
+    );
+}
