@@ -6,7 +6,6 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -263,14 +262,6 @@ fn positive_count(src: &Src<'_>, v: &Spanned<u64>, key: &str) -> Result<usize, C
     }
 }
 
-/// A top-level value and where it sits in the file.
-pub(super) fn unspan<T>(s: Option<Spanned<Text<T>>>) -> Option<(T, Range<usize>)> {
-    s.map(|s| {
-        let span = s.span();
-        (s.into_inner().0, span)
-    })
-}
-
 // ---------------------------------------------------------------------------
 // Values that check themselves while being deserialized.
 
@@ -293,7 +284,7 @@ impl FromText for Uri {
 
 impl FromText for StoreSpec {
     fn from_text(s: &str) -> Result<Self, String> {
-        s.parse().map_err(|e: super::StoreSpecError| e.to_string())
+        parse::store(s)
     }
 }
 
@@ -374,58 +365,45 @@ impl Scalar {
     }
 }
 
+/// A duration; with `NONZERO`, `0s` is refused.
 #[derive(Debug)]
-struct DurationValue(Duration);
+struct DurationValue<const NONZERO: bool = false>(Duration);
 
-impl<'de> Deserialize<'de> for DurationValue {
+type NonZeroDuration = DurationValue<true>;
+
+impl<'de, const NONZERO: bool> Deserialize<'de> for DurationValue<NONZERO> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match Scalar::deserialize(d, "a duration such as \"30s\" or \"1h30m\"")? {
-            Scalar::Text(s) => units::parse_duration(&s)
-                .map(Self)
-                .map_err(de::Error::custom),
-            Scalar::Int(n) => Err(de::Error::custom(format!(
-                "`{n}` has no unit: write a string with a unit, e.g. \"{n}s\" \
-                 (units: ms, s, m, h, d)"
-            ))),
-        }
-    }
-}
-
-#[derive(Debug)]
-struct NonZeroDuration(Duration);
-
-impl<'de> Deserialize<'de> for NonZeroDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let DurationValue(v) = DurationValue::deserialize(d)?;
-        if v.is_zero() {
+        let v = match Scalar::deserialize(d, "a duration such as \"30s\" or \"1h30m\"")? {
+            Scalar::Text(s) => units::parse_duration(&s).map_err(de::Error::custom)?,
+            Scalar::Int(n) => {
+                return Err(de::Error::custom(format!(
+                    "`{n}` has no unit: write a string with a unit, e.g. \"{n}s\" \
+                     (units: ms, s, m, h, d)"
+                )))
+            }
+        };
+        if NONZERO && v.is_zero() {
             return Err(de::Error::custom("must be greater than 0s"));
         }
         Ok(Self(v))
     }
 }
 
+/// A size in bytes; with `NONZERO`, `0` is refused.
 #[derive(Debug)]
-struct SizeValue(u64);
+struct SizeValue<const NONZERO: bool = false>(u64);
 
-impl<'de> Deserialize<'de> for SizeValue {
+type NonZeroSize = SizeValue<true>;
+
+impl<'de, const NONZERO: bool> Deserialize<'de> for SizeValue<NONZERO> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match Scalar::deserialize(d, "a size such as \"1MiB\" or a number of bytes")? {
-            Scalar::Text(s) => units::parse_size(&s).map_err(de::Error::custom),
+        let v = match Scalar::deserialize(d, "a size such as \"1MiB\" or a number of bytes")? {
+            Scalar::Text(s) => units::parse_size(&s).map_err(de::Error::custom)?,
             Scalar::Int(n) => {
-                u64::try_from(n).map_err(|_| de::Error::custom(format!("`{n}` is not a size")))
+                u64::try_from(n).map_err(|_| de::Error::custom(format!("`{n}` is not a size")))?
             }
-        }
-        .map(Self)
-    }
-}
-
-#[derive(Debug)]
-struct NonZeroSize(u64);
-
-impl<'de> Deserialize<'de> for NonZeroSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let SizeValue(v) = SizeValue::deserialize(d)?;
-        if v == 0 {
+        };
+        if NONZERO && v == 0 {
             return Err(de::Error::custom("must be greater than 0"));
         }
         Ok(Self(v))

@@ -61,6 +61,11 @@ pub(super) fn upstream(s: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
+/// A store, for the layers that give it as a string.
+pub(super) fn store(s: &str) -> Result<StoreSpec, String> {
+    s.parse().map_err(|e: StoreSpecError| e.to_string())
+}
+
 /// A method token; the standard ones only in upper case (they are
 /// case-sensitive, and `post` would never match a request).
 pub(super) fn method(s: &str) -> Result<Method, String> {

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use http::Uri;
 
-use super::file::{self, FileConfig};
+use toml::Spanned;
+
+use super::file::{self, FileConfig, Text};
 use super::parse;
 use super::{Config, ConfigError, Overrides, StoreSpec, DEFAULT_LISTEN};
 
@@ -123,30 +125,39 @@ impl Origin {
     }
 }
 
-/// One top-level setting: the flag wins, then the variable, then the file.
-fn layered<T>(
-    setting: Setting,
-    flag: Option<&String>,
-    env: &dyn Fn(&str) -> Option<String>,
-    file: Option<(T, Range<usize>)>,
-    parse: fn(&str) -> Result<T, String>,
-) -> Result<Option<(T, Origin)>, ConfigError> {
-    let Setting {
-        flag: name, var, ..
-    } = setting;
-    if let Some(value) = flag {
-        return match parse(value) {
-            Ok(v) => Ok(Some((v, Origin::Flag(name)))),
-            Err(reason) => Err(ConfigError::Flag { flag: name, reason }),
+/// The layers under a flag: the environment, then the file.
+struct Layers<'a> {
+    src: &'a Src<'a>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Layers<'_> {
+    /// One top-level setting and where it came from: the flag wins, then
+    /// the variable, then the file.
+    fn get<T>(
+        &self,
+        setting: Setting,
+        flag: Option<&String>,
+        file: Option<Spanned<Text<T>>>,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Result<Option<(T, Origin)>, ConfigError> {
+        let given = match flag {
+            Some(value) => Some((value.clone(), Origin::Flag(setting.flag))),
+            None => (self.env)(setting.var)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| (v.trim().to_owned(), Origin::Env(setting.var))),
         };
-    }
-    if let Some(value) = env(var).filter(|v| !v.trim().is_empty()) {
-        return match parse(value.trim()) {
-            Ok(v) => Ok(Some((v, Origin::Env(var)))),
-            Err(reason) => Err(ConfigError::Env { var, reason }),
+        let Some((value, origin)) = given else {
+            return Ok(file.map(|v| {
+                let span = v.span();
+                (v.into_inner().0, Origin::File(span))
+            }));
         };
+        match parse(&value) {
+            Ok(v) => Ok(Some((v, origin))),
+            Err(reason) => Err(origin.error(self.src, reason)),
+        }
     }
-    Ok(file.map(|(v, span)| (v, Origin::File(span))))
 }
 
 fn build(
@@ -159,35 +170,25 @@ fn build(
     let routes = file::route_table(src, file.defaults, file.route)?;
     let limits = file.limits.unwrap_or_default().into_limits(src)?;
 
-    let (listen, listen_origin) = layered(
-        LISTEN,
-        flags.listen.as_ref(),
-        env,
-        file::unspan(file.listen),
-        parse::addr,
-    )?
-    .unwrap_or((DEFAULT_LISTEN, Origin::Default));
-    let (upstream, upstream_origin) = layered(
-        UPSTREAM,
-        flags.upstream.as_ref(),
-        env,
-        file::unspan(file.upstream),
-        parse::upstream,
-    )?
-    .ok_or(ConfigError::MissingUpstream)?;
-    let store = layered(
-        STORE,
-        flags.store.as_ref(),
-        env,
-        file::unspan(file.store),
-        |s| s.parse::<StoreSpec>().map_err(|e| e.to_string()),
-    )?
-    .map_or(StoreSpec::Memory, |(s, _)| s);
-    let admin = layered(
+    let layers = Layers { src, env };
+    let (listen, listen_origin) = layers
+        .get(LISTEN, flags.listen.as_ref(), file.listen, parse::addr)?
+        .unwrap_or((DEFAULT_LISTEN, Origin::Default));
+    let (upstream, upstream_origin) = layers
+        .get(
+            UPSTREAM,
+            flags.upstream.as_ref(),
+            file.upstream,
+            parse::upstream,
+        )?
+        .ok_or(ConfigError::MissingUpstream)?;
+    let store = layers
+        .get(STORE, flags.store.as_ref(), file.store, parse::store)?
+        .map_or(StoreSpec::Memory, |(s, _)| s);
+    let admin = layers.get(
         ADMIN_LISTEN,
         flags.admin_listen.as_ref(),
-        env,
-        file::unspan(file.admin_listen),
+        file.admin_listen,
         parse::addr,
     )?;
     let admin_token = admin_token(env)?;
