@@ -17,7 +17,7 @@
 //!   flags, and error locations (`file:line`, did-you-mean);
 //! - `parse`: the value parsers (addresses, upstream, store, methods,
 //!   headers, JSON pointers, policy names);
-//! - `describe`: what `idem serve --check` prints, and password redaction.
+//! - `describe`: what `idem serve --check` prints, never a secret.
 //!
 //! Durations and sizes are read and written by [`crate::units`].
 //!
@@ -86,10 +86,10 @@ use std::time::Duration;
 
 use http::Uri;
 use idem::policy::{RoutePolicy, RouteTable};
+use idem::store::StoreUrl;
 
 use crate::units::MIB;
 
-pub use parse::StoreSpecError;
 pub use source::{load, load_str, Setting, SETTINGS};
 
 /// Where the gateway listens unless told otherwise.
@@ -190,17 +190,19 @@ impl Config {
 }
 
 /// Which store keeps the records (SPEC §7). Parsed from `memory`,
-/// `redis://…` / `rediss://…` or `postgres://…` / `postgresql://…`.
+/// `redis://…` / `rediss://…` (several nodes: a Redis Cluster) or
+/// `postgres://…` / `postgresql://…` by [`idem::store::StoreUrl`], which
+/// also opens it ([`idem::store::AnyStore::connect_to`]).
 ///
-/// `Display` and `Debug` redact any password in the URL as `***`.
-#[derive(Clone, PartialEq, Eq)]
+/// `Display` and `Debug` show any password in the URL as `***`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreSpec {
     /// The in-process store (one instance; lost on restart).
     Memory,
-    /// A Redis URL (`redis://…` or `rediss://…`), as given.
-    Redis(String),
-    /// A PostgreSQL URL (`postgres://…` or `postgresql://…`), as given.
-    Postgres(String),
+    /// Redis or a Redis Cluster.
+    Redis(StoreUrl),
+    /// PostgreSQL.
+    Postgres(StoreUrl),
 }
 
 /// Resource limits and timeouts: the TOML table `[limits]`, every field optional.

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use http::{HeaderName, Method, Uri};
 use idem::policy::{Ambiguous, Concurrent, FailMode, KeyPolicy, Mode, Route};
+use idem::store::StoreUrl;
+use idem::StoreError;
 
-use super::describe::redact_url;
 use super::StoreSpec;
 
 pub(super) fn addr(s: &str) -> Result<SocketAddr, String> {
@@ -61,9 +62,10 @@ pub(super) fn upstream(s: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
-/// A store, for the layers that give it as a string.
+/// A store, for the layers that give it as a string. The message never
+/// shows a password.
 pub(super) fn store(s: &str) -> Result<StoreSpec, String> {
-    s.parse().map_err(|e: StoreSpecError| e.to_string())
+    s.parse().map_err(|e: StoreError| e.to_string())
 }
 
 /// A method token; the standard ones only in upper case (they are
@@ -112,54 +114,18 @@ pub(super) fn route_match(s: &str) -> Result<Route, String> {
     Ok(route)
 }
 
-/// Why a store was refused. `Display` never shows a password.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreSpecError {
-    /// Neither `memory` nor a URL of a supported scheme.
-    #[error(
-        "`{0}` is not a store: use `memory`, `redis://host:port[/db]` \
-         (or rediss://) or `postgres://user@host:port/db` (or postgresql://)"
-    )]
-    Unsupported(
-        /// The store as given, any password shown as `***`.
-        String,
-    ),
-    /// A scheme and nothing after it (`redis://`).
-    #[error("`{0}` has no host")]
-    NoHost(
-        /// The store as given.
-        String,
-    ),
-}
-
 impl FromStr for StoreSpec {
-    type Err = StoreSpecError;
+    type Err = StoreError;
 
-    /// `memory`, `redis://…`, `rediss://…`, `postgres://…` or `postgresql://…`.
-    fn from_str(s: &str) -> Result<Self, StoreSpecError> {
-        if s == "memory" {
-            return Ok(StoreSpec::Memory);
-        }
-        let lower = s.to_ascii_lowercase();
-        let scheme_len = |prefixes: &[&str]| {
-            prefixes
-                .iter()
-                .find(|p| lower.starts_with(*p))
-                .map(|p| p.len())
-        };
-        let (spec, len): (fn(String) -> StoreSpec, _) =
-            if let Some(len) = scheme_len(&["redis://", "rediss://"]) {
-                (StoreSpec::Redis, len)
-            } else if let Some(len) = scheme_len(&["postgres://", "postgresql://"]) {
-                (StoreSpec::Postgres, len)
-            } else {
-                return Err(StoreSpecError::Unsupported(redact_url(s)));
-            };
-        if s.len() == len {
-            return Err(StoreSpecError::NoHost(s.to_owned()));
-        }
-        Ok(spec(s.to_owned()))
+    /// What [`StoreUrl`] accepts: `memory`, `redis://…`, `rediss://…`,
+    /// `postgres://…` or `postgresql://…`.
+    fn from_str(s: &str) -> Result<Self, StoreError> {
+        let url: StoreUrl = s.parse()?;
+        Ok(match url.kind() {
+            "memory" => StoreSpec::Memory,
+            "redis" => StoreSpec::Redis(url),
+            _ => StoreSpec::Postgres(url),
+        })
     }
 }
 
@@ -222,28 +188,34 @@ mod tests {
 
     #[test]
     fn store_specs() {
-        assert_eq!("memory".parse(), Ok(StoreSpec::Memory));
-        for url in ["redis://h:6379", "rediss://h:6380/1", "REDIS://h"] {
-            assert_eq!(url.parse(), Ok(StoreSpec::Redis(url.to_owned())));
+        assert!(matches!("memory".parse(), Ok(StoreSpec::Memory)));
+        for url in [
+            "redis://h:6379",
+            "rediss://h:6380/1",
+            "REDIS://h",
+            "redis://a:1,b:2",
+        ] {
+            let spec: StoreSpec = url.parse().expect(url);
+            assert!(
+                matches!(&spec, StoreSpec::Redis(u) if u.as_str() == url),
+                "{spec:?}"
+            );
         }
         for url in ["postgres://u@h:5432/d", "postgresql://u:p@h/d"] {
-            assert_eq!(url.parse(), Ok(StoreSpec::Postgres(url.to_owned())));
+            let spec: StoreSpec = url.parse().expect(url);
+            assert!(
+                matches!(&spec, StoreSpec::Postgres(u) if u.as_str() == url),
+                "{spec:?}"
+            );
         }
         for bad in ["", "Memory", "mem", "redis:/h", "http://h"] {
-            let e = bad.parse::<StoreSpec>().expect_err(bad);
-            assert_eq!(e, StoreSpecError::Unsupported(bad.to_owned()));
-            let e = e.to_string();
+            let e = bad.parse::<StoreSpec>().expect_err(bad).to_string();
             assert!(e.contains("memory") && e.contains("postgres://"), "{e}");
         }
-        assert_eq!(
-            "redis://".parse::<StoreSpec>(),
-            Err(StoreSpecError::NoHost("redis://".to_owned()))
-        );
-        let e = "mysql://u:hunter2@db/x"
-            .parse::<StoreSpec>()
-            .expect_err("mysql");
-        assert!(!e.to_string().contains("hunter2"), "{e}");
-        assert!(!format!("{e:?}").contains("hunter2"), "{e:?}");
+        let e = store("redis://").expect_err("no host");
+        assert!(e.contains("no host"), "{e}");
+        let e = store("mysql://u:hunter2@db/x").expect_err("mysql");
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

@@ -243,7 +243,7 @@ fn a_config_built_in_code_is_the_same_as_its_file() {
     policy.concurrent = Concurrent::Wait;
     let built = Config::new("http://127.0.0.1:3000".parse().unwrap())
         .listen("127.0.0.1:0".parse().unwrap())
-        .store(StoreSpec::Redis("redis://127.0.0.1:6379".to_owned()))
+        .store("redis://127.0.0.1:6379".parse().unwrap())
         .admin("127.0.0.1:9090".parse().unwrap(), "test-admin-token")
         .routes(RouteTable::new(policy))
         .limits(Limits {
@@ -307,10 +307,7 @@ admin_listen = "127.0.0.1:3001"
     let c = load_str("idem.toml", file, &env, &Overrides::default()).expect("valid");
     assert_eq!(c.listen, "127.0.0.1:1002".parse().unwrap());
     assert_eq!(c.upstream, "http://127.0.0.1:2002".parse::<Uri>().unwrap());
-    assert_eq!(
-        c.store,
-        StoreSpec::Redis("redis://127.0.0.1:6379/0".to_owned())
-    );
+    assert_eq!(c.store, "redis://127.0.0.1:6379/0".parse().unwrap());
     assert_eq!(
         c.admin_listen,
         Some("127.0.0.1:3001".parse().unwrap()),
@@ -327,10 +324,7 @@ admin_listen = "127.0.0.1:3001"
     let c = load_str("idem.toml", file, &env, &flags).expect("valid");
     assert_eq!(c.listen, "127.0.0.1:1003".parse().unwrap());
     assert_eq!(c.upstream, "http://127.0.0.1:2003".parse::<Uri>().unwrap());
-    assert_eq!(
-        c.store,
-        StoreSpec::Postgres("postgresql://idem@db:5432/idem".to_owned())
-    );
+    assert_eq!(c.store, "postgresql://idem@db:5432/idem".parse().unwrap());
     assert_eq!(c.admin_listen, Some("127.0.0.1:3003".parse().unwrap()));
 
     let c = load_str("idem.toml", file, &token_env, &Overrides::default()).expect("valid");

@@ -39,9 +39,7 @@ use tracing::Instrument;
 use idem::layer::{Idempotency, IdempotencyLayer, ResponseBody};
 use idem::problem::{Problem, ProblemCode};
 use idem::store::memory::{MemoryLimits, MemoryStore};
-use idem::store::postgres::PostgresStore;
-use idem::store::redis::RedisStore;
-use idem::store::AnyStore;
+use idem::store::{AnyStore, ConnectOptions};
 use idem::{Engine, EngineConfig, Store};
 
 use crate::config::{Config, StoreSpec};
@@ -207,9 +205,9 @@ pub async fn check_store(config: &Config) -> Result<(), GatewayError> {
 /// Opens the configured store. A remote store must answer at start-up:
 /// better to refuse to start than to serve 503s from the first request.
 async fn open_store(config: &Config) -> Result<AnyStore, GatewayError> {
-    let unreachable = |source| GatewayError::Store {
-        store: config.store.to_string(),
-        source,
+    let limits = MemoryLimits {
+        max_entries: config.limits.memory_max_entries,
+        max_bytes: config.limits.memory_max_bytes,
     };
     let store = match &config.store {
         StoreSpec::Memory => {
@@ -217,47 +215,20 @@ async fn open_store(config: &Config) -> Result<AnyStore, GatewayError> {
                 "store = memory: records live in this process only and are lost on restart; \
                  run several instances only with a shared store (redis:// or postgres://)"
             );
-            AnyStore::Memory(MemoryStore::with_limits(MemoryLimits {
-                max_entries: config.limits.memory_max_entries,
-                max_bytes: config.limits.memory_max_bytes,
-            }))
+            AnyStore::Memory(MemoryStore::with_limits(limits))
         }
-        StoreSpec::Redis(url) => {
-            let builder = RedisStore::builder().timeout(config.limits.store_timeout);
-            let urls = redis_urls(url);
-            let store = if urls.len() > 1 {
-                builder.connect_cluster(&urls).await
-            } else {
-                builder.connect(url).await
-            };
-            AnyStore::Redis(store.map_err(unreachable)?)
-        }
-        StoreSpec::Postgres(url) => AnyStore::Postgres(
-            PostgresStore::builder(url.as_str())
-                .timeout(config.limits.store_timeout)
-                .connect()
+        StoreSpec::Redis(url) | StoreSpec::Postgres(url) => {
+            let options = ConnectOptions::new().timeout(config.limits.store_timeout);
+            AnyStore::connect_to(url, options)
                 .await
-                .map_err(unreachable)?,
-        ),
+                .map_err(|source| GatewayError::Store {
+                    store: config.store.to_string(),
+                    source,
+                })?
+        }
     };
     tracing::info!(store = %config.store, "store ready");
     Ok(store)
-}
-
-/// `redis://a:7000,b:7001,c:7002` (or full URLs separated by commas) names
-/// the nodes of a Redis Cluster; one address is a standalone server.
-fn redis_urls(spec: &str) -> Vec<String> {
-    let (scheme, rest) = spec.split_once("://").unwrap_or(("redis", spec));
-    rest.split(',')
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            if s.contains("://") {
-                s.to_owned()
-            } else {
-                format!("{scheme}://{s}")
-            }
-        })
-        .collect()
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
@@ -446,7 +417,7 @@ mod tests {
     async fn an_unreachable_store_keeps_the_store_error_as_source() {
         // Port 1 on loopback: nothing listens, the connection is refused at once.
         let c = config("http://127.0.0.1:3000")
-            .store(StoreSpec::Redis("redis://:hunter2@127.0.0.1:1".to_owned()));
+            .store("redis://:hunter2@127.0.0.1:1".parse().expect("a store"));
         let e = Gateway::start(c).await.expect_err("nothing on port 1");
         let GatewayError::Store { store, .. } = &e else {
             panic!("expected a store error, got {e:?}");
