@@ -169,7 +169,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
 }
 
 /// `idem serve --check`: print the plan, then prove the store answers
-/// (unless told not to): "configuration OK" means `idem serve` would start.
+/// (unless told not to), so that "configuration OK" includes the store.
 async fn check(config: &Config, connect_to_store: bool) -> ExitCode {
     println!("{}", config.describe());
     for note in gateway::unserved_async(config) {
