@@ -8,19 +8,22 @@
 //! - [`config`]: the TOML file, `IDEM_*` variables and flags → [`config::Config`];
 //! - [`gateway`]: `idem serve`, the reverse proxy;
 //! - [`race`]: `idem race`, N requests released together, and what came back;
-//! - [`demo`]: `idem demo`, a naive service raced without and behind the gateway.
+//! - [`demo`]: `idem demo`, a naive service raced without and behind the gateway;
+//! - [`units`]: durations and sizes (`30s`, `1MiB`), read and written.
 
 pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod race;
+pub mod units;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::Overrides;
+use crate::config::{Config, Overrides, StoreSpec};
 use crate::gateway::Gateway;
 use crate::race::RaceArgs;
 
@@ -46,26 +49,40 @@ pub enum Command {
 
 /// `idem serve` flags (SPEC §12). Flags override `IDEM_*` variables, which
 /// override the config file, which overrides the built-in defaults.
+///
+/// Only `--config` is read from its variable by clap; the others are read by
+/// [`config::load`], which names the variable when its value is refused.
+/// Each help line names its variable, as [`config::SETTINGS`] does.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Also from the environment: IDEM_ADMIN_TOKEN (the admin bearer token; \
+never from the file or a flag), IDEM_LOG (log filter, default info), \
+IDEM_LOG_FORMAT=json (JSON log lines)."
+)]
 pub struct ServeArgs {
-    /// The service to protect, e.g. http://127.0.0.1:3000.
+    /// The service to protect, e.g. http://127.0.0.1:3000 [env: IDEM_UPSTREAM]
     #[arg(long, value_name = "URL")]
     pub upstream: Option<String>,
-    /// Address to listen on [default: 127.0.0.1:8080].
+    /// Address to listen on [default: 127.0.0.1:8080] [env: IDEM_LISTEN]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// memory (default), redis://host:port[/db] or postgres://user@host:port/db.
+    /// memory (default), redis://host:port[/db] or postgres://user@host:port/db [env: IDEM_STORE]
     #[arg(long, value_name = "STORE")]
     pub store: Option<String>,
-    /// TOML configuration file (also IDEM_CONFIG).
-    #[arg(long, value_name = "FILE", env = "IDEM_CONFIG")]
+    /// TOML configuration file
+    #[arg(long, value_name = "FILE", env = "IDEM_CONFIG", hide_env_values = true)]
     pub config: Option<PathBuf>,
-    /// Address of the admin listener (token from IDEM_ADMIN_TOKEN).
+    /// Address of the admin listener (token from IDEM_ADMIN_TOKEN) [env: IDEM_ADMIN_LISTEN]
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<String>,
-    /// Validate the configuration, print what would run, and exit.
+    /// Validate the configuration, connect to the store (then let it go),
+    /// print what would run, and exit: 0 if `idem serve` would start, 2 for
+    /// a bad configuration, 1 for a store that does not answer.
     #[arg(long)]
     pub check: bool,
+    /// With --check: do not connect to the store, check the configuration alone.
+    #[arg(long, requires = "check")]
+    pub no_store_check: bool,
 }
 
 /// Parses the command line, sets up logging and a runtime, and runs.
@@ -91,12 +108,14 @@ pub fn main() -> ExitCode {
 }
 
 /// Logs go to stderr; `IDEM_LOG` sets the filter (default `info`) and
-/// `IDEM_LOG_FORMAT=json` switches to JSON lines.
+/// `IDEM_LOG_FORMAT=json` switches to JSON lines. Colours only when stderr
+/// is a terminal: a file or a pipe gets plain text, not escape codes.
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let json = std::env::var("IDEM_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let _ = if json {
@@ -131,12 +150,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     if args.check {
-        println!("{}", config.describe());
-        for note in gateway::unserved_async(&config) {
-            println!("note: {note}");
-        }
-        println!("configuration OK");
-        return ExitCode::SUCCESS;
+        return check(&config, !args.no_store_check).await;
     }
     let gateway = match Gateway::start(config).await {
         Ok(g) => g,
@@ -152,6 +166,30 @@ async fn serve(args: ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `idem serve --check`: print the plan, then prove the store answers
+/// (unless told not to), so that "configuration OK" includes the store.
+async fn check(config: &Config, connect_to_store: bool) -> ExitCode {
+    println!("{}", config.describe());
+    for note in gateway::unserved_async(config) {
+        println!("note: {note}");
+    }
+    if !connect_to_store {
+        println!("store check: skipped (--no-store-check)");
+    } else if config.store != StoreSpec::Memory {
+        if let Err(e) = gateway::check_store(config).await {
+            eprintln!("idem: {e}");
+            eprintln!(
+                "idem: the configuration is valid but the store does not answer; \
+                 --no-store-check checks the configuration alone"
+            );
+            return ExitCode::FAILURE;
+        }
+        println!("store check: {} answered", config.store);
+    }
+    println!("configuration OK");
+    ExitCode::SUCCESS
 }
 
 /// Completes on Ctrl-C or SIGTERM.

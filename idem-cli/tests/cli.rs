@@ -1,7 +1,13 @@
-//! The `idem` binary: start-up validation and `--check`.
+//! The `idem` binary: start-up validation, `--check`, `--help` and logs.
 
-use std::io::Write;
-use std::process::Command;
+#[path = "support/process.rs"]
+mod process;
+#[path = "../../idem/tests/conformance/services.rs"]
+mod services;
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 
 fn idem() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_idem"));
@@ -99,6 +105,181 @@ fn check_says_async_routes_are_served_synchronously() {
     assert!(out.status.success(), "{stdout}");
     assert!(
         stdout.contains("note: route /jobs/*: mode = \"async\" is not available yet"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_writes_durations_as_the_docs_do() {
+    let out = idem()
+        .args(["serve", "--check", "--upstream", "http://127.0.0.1:3000"])
+        .output()
+        .expect("run idem");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let retention = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("retention"))
+        .unwrap_or_else(|| panic!("no retention row in:\n{stdout}"));
+    // README and SPEC §12 write the default retention `24h`, never `1d`.
+    assert_eq!(retention.split_whitespace().nth(1), Some("24h"), "{stdout}");
+}
+
+/// A loopback address where nothing listens: a port the kernel just gave
+/// out and took back.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("addr").port()
+}
+
+fn check_with_store(store: &str, extra: &[&str]) -> std::process::Output {
+    idem()
+        .args(["serve", "--check", "--upstream", "http://127.0.0.1:3000"])
+        .args(["--store", store])
+        .args(extra)
+        .output()
+        .expect("run idem")
+}
+
+#[test]
+fn check_refuses_a_store_that_does_not_answer() {
+    let port = closed_port();
+    for store in [
+        format!("redis://127.0.0.1:{port}"),
+        format!("postgres://idem:hunter2@127.0.0.1:{port}/idem"),
+    ] {
+        let out = check_with_store(&store, &[]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(1), "{store}: {stdout}\n{stderr}");
+        assert!(!stdout.contains("configuration OK"), "{store}: {stdout}");
+        assert!(stderr.contains("cannot use the store"), "{store}: {stderr}");
+        assert!(stderr.contains("--no-store-check"), "{store}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{store}: {stderr}");
+    }
+}
+
+#[test]
+fn no_store_check_checks_the_configuration_alone() {
+    let out = check_with_store(
+        &format!("redis://127.0.0.1:{}", closed_port()),
+        &["--no-store-check"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("store check: skipped"), "{stdout}");
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+
+    // Only with --check.
+    let out = idem()
+        .args([
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:3000",
+            "--no-store-check",
+        ])
+        .output()
+        .expect("run idem");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--check"));
+}
+
+#[tokio::test]
+async fn check_connects_to_a_store_that_answers() {
+    let redis = match process::PrivateRedis::start().await {
+        Ok(redis) => redis,
+        Err(e) => {
+            services::unavailable::<()>("redis-server (private)", "PATH", &e);
+            return;
+        }
+    };
+    let out = check_with_store(&redis.url(), &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("store check: {} answered", redis.url())),
+        "{stdout}"
+    );
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+}
+
+#[test]
+fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    let mut child = idem()
+        .args(["serve", "--upstream", "http://127.0.0.1:3000"])
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run idem");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let mut seen = String::new();
+    // Up to the start-up line (or the end, if it never comes).
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("idem gateway listening") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.contains("idem gateway listening"), "{seen}");
+    assert!(
+        !seen.contains('\x1b'),
+        "ANSI escape codes in logs written to a pipe: {seen:?}"
+    );
+}
+
+#[test]
+fn serve_help_names_the_variable_of_every_flag_that_has_one() {
+    let out = idem().args(["serve", "--help"]).output().expect("run idem");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    let line_of = |flag: &str| {
+        help.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{flag} <")))
+            .unwrap_or_else(|| panic!("no {flag} in:\n{help}"))
+    };
+    let with_vars = idem_cli::config::SETTINGS
+        .iter()
+        .map(|s| (s.flag, s.var))
+        .chain([("--config", "IDEM_CONFIG")]);
+    for (flag, var) in with_vars {
+        let line = line_of(flag);
+        assert!(line.contains(&format!("[env: {var}]")), "{line}");
+    }
+    for var in ["IDEM_ADMIN_TOKEN", "IDEM_LOG", "IDEM_LOG_FORMAT"] {
+        assert!(help.contains(var), "{var} missing from:\n{help}");
+    }
+    assert!(help.contains("--no-store-check"), "{help}");
+}
+
+#[test]
+fn idem_config_names_the_file() {
+    let (path, mut file) = tempfile();
+    writeln!(file, "upstream = \"http://127.0.0.1:3000\"").expect("write");
+    let out = idem()
+        .args(["serve", "--check"])
+        .env("IDEM_CONFIG", &path)
+        .output()
+        .expect("run idem");
+    let _ = std::fs::remove_file(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("config file:   {}", path.display())),
         "{stdout}"
     );
 }

@@ -11,15 +11,18 @@ mod backend;
 pub use backend::NaiveBackend;
 
 use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use http::header::CONTENT_TYPE;
 use http::HeaderValue;
+use idem::policy::{Concurrent, RoutePolicy, RouteTable};
 
-use crate::config::{self, ConfigError, Overrides};
+use crate::config::{Config, Limits};
 use crate::gateway::{Gateway, GatewayError};
 use crate::race::{self, Keys, Mode, Plan, RaceError, Report, Target, Verdict};
+use crate::units::format_duration;
 
 /// What the demo does.
 #[derive(Debug, Clone, Copy)]
@@ -46,9 +49,9 @@ pub enum DemoError {
     /// The naive service could not start.
     #[error("cannot start the demo service: {0}")]
     Backend(#[source] std::io::Error),
-    /// The gateway's configuration was refused (a bug in the demo).
-    #[error("the demo's gateway configuration was refused: {0}")]
-    Config(#[source] ConfigError),
+    /// The naive service's address is not an upstream URL (a bug in the demo).
+    #[error("the demo service's address is not an upstream URL: {0}")]
+    Upstream(#[source] http::uri::InvalidUri),
     /// The gateway could not start or stop.
     #[error("the demo's gateway failed: {0}")]
     Gateway(#[source] GatewayError),
@@ -77,14 +80,9 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, DemoError> {
         .await
         .map_err(DemoError::Race)?;
 
-    let toml = format!(
-        "listen = \"127.0.0.1:0\"\nupstream = \"http://{}\"\n\n\
-         [defaults]\nconcurrent = \"wait\"\n\n[limits]\nshutdown_grace = \"2s\"\n",
-        backend.addr()
-    );
-    let config = config::load_str("demo.toml", &toml, &|_| None, &Overrides::default())
-        .map_err(DemoError::Config)?;
-    let gateway = Gateway::start(config).await.map_err(DemoError::Gateway)?;
+    let gateway = Gateway::start(gateway_config(backend.addr())?)
+        .await
+        .map_err(DemoError::Gateway)?;
     let url = format!("http://{}/orders", gateway.local_addr());
     let through = race::run(&plan(&url, &backend, options)?).await;
     // Stop the gateway whatever the race did; a race error comes first.
@@ -96,6 +94,23 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, DemoError> {
         direct,
         gateway: through,
     })
+}
+
+/// The demo's gateway: in front of the naive service on a free port, memory
+/// store, duplicates wait for the first answer, a short shutdown grace.
+fn gateway_config(backend: SocketAddr) -> Result<Config, DemoError> {
+    let upstream = format!("http://{backend}")
+        .parse()
+        .map_err(DemoError::Upstream)?;
+    let mut policy = RoutePolicy::default();
+    policy.concurrent = Concurrent::Wait;
+    Ok(Config::new(upstream)
+        .listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .routes(RouteTable::new(policy))
+        .limits(Limits {
+            shutdown_grace: Duration::from_secs(2),
+            ..Limits::default()
+        }))
 }
 
 /// The same race for both sides: one fresh random key, a JSON body, the
@@ -175,7 +190,7 @@ impl DemoReport {
     #[must_use]
     pub fn explanation(&self) -> String {
         let n = self.options.requests;
-        let delay = format!("{:?}", self.options.delay);
+        let delay = format_duration(self.options.delay);
         let direct = self.direct.executions.unwrap_or(0);
         let first = if direct > 1 {
             format!(
@@ -239,8 +254,9 @@ pub async fn command() -> ExitCode {
         wrap(
             &format!(
                 "idem demo: {} identical POST /orders with one Idempotency-Key, released \
-                 together, against a naive \"create order\" service (check, await {:?}, insert).",
-                options.requests, options.delay
+                 together, against a naive \"create order\" service (check, await {}, insert).",
+                options.requests,
+                format_duration(options.delay)
             ),
             78
         )

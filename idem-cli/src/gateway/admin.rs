@@ -16,7 +16,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -133,23 +134,29 @@ async fn metrics<S: Store>(State(admin): State<Arc<Admin<S>>>, headers: HeaderMa
 
 /// The store key a records route names, once the caller is authorized:
 /// 401 without the token, 400 for a malformed key.
-fn record_key<S>(
-    admin: &Admin<S>,
-    headers: &HeaderMap,
-    raw: &str,
-) -> Result<StoreKey, Box<Response>> {
-    if !authorized(admin, headers) {
-        return Err(Box::new(unauthorized()));
-    }
-    StoreKey::from_stored(raw).map_err(|e| {
-        Box::new(
+struct RecordKey(StoreKey);
+
+impl<S: Store> FromRequestParts<Arc<Admin<S>>> for RecordKey {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        admin: &Arc<Admin<S>>,
+    ) -> Result<Self, Response> {
+        if !authorized(admin, &parts.headers) {
+            return Err(unauthorized());
+        }
+        let Path(raw) = Path::<String>::from_request_parts(parts, admin)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        StoreKey::from_stored(&raw).map(Self).map_err(|e| {
             (
                 StatusCode::BAD_REQUEST,
                 format!("not a store key (`<32 hex>:<key>`): {}\n", e.reason()),
             )
-                .into_response(),
-        )
-    })
+                .into_response()
+        })
+    }
 }
 
 fn millis_since_epoch(t: SystemTime) -> u128 {
@@ -160,13 +167,8 @@ fn millis_since_epoch(t: SystemTime) -> u128 {
 
 async fn inspect<S: Store>(
     State(admin): State<Arc<Admin<S>>>,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
+    RecordKey(key): RecordKey,
 ) -> Response {
-    let key = match record_key(&admin, &headers, &raw) {
-        Ok(k) => k,
-        Err(r) => return *r,
-    };
     let json = match admin.engine.inspect(&key).await {
         Err(error) => {
             tracing::warn!(%error, "admin inspect failed");
@@ -208,13 +210,8 @@ async fn inspect<S: Store>(
 
 async fn purge<S: Store>(
     State(admin): State<Arc<Admin<S>>>,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
+    RecordKey(key): RecordKey,
 ) -> Response {
-    let key = match record_key(&admin, &headers, &raw) {
-        Ok(k) => k,
-        Err(r) => return *r,
-    };
     match admin.engine.purge(&key).await {
         Ok(true) => {
             tracing::info!(%key, "record purged by admin");

@@ -39,14 +39,12 @@ use tracing::Instrument;
 use idem::layer::{Idempotency, IdempotencyLayer, ResponseBody};
 use idem::problem::{Problem, ProblemCode};
 use idem::store::memory::{MemoryLimits, MemoryStore};
-use idem::store::postgres::PostgresStore;
-use idem::store::redis::RedisStore;
-use idem::store::AnyStore;
+use idem::store::{AnyStore, ConnectOptions};
 use idem::{Engine, EngineConfig, Store};
 
 use crate::config::{Config, StoreSpec};
 use body::GatewayBody;
-use proxy::{Proxy, ProxyBody};
+use proxy::{Proxy, ProxyBody, ProxyError};
 
 /// The request-id header (SPEC §10).
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -64,20 +62,21 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
-    /// The configuration asks for something this build cannot do.
-    #[error("{0}")]
-    Unsupported(String),
+    /// The upstream cannot be proxied to.
+    #[error(transparent)]
+    Upstream(#[from] ProxyError),
     /// The store did not answer at start-up.
-    #[error("cannot use the store {store}: {reason}")]
+    #[error("cannot use the store {store}: {source}")]
     Store {
         /// The store, with any password hidden.
         store: String,
         /// Why.
-        reason: String,
+        #[source]
+        source: idem::StoreError,
     },
-    /// The serve loop's task failed.
+    /// The serve loop's task failed (it panicked or was cancelled).
     #[error("the gateway task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// A running gateway (used by `idem serve`, the demo and tests).
@@ -148,7 +147,7 @@ impl Gateway {
     pub async fn shutdown(self) -> Result<(), GatewayError> {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
-            task.await.map_err(|e| GatewayError::Task(e.to_string()))?;
+            task.await.map_err(GatewayError::Task)?;
         }
         Ok(())
     }
@@ -188,12 +187,27 @@ pub fn unserved_async(config: &Config) -> Vec<String> {
     notes
 }
 
+/// Connects to the configured store, then lets it go: `idem serve --check`
+/// runs this so that "configuration OK" also means "the store answers".
+/// The memory store has nothing to connect to. A PostgreSQL store creates
+/// its tables if they are missing, as `idem serve` would.
+///
+/// # Errors
+///
+/// [`GatewayError::Store`] when the store does not answer in time.
+pub async fn check_store(config: &Config) -> Result<(), GatewayError> {
+    if config.store == StoreSpec::Memory {
+        return Ok(());
+    }
+    open_store(config).await.map(drop)
+}
+
 /// Opens the configured store. A remote store must answer at start-up:
 /// better to refuse to start than to serve 503s from the first request.
 async fn open_store(config: &Config) -> Result<AnyStore, GatewayError> {
-    let unreachable = |e: idem::StoreError| GatewayError::Store {
-        store: config.store.to_string(),
-        reason: e.to_string(),
+    let limits = MemoryLimits {
+        max_entries: config.limits.memory_max_entries,
+        max_bytes: config.limits.memory_max_bytes,
     };
     let store = match &config.store {
         StoreSpec::Memory => {
@@ -201,47 +215,20 @@ async fn open_store(config: &Config) -> Result<AnyStore, GatewayError> {
                 "store = memory: records live in this process only and are lost on restart; \
                  run several instances only with a shared store (redis:// or postgres://)"
             );
-            AnyStore::Memory(MemoryStore::with_limits(MemoryLimits {
-                max_entries: config.limits.memory_max_entries,
-                max_bytes: config.limits.memory_max_bytes,
-            }))
+            AnyStore::Memory(MemoryStore::with_limits(limits))
         }
-        StoreSpec::Redis(url) => {
-            let builder = RedisStore::builder().timeout(config.limits.store_timeout);
-            let urls = redis_urls(url);
-            let store = if urls.len() > 1 {
-                builder.connect_cluster(&urls).await
-            } else {
-                builder.connect(url).await
-            };
-            AnyStore::Redis(store.map_err(unreachable)?)
-        }
-        StoreSpec::Postgres(url) => AnyStore::Postgres(
-            PostgresStore::builder(url.as_str())
-                .timeout(config.limits.store_timeout)
-                .connect()
+        StoreSpec::Redis(url) | StoreSpec::Postgres(url) => {
+            let options = ConnectOptions::new().timeout(config.limits.store_timeout);
+            AnyStore::connect_to(url, options)
                 .await
-                .map_err(unreachable)?,
-        ),
+                .map_err(|source| GatewayError::Store {
+                    store: config.store.to_string(),
+                    source,
+                })?
+        }
     };
     tracing::info!(store = %config.store, "store ready");
     Ok(store)
-}
-
-/// `redis://a:7000,b:7001,c:7002` (or full URLs separated by commas) names
-/// the nodes of a Redis Cluster; one address is a standalone server.
-fn redis_urls(spec: &str) -> Vec<String> {
-    let (scheme, rest) = spec.split_once("://").unwrap_or(("redis", spec));
-    rest.split(',')
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            if s.contains("://") {
-                s.to_owned()
-            } else {
-                format!("{scheme}://{s}")
-            }
-        })
-        .collect()
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
@@ -263,8 +250,7 @@ fn spawn_serve<S: Store>(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Vec<JoinHandle<()>>, GatewayError> {
     let routes = Arc::new(config.routes.clone());
-    let proxy =
-        Proxy::new(&config.upstream, Arc::clone(&routes)).map_err(GatewayError::Unsupported)?;
+    let proxy = Proxy::new(&config.upstream, Arc::clone(&routes))?;
     let mut tasks = Vec::with_capacity(2);
     if let (Some(listener), Some(token)) = (admin, config.admin_token.clone()) {
         let app = admin::router(engine.clone(), token);
@@ -402,4 +388,46 @@ async fn handle<S: Store>(
     };
     res.headers_mut().insert(X_REQUEST_ID, id);
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    fn config(upstream: &str) -> Config {
+        let upstream = upstream.parse().expect("a URI");
+        Config::new(upstream).listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    #[tokio::test]
+    async fn an_upstream_the_proxy_cannot_reach_is_refused_at_start() {
+        let e = Gateway::start(config("https://127.0.0.1:3000"))
+            .await
+            .expect_err("https upstream");
+        assert!(
+            matches!(e, GatewayError::Upstream(ProxyError::Scheme(_))),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("only http://"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_store_keeps_the_store_error_as_source() {
+        // Port 1 on loopback: nothing listens, the connection is refused at once.
+        let c = config("http://127.0.0.1:3000")
+            .store("redis://:hunter2@127.0.0.1:1".parse().expect("a store"));
+        let e = Gateway::start(c).await.expect_err("nothing on port 1");
+        let GatewayError::Store { store, .. } = &e else {
+            panic!("expected a store error, got {e:?}");
+        };
+        assert_eq!(store, "redis://:***@127.0.0.1:1");
+        let source = e.source().expect("a source");
+        assert!(
+            source.downcast_ref::<idem::StoreError>().is_some(),
+            "{source:?}"
+        );
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
 }

@@ -30,6 +30,18 @@ use super::body::GatewayBody;
 /// buffered within the upstream time-out (participating requests).
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
+/// Why a [`Proxy`] cannot be built for an upstream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The upstream URL names no host.
+    #[error("upstream `{0}` has no host")]
+    NoHost(Uri),
+    /// Not `http://`: the gateway speaks plain HTTP/1.1 to its upstream.
+    #[error("upstream `{0}`: only http:// upstreams are supported; use http://host:port")]
+    Scheme(Uri),
+}
+
 /// Forwards requests to one upstream. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Proxy {
@@ -47,11 +59,22 @@ struct ProxyInner {
 impl Proxy {
     /// A proxy to `upstream` (`http://host:port`), using `routes` for
     /// per-route upstream time-outs.
-    pub fn new(upstream: &Uri, routes: Arc<RouteTable>) -> Result<Self, String> {
+    ///
+    /// # Errors
+    ///
+    /// [`ProxyError`] if `upstream` is not a plain-HTTP URL with a host
+    /// (the configuration file refuses those already; a [`Config`] built in
+    /// code may hold one).
+    ///
+    /// [`Config`]: crate::config::Config
+    pub fn new(upstream: &Uri, routes: Arc<RouteTable>) -> Result<Self, ProxyError> {
         let authority = upstream
             .authority()
             .cloned()
-            .ok_or_else(|| format!("upstream `{upstream}` has no host"))?;
+            .ok_or_else(|| ProxyError::NoHost(upstream.clone()))?;
+        if upstream.scheme().is_some_and(|s| *s != Scheme::HTTP) {
+            return Err(ProxyError::Scheme(upstream.clone()));
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
@@ -171,5 +194,25 @@ impl Service<Request<GatewayBody>> for Proxy {
     fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
         let proxy = self.clone();
         Box::pin(async move { Ok(proxy.forward(req).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(upstream: &str) -> Result<Proxy, ProxyError> {
+        let routes = Arc::new(RouteTable::new(idem::RoutePolicy::default()));
+        Proxy::new(&upstream.parse().expect("a URI"), routes)
+    }
+
+    #[test]
+    fn only_plain_http_upstreams_with_a_host() {
+        assert!(proxy("http://127.0.0.1:3000").is_ok());
+        assert!(matches!(
+            proxy("https://api.example"),
+            Err(ProxyError::Scheme(_))
+        ));
+        assert!(matches!(proxy("/just/a/path"), Err(ProxyError::NoHost(_))));
     }
 }

@@ -36,6 +36,8 @@ use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 
+use crate::units::{self, format_duration};
+
 pub use report::{Latency, Report, Verdict};
 
 /// The most requests one burst may send (`-n`).
@@ -107,7 +109,7 @@ pub struct RaceArgs {
 }
 
 fn parse_load_duration(s: &str) -> Result<Duration, String> {
-    let d = crate::config::parse_duration(s)?;
+    let d = units::parse_duration(s).map_err(|e| e.to_string())?;
     if d.is_zero() {
         return Err("the duration must be more than zero".into());
     }
@@ -170,7 +172,7 @@ pub enum RaceError {
         source: std::io::Error,
     },
     /// A connection was not established within the connect timeout.
-    #[error("cannot connect to {addr}: no answer within {timeout:?}")]
+    #[error("cannot connect to {addr}: no answer within {}", format_duration(*.timeout))]
     ConnectTimeout {
         /// The address.
         addr: std::net::SocketAddr,
@@ -441,8 +443,10 @@ impl Plan {
                 duration,
                 concurrency,
             } => format!(
-                "{} {} for {duration:?} on {concurrency} connections, {keys}",
-                self.method, self.target.url
+                "{} {} for {} on {concurrency} connections, {keys}",
+                self.method,
+                self.target.url,
+                format_duration(duration)
             ),
         }
     }

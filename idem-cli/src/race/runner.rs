@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use super::progress::Progress;
 use super::report::{Context, Sample};
 use super::{Keys, Mode, Plan, RaceError, Target};
+use crate::units::format_duration;
 
 /// Connections opened at once while setting up (the listen backlog of the
 /// other side is finite; SYNs beyond it are retried after a second).
@@ -250,7 +251,7 @@ async fn send(
             key,
         },
         Ok(Err(e)) => Sample::Failed(describe(&e)),
-        Err(_) => Sample::Failed(format!("no answer within {timeout:?}")),
+        Err(_) => Sample::Failed(format!("no answer within {}", format_duration(timeout))),
     }
 }
 
@@ -399,7 +400,12 @@ async fn read_count(target: &Target, addr: SocketAddr, plan: &Plan) -> Result<u6
     };
     let (status, body) = tokio::time::timeout(plan.request_timeout, exchange)
         .await
-        .map_err(|_| fail(format!("no answer within {:?}", plan.request_timeout)))?
+        .map_err(|_| {
+            fail(format!(
+                "no answer within {}",
+                format_duration(plan.request_timeout)
+            ))
+        })?
         .map_err(|e| fail(format!("cannot read it: {e}")))?;
     if !status.is_success() {
         return Err(fail(format!(

@@ -293,7 +293,9 @@ impl FromStr for StoreUrl {
         } else if let Some(len) = scheme_len(&["postgres://", "postgresql://"]) {
             (Target::Postgres, len)
         } else {
-            return Err(StoreError::Config(ConfigError::NotAStore { url: redact(s) }));
+            return Err(StoreError::Config(ConfigError::NotAStore {
+                url: redact(s),
+            }));
         };
         if s.len() == len {
             return Err(StoreError::Config(ConfigError::NoHost { url: redact(s) }));

@@ -1,0 +1,613 @@
+//! The TOML file's shape, and what its tables mean.
+//!
+//! Every table is `deny_unknown_fields`, so a typo is an error with its line
+//! rather than a silent default. Values check themselves while being
+//! deserialized, so toml attaches the value's position to the error.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Uri};
+use idem::policy::{
+    Ambiguous, Concurrent, FailMode, KeyPolicy, Mode, Route, RoutePolicy, RouteTable, StatusSet,
+};
+use serde::de::{self, Deserializer, IgnoredAny, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::parse::{self, Named};
+use super::source::Src;
+use super::{ConfigError, Limits, StoreSpec};
+use crate::units::{self, format_size, KIB};
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    pub(super) listen: Option<Spanned<Text<SocketAddr>>>,
+    pub(super) upstream: Option<Spanned<Text<Uri>>>,
+    pub(super) store: Option<Spanned<Text<StoreSpec>>>,
+    pub(super) admin_listen: Option<Spanned<Text<SocketAddr>>>,
+    /// Present only to refuse it with a clear message.
+    #[allow(dead_code)]
+    admin_token: Option<TokenInFile>,
+    pub(super) defaults: Option<PolicyTable>,
+    #[serde(default)]
+    pub(super) route: Vec<Spanned<PolicyTable>>,
+    pub(super) limits: Option<LimitsTable>,
+}
+
+/// `[defaults]` and each `[[route]]` (one shape, so the keys cannot drift
+/// apart; `match` is refused in `[defaults]` and required in a route).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PolicyTable {
+    #[serde(rename = "match")]
+    matcher: Option<Spanned<Text<Route>>>,
+    methods: Option<Vec<Spanned<String>>>,
+    key: Option<Choice<KeyPolicy>>,
+    dedupe_window: Option<NonZeroDuration>,
+    concurrent: Option<Choice<Concurrent>>,
+    wait_timeout: Option<NonZeroDuration>,
+    lease: Option<NonZeroDuration>,
+    retention: Option<NonZeroDuration>,
+    fail: Option<Choice<FailMode>>,
+    ambiguous: Option<Choice<Ambiguous>>,
+    max_body: Option<NonZeroSize>,
+    max_key_length: Option<KeyLength>,
+    upstream_timeout: Option<NonZeroDuration>,
+    scope_headers: Option<Vec<Spanned<String>>>,
+    fingerprint_headers: Option<Vec<Spanned<String>>>,
+    store_statuses: Option<Spanned<Vec<Spanned<StatusEntry>>>>,
+    mode: Option<Choice<Mode>>,
+    canonical_json: Option<bool>,
+    ignore_json_pointers: Option<Vec<Spanned<String>>>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct LimitsTable {
+    store_timeout: Option<NonZeroDuration>,
+    request_read_timeout: Option<NonZeroDuration>,
+    max_header_bytes: Option<Spanned<SizeValue>>,
+    max_connections: Option<Spanned<u64>>,
+    local_cache_bytes: Option<SizeValue>,
+    memory_max_entries: Option<Spanned<u64>>,
+    memory_max_bytes: Option<NonZeroSize>,
+    shutdown_grace: Option<DurationValue>,
+}
+
+/// `dst.field = value` for every `field` the table sets (each value is a
+/// checked wrapper around the model's type).
+macro_rules! copy_set {
+    ($table:expr => $dst:expr; $($field:ident),* $(,)?) => {
+        $(if let Some(v) = $table.$field {
+            $dst.$field = v.0;
+        })*
+    };
+}
+
+/// `[defaults]` then every `[[route]]` in order, each starting from the
+/// defaults. Refuses a route without `match`, `match` in `[defaults]`, and a
+/// route that repeats an earlier one's `match` (it could never match).
+pub(super) fn route_table(
+    src: &Src<'_>,
+    defaults: Option<PolicyTable>,
+    routes: Vec<Spanned<PolicyTable>>,
+) -> Result<RouteTable, ConfigError> {
+    let mut base = RoutePolicy::default();
+    if let Some(mut table) = defaults {
+        if let Some(m) = table.matcher.take() {
+            return Err(src.at(
+                &m.span(),
+                "`match` belongs in a [[route]]; [defaults] applies to every request",
+            ));
+        }
+        table.apply(&mut base, src)?;
+    }
+    let mut out = RouteTable::new(base.clone());
+    // (method, pattern, line) of the routes so far, to refuse unreachable repeats.
+    let mut seen: Vec<(Option<Method>, String, usize)> = Vec::new();
+    for (i, spanned) in routes.into_iter().enumerate() {
+        let span = spanned.span();
+        let mut table = spanned.into_inner();
+        let Some(m) = table.matcher.take() else {
+            return Err(src.at(
+                &span,
+                "this [[route]] has no `match`: add one, e.g. match = \"POST /payments/*\"",
+            ));
+        };
+        let m_span = m.span();
+        let Text(route) = m.into_inner();
+        let key = (route.method.clone(), route.path.as_str().to_owned());
+        if let Some(j) = seen.iter().position(|(m, p, _)| (m, p) == (&key.0, &key.1)) {
+            return Err(src.at(
+                &m_span,
+                format!(
+                    "route {} has the same `match` as route {} (line {}): \
+                     only the first can ever match",
+                    i + 1,
+                    j + 1,
+                    seen[j].2
+                ),
+            ));
+        }
+        seen.push((key.0, key.1, src.line(m_span.start)));
+        let mut policy = base.clone();
+        table.apply(&mut policy, src)?;
+        out = out.route(Route {
+            method: route.method,
+            path: route.path,
+            policy: Arc::new(policy),
+        });
+    }
+    Ok(out)
+}
+
+impl PolicyTable {
+    /// Overrides the fields of `p` that this table sets.
+    fn apply(self, p: &mut RoutePolicy, src: &Src<'_>) -> Result<(), ConfigError> {
+        if let Some(list) = &self.methods {
+            p.methods = each(src, list, "methods", parse::method)?;
+        }
+        if let Some(list) = &self.scope_headers {
+            p.scope_headers = each(src, list, "scope_headers", parse::header)?;
+        }
+        if let Some(list) = &self.fingerprint_headers {
+            p.fingerprint_headers = each(src, list, "fingerprint_headers", parse::header)?;
+        }
+        if let Some(list) = &self.store_statuses {
+            p.store_statuses = statuses(src, list)?;
+        }
+        if let Some(list) = &self.ignore_json_pointers {
+            p.ignore_json_pointers = each(src, list, "ignore_json_pointers", |s| {
+                parse::json_pointer(s).map(str::to_owned)
+            })?;
+        }
+        if let Some(v) = self.canonical_json {
+            p.canonical_json = v;
+        }
+        copy_set!(self => p;
+            key, dedupe_window, concurrent, wait_timeout, lease, retention, fail,
+            ambiguous, max_body, max_key_length, upstream_timeout, mode,
+        );
+        Ok(())
+    }
+}
+
+/// `store_statuses`: every entry blamed on its own line; never empty.
+fn statuses(
+    src: &Src<'_>,
+    list: &Spanned<Vec<Spanned<StatusEntry>>>,
+) -> Result<StatusSet, ConfigError> {
+    if list.get_ref().is_empty() {
+        return Err(src.at(
+            &list.span(),
+            "store_statuses is empty: no response would ever be stored \
+             (the default is [\"2xx\", 400, 404, 405, 410, 413, 415, 422])",
+        ));
+    }
+    let mut set = StatusSet::empty();
+    for entry in list.get_ref() {
+        set = entry
+            .get_ref()
+            .add_to(set)
+            .map_err(|e| src.at(&entry.span(), format!("store_statuses: {e}")))?;
+    }
+    Ok(set)
+}
+
+/// Parses every element, blaming the element's own line; drops repeats.
+fn each<T: PartialEq>(
+    src: &Src<'_>,
+    list: &[Spanned<String>],
+    key: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, ConfigError> {
+    let mut out = Vec::with_capacity(list.len());
+    for item in list {
+        let v = parse(item.get_ref()).map_err(|e| src.at(&item.span(), format!("{key}: {e}")))?;
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// The smallest `max_header_bytes`: hyper's HTTP/1 read buffer cannot be
+/// smaller (it panics below this).
+const MIN_HEADER_BYTES: u64 = 8 * KIB;
+
+impl LimitsTable {
+    /// The default limits with this table's values on top.
+    pub(super) fn into_limits(self, src: &Src<'_>) -> Result<Limits, ConfigError> {
+        let mut l = Limits::default();
+        if let Some(v) = &self.max_header_bytes {
+            let n = v.get_ref().0;
+            if n < MIN_HEADER_BYTES {
+                return Err(src.at(
+                    &v.span(),
+                    format!(
+                        "max_header_bytes must be at least 8KiB (the HTTP/1 parser's \
+                         smallest buffer), not {}",
+                        format_size(n)
+                    ),
+                ));
+            }
+            l.max_header_bytes = usize::try_from(n)
+                .map_err(|_| src.at(&v.span(), "max_header_bytes is too large"))?;
+        }
+        if let Some(v) = &self.max_connections {
+            l.max_connections = positive_count(src, v, "max_connections")?;
+        }
+        if let Some(v) = &self.memory_max_entries {
+            l.memory_max_entries = positive_count(src, v, "memory_max_entries")?;
+        }
+        copy_set!(self => l;
+            store_timeout, request_read_timeout, local_cache_bytes, memory_max_bytes,
+            shutdown_grace,
+        );
+        Ok(l)
+    }
+}
+
+fn positive_count(src: &Src<'_>, v: &Spanned<u64>, key: &str) -> Result<usize, ConfigError> {
+    match usize::try_from(*v.get_ref()) {
+        Ok(0) => Err(src.at(&v.span(), format!("{key} must be greater than 0"))),
+        Ok(n) => Ok(n),
+        Err(_) => Err(src.at(&v.span(), format!("{key} is too large"))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Values that check themselves while being deserialized.
+
+/// A type read from a TOML string by one of the value parsers.
+pub(super) trait FromText: Sized {
+    fn from_text(s: &str) -> Result<Self, String>;
+}
+
+impl FromText for SocketAddr {
+    fn from_text(s: &str) -> Result<Self, String> {
+        parse::addr(s)
+    }
+}
+
+impl FromText for Uri {
+    fn from_text(s: &str) -> Result<Self, String> {
+        parse::upstream(s)
+    }
+}
+
+impl FromText for StoreSpec {
+    fn from_text(s: &str) -> Result<Self, String> {
+        parse::store(s)
+    }
+}
+
+impl FromText for Route {
+    fn from_text(s: &str) -> Result<Self, String> {
+        parse::route_match(s)
+    }
+}
+
+/// A string parsed by [`FromText`].
+#[derive(Debug)]
+pub(super) struct Text<T>(pub(super) T);
+
+impl<'de, T: FromText> Deserialize<'de> for Text<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        T::from_text(&s).map(Self).map_err(de::Error::custom)
+    }
+}
+
+/// A policy enum by its name in the file (`"wait"`).
+#[derive(Debug)]
+struct Choice<T>(T);
+
+impl<'de, T: Named> Deserialize<'de> for Choice<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        T::from_name(&s).map(Self).map_err(de::Error::custom)
+    }
+}
+
+/// `admin_token` in the file: always refused.
+#[derive(Debug)]
+struct TokenInFile;
+
+impl<'de> Deserialize<'de> for TokenInFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        IgnoredAny::deserialize(d)?;
+        Err(de::Error::custom(
+            "a token does not belong in a file; set the environment variable \
+             IDEM_ADMIN_TOKEN instead",
+        ))
+    }
+}
+
+/// A TOML string or integer, for values that may be either (or, for
+/// durations, that must say why a bare number is refused).
+#[derive(Debug)]
+enum Scalar {
+    Text(String),
+    Int(i64),
+}
+
+impl Scalar {
+    /// `expecting` ends toml's message for any other type ("invalid type:
+    /// boolean `true`, expected …").
+    fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+        expecting: &'static str,
+    ) -> Result<Self, D::Error> {
+        struct V(&'static str);
+        impl Visitor<'_> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.0)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Text(s.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(n))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(i64::try_from(n).unwrap_or(i64::MAX)))
+            }
+        }
+        d.deserialize_any(V(expecting))
+    }
+}
+
+/// A duration; with `NONZERO`, `0s` is refused.
+#[derive(Debug)]
+struct DurationValue<const NONZERO: bool = false>(Duration);
+
+type NonZeroDuration = DurationValue<true>;
+
+impl<'de, const NONZERO: bool> Deserialize<'de> for DurationValue<NONZERO> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = match Scalar::deserialize(d, "a duration such as \"30s\" or \"1h30m\"")? {
+            Scalar::Text(s) => units::parse_duration(&s).map_err(de::Error::custom)?,
+            Scalar::Int(n) => {
+                return Err(de::Error::custom(format!(
+                    "`{n}` has no unit: write a string with a unit, e.g. \"{n}s\" \
+                     (units: ms, s, m, h, d)"
+                )))
+            }
+        };
+        if NONZERO && v.is_zero() {
+            return Err(de::Error::custom("must be greater than 0s"));
+        }
+        Ok(Self(v))
+    }
+}
+
+/// A size in bytes; with `NONZERO`, `0` is refused.
+#[derive(Debug)]
+struct SizeValue<const NONZERO: bool = false>(u64);
+
+type NonZeroSize = SizeValue<true>;
+
+impl<'de, const NONZERO: bool> Deserialize<'de> for SizeValue<NONZERO> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = match Scalar::deserialize(d, "a size such as \"1MiB\" or a number of bytes")? {
+            Scalar::Text(s) => units::parse_size(&s).map_err(de::Error::custom)?,
+            Scalar::Int(n) => {
+                u64::try_from(n).map_err(|_| de::Error::custom(format!("`{n}` is not a size")))?
+            }
+        };
+        if NONZERO && v == 0 {
+            return Err(de::Error::custom("must be greater than 0"));
+        }
+        Ok(Self(v))
+    }
+}
+
+/// `max_key_length`: 1 to 255 (SPEC §3.2 caps keys at 255 characters).
+#[derive(Debug)]
+struct KeyLength(usize);
+
+impl<'de> Deserialize<'de> for KeyLength {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        match usize::try_from(v) {
+            Ok(n @ 1..=255) => Ok(Self(n)),
+            _ => Err(de::Error::custom(format!(
+                "`{v}` is out of range: a key may be 1 to 255 characters long"
+            ))),
+        }
+    }
+}
+
+/// One `store_statuses` entry: `"2xx"`, `"404"` or `404`. Checked later, so
+/// that a bad entry in a multi-line list is blamed on its own line.
+#[derive(Debug)]
+struct StatusEntry(Scalar);
+
+impl StatusEntry {
+    fn add_to(&self, set: StatusSet) -> Result<StatusSet, String> {
+        match &self.0 {
+            Scalar::Text(s) => set.parse_entry(s).map_err(|e| e.to_string()),
+            Scalar::Int(n @ 100..=999) => Ok(set.with(u16::try_from(*n).unwrap_or(0))),
+            Scalar::Int(n) => Err(format!("`{n}` is not a status code (100–999)")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Scalar::deserialize(d, "a status code such as 404 or a class such as \"2xx\"").map(Self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::assert_err;
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        assert_err(
+            "lisen = \"127.0.0.1:1\"\n",
+            2,
+            &["`lisen`", "did you mean `listen`"],
+        );
+        assert_err(
+            "[defaults]\nlease = \"1s\"\nconcurent = \"wait\"\n",
+            4,
+            &["unknown field `concurent`", "did you mean `concurrent`"],
+        );
+        assert_err(
+            "[[route]]\nmatch = \"/a\"\n\n[[route]]\nmatch = \"/b\"\nretension = \"1h\"\n",
+            7,
+            &["`retension`", "did you mean `retention`"],
+        );
+        assert_err(
+            "[limits]\nstore_timeout = \"1s\"\nmax_conections = 5\n",
+            4,
+            &["`max_conections`", "did you mean `max_connections`"],
+        );
+        assert_err("[default]\nlease = \"1s\"\n", 2, &["`default`"]);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_line() {
+        assert_err(
+            "[defaults]\ndedupe_window = \"10 seconds\"\n",
+            3,
+            &["dedupe_window", "`10 seconds`", "spaces"],
+        );
+        assert_err("[defaults]\nlease = 30\n", 3, &["lease", "unit", "30s"]);
+        assert_err(
+            "[defaults]\nlease = \"0s\"\n",
+            3,
+            &["lease", "greater than 0"],
+        );
+        assert_err(
+            "[defaults]\nwait_timeout = \"0s\"\nconcurrent = \"wait\"\n",
+            3,
+            &["wait_timeout"],
+        );
+        assert_err("[defaults]\nretention = \"0ms\"\n", 3, &["retention"]);
+        assert_err(
+            "[defaults]\ndedupe_window = \"0s\"\n",
+            3,
+            &["dedupe_window"],
+        );
+        assert_err(
+            "[defaults]\nupstream_timeout = \"0s\"\n",
+            3,
+            &["upstream_timeout"],
+        );
+        assert_err(
+            "[defaults]\nmax_body = \"1 MiB\"\n",
+            3,
+            &["max_body", "`1 MiB`"],
+        );
+        assert_err(
+            "[defaults]\nmax_body = \"1MB\"\nmax_body = 0\n",
+            4,
+            &["max_body"],
+        );
+        assert_err(
+            "[defaults]\nmax_body = 0\n",
+            3,
+            &["max_body", "greater than 0"],
+        );
+        assert_err(
+            "[defaults]\nmax_body = \"12XB\"\n",
+            3,
+            &["unknown unit `XB`"],
+        );
+        assert_err(
+            "[defaults]\nfail = \"maybe\"\n",
+            3,
+            &["fail", "`maybe`", "`closed`, `open`"],
+        );
+        assert_err(
+            "[defaults]\nkey = \"Required\"\n",
+            3,
+            &["key", "`Required`"],
+        );
+        assert_err(
+            "[defaults]\nstore_statuses = [\n  \"2xx\",\n  404,\n  99,\n]\n",
+            6,
+            &["store_statuses", "`99`"],
+        );
+        assert_err(
+            "[defaults]\nstore_statuses = [\"2xx\", \"0xx\"]\n",
+            3,
+            &["store_statuses", "`0xx`"],
+        );
+        assert_err(
+            "[defaults]\nstore_statuses = []\n",
+            3,
+            &["store_statuses", "empty"],
+        );
+        assert_err(
+            "[defaults]\nscope_headers = [\"x-tenant\",\n \"bad header\"]\n",
+            4,
+            &["scope_headers", "`bad header`"],
+        );
+        assert_err(
+            "[defaults]\nfingerprint_headers = [\"\"]\n",
+            3,
+            &["fingerprint_headers"],
+        );
+        assert_err(
+            "[defaults]\nmethods = [\"POST\", \"P OST\"]\n",
+            3,
+            &["`P OST`"],
+        );
+        assert_err(
+            "[defaults]\nmethods = [\"post\"]\n",
+            3,
+            &["case-sensitive", "`POST`"],
+        );
+        assert_err(
+            "[defaults]\nignore_json_pointers = [\"meta\"]\n",
+            3,
+            &["ignore_json_pointers", "`meta`"],
+        );
+        assert_err(
+            "[defaults]\nignore_json_pointers = [\"/a~2\"]\n",
+            3,
+            &["ignore_json_pointers", "`/a~2`"],
+        );
+        assert_err(
+            "[defaults]\ncanonical_json = \"yes\"\n",
+            3,
+            &["canonical_json"],
+        );
+    }
+
+    #[test]
+    fn bad_routes_are_refused_with_their_line() {
+        assert_err("[[route]]\nmatch = \"P@ST /x\"\n", 3, &["match", "`P@ST`"]);
+        assert_err("[[route]]\nmatch = \"post /x\"\n", 3, &["case-sensitive"]);
+        assert_err(
+            "[[route]]\nmatch = \"POST payments\"\n",
+            3,
+            &["must start with `/`"],
+        );
+        assert_err("[[route]]\nmatch = \"POST /a/**/b\"\n", 3, &["`**`"]);
+        assert_err("\n[[route]]\nconcurrent = \"wait\"\n", 3, &["no `match`"]);
+        assert_err(
+            "[defaults]\nmatch = \"/x\"\n",
+            3,
+            &["`match` belongs in a [[route]]"],
+        );
+        assert_err(
+            "[[route]]\nmatch = \"POST /x\"\n[[route]]\nmatch = \"POST  /x\"\n",
+            5,
+            &["route 2", "route 1 (line 3)"],
+        );
+        assert_err("[route]\nmatch = \"/x\"\n", 2, &["route"]);
+    }
+}

@@ -1,0 +1,296 @@
+//! Configuration of `idem serve` (SPEC §11, §12): the TOML file, the
+//! `IDEM_*` environment variables and the command-line flags, merged and
+//! validated before anything starts — or a [`Config`] built in code.
+//!
+//! Precedence, highest first: flags, environment, file, built-in defaults.
+//! An empty environment variable counts as unset. Every problem names where
+//! it is: `idem.toml:7: reason`, `environment variable IDEM_LISTEN: reason`
+//! or `--listen: reason`.
+//!
+//! # Layout
+//!
+//! - this module: the model ([`Config`], [`Limits`], [`StoreSpec`],
+//!   [`Overrides`], [`ConfigError`]) and the in-code builder;
+//! - `file`: the TOML file's shape (every table refuses unknown keys) and
+//!   what its tables mean for routes and limits;
+//! - `source`: [`load`] / [`load_str`], the layering of file, `IDEM_*` and
+//!   flags, and error locations (`file:line`, did-you-mean);
+//! - `parse`: the value parsers (addresses, upstream, store, methods,
+//!   headers, JSON pointers, policy names);
+//! - `describe`: what `idem serve --check` prints, never a secret.
+//!
+//! Durations and sizes are read and written by [`crate::units`].
+//!
+//! # The file
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"          # IDEM_LISTEN, --listen
+//! upstream = "http://127.0.0.1:3000" # IDEM_UPSTREAM, --upstream (required somewhere)
+//! store = "memory"                   # IDEM_STORE, --store: memory | redis://… | postgres://…
+//! admin_listen = "127.0.0.1:9090"    # IDEM_ADMIN_LISTEN, --admin-listen
+//!
+//! [defaults]   # the policy of unmatched requests; every [[route]] starts from it
+//! lease = "30s"
+//!
+//! [[route]]    # first match wins
+//! match = "POST /payments/*"
+//! concurrent = "wait"
+//!
+//! [limits]
+//! store_timeout = "2s"
+//! ```
+//!
+//! - Durations are strings with a unit (`"500ms"`, `"30s"`, `"1h30m"`, `"7d"`);
+//!   a bare number is refused. Sizes are strings (`"1MiB"`, `"10kB"`) or
+//!   integers (bytes).
+//! - Every table refuses unknown keys, so a typo is an error, not a default.
+//! - `admin_token` is never read from the file (it would end up in version
+//!   control): it comes only from `IDEM_ADMIN_TOKEN`, and a file that sets it
+//!   is refused.
+//! - `methods = []` is allowed: no method participates, so requests matching
+//!   that route pass through untouched (unless its `match` names a method,
+//!   which always participates). Use it to exempt paths.
+//! - `mode = "async"` is accepted (SPEC §9).
+//! - `lease`, `wait_timeout`, `upstream_timeout`, `retention`,
+//!   `dedupe_window` and `max_body` must be greater than zero.
+//!
+//! # In code
+//!
+//! ```
+//! use std::time::Duration;
+//! use idem::policy::{Concurrent, RoutePolicy, RouteTable};
+//! use idem_cli::config::{Config, Limits};
+//!
+//! let mut policy = RoutePolicy::default();
+//! policy.concurrent = Concurrent::Wait;
+//! let config = Config::new("http://127.0.0.1:3000".parse().unwrap())
+//!     .listen("127.0.0.1:0".parse().unwrap())
+//!     .routes(RouteTable::new(policy))
+//!     .limits(Limits {
+//!         shutdown_grace: Duration::from_secs(2),
+//!         ..Limits::default()
+//!     });
+//! assert!(config.describe().contains("concurrent            wait"));
+//! ```
+
+mod describe;
+mod file;
+mod parse;
+mod source;
+#[cfg(test)]
+mod tests;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::Uri;
+use idem::policy::{RoutePolicy, RouteTable};
+use idem::store::StoreUrl;
+
+use crate::units::MIB;
+
+pub use source::{load, load_str, Setting, SETTINGS};
+
+/// Where the gateway listens unless told otherwise.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+
+/// Values given on the command line (None = not given). The CLI's clap struct fills this.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen ADDR`.
+    pub listen: Option<String>,
+    /// `--upstream URL`.
+    pub upstream: Option<String>,
+    /// `--store STORE`.
+    pub store: Option<String>,
+    /// `--admin-listen ADDR`.
+    pub admin_listen: Option<String>,
+}
+
+/// The fully validated configuration: from [`load`], or built in code with
+/// [`Config::new`] and the setters below.
+///
+/// `Debug` redacts the admin token and any password in the store URL.
+#[derive(Clone)]
+pub struct Config {
+    /// Where the gateway listens (default `127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// The upstream: `http://host:port`, without path or query.
+    pub upstream: Uri,
+    /// The record store (default memory).
+    pub store: StoreSpec,
+    /// Where the admin listener listens; `None` = no admin listener.
+    pub admin_listen: Option<SocketAddr>,
+    /// The admin bearer token, from `IDEM_ADMIN_TOKEN` only (never the file).
+    pub admin_token: Option<String>,
+    /// Per-route policies, first match wins; unmatched requests use `[defaults]`.
+    pub routes: RouteTable,
+    /// Resource limits and timeouts (`[limits]`).
+    pub limits: Limits,
+    /// The config file used, if any.
+    pub source: Option<PathBuf>,
+}
+
+impl Config {
+    /// The built-in defaults in front of `upstream` (`http://host:port`):
+    /// listen on [`DEFAULT_LISTEN`], the memory store, no admin listener,
+    /// the default policy for every request, default [`Limits`]. What a file
+    /// holding only `upstream = "…"` gives.
+    #[must_use]
+    pub fn new(upstream: Uri) -> Self {
+        Self {
+            listen: DEFAULT_LISTEN,
+            upstream,
+            store: StoreSpec::Memory,
+            admin_listen: None,
+            admin_token: None,
+            routes: RouteTable::new(RoutePolicy::default()),
+            limits: Limits::default(),
+            source: None,
+        }
+    }
+
+    /// Listens on `addr` (port 0: any free port, see `Gateway::local_addr`).
+    #[must_use]
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Keeps the records in `store`.
+    #[must_use]
+    pub fn store(mut self, store: StoreSpec) -> Self {
+        self.store = store;
+        self
+    }
+
+    /// Serves the admin listener on `addr`, guarded by the bearer `token`
+    /// (the two go together: the listener can read and purge records).
+    #[must_use]
+    pub fn admin(mut self, addr: SocketAddr, token: impl Into<String>) -> Self {
+        self.admin_listen = Some(addr);
+        self.admin_token = Some(token.into());
+        self
+    }
+
+    /// Uses `routes`: per-route policies and the default policy.
+    #[must_use]
+    pub fn routes(mut self, routes: RouteTable) -> Self {
+        self.routes = routes;
+        self
+    }
+
+    /// Uses `limits`.
+    #[must_use]
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+}
+
+/// Which store keeps the records (SPEC §7). Parsed from `memory`,
+/// `redis://…` / `rediss://…` (several nodes: a Redis Cluster) or
+/// `postgres://…` / `postgresql://…` by [`idem::store::StoreUrl`], which
+/// also opens it ([`idem::store::AnyStore::connect_to`]).
+///
+/// `Display` and `Debug` show any password in the URL as `***`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// The in-process store (one instance; lost on restart).
+    Memory,
+    /// Redis or a Redis Cluster.
+    Redis(StoreUrl),
+    /// PostgreSQL.
+    Postgres(StoreUrl),
+}
+
+/// Resource limits and timeouts: the TOML table `[limits]`, every field optional.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Timeout of every store call (default 2s).
+    pub store_timeout: Duration,
+    /// How long a client has to send headers and body (default 10s).
+    pub request_read_timeout: Duration,
+    /// Total request header size (default 64KiB; at least 8KiB).
+    pub max_header_bytes: usize,
+    /// Concurrent client connections (default 10 000).
+    pub max_connections: usize,
+    /// In-process cache of completed records, in bytes (default 64MiB; 0 disables).
+    pub local_cache_bytes: u64,
+    /// Memory store bound on records (default 1 000 000).
+    pub memory_max_entries: usize,
+    /// Memory store bound on bytes (default 512MiB).
+    pub memory_max_bytes: u64,
+    /// How long graceful shutdown waits for in-flight requests (default 30s).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            store_timeout: Duration::from_secs(2),
+            request_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+            local_cache_bytes: 64 * MIB,
+            memory_max_entries: 1_000_000,
+            memory_max_bytes: 512 * MIB,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a configuration was refused. `Display` says where and why.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The configuration file could not be read: `<file>: <io error>`.
+    #[error("{}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A problem in the configuration file: `<file>:<line>: <reason>`.
+    #[error("{}: {reason}", located(.file, *.line))]
+    File {
+        /// The file's name as given.
+        file: String,
+        /// 1-based line of the offending key or value (`None` if unknown).
+        line: Option<usize>,
+        /// What is wrong, and how to fix it.
+        reason: String,
+    },
+    /// A bad `IDEM_*` environment variable: `environment variable IDEM_X: <reason>`.
+    #[error("environment variable {var}: {reason}")]
+    Env {
+        /// The variable, e.g. `IDEM_LISTEN`.
+        var: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A bad command-line flag: `--flag: <reason>`.
+    #[error("{flag}: {reason}")]
+    Flag {
+        /// The flag, e.g. `--listen`.
+        flag: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No upstream anywhere.
+    #[error(
+        "no upstream given: use --upstream URL, the environment variable IDEM_UPSTREAM, \
+         or `upstream = \"http://host:port\"` in the config file"
+    )]
+    MissingUpstream,
+}
+
+fn located(file: &str, line: Option<usize>) -> String {
+    match line {
+        Some(line) => format!("{file}:{line}"),
+        None => file.to_owned(),
+    }
+}
