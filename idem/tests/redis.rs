@@ -17,6 +17,8 @@ mod services;
 
 #[path = "redis/private.rs"]
 mod private;
+#[path = "redis/reconnect.rs"]
+mod reconnect;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
