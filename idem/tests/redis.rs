@@ -15,6 +15,8 @@ mod cluster;
 #[path = "conformance/services.rs"]
 mod services;
 
+#[path = "redis/cut.rs"]
+mod cut;
 #[path = "redis/private.rs"]
 mod private;
 #[path = "redis/reconnect.rs"]

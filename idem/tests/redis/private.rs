@@ -50,6 +50,10 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Kills the server and waits until it is gone.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
