@@ -72,6 +72,14 @@
 //! every slot move; the broadcast costs one small message per finished
 //! request on each node, which suits the clusters idem targets.
 //!
+//! The subscriber connects only through the node URLs it was given (the
+//! seeds), in turn, never through nodes it learns of later: the command
+//! connection follows the Cluster's topology, the subscriber does not. If
+//! every seed is gone for good (replaced, not restarted), the store keeps
+//! working but its waiters are woken by polling only, and
+//! [`RedisStore::is_listening`] stays `false`; give every node, or an
+//! address that stays valid (a DNS name), in the URL.
+//!
 //! # Connections and failures
 //!
 //! Standalone Redis uses a [`ConnectionManager`] (one multiplexed
