@@ -15,7 +15,13 @@ mod cluster;
 #[path = "conformance/services.rs"]
 mod services;
 
-use std::process::{Child, Command, Stdio};
+#[path = "redis/cut.rs"]
+mod cut;
+#[path = "redis/private.rs"]
+mod private;
+#[path = "redis/reconnect.rs"]
+mod reconnect;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,6 +30,7 @@ use idem::record::Record;
 use idem::store::redis::RedisStore;
 use idem::store::{Fence, Reservation, Store, StoreError};
 use idem::{CompletedRecord, Fingerprint, Scope, StoreKey, StoredResponse, Token};
+use private::PrivateRedis;
 use redis::AsyncCommands;
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -261,60 +268,6 @@ async fn bad_settings_are_refused() {
     assert!(matches!(e, StoreError::Config(_)), "{e}");
 }
 
-// --- a private Redis, stopped and restarted by these tests only ---
-
-/// A `redis-server` this test started; killed (by its own handle) on drop.
-struct PrivateRedis {
-    child: Child,
-    port: u16,
-}
-
-impl PrivateRedis {
-    fn free_port() -> u16 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    }
-
-    /// Starts one on `port`, or `None` (skipped loudly) without redis-server.
-    async fn start(port: u16) -> Option<Self> {
-        let spawned = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match spawned {
-            Ok(c) => c,
-            Err(e) => return services::unavailable("redis-server (binary)", "PATH", &e),
-        };
-        let me = Self { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "private redis did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Some(me)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[tokio::test]
 async fn connecting_to_a_down_redis_is_an_error() {
     let port = PrivateRedis::free_port();
@@ -342,7 +295,7 @@ async fn connecting_to_a_down_redis_is_an_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_redis_times_out() {
-    let Some(server) = PrivateRedis::start(PrivateRedis::free_port()).await else {
+    let Some(server) = PrivateRedis::start().await else {
         return;
     };
     let timeout = Duration::from_millis(200);
@@ -374,8 +327,7 @@ async fn a_slow_redis_times_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_survives_a_redis_restart() {
-    let port = PrivateRedis::free_port();
-    let Some(mut server) = PrivateRedis::start(port).await else {
+    let Some(mut server) = PrivateRedis::start().await else {
         return;
     };
     let store = RedisStore::builder()
@@ -404,7 +356,7 @@ async fn the_store_survives_a_redis_restart() {
             async move { tokio::time::timeout(Duration::from_secs(10), sub.changed()).await },
         );
 
-    let _server = PrivateRedis::start(port).await.unwrap();
+    server.restart().await.unwrap();
     // The same store works again (its records are gone: no persistence).
     let deadline = Instant::now() + Duration::from_secs(10);
     let token = loop {

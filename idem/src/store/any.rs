@@ -215,7 +215,7 @@ impl ConnectOptions {
 /// |---|---|
 /// | `memory` | the in-process memory store (feature `memory`) |
 /// | `redis://host:port[/db]`, `rediss://…` | one Redis server (feature `redis`) |
-/// | `redis://a:7000,b:7001,c:7002` | a Redis Cluster, through any of those nodes |
+/// | `redis://[:pw@]a:7000,b:7001,c:7002[/db][?query]` | a Redis Cluster, through any of those nodes; the password, db and query apply to every node |
 /// | `postgres://user@host:port/db`, `postgresql://…` | PostgreSQL (feature `postgres`) |
 ///
 /// Schemes may be in any case. Whether the backend is compiled in is
@@ -233,7 +233,7 @@ pub struct StoreUrl {
 enum Target {
     Memory,
     Redis,
-    /// The node URLs, each with the scheme.
+    /// The node URLs, each whole: scheme, user info, path and query.
     RedisCluster(Vec<String>),
     Postgres,
 }
@@ -345,18 +345,79 @@ impl fmt::Debug for StoreUrl {
 
 /// `redis://a:7000,b:7001,c:7002` (or full URLs separated by commas) names
 /// the nodes of a Redis Cluster; one address is a standalone server.
+///
+/// In the shorthand, the scheme and the user info are written once, on
+/// the first node, and the path (the database) and query once, after the
+/// last node (or on the first): `redis://:pw@a:7000,b:7001/0?protocol=resp3`.
+/// Every node written without a scheme gets the scheme, and the shared
+/// user info, path and query unless it has its own; a node written as a
+/// whole URL (`…,redis://c:7002`) is taken as it is. A `,` in a password
+/// must be percent-encoded (`%2C`).
 fn redis_nodes(spec: &str) -> Vec<String> {
     let (scheme, rest) = spec.split_once("://").unwrap_or(("redis", spec));
-    rest.split(',')
+    let nodes: Vec<(bool, &str)> = rest
+        .split(',')
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            if s.contains("://") {
-                s.to_owned()
-            } else {
-                format!("{scheme}://{s}")
+        .enumerate()
+        // The first node is written after the scheme: always shorthand.
+        .map(|(i, s)| (i == 0 || !s.contains("://"), s))
+        .collect();
+    let shorthand = || {
+        nodes
+            .iter()
+            .filter(|(short, _)| *short)
+            .map(|&(_, s)| NodeParts::of(s))
+    };
+    let userinfo = shorthand().next().and_then(|n| n.userinfo);
+    let tail = shorthand()
+        .next_back()
+        .map(|n| n.tail)
+        .filter(|t| !t.is_empty())
+        .or_else(|| shorthand().next().map(|n| n.tail))
+        .unwrap_or_default();
+    nodes
+        .iter()
+        .map(|&(short, node)| {
+            if !short {
+                return node.to_owned();
             }
+            let n = NodeParts::of(node);
+            let mut url = format!("{scheme}://");
+            if let Some(userinfo) = n.userinfo.or(userinfo) {
+                url.push_str(userinfo);
+                url.push('@');
+            }
+            url.push_str(n.host);
+            url.push_str(if n.tail.is_empty() { tail } else { n.tail });
+            url
         })
         .collect()
+}
+
+/// A node of the Cluster shorthand, `[userinfo@]host:port[/db][?query]`.
+struct NodeParts<'a> {
+    userinfo: Option<&'a str>,
+    host: &'a str,
+    /// The path and query, with their leading `/` or `?`; maybe empty.
+    tail: &'a str,
+}
+
+impl<'a> NodeParts<'a> {
+    fn of(node: &'a str) -> Self {
+        // The last `@` ends the user info, as in `redact`: a password may
+        // itself contain `/`.
+        let (userinfo, rest) = match node.rfind('@') {
+            Some(at) => (Some(&node[..at]), &node[at + 1..]),
+            None => (None, node),
+        };
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (host, tail) = rest.split_at(end);
+        Self {
+            userinfo,
+            host,
+            tail,
+        }
+    }
 }
 
 /// `url` with any password (in the user info or a `password=` query
@@ -471,6 +532,71 @@ mod tests {
                 u.target,
                 Target::RedisCluster(nodes.iter().map(|n| (*n).to_owned()).collect())
             );
+        }
+    }
+
+    /// The shorthand `redis://:pw@a:7000,b:7001/0?x=y` writes the user info
+    /// once, before the first node, and the path and query once, after the
+    /// last: every node written without its own gets them (a Cluster client
+    /// refuses nodes with different passwords, and the subscriber
+    /// authenticates to any of them).
+    #[test]
+    fn cluster_nodes_share_credentials_db_and_query() {
+        let cases = [
+            (
+                "redis://:pw@a:7000,b:7001,c:7002",
+                &[
+                    "redis://:pw@a:7000",
+                    "redis://:pw@b:7001",
+                    "redis://:pw@c:7002",
+                ][..],
+            ),
+            (
+                "rediss://user:p%40w@a:7000,b:7001/0?protocol=resp3",
+                &[
+                    "rediss://user:p%40w@a:7000/0?protocol=resp3",
+                    "rediss://user:p%40w@b:7001/0?protocol=resp3",
+                ][..],
+            ),
+            (
+                "redis://u:pw@a:7000/0,b:7001",
+                &["redis://u:pw@a:7000/0", "redis://u:pw@b:7001/0"][..],
+            ),
+            // A node with its own user info, or written as a whole URL,
+            // keeps exactly what it says.
+            (
+                "redis://:pw@a:7000,:other@b:7001,redis://c:7002",
+                &[
+                    "redis://:pw@a:7000",
+                    "redis://:other@b:7001",
+                    "redis://c:7002",
+                ][..],
+            ),
+            (
+                "redis://a:7000,b:7001?protocol=resp3",
+                &[
+                    "redis://a:7000?protocol=resp3",
+                    "redis://b:7001?protocol=resp3",
+                ][..],
+            ),
+        ];
+        for (s, nodes) in cases {
+            assert_eq!(redis_nodes(s), nodes, "{s}");
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn a_cluster_with_a_password_builds() {
+        for s in [
+            "redis://:pw@127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002",
+            "redis://user:pw@127.0.0.1:7000,127.0.0.1:7001/0?protocol=resp3",
+        ] {
+            let Target::RedisCluster(nodes) = url(s).target else {
+                panic!("{s} is not a cluster");
+            };
+            let built = ::redis::cluster::ClusterClientBuilder::new(nodes).build();
+            assert!(built.is_ok(), "{s}: {:?}", built.err());
         }
     }
 

@@ -35,6 +35,15 @@
 //! `get`, `purge`. `complete`, `release` and `extend` are fenced on the
 //! token inside the script.
 //!
+//! The fencing token is generated in Rust before `reserve` is sent, so a
+//! call can be sent twice with the same arguments, and each script is
+//! safe to repeat for its own token: a repeated `reserve` finds the
+//! caller's own reservation and answers `Acquired` (restarting the lease);
+//! a repeated `complete` finds the answer stored under its token and
+//! answers [`Fence::Held`]; a repeated `extend` extends again. A repeated
+//! `release` or `purge` finds nothing left to delete and says so
+//! ([`Fence::Lost`], `false`): the key is free either way.
+//!
 //! # Notifications
 //!
 //! `complete`, `release` and `purge` `PUBLISH` the store key on the channel
@@ -63,6 +72,14 @@
 //! every slot move; the broadcast costs one small message per finished
 //! request on each node, which suits the clusters idem targets.
 //!
+//! The subscriber connects only through the node URLs it was given (the
+//! seeds), in turn, never through nodes it learns of later: the command
+//! connection follows the Cluster's topology, the subscriber does not. If
+//! every seed is gone for good (replaced, not restarted), the store keeps
+//! working but its waiters are woken by polling only, and
+//! [`RedisStore::is_listening`] stays `false`; give every node, or an
+//! address that stays valid (a DNS name), in the URL.
+//!
 //! # Connections and failures
 //!
 //! Standalone Redis uses a [`ConnectionManager`] (one multiplexed
@@ -71,8 +88,28 @@
 //! Every call is bounded by [`RedisStoreBuilder::timeout`] (default 2 s) and
 //! fails with [`StoreError::Timeout`] past it; a refused or dropped
 //! connection is [`StoreError::Unavailable`]. Construction fails (it never
-//! panics) when Redis cannot be reached; after Redis restarts, calls succeed
-//! again on the same store.
+//! panics) when Redis cannot be reached.
+//!
+//! A call that finds its connection dropped (reset, broken pipe, closed by
+//! the server, refused) is sent ONCE more, with the same arguments, within
+//! the same time-out: the connection manager has begun a new connection
+//! by then, and the retry waits for it. This covers the two ways a
+//! connection is lost:
+//!
+//! - mid-call, after Redis applied the script but before its reply
+//!   arrived: the retry finds the caller's own work (see "Scripts") and
+//!   answers as the first call would have;
+//! - while idle, e.g. across a Redis restart: the old connection is only
+//!   found dead when a call uses it, so without the retry the first call
+//!   after Redis is back would fail. With it, that call (and the gateway's
+//!   `/readyz` probe, a `get`) succeeds as soon as Redis answers, and a
+//!   call while Redis is down fails only after a fresh connection attempt
+//!   was refused — both agree with the server's real state.
+//!
+//! A call that timed out is not retried (the time-out is spent), nor one
+//! Redis answered with an error. A Cluster connection also retries by
+//! itself on connection errors (twice), which the same idempotence makes
+//! safe.
 //!
 //! # Example
 //!
@@ -413,10 +450,25 @@ impl RedisStore {
         k
     }
 
-    /// Runs one script within the time-out.
+    /// Runs one script within the time-out; once more, with the same
+    /// arguments and within the same time-out, when the connection was
+    /// found dropped (see "Connections and failures" in the module docs).
     async fn eval(&self, invocation: ScriptInvocation<'_>) -> Result<Value, StoreError> {
         let timeout = self.inner.timeout;
-        match tokio::time::timeout(timeout, self.inner.conn.invoke(&invocation)).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let attempt = || tokio::time::timeout_at(deadline, self.inner.conn.invoke(&invocation));
+        let result = match attempt().await {
+            Ok(Err(e)) if connection_dropped(&e) => {
+                // The connection manager has started a new connection; this
+                // attempt waits for it. Every script is idempotent for its
+                // caller's token, so a repeat of a call that applied answers
+                // as the first would have.
+                tracing::debug!(error = %e, "Redis connection dropped; retrying the call once");
+                attempt().await
+            }
+            first => first,
+        };
+        match result {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(store_error(e, timeout)),
             Err(_) => Err(StoreError::Timeout(timeout)),
@@ -554,6 +606,13 @@ async fn bounded<T>(
         Ok(r) => r.map_err(|e| store_error(e, timeout)),
         Err(_) => Err(StoreError::Timeout(timeout)),
     }
+}
+
+/// Whether `e` says the connection was lost or could not be made (reset,
+/// broken pipe, closed, refused) — as opposed to a time-out, which leaves
+/// no time to retry, or an answer from Redis.
+fn connection_dropped(e: &RedisError) -> bool {
+    !e.is_timeout() && (e.is_connection_dropped() || e.is_connection_refusal())
 }
 
 /// Classifies a Redis error at the edge.

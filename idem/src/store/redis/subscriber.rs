@@ -31,7 +31,8 @@ pub(super) fn backoff() -> Backoff {
 pub(super) struct Subscriber {
     /// Nodes to subscribe through, tried in turn (one for standalone Redis;
     /// every given node for a Cluster, where PUBLISH reaches all of them).
-    /// Never empty.
+    /// Never empty. Only these seeds: nodes added to a Cluster later are
+    /// not learnt (see "Redis Cluster" in the module docs).
     nodes: Vec<Client>,
     channel: String,
     /// Bounds each step of subscribing and each PING.
