@@ -22,6 +22,8 @@ pub struct ReadTimeout(pub Duration);
 
 pin_project! {
     /// A request body: streaming from the client, or buffered.
+    // pin_project! takes no attributes on variant fields, so no docs.
+    #[allow(missing_docs)]
     #[project = Proj]
     pub enum GatewayBody {
         /// From the client; fails once `deadline` passes.

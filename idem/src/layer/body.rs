@@ -11,6 +11,8 @@ use crate::store::BoxError;
 pin_project! {
     /// The body of a response from [`Idempotency`](super::Idempotency): the
     /// inner service's own body (pass-through) or a buffered one.
+    // pin_project! takes no attributes on variant fields, so no docs.
+    #[allow(missing_docs)]
     #[project = Proj]
     pub enum ResponseBody<B> {
         /// Passed through untouched.
