@@ -12,6 +12,8 @@
 mod pg;
 #[path = "conformance/services.rs"]
 mod services;
+#[path = "postgres/wait.rs"]
+mod wait;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -247,7 +249,7 @@ async fn transaction_replay_returns_the_stored_value_without_running() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transaction_duplicates_reject_or_wait_on_the_row_lock() {
+async fn transaction_duplicates_reject_or_wait() {
     let Some(store) = pg::store().await else {
         return;
     };
@@ -286,7 +288,8 @@ async fn transaction_duplicates_reject_or_wait_on_the_row_lock() {
     );
     // The uncommitted reservation is invisible to readers.
     assert!(store.get(&k).await.unwrap().is_none());
-    // wait: blocks until the first commits, then replays its value.
+    // wait: waits until the first commits (not on its row lock: see
+    // postgres/wait.rs), then replays its value.
     let waiter = {
         let (store, k) = (Arc::clone(&store), k.clone());
         tokio::spawn(async move {
@@ -300,7 +303,7 @@ async fn transaction_duplicates_reject_or_wait_on_the_row_lock() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !waiter.is_finished(),
-        "the duplicate should be blocked on the row lock"
+        "the duplicate should wait for the first transaction"
     );
     go_tx.send(()).unwrap();
     assert_eq!(first.await.unwrap().unwrap().value, 1);

@@ -10,8 +10,9 @@
 //!
 //! This file holds the builder, the store and its [`Store`] calls; the
 //! rest is split by concern: `row.rs` decodes rows into records,
-//! `listener.rs` is the `LISTEN` connection, and `transaction.rs` is
-//! [`PostgresStore::transaction`], built on the same statements and rows.
+//! `listener.rs` is the `LISTEN` connection, `transaction.rs` is
+//! [`PostgresStore::transaction`], built on the same statements and rows,
+//! and `wait.rs` is how its duplicates wait for an open transaction.
 //!
 //! # Table
 //!
@@ -103,7 +104,10 @@
 //! [`PostgresStore::transaction`] reserves the key, runs the caller's writes
 //! on the SAME transaction, stores the result and commits once: the business
 //! effect and its idempotency record commit or roll back together. See its
-//! docs for how duplicates behave.
+//! docs for how duplicates behave: in `wait` mode they never wait on the
+//! holder's row lock with a pooled connection in hand (a burst of them
+//! would starve every other key), but roll back and wait like the engine's
+//! waiters, one watcher per key (`wait.rs`).
 
 use std::fmt;
 use std::future::Future;
@@ -130,10 +134,12 @@ use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, StoredResponse, Token};
 use listener::Listener;
 use row::{completed, fingerprint, flag, remaining, reservation, state, time, IN_FLIGHT};
+use wait::Watchers;
 
 mod listener;
 mod row;
 mod transaction;
+mod wait;
 
 const MIGRATE: &str = include_str!("sql/migrate.sql");
 const RESERVE: &str = include_str!("sql/reserve.sql");
@@ -327,6 +333,7 @@ impl PostgresStoreBuilder {
                 timeout,
                 cleanup_batch: i64::from(self.cleanup_batch),
                 notifier,
+                watchers: Watchers::default(),
                 _tasks: Tasks(tasks),
             }),
         })
@@ -347,6 +354,8 @@ struct Shared {
     timeout: Duration,
     cleanup_batch: i64,
     notifier: Notifier,
+    /// Transactional duplicates waiting for an open transaction (`wait.rs`).
+    watchers: Watchers,
     _tasks: Tasks,
 }
 
