@@ -458,6 +458,7 @@ async fn the_listener_reconnects_and_wakes_every_waiter() {
     let Some(store) = pg::store().await else {
         return;
     };
+    assert!(store.is_listening(), "listening once connected");
     let old = listener_pid(&store).await.expect("a listener connection");
     let k = key("reconnect");
     let t = acquire(&store, &k, fp("a"), LEASE).await;
@@ -475,7 +476,7 @@ async fn the_listener_reconnects_and_wakes_every_waiter() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match listener_pid(&store).await {
-            Some(pid) if pid != old => break,
+            Some(pid) if pid != old && store.is_listening() => break,
             _ if Instant::now() > deadline => panic!("the listener did not come back"),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }

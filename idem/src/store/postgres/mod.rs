@@ -61,10 +61,13 @@
 //! own process directly. Each store keeps ONE listener connection
 //! (`LISTEN`) that feeds the crate's [`Notifier`]; [`Store::subscribe`] just
 //! subscribes to that notifier, so a waiting duplicate holds no pooled
-//! connection. When the listener's connection is lost it reconnects and
-//! wakes every waiter ([`Notifier::notify_all`]), since notifications may
-//! have been missed meanwhile; waiters poll as well, so a lost notification
-//! only delays them. `reserve` and `extend` notify nobody: no waiter waits
+//! connection. The listener runs on the stores' shared background loop
+//! (`store/background.rs`, as Redis's subscriber does): when its connection
+//! is lost it reconnects (at once, then with pauses from 100 ms doubling to
+//! 5 s, each attempt bounded by the time-out) and wakes every waiter
+//! ([`Notifier::notify_all`]), since notifications may have been missed
+//! meanwhile; waiters poll as well, so a lost notification only delays
+//! them. [`PostgresStore::is_listening`] says whether it is up. `reserve` and `extend` notify nobody: no waiter waits
 //! for them, and `NOTIFY` makes committing transactions queue on one lock.
 //!
 //! # Clean-up
@@ -120,19 +123,19 @@ use sqlx::postgres::{
 };
 use sqlx::query::Query;
 use sqlx::Connection;
-use tokio::task::AbortHandle;
 
 /// The sqlx this store is built on, for writing [`PostgresStore::transaction`]
 /// closures with the same version.
 pub use sqlx;
 pub use transaction::{PgTransaction, TxFuture};
 
+use super::background::{self, AbortOnDrop, ChangeFeed, Listening};
 use super::{Fence, Notifier, Reservation, Store, StoreError, Subscription};
 use crate::error::{ConfigError, Corruption};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, StoredResponse, Token};
-use listener::Listener;
+use listener::Feed;
 use row::{completed, fingerprint, flag, remaining, reservation, state, time, IN_FLIGHT};
 use wait::Watchers;
 
@@ -313,9 +316,16 @@ impl PostgresStoreBuilder {
             migrate(&pool, &sql, timeout).await?;
         }
 
+        // Listen before the store exists, so that construction fails with
+        // the reason when it cannot.
         let notifier = Notifier::new();
-        let listener = Listener::start(options, sql.channel.clone(), timeout).await?;
-        let mut tasks = vec![tokio::spawn(listener.run(notifier.clone())).abort_handle()];
+        let mut feed = Feed::new(options, sql.channel.clone(), timeout);
+        let first = feed.subscribe().await?;
+        let listener =
+            background::listen(feed, notifier.clone(), listener::backoff()).subscribed(first);
+        let listening = listener.listening();
+        let mut tasks = AbortOnDrop::new();
+        tasks.spawn(listener.run());
         if let Some(every) = self.cleanup_interval {
             let cleaner = Cleaner {
                 pool: pool.clone(),
@@ -323,7 +333,7 @@ impl PostgresStoreBuilder {
                 batch: i64::from(self.cleanup_batch),
                 timeout,
             };
-            tasks.push(tokio::spawn(cleaner.run(every)).abort_handle());
+            tasks.spawn(cleaner.run(every));
         }
         Ok(PostgresStore {
             shared: Arc::new(Shared {
@@ -333,8 +343,9 @@ impl PostgresStoreBuilder {
                 timeout,
                 cleanup_batch: i64::from(self.cleanup_batch),
                 notifier,
+                listening,
                 watchers: Watchers::default(),
-                _tasks: Tasks(tasks),
+                _tasks: tasks,
             }),
         })
     }
@@ -354,9 +365,12 @@ struct Shared {
     timeout: Duration,
     cleanup_batch: i64,
     notifier: Notifier,
+    /// Whether the listener is up.
+    listening: Listening,
     /// Transactional duplicates waiting for an open transaction (`wait.rs`).
     watchers: Watchers,
-    _tasks: Tasks,
+    /// The listener and the clean-up task, stopped with the store.
+    _tasks: AbortOnDrop,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -365,17 +379,6 @@ impl fmt::Debug for PostgresStore {
             .field("schema", &self.shared.schema)
             .field("timeout", &self.shared.timeout)
             .finish_non_exhaustive()
-    }
-}
-
-/// Aborts the background tasks when the store is dropped.
-struct Tasks(Vec<AbortHandle>);
-
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
     }
 }
 
@@ -462,6 +465,13 @@ impl PostgresStore {
     #[must_use]
     pub fn channel(&self) -> &str {
         &self.shared.sql.channel
+    }
+
+    /// Whether the listener connection is up right now. While it is down
+    /// (it reconnects in the background), waiters still finish, by polling.
+    #[must_use]
+    pub fn is_listening(&self) -> bool {
+        self.shared.listening.is_up()
     }
 
     /// Runs the embedded migration (again). Safe at any time, from any
