@@ -607,6 +607,23 @@ async fn a_slow_database_is_a_timeout() {
     pg::drop_schema(&store).await;
 }
 
+/// Issue 10: the scheme in capitals, which `idem serve` accepts, connects.
+#[tokio::test]
+async fn the_scheme_may_be_in_capitals() {
+    let Some(store) = pg::store().await else {
+        return;
+    };
+    let url = services::database_url();
+    let (_, rest) = url.split_once("://").unwrap();
+    let caps = PostgresStore::builder(format!("POSTGRESQL://{rest}"))
+        .schema(store.schema())
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("POSTGRESQL://… was refused: {e}"));
+    assert!(caps.get(&key("caps")).await.unwrap().is_none());
+    pg::drop_schema(&store).await;
+}
+
 #[tokio::test]
 async fn an_unreachable_database_is_unavailable() {
     let e = PostgresStore::builder("postgres://postgres@127.0.0.1:1/test")

@@ -198,8 +198,8 @@ impl fmt::Debug for PostgresStoreBuilder {
 }
 
 impl PostgresStoreBuilder {
-    /// Settings for the database at `url` (`postgres://user@host:port/db`),
-    /// with the defaults: schema `idem`, 10 connections, 2 s time-out,
+    /// Settings for the database at `url` (`postgres://user@host:port/db`
+    /// or `postgresql://…`, the scheme in any case), with the defaults: schema `idem`, 10 connections, 2 s time-out,
     /// migration on, clean-up every 60 s in batches of 1000.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
@@ -273,7 +273,7 @@ impl PostgresStoreBuilder {
         }
         // sqlx's parser does not insist on the scheme (with some url
         // features it reads `mysql://…` as a host to look up): check it here.
-        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
+        if !has_postgres_scheme(&self.url) {
             return Err(ConfigError::Scheme {
                 what: URL,
                 expected: "postgres:// or postgresql://",
@@ -414,6 +414,16 @@ impl Statements {
             channel: format!("{schema}_idem_changed"),
         }
     }
+}
+
+/// Whether `url` starts with `postgres://` or `postgresql://`, in any case:
+/// schemes are case-insensitive (RFC 3986 §3.1), and `AnyStore` accepts
+/// them so.
+fn has_postgres_scheme(url: &str) -> bool {
+    ["postgres://", "postgresql://"].iter().any(|scheme| {
+        url.get(..scheme.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+    })
 }
 
 fn valid_schema(s: &str) -> bool {
@@ -794,6 +804,33 @@ mod tests {
             micros(Duration::MAX),
             i64::try_from(MAX_DURATION.as_micros()).unwrap_or(0)
         );
+    }
+
+    /// Issue 10: `AnyStore` (and so `idem serve`) accepts the scheme in any
+    /// case, as RFC 3986 says; the store must too.
+    #[tokio::test]
+    async fn the_scheme_is_case_insensitive() {
+        for url in [
+            "POSTGRES://x@127.0.0.1:1/db",
+            "PostgreSQL://x@127.0.0.1:1/db",
+            "Postgres://x@127.0.0.1:1/db",
+        ] {
+            // Nothing listens on port 1: refused, but not for its scheme.
+            let e = PostgresStore::builder(url)
+                .timeout(Duration::from_millis(500))
+                .connect()
+                .await
+                .map(|_| ())
+                .err();
+            assert!(
+                matches!(e, Some(StoreError::Unavailable(_) | StoreError::Timeout(_))),
+                "{url}: {e:?}"
+            );
+        }
+        for url in ["postgres:/x", "postgresq://x", "POSTGRES:", "Ｐostgres://x"] {
+            let e = PostgresStore::connect(url).await.map(|_| ()).err();
+            assert!(matches!(e, Some(StoreError::Config(_))), "{url}: {e:?}");
+        }
     }
 
     #[tokio::test]
