@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use idem::policy::Concurrent;
 use idem::record::Record;
-use idem::store::postgres::{sqlx, PostgresStore};
+use idem::store::postgres::{sqlx, PostgresStore, SchemaStatus};
 use idem::store::{Fence, Reservation, Store, StoreError};
 use idem::{CompletedRecord, Fingerprint, OnceError, Rules, Scope, StoreKey, StoredResponse};
 use tokio::sync::Barrier;
@@ -674,6 +674,65 @@ async fn the_migration_is_re_runnable_and_concurrent_safe() {
     store.migrate().await.unwrap();
     acquire(&store, &key("after-migrate"), fp("a"), LEASE).await;
     pg::drop_schema(&store).await;
+}
+
+/// Issue 10: `idem serve --check` must not create the schema. `check()`
+/// connects, creates nothing and says what is there; `.migrate(false)`
+/// connects without creating anything either.
+#[tokio::test]
+async fn checking_creates_nothing_and_says_what_is_there() {
+    let Some(admin) = pg::store().await else {
+        return;
+    };
+    let schema = pg::fresh_schema();
+    let builder = || {
+        PostgresStore::builder(services::database_url())
+            .schema(&schema)
+            .max_connections(2)
+            .timeout(Duration::from_secs(10))
+    };
+    let exists = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+        )
+        .bind(&schema)
+        .fetch_one(admin.pool())
+        .await
+        .unwrap()
+    };
+    assert_eq!(builder().check().await.unwrap(), SchemaStatus::NoSchema);
+    assert!(!exists().await, "check() created the schema");
+    let store = builder().migrate(false).connect().await.unwrap();
+    assert!(
+        !exists().await,
+        "connect() with migrate(false) created the schema"
+    );
+    assert_eq!(store.schema_status().await.unwrap(), SchemaStatus::NoSchema);
+
+    let sql = format!("CREATE SCHEMA \"{schema}\"");
+    sqlx::raw_sql(&sql).execute(admin.pool()).await.unwrap();
+    assert_eq!(builder().check().await.unwrap(), SchemaStatus::NoTable);
+    store.migrate().await.unwrap();
+    let ready = builder().check().await.unwrap();
+    assert_eq!(ready, SchemaStatus::Ready);
+    assert!(ready.is_ready());
+    // A table of an older layout: the migration would add the column.
+    let sql = format!("ALTER TABLE \"{schema}\".idem_records DROP COLUMN waiters");
+    sqlx::raw_sql(&sql).execute(admin.pool()).await.unwrap();
+    assert_eq!(store.schema_status().await.unwrap(), SchemaStatus::Outdated);
+    store.migrate().await.unwrap();
+    assert_eq!(store.schema_status().await.unwrap(), SchemaStatus::Ready);
+
+    // Refused as connect() would refuse.
+    let e = PostgresStore::builder("mysql://x").check().await;
+    assert!(matches!(e, Err(StoreError::Config(_))), "{e:?}");
+    let e = PostgresStore::builder("postgres://postgres@127.0.0.1:1/test")
+        .timeout(Duration::from_secs(2))
+        .check()
+        .await;
+    assert!(matches!(e, Err(StoreError::Unavailable(_))), "{e:?}");
+    pg::drop_schema(&store).await;
+    pg::drop_schema(&admin).await;
 }
 
 /// SPEC §7's measured hazard: a prepared `UPDATE … WHERE key = $1` planned

@@ -33,7 +33,9 @@
 //! The migration is re-runnable (`IF NOT EXISTS` throughout) and takes a
 //! transaction-scoped advisory lock, so any number of instances may start at
 //! once. Turn it off with [`PostgresStoreBuilder::migrate`] when a DBA runs
-//! `sql/migrate.sql` instead.
+//! `sql/migrate.sql` instead; [`PostgresStoreBuilder::check`] (a dry run,
+//! for `idem serve --check`) and [`PostgresStore::schema_status`] say what
+//! is in place ([`SchemaStatus`]) without creating anything.
 //!
 //! # Statements
 //!
@@ -118,15 +120,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{
-    PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, Postgres,
-};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, Postgres};
 use sqlx::query::Query;
-use sqlx::Connection;
 
 /// The sqlx this store is built on, for writing [`PostgresStore::transaction`]
 /// closures with the same version.
 pub use sqlx;
+pub use status::SchemaStatus;
 pub use transaction::{PgTransaction, TxFuture};
 
 use super::background::{self, AbortOnDrop, ChangeFeed, Listening};
@@ -141,6 +141,7 @@ use wait::Watchers;
 
 mod listener;
 mod row;
+mod status;
 mod transaction;
 mod wait;
 
@@ -235,7 +236,11 @@ impl PostgresStoreBuilder {
     }
 
     /// Whether [`connect`](Self::connect) runs the embedded migration.
-    /// Default on.
+    /// Default on. Off, `connect` creates nothing in the database: it
+    /// checks that the server answers and warns (a log line) when the
+    /// schema or table is not in place; [`check`](Self::check) says so
+    /// without connecting a store, [`PostgresStore::schema_status`] with
+    /// one.
     pub fn migrate(mut self, on: bool) -> Self {
         self.migrate = on;
         self
@@ -254,19 +259,13 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// Connects, migrates (unless disabled), and starts the listener and
-    /// the clean-up task.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Config`] for a malformed URL or schema name;
-    /// [`StoreError::Unavailable`] or [`StoreError::Timeout`] when the
-    /// database cannot be reached or the migration fails.
-    pub async fn connect(self) -> Result<PostgresStore, StoreError> {
+    /// The connection settings, once the URL and the schema name are
+    /// checked.
+    fn options(&self) -> Result<PgConnectOptions, StoreError> {
         if !valid_schema(&self.schema) {
             return Err(ConfigError::Name {
                 what: "schema name",
-                name: self.schema,
+                name: self.schema.clone(),
                 rule: SCHEMA_RULE,
             }
             .into());
@@ -280,10 +279,27 @@ impl PostgresStoreBuilder {
             }
             .into());
         }
-        let options = PgConnectOptions::from_str(&self.url).map_err(|e| ConfigError::Url {
-            what: URL,
-            source: Box::new(e),
-        })?;
+        PgConnectOptions::from_str(&self.url).map_err(|e| {
+            ConfigError::Url {
+                what: URL,
+                source: Box::new(e),
+            }
+            .into()
+        })
+    }
+
+    /// Connects, migrates (unless [disabled](Self::migrate)), and starts
+    /// the listener and the clean-up task. To check the settings and the
+    /// server without creating or starting anything, see
+    /// [`check`](Self::check).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for a malformed URL or schema name;
+    /// [`StoreError::Unavailable`] or [`StoreError::Timeout`] when the
+    /// database cannot be reached or the migration fails.
+    pub async fn connect(self) -> Result<PostgresStore, StoreError> {
+        let options = self.options()?;
         let timeout = self.timeout;
         let sql = Statements::new(&self.schema);
 
@@ -305,15 +321,18 @@ impl PostgresStoreBuilder {
                 })
             })
             .connect_lazy_with(options.clone());
-        // Reach the server once now, on a connection of its own, so a wrong
-        // URL, password or database fails at start-up with its reason (the
-        // pool would retry a refused connection until its time-out).
-        bounded(timeout, async {
-            PgConnection::connect_with(&options).await?.close().await
-        })
-        .await?;
+        // Reach the server once now, so a wrong URL, password or database
+        // fails at start-up with its reason.
+        let status = status::reach(&options, &self.schema, timeout).await?;
         if self.migrate {
             migrate(&pool, &sql, timeout).await?;
+        } else if !status.is_ready() {
+            tracing::warn!(
+                schema = %self.schema,
+                %status,
+                "migration is off and the records table is not in place: store calls fail \
+                 until it is (run sql/migrate.sql, or turn migration on)"
+            );
         }
 
         // Listen before the store exists, so that construction fails with
