@@ -336,10 +336,10 @@ fn settle<T: DeserializeOwned, E>(
         Decision::Execute(lease) => return ControlFlow::Continue(lease),
         Decision::Replay(record) => decode_value(&record),
         Decision::Mismatch => Err(OnceError::Mismatch),
-        // Another transaction's row lock was waited for by the reserve
-        // itself; what is left is a non-transactional holder, which commits
-        // nothing this transaction could block on: answer at once, in
-        // either mode.
+        // An open transaction's row lock made the reserve fail (`Busy`,
+        // which the caller waits for); what is left is a committed,
+        // non-transactional holder (the engine's): answer at once with its
+        // lease's remaining time, in either mode.
         Decision::Conflict { retry_after }
         | Decision::Wait {
             lease_remaining: retry_after,
