@@ -202,6 +202,13 @@ macro_rules! delegate_queue {
     };
 }
 
+#[cfg_attr(
+    not(feature = "memory"),
+    allow(
+        unused_variables,
+        reason = "only the memory arm uses the arguments until the other backends implement Queue"
+    )
+)]
 impl Queue for AnyStore {
     async fn enqueue(
         &self,
