@@ -43,6 +43,14 @@ pub enum StoreError {
     /// name or key prefix); raised when the store is built, never per call.
     #[error("invalid store configuration: {0}")]
     Config(#[source] ConfigError),
+    /// The store does not (yet) offer this ability; `what` names it (for
+    /// instance async mode's queue on a backend that has none). A
+    /// configuration problem, not a passing failure: retrying never helps.
+    #[error("this store does not support {what}")]
+    Unsupported {
+        /// The ability asked for.
+        what: &'static str,
+    },
 }
 
 /// What is wrong with a stored record ([`StoreError::Corrupt`]): which part

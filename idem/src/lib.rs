@@ -8,17 +8,24 @@
 //!
 //! # Layout
 //!
-//! Imports run downward only: [`layer`] and [`once`] → [`engine`] →
-//! [`store`] → everything below it. A backend never imports the engine.
+//! Imports run downward only: [`layer`], [`once`] and [`asyncop`] →
+//! [`engine`] → [`store`] → everything below it. A backend never imports
+//! the engine.
 //!
 //! - [`layer`]: a `tower::Layer` for axum and hyper services (feature `tower`).
+//! - [`asyncop`]: async mode (SPEC §9): [`accept`](asyncop::accept),
+//!   [`status`](asyncop::status) and the [`Dispatcher`](asyncop::Dispatcher)
+//!   pool in `asyncop/dispatcher.rs`, the [`Upstream`](asyncop::Upstream)
+//!   it calls and the retry schedule in `asyncop/upstream.rs`, its
+//!   counters in `asyncop/metrics.rs`.
 //! - [`once`]: the function-level API, [`Engine::once`] (SPEC §8).
 //! - [`engine`]: the algorithm (SPEC §3, §5, §6): [`Engine::run`] and waiting
 //!   in `engine/mod.rs`, single-flight waiters in `engine/flight.rs`, the
 //!   lease guard, heartbeat and fenced completion in `engine/lease.rs`,
 //!   counters in `engine/metrics.rs`.
 //! - [`store`]: the atomic [`Store`] trait, [`Reservation`](store::Reservation)
-//!   and the [`Decision`](store::Decision) it leads to, the
+//!   and the [`Decision`](store::Decision) it leads to, async mode's
+//!   [`Queue`] in `store/queue.rs`, the
 //!   [`MemoryStore`](store::memory::MemoryStore), (feature `redis`) the
 //!   `RedisStore` and (feature `postgres`) the `PostgresStore` with its
 //!   transactional API in `store/postgres/` (SPEC §7).
@@ -81,6 +88,7 @@
 //! - A live operation keeps its lease by heartbeat; a dead holder's lease
 //!   runs out and the key frees itself.
 
+pub mod asyncop;
 pub mod engine;
 pub mod error;
 pub mod fingerprint;
@@ -103,4 +111,4 @@ pub use key::{IdempotencyKey, Scope, StoreKey};
 pub use once::{Once, OnceError};
 pub use policy::{RoutePolicy, RouteTable, Rules};
 pub use record::{CompletedRecord, Record, StoredResponse, Token};
-pub use store::Store;
+pub use store::{Queue, Store};

@@ -197,3 +197,137 @@ async fn the_bounds_hold_under_concurrent_writers() {
         s.len()
     );
 }
+
+mod queue {
+    //! Async mode on the memory store (SPEC §9.6): a pending request
+    //! counts against the byte bound, operations are never evicted nor
+    //! swept, and the books balance when they leave.
+
+    use super::*;
+    use idem::store::{Enqueued, OperationId, OperationRequest, OperationState, Queue};
+
+    fn request(body_len: usize) -> OperationRequest {
+        OperationRequest {
+            method: "POST".into(),
+            uri: "/pay".into(),
+            headers: vec![("idempotency-key".into(), Bytes::from_static(b"k"))],
+            body: Bytes::from(vec![b'r'; body_len]),
+        }
+    }
+
+    async fn enqueue(s: &MemoryStore, name: &str, body_len: usize) -> Result<Enqueued, StoreError> {
+        s.enqueue(
+            &key(name),
+            fp(name),
+            OperationId::generate(),
+            &request(body_len),
+            1_000_000,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_pending_request_is_charged_until_its_operation_is_done() {
+        let s = MemoryStore::new();
+        let empty = s.bytes();
+        assert!(matches!(
+            enqueue(&s, "op", 100_000).await.expect("enqueue"),
+            Enqueued::Accepted(_)
+        ));
+        let pending = s.bytes();
+        assert!(
+            pending - empty >= 100_000,
+            "the request's body is charged: {empty} → {pending}"
+        );
+        let c = s.claim(LEASE, 1).await.expect("claim").remove(0);
+        let done = s
+            .complete(&c.key, c.token, record(fp("op"), 10), RETAIN)
+            .await
+            .expect("complete");
+        assert_eq!(done, Fence::Held);
+        let completed = s.bytes();
+        assert!(
+            completed - empty < 1_000,
+            "done, the request is refunded and only the small answer stays: \
+             {empty} → {completed}"
+        );
+        assert!(s.purge(&c.key).await.expect("purge"));
+        assert_eq!(s.bytes(), empty, "purged, every byte is back");
+        assert_eq!(s.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn operations_are_never_evicted_completed_records_are() {
+        let s = MemoryStore::with_limits(MemoryLimits {
+            max_entries: 1000,
+            max_bytes: 1024 * 1024,
+        });
+        for i in 0..3 {
+            store_one(&s, &format!("old-{i}"), 250_000).await;
+        }
+        // Four requests of 250 kB fit only if completed records make room.
+        for i in 0..4 {
+            let e = enqueue(&s, &format!("op-{i}"), 250_000).await;
+            assert!(matches!(e, Ok(Enqueued::Accepted(_))), "op-{i}: {e:?}");
+        }
+        assert!(
+            !is_completed(&s, "old-0").await,
+            "the oldest answer made room"
+        );
+        // Now only operations are left to evict: none is.
+        let e = enqueue(&s, "op-4", 250_000).await;
+        assert!(
+            matches!(e, Err(StoreError::Capacity(_))),
+            "a full store of operations refuses the next: {e:?}"
+        );
+        let e = enqueue(&s, "huge", 2 * 1024 * 1024).await;
+        assert!(
+            matches!(&e, Err(StoreError::Capacity(m)) if m.contains("larger")),
+            "a request larger than the store is refused up front: {e:?}"
+        );
+        assert_eq!(s.queue_stats().await.expect("stats").pending, 4);
+        for i in 0..4 {
+            assert!(matches!(
+                s.get(&key(&format!("op-{i}"))).await.expect("get"),
+                Some(Record::InFlight { .. })
+            ));
+        }
+    }
+
+    /// A pending or running operation outlives any deadline: the sweep and
+    /// `get` leave it alone, and a dead dispatcher's lease only makes it
+    /// claimable again.
+    #[tokio::test(start_paused = true)]
+    async fn operations_never_expire_while_pending_or_running() {
+        let s = MemoryStore::new();
+        let Enqueued::Accepted(id) = enqueue(&s, "op", 10).await.expect("enqueue") else {
+            panic!("not accepted");
+        };
+        let first = s.claim(Duration::from_secs(1), 1).await.expect("claim");
+        assert_eq!(first.len(), 1);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(matches!(
+            s.get(&key("op")).await.expect("get"),
+            Some(Record::InFlight { .. })
+        ));
+        let again = s.claim(LEASE, 1).await.expect("claim").remove(0);
+        assert_eq!((again.id, again.attempt), (id, 2));
+        assert_eq!(
+            s.retry(&again.key, again.token, Duration::from_secs(60), "HTTP 503")
+                .await
+                .expect("retry"),
+            Fence::Held
+        );
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        match s.operation(id).await.expect("operation").map(|o| o.state) {
+            Some(OperationState::Pending {
+                attempts: 2,
+                next_attempt_in,
+            }) => assert_eq!(next_attempt_in, Duration::from_secs(30)),
+            other => panic!("expected pending, 30 s to go: {other:?}"),
+        }
+        assert!(s.claim(LEASE, 1).await.expect("claim").is_empty());
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(s.claim(LEASE, 1).await.expect("claim")[0].attempt, 3);
+    }
+}

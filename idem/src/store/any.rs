@@ -6,13 +6,17 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ConfigError, Fence, Reservation, Store, StoreError, Subscription};
+use super::{
+    Claimed, ConfigError, Enqueued, Fence, Operation, OperationId, OperationRequest, Queue,
+    QueueStats, Reservation, Store, StoreError, Subscription,
+};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
 
 /// Any store this build supports, chosen by URL with
-/// [`AnyStore::connect`]. Implements [`Store`] by delegation.
+/// [`AnyStore::connect`]. Implements [`Store`] and async mode's [`Queue`]
+/// by delegation.
 ///
 /// ```
 /// use std::time::Duration;
@@ -172,6 +176,71 @@ impl Store for AnyStore {
 
     async fn subscribe(&self, key: &StoreKey) -> Result<Subscription, StoreError> {
         delegate!(self, s => s.subscribe(key).await)
+    }
+}
+
+/// Calls the [`Queue`] method `$call` on whichever backend `$self` holds.
+///
+/// TEMPORARY, until the Redis and PostgreSQL stores implement [`Queue`]
+/// (issue #8): their arms answer [`StoreError::Unsupported`]. Each backend's
+/// implementer replaces its arm with `AnyStore::Redis($s) => $call` (as
+/// memory's), which makes this macro `delegate!` again.
+macro_rules! delegate_queue {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            #[cfg(feature = "memory")]
+            AnyStore::Memory($s) => $call,
+            #[cfg(feature = "redis")]
+            AnyStore::Redis(_) => Err(StoreError::Unsupported {
+                what: "async mode (the Redis queue is not built yet)",
+            }),
+            #[cfg(feature = "postgres")]
+            AnyStore::Postgres(_) => Err(StoreError::Unsupported {
+                what: "async mode (the PostgreSQL queue is not built yet)",
+            }),
+        }
+    };
+}
+
+#[cfg_attr(
+    not(feature = "memory"),
+    allow(
+        unused_variables,
+        reason = "only the memory arm uses the arguments until the other backends implement Queue"
+    )
+)]
+impl Queue for AnyStore {
+    async fn enqueue(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        id: OperationId,
+        request: &OperationRequest,
+        max_pending: u64,
+    ) -> Result<Enqueued, StoreError> {
+        delegate_queue!(self, s => s.enqueue(key, fingerprint, id, request, max_pending).await)
+    }
+
+    async fn claim(&self, lease: Duration, max: usize) -> Result<Vec<Claimed>, StoreError> {
+        delegate_queue!(self, s => s.claim(lease, max).await)
+    }
+
+    async fn retry(
+        &self,
+        key: &StoreKey,
+        token: Token,
+        delay: Duration,
+        last_error: &str,
+    ) -> Result<Fence, StoreError> {
+        delegate_queue!(self, s => s.retry(key, token, delay, last_error).await)
+    }
+
+    async fn operation(&self, id: OperationId) -> Result<Option<Operation>, StoreError> {
+        delegate_queue!(self, s => s.operation(id).await)
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        delegate_queue!(self, s => s.queue_stats().await)
     }
 }
 

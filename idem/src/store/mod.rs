@@ -26,6 +26,10 @@ use crate::record::{CompletedRecord, Record, Token};
 
 pub use crate::error::{BoxError, ConfigError, Corruption, StoreError};
 pub use any::{AnyStore, ConnectOptions, StoreUrl};
+pub use queue::{
+    Claimed, Enqueued, InvalidOperationId, Operation, OperationId, OperationRequest,
+    OperationState, Queue, QueueStats,
+};
 
 mod any;
 #[cfg(any(feature = "redis", feature = "postgres"))]
@@ -34,6 +38,7 @@ mod background;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
 

@@ -4,11 +4,16 @@
 //! for one store; `factory` is an async expression yielding
 //! `Option<Arc<Store>>` (`None`: the service is unreachable and the test is
 //! skipped loudly, unless `IDEM_REQUIRE_SERVICES=1`).
+//!
+//! `queue_conformance!(name, factory)` does the same with `queue.rs` for a
+//! store that implements async mode's `Queue` (SPEC §9.7); its factory
+//! must yield a store of the test's own (an empty queue).
 
 #[cfg(feature = "redis")]
 mod cluster;
 #[cfg(feature = "postgres")]
 mod pg;
+mod queue;
 mod services;
 mod suite;
 
@@ -75,6 +80,90 @@ macro_rules! conformance {
 
 conformance!(memory, async {
     Some(Arc::new(idem::store::memory::MemoryStore::new()))
+});
+
+macro_rules! queue_conformance {
+    ($name:ident, $factory:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn enqueue_then_repeat() {
+                let Some(s) = $factory.await else { return };
+                queue::enqueue_then_repeat(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn enqueue_meets_sync_records() {
+                let Some(s) = $factory.await else { return };
+                queue::enqueue_meets_sync_records(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn claim_due() {
+                let Some(s) = $factory.await else { return };
+                queue::claim_due(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn claim_order_and_batch() {
+                let Some(s) = $factory.await else { return };
+                queue::claim_order_and_batch(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn retry_schedule() {
+                let Some(s) = $factory.await else { return };
+                queue::retry_schedule(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn complete_makes_it_done() {
+                let Some(s) = $factory.await else { return };
+                queue::complete_makes_it_done(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn done_operation_lives_for_its_retention() {
+                let Some(s) = $factory.await else { return };
+                queue::done_operation_lives_for_its_retention(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn claim_expired() {
+                let Some(s) = $factory.await else { return };
+                queue::claim_expired(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn max_pending_is_full_and_writes_nothing() {
+                let Some(s) = $factory.await else { return };
+                queue::max_pending_is_full_and_writes_nothing(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn claim_is_exclusive_under_200_concurrent_tasks() {
+                let Some(s) = $factory.await else { return };
+                queue::claim_is_exclusive(s, 25).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn purge_and_release_remove_it() {
+                let Some(s) = $factory.await else { return };
+                queue::purge_and_release_remove_it(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn queue_stats_count_pending_and_running() {
+                let Some(s) = $factory.await else { return };
+                queue::queue_stats_count_pending_and_running(s).await;
+            }
+        }
+    };
+}
+
+// Redis and PostgreSQL join with their own line once they implement `Queue`.
+queue_conformance!(memory_queue, async {
+    Some(Arc::new(idem::store::memory::MemoryStore::new()))
+});
+// The same store with one shard (it shards by `max_entries / 4096`): every
+// claimer contends for one lock and the same first operation.
+queue_conformance!(memory_queue_one_shard, async {
+    Some(Arc::new(idem::store::memory::MemoryStore::with_limits(
+        idem::store::memory::MemoryLimits {
+            max_entries: 8_000,
+            ..Default::default()
+        },
+    )))
 });
 
 /// A prefix no other test (or earlier run) uses: tests isolate themselves

@@ -15,7 +15,13 @@
 //! index entry names the version (sequence number) of the record it was
 //! made for, so a stale index entry can never delete a newer record.
 //!
-//! Everything is lost when the process exits.
+//! Async mode's queue (`queue.rs`, SPEC §9.7) lives in the same shards:
+//! an operation is the record of its key, indexed by when it is next due
+//! instead of when it expires, and its request counts against the byte
+//! bound from enqueue until it completes. Operations are never evicted nor
+//! expired while pending or running.
+//!
+//! Everything is lost when the process exits, operations included.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
@@ -25,18 +31,23 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::{Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
+use super::{Fence, Lease, Notifier, OperationId, Reservation, Store, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
+
+use queue::{Op, Operations};
+
+mod queue;
 
 /// Bounds of a [`MemoryStore`], for the whole store (not per shard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryLimits {
     /// Most records kept (in flight and completed).
     pub max_entries: usize,
-    /// Most bytes of keys and stored responses kept (approximate per
-    /// record, exact in sum). A single record larger than this is refused.
+    /// Most bytes of keys, stored responses and pending operations'
+    /// requests kept (approximate per record, exact in sum). A single
+    /// record larger than this is refused.
     pub max_bytes: u64,
 }
 
@@ -64,6 +75,8 @@ struct Shared {
     usage: Usage,
     /// The shard the next eviction pass starts at, so shards take turns.
     evict_cursor: AtomicUsize,
+    /// Async mode's books: the id index and the count of live operations.
+    operations: Operations,
 }
 
 /// What the whole store holds, charged *before* a record is added, so the
@@ -125,15 +138,36 @@ struct Shard {
     expirations: BTreeSet<(Instant, u64, StoreKey)>,
     /// Completed records by completion order, oldest first: eviction order.
     completed: BTreeMap<u64, StoreKey>,
+    /// Pending and running operations by when they are next claimable:
+    /// (due, or lease end, seq, key). Operations are here *instead of* in
+    /// `expirations`: they never expire.
+    due: BTreeSet<(Instant, u64, StoreKey)>,
+    /// Pending and running operations by seq, which an operation keeps from
+    /// enqueue until it is done: oldest accepted first.
+    operations: BTreeMap<u64, StoreKey>,
     next_seq: u64,
 }
 
 #[derive(Debug)]
 struct Entry {
     seq: u64,
+    /// When the record expires; for an operation, when it is next
+    /// claimable (its due time, or the end of its dispatcher's lease).
     deadline: Instant,
     weight: u64,
     state: State,
+}
+
+impl Entry {
+    /// Whether the record reads as gone (or, for a lease, free to take).
+    /// An operation never expires: its deadline only makes it claimable.
+    fn expired(&self, now: Instant) -> bool {
+        self.deadline <= now && !self.is_operation()
+    }
+
+    fn is_operation(&self) -> bool {
+        matches!(self.state, State::Operation(_))
+    }
 }
 
 #[derive(Debug)]
@@ -143,9 +177,13 @@ enum State {
         fingerprint: Fingerprint,
         started_at: SystemTime,
     },
+    /// An async operation, pending or running (`queue.rs`).
+    Operation(Box<Op>),
     /// The token of the holder that completed it: a retried `complete`
-    /// from that holder (its first answer lost in transit) is acknowledged.
-    Completed(Arc<CompletedRecord>, Token),
+    /// from that holder (its first answer lost in transit) is acknowledged;
+    /// and the id of the operation it finished, if it was one, which stays
+    /// resolvable for as long as the record lives.
+    Completed(Arc<CompletedRecord>, Token, Option<OperationId>),
 }
 
 impl MemoryStore {
@@ -174,6 +212,7 @@ impl MemoryStore {
                 max_entries: limits.max_entries,
             },
             evict_cursor: AtomicUsize::new(0),
+            operations: Operations::new(n),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweep(Arc::downgrade(&shared)));
@@ -233,10 +272,9 @@ impl MemoryStore {
         let shards = &self.shared.shards;
         let start = self.shared.evict_cursor.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        let usage = &self.shared.usage;
         (0..shards.len()).any(|i| {
             let mut shard = lock(&shards[(start + i) & (shards.len() - 1)]);
-            shard.sweep(now, usage) > 0 || shard.evict_oldest(usage)
+            shard.sweep(now, &self.shared) > 0 || shard.evict_oldest(&self.shared)
         })
     }
 }
@@ -264,7 +302,7 @@ async fn sweep(shared: Weak<Shared>) {
         };
         let now = Instant::now();
         for shard in shared.shards.iter() {
-            lock(shard).sweep(now, &shared.usage);
+            lock(shard).sweep(now, &shared);
         }
     }
 }
@@ -274,21 +312,40 @@ fn key_weight(key: &StoreKey) -> u64 {
 }
 
 impl Shard {
-    /// Removes the record under `key` with its index entries, and gives its
-    /// weight back.
-    fn remove(&mut self, key: &StoreKey, usage: &Usage) -> Option<Entry> {
+    /// The time index an entry belongs in: operations are claimable at
+    /// their deadline, everything else expires at it.
+    fn times(&mut self, operation: bool) -> &mut BTreeSet<(Instant, u64, StoreKey)> {
+        if operation {
+            &mut self.due
+        } else {
+            &mut self.expirations
+        }
+    }
+
+    /// Removes the record under `key` with its index entries (its
+    /// operation id included), and gives its weight back.
+    fn remove(&mut self, key: &StoreKey, shared: &Shared) -> Option<Entry> {
         let (key, entry) = self.map.remove_entry(key)?;
-        self.expirations.remove(&(entry.deadline, entry.seq, key));
         self.completed.remove(&entry.seq);
-        usage.refund(entry.weight, 1);
+        match &entry.state {
+            State::Operation(op) => {
+                self.operations.remove(&entry.seq);
+                shared.operations.forget(op.id, true);
+            }
+            State::Completed(_, _, Some(id)) => shared.operations.forget(*id, false),
+            State::Completed(..) | State::InFlight { .. } => {}
+        }
+        self.times(entry.is_operation())
+            .remove(&(entry.deadline, entry.seq, key));
+        shared.usage.refund(entry.weight, 1);
         Some(entry)
     }
 
     /// Removes the record under `key` only if it is still the version an
     /// index entry named (`seq`): a stale index entry deletes nothing.
-    fn remove_version(&mut self, key: &StoreKey, seq: u64, usage: &Usage) -> bool {
+    fn remove_version(&mut self, key: &StoreKey, seq: u64, shared: &Shared) -> bool {
         if self.map.get(key).is_some_and(|e| e.seq == seq) {
-            self.remove(key, usage);
+            self.remove(key, shared);
             true
         } else {
             false
@@ -299,9 +356,16 @@ impl Shard {
     fn insert(&mut self, key: StoreKey, deadline: Instant, weight: u64, state: State) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.expirations.insert((deadline, seq, key.clone()));
-        if matches!(state, State::Completed(..)) {
-            self.completed.insert(seq, key.clone());
+        let operation = matches!(state, State::Operation(_));
+        self.times(operation).insert((deadline, seq, key.clone()));
+        match state {
+            State::Completed(..) => {
+                self.completed.insert(seq, key.clone());
+            }
+            State::Operation(_) => {
+                self.operations.insert(seq, key.clone());
+            }
+            State::InFlight { .. } => {}
         }
         self.map.insert(
             key,
@@ -314,11 +378,13 @@ impl Shard {
         );
     }
 
+    /// Moves the entry's deadline (and its index entry; the seq stays).
     fn set_deadline(&mut self, key: &StoreKey, deadline: Instant) {
         if let Some((k, e)) = self.map.get_key_value(key) {
             let old = (e.deadline, e.seq, k.clone());
-            self.expirations.remove(&old);
-            self.expirations.insert((deadline, old.1, old.2));
+            let times = self.times(e.is_operation());
+            times.remove(&old);
+            times.insert((deadline, old.1, old.2));
             if let Some(e) = self.map.get_mut(key) {
                 e.deadline = deadline;
             }
@@ -326,7 +392,7 @@ impl Shard {
     }
 
     /// Drops every record whose deadline has passed; how many went.
-    fn sweep(&mut self, now: Instant, usage: &Usage) -> usize {
+    fn sweep(&mut self, now: Instant, shared: &Shared) -> usize {
         let mut freed = 0;
         while self
             .expirations
@@ -334,16 +400,16 @@ impl Shard {
             .is_some_and(|(deadline, _, _)| *deadline <= now)
         {
             if let Some((_, seq, key)) = self.expirations.pop_first() {
-                freed += usize::from(self.remove_version(&key, seq, usage));
+                freed += usize::from(self.remove_version(&key, seq, shared));
             }
         }
         freed
     }
 
     /// Evicts this shard's oldest completed record; false if it has none.
-    fn evict_oldest(&mut self, usage: &Usage) -> bool {
+    fn evict_oldest(&mut self, shared: &Shared) -> bool {
         while let Some((seq, key)) = self.completed.pop_first() {
-            if self.remove_version(&key, seq, usage) {
+            if self.remove_version(&key, seq, shared) {
                 return true;
             }
         }
@@ -351,39 +417,62 @@ impl Shard {
     }
 
     /// The live entry under `key`, dropping it first if it has expired.
-    fn live(&mut self, key: &StoreKey, now: Instant, usage: &Usage) -> Option<&mut Entry> {
-        if self.map.get(key).is_some_and(|e| e.deadline <= now) {
+    fn live(&mut self, key: &StoreKey, now: Instant, shared: &Shared) -> Option<&mut Entry> {
+        if self.map.get(key).is_some_and(|e| e.expired(now)) {
             // An expired completed record is gone; an expired lease is free
             // to take over. Either way it reads as "no record".
-            self.remove(key, usage);
+            self.remove(key, shared);
         }
         self.map.get_mut(key)
     }
 
-    /// The caller's in-flight entry, if it still carries `token`.
+    /// The caller's in-flight entry (or running operation), if it still
+    /// carries `token`.
     fn held(&mut self, key: &StoreKey, token: Token) -> Option<&mut Entry> {
-        self.map
-            .get_mut(key)
-            .filter(|e| matches!(e.state, State::InFlight { token: t, .. } if t == token))
+        self.map.get_mut(key).filter(|e| match &e.state {
+            State::InFlight { token: t, .. } => *t == token,
+            State::Operation(op) => op.running == Some(token),
+            State::Completed(..) => false,
+        })
     }
 
-    /// Turns the caller's held in-flight entry into `record` (the caller
-    /// has charged any extra weight already).
-    fn complete_held(&mut self, key: &StoreKey, deadline: Instant, weight: u64, state: State) {
+    /// Turns the caller's held entry into `record`, completed with `token`
+    /// (the caller has charged any extra weight already). A running
+    /// operation leaves the queue; its id stays, now naming the record.
+    fn complete_held(
+        &mut self,
+        key: &StoreKey,
+        deadline: Instant,
+        weight: u64,
+        record: Arc<CompletedRecord>,
+        token: Token,
+        shared: &Shared,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        if let Some(e) = self.map.get_mut(key) {
-            let old = (e.deadline, e.seq, key.clone());
-            *e = Entry {
-                seq,
-                deadline,
-                weight,
-                state,
-            };
+        let Some(e) = self.map.get_mut(key) else {
+            return;
+        };
+        let old = (e.deadline, e.seq, key.clone());
+        let id = match &e.state {
+            State::Operation(op) => Some(op.id),
+            State::InFlight { .. } | State::Completed(..) => None,
+        };
+        *e = Entry {
+            seq,
+            deadline,
+            weight,
+            state: State::Completed(record, token, id),
+        };
+        if id.is_some() {
+            self.due.remove(&old);
+            self.operations.remove(&old.1);
+            shared.operations.finished();
+        } else {
             self.expirations.remove(&old);
-            self.expirations.insert((deadline, seq, key.clone()));
-            self.completed.insert(seq, key.clone());
         }
+        self.expirations.insert((deadline, seq, key.clone()));
+        self.completed.insert(seq, key.clone());
     }
 }
 
@@ -400,7 +489,7 @@ impl Store for MemoryStore {
         let mut charged = false;
         loop {
             let mut shard = self.shard(key);
-            if let Some(entry) = shard.live(key, now, usage) {
+            if let Some(entry) = shard.live(key, now, &self.shared) {
                 let found = match &entry.state {
                     State::InFlight { fingerprint: f, .. } if *f != fingerprint => {
                         Reservation::Mismatch
@@ -408,8 +497,14 @@ impl Store for MemoryStore {
                     State::InFlight { .. } => Reservation::InFlight {
                         lease_remaining: entry.deadline - now,
                     },
-                    State::Completed(r, _) if r.fingerprint != fingerprint => Reservation::Mismatch,
-                    State::Completed(r, _) => Reservation::Completed(Arc::clone(r)),
+                    State::Operation(op) if op.fingerprint != fingerprint => Reservation::Mismatch,
+                    State::Operation(_) => Reservation::InFlight {
+                        lease_remaining: queue::remaining(entry.deadline, now),
+                    },
+                    State::Completed(r, ..) if r.fingerprint != fingerprint => {
+                        Reservation::Mismatch
+                    }
+                    State::Completed(r, ..) => Reservation::Completed(Arc::clone(r)),
                 };
                 if charged {
                     usage.refund(weight, 1);
@@ -469,7 +564,7 @@ impl Store for MemoryStore {
                 let already = shard
                     .map
                     .get(key)
-                    .is_some_and(|e| matches!(e.state, State::Completed(_, t) if t == token));
+                    .is_some_and(|e| matches!(e.state, State::Completed(_, t, _) if t == token));
                 return Ok(if already { Fence::Held } else { Fence::Lost });
             };
             let need = weight.saturating_sub(held.weight);
@@ -494,7 +589,9 @@ impl Store for MemoryStore {
                 key,
                 Instant::now() + retention,
                 weight,
-                State::Completed(record, token),
+                record,
+                token,
+                &self.shared,
             );
             break;
         }
@@ -508,7 +605,7 @@ impl Store for MemoryStore {
             if shard.held(key, token).is_none() {
                 return Ok(Fence::Lost);
             }
-            shard.remove(key, &self.shared.usage);
+            shard.remove(key, &self.shared);
         }
         self.shared.notifier.notify(key);
         Ok(Fence::Held)
@@ -531,24 +628,27 @@ impl Store for MemoryStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         let now = Instant::now();
         let mut shard = self.shard(key);
-        Ok(shard
-            .live(key, now, &self.shared.usage)
-            .map(|e| match &e.state {
-                State::InFlight {
-                    fingerprint,
-                    started_at,
-                    ..
-                } => Record::InFlight {
-                    fingerprint: *fingerprint,
-                    lease_remaining: e.deadline - now,
-                    started_at: *started_at,
-                },
-                State::Completed(r, _) => Record::Completed(Arc::clone(r)),
-            }))
+        Ok(shard.live(key, now, &self.shared).map(|e| match &e.state {
+            State::InFlight {
+                fingerprint,
+                started_at,
+                ..
+            } => Record::InFlight {
+                fingerprint: *fingerprint,
+                lease_remaining: e.deadline - now,
+                started_at: *started_at,
+            },
+            State::Operation(op) => Record::InFlight {
+                fingerprint: op.fingerprint,
+                lease_remaining: queue::remaining(e.deadline, now),
+                started_at: op.accepted_at,
+            },
+            State::Completed(r, ..) => Record::Completed(Arc::clone(r)),
+        }))
     }
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        let removed = self.shard(key).remove(key, &self.shared.usage).is_some();
+        let removed = self.shard(key).remove(key, &self.shared).is_some();
         if removed {
             self.shared.notifier.notify(key);
         }

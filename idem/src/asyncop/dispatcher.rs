@@ -1,0 +1,394 @@
+//! The dispatcher pool (SPEC §9.4–5): workers that claim due operations,
+//! call the upstream under a lease kept by heartbeat, and finish each
+//! attempt with ONE fenced store step: `complete` (a stored status, or the
+//! 502 after the last attempt) or `retry` (another attempt later).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::metrics::DispatchMetrics;
+use super::upstream::{retry_after, retry_delay, DispatchError, Upstream};
+use super::{AsyncConfig, DispatchPolicy};
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::problem::{Problem, ProblemCode, CONTENT_TYPE};
+use crate::record::{CompletedRecord, StoredResponse};
+use crate::store::{Claimed, Enqueued, Fence, OperationRequest, Queue, StoreError};
+
+/// A pool of dispatcher tasks over one store (SPEC §9.4).
+///
+/// [`spawn`](Self::spawn) starts [`AsyncConfig::workers`] tasks. Each
+/// claims one due operation at a time, calls the [`Upstream`] while
+/// heartbeating its lease, then stores the answer, or schedules another
+/// attempt, or — after the route's `max_attempts` — stores a 502
+/// `upstream_unavailable`. Idle, a worker sleeps `poll_interval`, or less
+/// when [`accept`](Self::accept) (or a [`WakeHandle`]) wakes it.
+///
+/// Dropping the dispatcher aborts its tasks at once, like a crash: the
+/// operations they held are claimed again when their leases run out.
+/// [`shutdown`](Self::shutdown) lets the running calls finish first.
+pub struct Dispatcher<S, U> {
+    inner: Arc<Inner<S, U>>,
+    workers: JoinSet<()>,
+    stop: watch::Sender<bool>,
+}
+
+struct Inner<S, U> {
+    store: S,
+    upstream: U,
+    config: AsyncConfig,
+    metrics: Arc<DispatchMetrics>,
+    wake: Arc<Notify>,
+}
+
+/// Wakes an idle worker of a [`Dispatcher`] (after an accept made outside
+/// [`Dispatcher::accept`]). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct WakeHandle(Arc<Notify>);
+
+impl WakeHandle {
+    /// Wakes one idle worker, or the next to go idle.
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+}
+
+impl<S, U> std::fmt::Debug for Dispatcher<S, U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("config", &self.inner.config)
+            .field("workers", &self.workers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Queue, U: Upstream> Dispatcher<S, U> {
+    /// Starts `config.workers` dispatcher tasks on the current Tokio
+    /// runtime (none for an accept-only instance).
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime.
+    #[must_use]
+    pub fn spawn(store: S, upstream: U, config: AsyncConfig) -> Self {
+        let workers = config.workers;
+        let inner = Arc::new(Inner {
+            store,
+            upstream,
+            config,
+            metrics: Arc::default(),
+            wake: Arc::default(),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let mut set = JoinSet::new();
+        for _ in 0..workers {
+            set.spawn(Arc::clone(&inner).work(stopped.clone()));
+        }
+        Self {
+            inner,
+            workers: set,
+            stop,
+        }
+    }
+
+    /// [`accept`](super::accept), then wakes an idle worker if the
+    /// operation is new.
+    ///
+    /// # Errors
+    ///
+    /// The store's failures.
+    pub async fn accept(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        request: &OperationRequest,
+        max_pending: u64,
+    ) -> Result<Enqueued, StoreError> {
+        let answer =
+            super::accept(&self.inner.store, key, fingerprint, request, max_pending).await?;
+        if matches!(answer, Enqueued::Accepted(_)) {
+            self.inner.wake.notify_one();
+        }
+        Ok(answer)
+    }
+
+    /// A handle that wakes an idle worker.
+    #[must_use]
+    pub fn wake_handle(&self) -> WakeHandle {
+        WakeHandle(Arc::clone(&self.inner.wake))
+    }
+
+    /// The store the dispatcher works on.
+    #[must_use]
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    /// The dispatchers' counters (SPEC §9.8). The queue's depth and oldest
+    /// age are the store's: [`Queue::queue_stats`].
+    #[must_use]
+    pub fn metrics(&self) -> &Arc<DispatchMetrics> {
+        &self.inner.metrics
+    }
+
+    /// The settings it runs with.
+    #[must_use]
+    pub fn config(&self) -> &AsyncConfig {
+        &self.inner.config
+    }
+
+    /// Stops claiming, lets the running attempts finish for up to
+    /// `grace`, then aborts the rest (their operations are claimed again
+    /// after their leases).
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.stop.send_replace(true);
+        let all = async { while self.workers.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(
+                running = self.workers.len(),
+                "dispatchers still calling the upstream at the end of the grace period were \
+                 aborted; their operations are dispatched again after their leases"
+            );
+        }
+        // Dropping `self` aborts whatever is left.
+    }
+}
+
+/// How an attempt ended without an answer to store.
+struct Failure {
+    /// For the operator (logs, the store's `last_error`).
+    log: String,
+    /// For the client (the stored 502's `detail`).
+    summary: String,
+    retry_after: Option<Duration>,
+}
+
+impl<S: Queue, U: Upstream> Inner<S, U> {
+    /// One worker: claim, dispatch, repeat; idle, wait for a wake-up, the
+    /// poll interval or the stop signal.
+    async fn work(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let idle = match self.store.claim(self.config.lease, 1).await {
+                Ok(claimed) => {
+                    let idle = claimed.is_empty();
+                    for c in claimed {
+                        self.dispatch(c).await;
+                    }
+                    idle
+                }
+                Err(error) => {
+                    DispatchMetrics::inc(&self.metrics.store_errors);
+                    tracing::warn!(%error, "claiming due operations failed");
+                    true
+                }
+            };
+            if idle {
+                tokio::select! {
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+
+    /// One attempt of a claimed operation, finished in the store.
+    async fn dispatch(&self, c: Claimed) {
+        let policy = self.config.policy_of(&c.request);
+        if c.attempt > policy.max_attempts {
+            // The dispatcher of the last attempt died before storing its
+            // outcome: no call beyond `max_attempts`.
+            let failure = Failure {
+                log: "the last attempt's dispatcher stopped before storing its outcome".into(),
+                summary: "the outcome of the last attempt was lost".into(),
+                retry_after: None,
+            };
+            let lease_ends = Instant::now() + self.config.lease;
+            return self
+                .give_up(&c, &policy, policy.max_attempts, &failure, lease_ends)
+                .await;
+        }
+        let m = &self.metrics;
+        DispatchMetrics::inc(&m.attempts);
+        m.in_flight.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let called = self.call(&c, &policy).await;
+        m.in_flight.fetch_sub(1, Ordering::Relaxed);
+        m.dispatch_latency.observe(started.elapsed());
+        let Some((outcome, lease_ends)) = called else {
+            DispatchMetrics::inc(&m.lost);
+            tracing::warn!(id = %c.id, key = %c.key, "lease lost during the upstream call; its outcome is dropped");
+            return;
+        };
+        let failure = match outcome {
+            Ok(response) if policy.store_statuses.contains(response.status) => {
+                if self.finish(&c, &policy, response, lease_ends).await {
+                    DispatchMetrics::inc(&m.completed);
+                }
+                return;
+            }
+            Ok(response) => Failure {
+                log: format!("the upstream answered {}", response.status),
+                summary: format!("the last answer was HTTP {}", response.status),
+                retry_after: retry_after(&response),
+            },
+            Err(e) => Failure {
+                log: e.to_string(),
+                summary: e.summary(),
+                retry_after: None,
+            },
+        };
+        if c.attempt >= policy.max_attempts {
+            return self
+                .give_up(&c, &policy, c.attempt, &failure, lease_ends)
+                .await;
+        }
+        let delay = retry_delay(policy.retry_backoff, c.attempt, failure.retry_after);
+        tracing::info!(id = %c.id, attempt = c.attempt, ?delay, error = %failure.log, "attempt failed; retrying");
+        match self.store.retry(&c.key, c.token, delay, &failure.log).await {
+            Ok(Fence::Held) => DispatchMetrics::inc(&m.retries),
+            Ok(Fence::Lost) => self.lost(&c, "retry"),
+            Err(error) => {
+                DispatchMetrics::inc(&m.store_errors);
+                tracing::warn!(id = %c.id, %error, "scheduling the retry failed; the operation is due again when its lease runs out");
+            }
+        }
+    }
+
+    /// Calls the upstream (bounded by the route's time-out) while the
+    /// lease is kept by heartbeat. `None` if the lease was lost: another
+    /// dispatcher holds the operation (or it was purged) and this call's
+    /// outcome must not be stored. Otherwise the outcome and when the
+    /// lease ends.
+    async fn call(
+        &self,
+        c: &Claimed,
+        policy: &DispatchPolicy,
+    ) -> Option<(Result<StoredResponse, DispatchError>, Instant)> {
+        let lease = self.config.lease;
+        let mut lease_ends = Instant::now() + lease;
+        let timeout = policy.upstream_timeout;
+        let call = tokio::time::timeout(timeout, self.upstream.call(Arc::clone(&c.request)));
+        let heartbeat = async {
+            let every = (lease / 3).max(Duration::from_millis(10));
+            let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let at = Instant::now();
+                match self.store.extend(&c.key, c.token, lease).await {
+                    Ok(Fence::Held) => lease_ends = at + lease,
+                    Ok(Fence::Lost) => return,
+                    Err(error) => {
+                        DispatchMetrics::inc(&self.metrics.store_errors);
+                        tracing::warn!(id = %c.id, %error, "heartbeat failed");
+                    }
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            r = call => r.unwrap_or(Err(DispatchError::Timeout(timeout))),
+            () = heartbeat => return None,
+        };
+        Some((outcome, lease_ends))
+    }
+
+    /// Stores the final answer after `attempts` calls failed (SPEC §9.4).
+    async fn give_up(
+        &self,
+        c: &Claimed,
+        policy: &DispatchPolicy,
+        attempts: u32,
+        why: &Failure,
+        lease_ends: Instant,
+    ) {
+        tracing::warn!(id = %c.id, attempts, error = %why.log, "last attempt failed; storing 502 upstream_unavailable");
+        let plural = if attempts == 1 { "" } else { "s" };
+        let problem = Problem::new(
+            ProblemCode::UpstreamUnavailable,
+            format!(
+                "the upstream gave no answer to keep after {attempts} attempt{plural}; {}",
+                why.summary
+            ),
+        );
+        if self
+            .finish(c, policy, stored_problem(&problem), lease_ends)
+            .await
+        {
+            DispatchMetrics::inc(&self.metrics.final_failures);
+        }
+    }
+
+    /// Stores `response` as the operation's final answer: fenced
+    /// `complete`, retried with backoff while the lease lasts. True if it
+    /// is stored.
+    async fn finish(
+        &self,
+        c: &Claimed,
+        policy: &DispatchPolicy,
+        response: StoredResponse,
+        lease_ends: Instant,
+    ) -> bool {
+        let now = SystemTime::now();
+        let record = Arc::new(CompletedRecord {
+            fingerprint: c.fingerprint,
+            response,
+            completed_at: now,
+            expires_at: now + policy.retention,
+        });
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let stored = self
+                .store
+                .complete(&c.key, c.token, Arc::clone(&record), policy.retention)
+                .await;
+            match stored {
+                Ok(Fence::Held) => return true,
+                Ok(Fence::Lost) => {
+                    self.lost(c, "complete");
+                    return false;
+                }
+                Err(error) => {
+                    DispatchMetrics::inc(&self.metrics.store_errors);
+                    if Instant::now() + backoff >= lease_ends {
+                        tracing::error!(id = %c.id, %error, "storing the final answer failed until the lease ran out; the operation will be dispatched again");
+                        return false;
+                    }
+                    tracing::warn!(id = %c.id, %error, ?backoff, "storing the final answer failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn lost(&self, c: &Claimed, step: &str) {
+        DispatchMetrics::inc(&self.metrics.lost);
+        tracing::warn!(id = %c.id, key = %c.key, step, "fenced out: another dispatcher took the operation over; nothing stored");
+    }
+}
+
+/// A problem as a stored answer (what a repeat of the POST and the status
+/// request replay).
+fn stored_problem(problem: &Problem) -> StoredResponse {
+    let mut headers = vec![(
+        "content-type".to_owned(),
+        bytes::Bytes::from_static(CONTENT_TYPE.as_bytes()),
+    )];
+    if let Some(secs) = problem.retry_after {
+        headers.push(("retry-after".to_owned(), secs.to_string().into()));
+    }
+    StoredResponse {
+        status: problem.status(),
+        headers,
+        body: problem.body(),
+    }
+}
