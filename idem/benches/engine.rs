@@ -1,7 +1,10 @@
 //! Criterion benches of the hot path on the memory store.
 //!
 //! `cargo bench -p idem --bench engine`
-#![allow(missing_docs, reason = "criterion_group! defines an undocumented function")]
+#![allow(
+    missing_docs,
+    reason = "criterion_group! defines an undocumented function"
+)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -9,7 +9,10 @@
 //! One caller at a time: the figure is the latency of one operation (its
 //! inverse is the ops/s of ONE connection); instances and connections add
 //! up until the server's commit rate is the limit.
-#![allow(missing_docs, reason = "criterion_group! defines an undocumented function")]
+#![allow(
+    missing_docs,
+    reason = "criterion_group! defines an undocumented function"
+)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

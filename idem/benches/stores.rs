@@ -8,7 +8,10 @@
 //! `IDEM_TEST_REDIS_CLUSTER_URLS` (default `redis://127.0.0.1:7000,7001,7002`);
 //! an unreachable one is skipped with a notice. Records go under a random
 //! prefix and expire after a minute.
-#![allow(missing_docs, reason = "criterion_group! defines an undocumented function")]
+#![allow(
+    missing_docs,
+    reason = "criterion_group! defines an undocumented function"
+)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -230,6 +230,11 @@ pub struct Rules {
     pub wait_timeout: Duration,
     /// What to do when the store fails.
     pub fail: FailMode,
+    /// What the store keeps when a started operation ends without an
+    /// answer (its future dropped, or a panic): `release` frees the key,
+    /// `hold` and `store` keep it until its lease runs out (there is no
+    /// answer to store).
+    pub ambiguous: Ambiguous,
 }
 
 impl Default for Rules {
@@ -246,6 +251,7 @@ impl From<&RoutePolicy> for Rules {
             concurrent: p.concurrent,
             wait_timeout: p.wait_timeout,
             fail: p.fail,
+            ambiguous: p.ambiguous,
         }
     }
 }

@@ -1,11 +1,17 @@
 //! Executing under a lease (SPEC §3.8–9): the heartbeat that keeps it, the
 //! fenced `complete` (retried until the lease would run out) or `release`,
-//! and the [`LeaseGuard`] that releases it when a request is cancelled.
+//! and the [`LeaseGuard`] that settles it when an execution ends without
+//! an answer.
 //!
 //! The [`Lease`] is a permit, as in pingora-cache's lock: the guard owns it
 //! while the operation runs and hands it back by value to the step that
-//! finishes it; a guard dropped with its lease (the request's future was
-//! dropped) releases it in the background, best effort.
+//! finishes it. A guard dropped with its lease means the execution's future
+//! was dropped (a caller's time-out or `select!`, a client hanging up) or
+//! the operation panicked, *after* it started: its effect may have
+//! happened. So the guard never simply frees the key; the route's
+//! `ambiguous` policy decides (`hold` and `store`: the reservation runs out
+//! with its lease, there being no answer to store; `release`: freed at
+//! once, in the background).
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -17,7 +23,7 @@ use tokio::time::Instant;
 use super::{Action, Engine, Finish, Metrics};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
-use crate::policy::Rules;
+use crate::policy::{Ambiguous, Rules};
 use crate::record::CompletedRecord;
 use crate::store::{Fence, Lease, Store};
 
@@ -39,11 +45,16 @@ impl<S: Store> Engine<S> {
         Metrics::inc(&m.executed);
         m.in_flight.fetch_add(1, Ordering::Relaxed);
         let token = lease.token;
-        let guard = LeaseGuard {
+        let mut guard = LeaseGuard {
             engine: self.clone(),
             key: key.clone(),
             lease: Some(lease),
+            started: false,
+            ambiguous: rules.ambiguous,
         };
+        // From here on the operation may have had its effect (even the
+        // closure's synchronous part may have): a drop must not free the key.
+        guard.started = true;
         let op = op();
         tokio::pin!(op);
         let mut lease_ends = Instant::now() + rules.lease;
@@ -149,15 +160,25 @@ impl<S: Store> Engine<S> {
     }
 }
 
-/// Holds a [`Lease`] while its operation runs. Releases it (best effort, in
-/// the background) if the request is cancelled before [`disarm`] handed the
-/// lease back.
+/// Holds a [`Lease`] while its operation runs, until [`disarm`] hands it
+/// back to the step that finishes it.
+///
+/// Dropped with its lease, the execution ended without an answer: its
+/// future was dropped or the operation panicked. Once the operation has
+/// started, the key is held (the reservation runs out with its lease, no
+/// more heartbeat) unless the route's `ambiguous` policy is `release`;
+/// before it started, releasing is safe. Releasing runs in the background,
+/// best effort; either way the event is counted (`cancelled`) and logged.
 ///
 /// [`disarm`]: LeaseGuard::disarm
 struct LeaseGuard<S: Store> {
     engine: Engine<S>,
     key: StoreKey,
     lease: Option<Lease>,
+    /// Whether the operation was called: its effect may have happened.
+    started: bool,
+    /// The route's policy for an execution that ends without an answer.
+    ambiguous: Ambiguous,
 }
 
 impl<S: Store> LeaseGuard<S> {
@@ -179,18 +200,74 @@ impl<S: Store> Drop for LeaseGuard<S> {
         };
         let engine = self.engine.clone();
         let key = self.key.clone();
-        engine
-            .inner
-            .metrics
-            .in_flight
-            .fetch_sub(1, Ordering::Relaxed);
+        let m = &engine.inner.metrics;
+        m.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let how = if std::thread::panicking() {
+            "panicked"
+        } else {
+            "was cancelled"
+        };
+        if self.started {
+            Metrics::inc(&m.cancelled);
+            if self.ambiguous != Ambiguous::Release {
+                // Hold (and `store`, with no answer to store): the
+                // permit is dropped here, never handed to the store.
+                tracing::warn!(
+                    %key,
+                    "the operation {how} after it started; the key is held until its lease runs out"
+                );
+                return;
+            }
+            tracing::warn!(%key, "the operation {how} after it started; releasing its key (ambiguous = release)");
+        } else {
+            tracing::debug!(%key, "the request {how} before its operation started; releasing its key");
+        }
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                tracing::debug!(%key, "request cancelled; releasing its reservation");
                 let _ = engine
                     .call(engine.inner.store.release(&key, lease.token))
                     .await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Scope;
+    use crate::store::memory::MemoryStore;
+    use crate::store::Reservation;
+
+    /// A guard dropped before its operation was called frees the key: no
+    /// effect can have happened. (In `execute` the operation is called in
+    /// the same poll that creates the guard; this keeps the guard right on
+    /// its own.)
+    #[tokio::test]
+    async fn a_guard_dropped_before_its_operation_started_releases() {
+        let engine = Engine::new(MemoryStore::new());
+        let key = StoreKey::new(&Scope::named("guard"), "k");
+        let fp = Fingerprint::of_bytes(b"x");
+        let lease = Duration::from_secs(30);
+        let Ok(Reservation::Acquired(held)) = engine.store().reserve(&key, fp, lease).await else {
+            panic!("the first reserve acquires");
+        };
+        engine.metrics().in_flight.fetch_add(1, Ordering::Relaxed);
+        drop(LeaseGuard {
+            engine: engine.clone(),
+            key: key.clone(),
+            lease: Some(held),
+            started: false,
+            ambiguous: Ambiguous::Hold,
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let again = engine.store().reserve(&key, fp, lease).await;
+        assert!(
+            matches!(again, Ok(Reservation::Acquired(_))),
+            "got {again:?}"
+        );
+        assert_eq!(engine.metrics().cancelled.load(Ordering::Relaxed), 0);
     }
 }

@@ -25,6 +25,10 @@ pub struct Metrics {
     pub store_error: AtomicU64,
     /// `complete`/`release` refused because another holder took over.
     pub fenced: AtomicU64,
+    /// Executions cancelled (their future dropped) or panicked after the
+    /// operation started: the key was held (or released under
+    /// `ambiguous = release`), never simply freed.
+    pub cancelled: AtomicU64,
     /// Local cache hits.
     pub cache_hits: AtomicU64,
     /// Local cache misses (lookups that went to the store).

@@ -9,15 +9,18 @@
 //! and awaited before `run` returns, so no response leaves before its record
 //! is stored.
 //!
-//! A request that is cancelled while it holds a reservation (its future is
-//! dropped) releases it in the background, best effort.
+//! An execution that ends without an answer after its operation started
+//! (its future dropped by a caller's time-out or `select!`, or a panic)
+//! never frees the key by itself: the route's `ambiguous` policy decides,
+//! and the default (`hold`) keeps the reservation until its lease runs out,
+//! so a retry cannot run the effect a second time (`lease.rs`).
 //!
 //! This file holds the engine, [`Engine::run`] and the waiting loop; the
 //! rest is split by concern:
 //!
 //! - `flight.rs`: single-flight waiting, one watcher per key per process;
 //! - `lease.rs`: executing under a lease (heartbeat, complete-with-retry,
-//!   fencing) and the guard that releases it on cancellation;
+//!   fencing) and the guard that settles it on cancellation or panic;
 //! - `metrics.rs`: [`Metrics`] and the store-latency [`Histogram`].
 //!
 //! The function-level API, [`Engine::once`], is in `once.rs`, above the
