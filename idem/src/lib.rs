@@ -99,7 +99,7 @@ mod value;
 pub use engine::{Action, Engine, EngineConfig, Finish, Outcome};
 pub use error::StoreError;
 pub use fingerprint::Fingerprint;
-pub use key::{IdempotencyKey, Scope, StoreKey};
+pub use key::{IdempotencyKey, LogId, Scope, StoreKey};
 pub use once::{Once, OnceError};
 pub use policy::{RoutePolicy, RouteTable, Rules};
 pub use record::{CompletedRecord, Record, StoredResponse, Token};

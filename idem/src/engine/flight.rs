@@ -88,7 +88,7 @@ impl<S: Store> Engine<S> {
         let mut sub = match self.call(store.subscribe(key)).await {
             Ok(s) => Some(s),
             Err(error) => {
-                tracing::debug!(%key, %error, "subscribe failed; polling only");
+                tracing::debug!(key = %key.log_id(), %error, "subscribe failed; polling only");
                 None
             }
         };

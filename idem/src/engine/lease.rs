@@ -71,10 +71,10 @@ impl<S: Store> Engine<S> {
                 {
                     Ok(Fence::Held) => lease_ends = at + rules.lease,
                     Ok(Fence::Lost) => {
-                        tracing::warn!(%key, "lease lost while executing; the result will not be stored");
+                        tracing::warn!(key = %key.log_id(), "lease lost while executing; the result will not be stored");
                         return;
                     }
-                    Err(error) => tracing::warn!(%key, %error, "heartbeat failed"),
+                    Err(error) => tracing::warn!(key = %key.log_id(), %error, "heartbeat failed"),
                 }
             }
         };
@@ -131,12 +131,12 @@ impl<S: Store> Engine<S> {
                 }
                 Ok(Fence::Lost) => return self.fenced(key, "complete"),
                 Err(error) if Instant::now() + backoff < lease_ends => {
-                    tracing::warn!(%key, %error, ?backoff, "complete failed; retrying");
+                    tracing::warn!(key = %key.log_id(), %error, ?backoff, "complete failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 Err(error) => {
-                    tracing::error!(%key, %error, "complete failed until the lease ran out; the result is NOT stored");
+                    tracing::error!(key = %key.log_id(), %error, "complete failed until the lease ran out; the result is NOT stored");
                     return;
                 }
             }
@@ -149,14 +149,14 @@ impl<S: Store> Engine<S> {
             Ok(Fence::Held) => {}
             Ok(Fence::Lost) => self.fenced(key, "release"),
             Err(error) => {
-                tracing::warn!(%key, %error, "release failed; the key frees itself when the lease runs out");
+                tracing::warn!(key = %key.log_id(), %error, "release failed; the key frees itself when the lease runs out");
             }
         }
     }
 
     fn fenced(&self, key: &StoreKey, op: &str) {
         Metrics::inc(&self.inner.metrics.fenced);
-        tracing::warn!(%key, op, "fenced out: another holder took the key over; nothing stored");
+        tracing::warn!(key = %key.log_id(), op, "fenced out: another holder took the key over; nothing stored");
     }
 }
 
@@ -213,14 +213,14 @@ impl<S: Store> Drop for LeaseGuard<S> {
                 // Hold (and `store`, with no answer to store): the
                 // permit is dropped here, never handed to the store.
                 tracing::warn!(
-                    %key,
+                    key = %key.log_id(),
                     "the operation {how} after it started; the key is held until its lease runs out"
                 );
                 return;
             }
-            tracing::warn!(%key, "the operation {how} after it started; releasing its key (ambiguous = release)");
+            tracing::warn!(key = %key.log_id(), "the operation {how} after it started; releasing its key (ambiguous = release)");
         } else {
-            tracing::debug!(%key, "the request {how} before its operation started; releasing its key");
+            tracing::debug!(key = %key.log_id(), "the request {how} before its operation started; releasing its key");
         }
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {

@@ -327,11 +327,11 @@ impl<S: Store> Engine<S> {
     {
         match rules.fail {
             FailMode::Closed => {
-                tracing::warn!(%key, %error, "store unavailable; failing closed");
+                tracing::warn!(key = %key.log_id(), %error, "store unavailable; failing closed");
                 Outcome::StoreUnavailable { error }
             }
             FailMode::Open => {
-                tracing::warn!(%key, %error, "store unavailable; executing WITHOUT protection (fail = open)");
+                tracing::warn!(key = %key.log_id(), %error, "store unavailable; executing WITHOUT protection (fail = open)");
                 Metrics::inc(&self.inner.metrics.bypass);
                 Outcome::Bypassed(op().await.output)
             }
