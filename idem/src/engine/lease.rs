@@ -1,5 +1,5 @@
 //! Executing under a lease (SPEC §3.8–9): the heartbeat that keeps it, the
-//! fenced `complete` (retried until the lease would run out) or `release`,
+//! fenced `complete` (retried for at most `complete_retry`) or `release`,
 //! and the [`LeaseGuard`] that settles it when an execution ends without
 //! an answer.
 //!
@@ -25,7 +25,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::policy::{Ambiguous, Rules};
 use crate::record::CompletedRecord;
-use crate::store::{Fence, Lease, Store};
+use crate::store::{Fence, Lease, Store, StoreError};
 
 impl<S: Store> Engine<S> {
     /// Runs `op` under `lease`, with heartbeat, then finishes (SPEC §3.8–9).
@@ -104,7 +104,18 @@ impl<S: Store> Engine<S> {
         finish.output
     }
 
-    /// `complete`, retried with backoff until the lease would run out.
+    /// `complete`, retried with backoff (10 ms doubling, at most 1 s apart)
+    /// while the store fails transiently, for at most
+    /// [`complete_retry`](super::EngineConfig::complete_retry) and never
+    /// past the lease (SPEC §6). The caller gets its answer either way:
+    ///
+    /// - the budget runs out: the answer is not stored and the key is held
+    ///   (no release), so a retry gets 409 rather than running blind; the
+    ///   reservation runs out with its lease;
+    /// - the store refuses the record for good ([`StoreError::is_transient`]
+    ///   is false, e.g. larger than the memory store's byte bound): not
+    ///   retried, not stored, and the key is released, so a retry executes
+    ///   again.
     async fn complete(
         &self,
         key: &StoreKey,
@@ -113,16 +124,27 @@ impl<S: Store> Engine<S> {
         retention: Duration,
         lease_ends: Instant,
     ) {
+        let budget = self.inner.config.complete_retry;
+        let deadline = (Instant::now() + budget).min(lease_ends);
         let mut backoff = Duration::from_millis(10);
-        loop {
-            let r = self
-                .call(
-                    self.inner
-                        .store
-                        .complete(key, lease.token, Arc::clone(&record), retention),
-                )
-                .await;
-            match r {
+        for attempt in 0_u32.. {
+            let call = self.call(self.inner.store.complete(
+                key,
+                lease.token,
+                Arc::clone(&record),
+                retention,
+            ));
+            // The first attempt has the whole store time-out; a retry
+            // ends with the budget.
+            let started = Instant::now();
+            let r = if attempt == 0 {
+                call.await
+            } else {
+                tokio::time::timeout_at(deadline, call)
+                    .await
+                    .unwrap_or_else(|_| Err(StoreError::Timeout(started.elapsed())))
+            };
+            let error = match r {
                 Ok(Fence::Held) => {
                     if let Some(c) = &self.inner.cache {
                         c.insert(key.clone(), record);
@@ -130,16 +152,36 @@ impl<S: Store> Engine<S> {
                     return;
                 }
                 Ok(Fence::Lost) => return self.fenced(key, "complete"),
-                Err(error) if Instant::now() + backoff < lease_ends => {
-                    tracing::warn!(key = %key.log_id(), %error, ?backoff, "complete failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                Err(error) => {
-                    tracing::error!(key = %key.log_id(), %error, "complete failed until the lease ran out; the result is NOT stored");
-                    return;
-                }
+                Err(error) => error,
+            };
+            if !error.is_transient() {
+                Metrics::inc(&self.inner.metrics.unstored);
+                tracing::error!(
+                    key = %key.log_id(),
+                    %error,
+                    "the store refused the answer; it is NOT stored, and the key is released so a retry executes again"
+                );
+                return self.release(key, lease).await;
             }
+            if Instant::now() + backoff >= deadline {
+                Metrics::inc(&self.inner.metrics.unstored);
+                tracing::error!(
+                    key = %key.log_id(),
+                    %error,
+                    attempts = attempt + 1,
+                    ?budget,
+                    "complete kept failing; the answer is NOT stored, and the key is held until its lease runs out"
+                );
+                // The permit is dropped, never handed to the store: held.
+                return;
+            }
+            if attempt == 0 {
+                tracing::warn!(key = %key.log_id(), %error, "complete failed; retrying");
+            } else {
+                tracing::debug!(key = %key.log_id(), %error, ?backoff, "complete failed again; retrying");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 

@@ -29,6 +29,11 @@ pub struct Metrics {
     /// operation started: the key was held (or released under
     /// `ambiguous = release`), never simply freed.
     pub cancelled: AtomicU64,
+    /// Answers that reached their caller but could not be stored: `complete`
+    /// kept failing for `complete_retry` (the key is held until its lease
+    /// runs out), or the store refused the record for good, e.g. larger
+    /// than the memory store's byte bound (the key is released).
+    pub unstored: AtomicU64,
     /// Local cache hits.
     pub cache_hits: AtomicU64,
     /// Local cache misses (lookups that went to the store).

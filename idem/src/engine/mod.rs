@@ -104,6 +104,12 @@ pub struct EngineConfig {
     /// Longest pause between two polls of a waited-on key (the fallback
     /// for lost notifications).
     pub poll_interval: Duration,
+    /// How long a failing `complete` is retried once the operation has
+    /// answered (default 5 s; never past the lease). Then the caller gets
+    /// its answer unstored and the key is held until its lease runs out
+    /// (SPEC §6). A budget of its own: the lease is sized for the
+    /// operation, not for how long a caller should wait for the store.
+    pub complete_retry: Duration,
 }
 
 impl Default for EngineConfig {
@@ -112,6 +118,7 @@ impl Default for EngineConfig {
             store_timeout: Duration::from_secs(2),
             local_cache_bytes: 64 * 1024 * 1024,
             poll_interval: Duration::from_millis(250),
+            complete_retry: Duration::from_secs(5),
         }
     }
 }
