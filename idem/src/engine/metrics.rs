@@ -40,6 +40,9 @@ pub struct Metrics {
     pub cache_misses: AtomicU64,
     /// Operations executing right now.
     pub in_flight: AtomicU64,
+    /// Single-flight watchers running right now (one per waited-on key,
+    /// at most `max_watchers`).
+    pub watchers: AtomicU64,
     /// Latency of every store call.
     pub store_latency: Histogram,
 }

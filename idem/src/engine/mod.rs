@@ -110,6 +110,10 @@ pub struct EngineConfig {
     /// (SPEC §6). A budget of its own: the lease is sized for the
     /// operation, not for how long a caller should wait for the store.
     pub complete_retry: Duration,
+    /// Most single-flight watchers running at once, one per waited-on key
+    /// (default 10 000). A `wait` duplicate that would need one more gets
+    /// 409 at once (SPEC §5).
+    pub max_watchers: usize,
 }
 
 impl Default for EngineConfig {
@@ -119,6 +123,7 @@ impl Default for EngineConfig {
             local_cache_bytes: 64 * 1024 * 1024,
             poll_interval: Duration::from_millis(250),
             complete_retry: Duration::from_secs(5),
+            max_watchers: 10_000,
         }
     }
 }
@@ -361,7 +366,14 @@ impl<S: Store> Engine<S> {
         let m = &self.inner.metrics;
         let deadline = Instant::now() + rules.wait_timeout;
         loop {
-            let mut rx = self.join_flight(key);
+            let Some(mut rx) = self.join_flight(key) else {
+                // `max_watchers` are running: answer as a timed-out wait.
+                tracing::debug!(key = %key.log_id(), "too many waited-on keys; answering 409 without waiting");
+                Metrics::inc(&m.conflict);
+                return Outcome::InProgress {
+                    retry_after: lease_remaining,
+                };
+            };
             let seen = tokio::time::timeout_at(
                 deadline,
                 rx.wait_for(|s| !matches!(s, FlightState::Pending { .. })),
