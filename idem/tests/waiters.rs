@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use faulty::Faulty;
 use idem::policy::Concurrent;
+use idem::record::Record;
 use idem::store::memory::MemoryStore;
 use idem::store::{Fence, Reservation, Store};
 use idem::{
@@ -77,6 +78,59 @@ async fn a_watcher_stops_polling_when_its_last_waiter_gave_up() {
     assert_eq!(
         polls, 0,
         "the key's watcher polled the store {polls} times in 1 s with nobody waiting"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_completed_record_of_another_request_counts_as_a_mismatch_only() {
+    let store = MemoryStore::new();
+    let engine = Engine::with_config(store.clone(), config());
+    let k = key("other-request");
+    let (mine, theirs) = (
+        Fingerprint::of_bytes(b"mine"),
+        Fingerprint::of_bytes(b"theirs"),
+    );
+    let first = hold(&store, &k, mine).await;
+    let waiter = {
+        let (engine, k) = (engine.clone(), k.clone());
+        tokio::spawn(async move {
+            engine
+                .run(&k, mine, &wait_rules(Duration::from_secs(10)), nothing)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The holder lets go and, before the waiter looks again, another
+    // request takes the key and completes it.
+    assert_eq!(store.release(&k, first).await.unwrap(), Fence::Held);
+    let second = hold(&store, &k, theirs).await;
+    let now = std::time::SystemTime::now();
+    let record = Arc::new(CompletedRecord {
+        fingerprint: theirs,
+        response: StoredResponse {
+            status: 200,
+            headers: vec![],
+            body: "theirs".into(),
+        },
+        completed_at: now,
+        expires_at: now + Duration::from_secs(60),
+    });
+    let done = store.complete(&k, second, record, Duration::from_secs(60));
+    assert_eq!(done.await.unwrap(), Fence::Held);
+    assert!(matches!(
+        store.get(&k).await.unwrap(),
+        Some(Record::Completed(_))
+    ));
+    let outcome = waiter.await.unwrap();
+    assert!(matches!(outcome, Outcome::Mismatch), "got {outcome:?}");
+    let m = engine.metrics();
+    assert_eq!(
+        (
+            m.waited.load(Ordering::Relaxed),
+            m.mismatch.load(Ordering::Relaxed)
+        ),
+        (0, 1),
+        "(waited, mismatch): one waiter is one outcome"
     );
 }
 

@@ -398,11 +398,13 @@ impl<S: Store> Engine<S> {
             match state {
                 FlightState::Pending { .. } => continue,
                 FlightState::Completed(record) => {
-                    Metrics::inc(&m.waited);
+                    // One waiter, one outcome: a mismatch is not also
+                    // counted as waited.
                     if record.fingerprint != fingerprint {
                         Metrics::inc(&m.mismatch);
                         return Outcome::Mismatch;
                     }
+                    Metrics::inc(&m.waited);
                     return Outcome::Replayed(self.replayed(key, record));
                 }
                 FlightState::Failed | FlightState::Vacant => {}
