@@ -5,7 +5,9 @@
 //! [`Route`]s (first match wins) plus the policy for unmatched requests.
 //!
 //! [`Rules`] are the few settings a single call needs, derived from a
-//! policy. [`PolicyError`] says why a policy value was refused.
+//! policy. In code, build a policy with [`RoutePolicy::builder`]; for
+//! queue consumers, [`Rules::wait`]. [`PolicyError`] says why a policy
+//! value was refused.
 //!
 //! This module depends on `std`, `http` and `thiserror` only, so
 //! configuration front ends can use it without the engine.
@@ -15,6 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Method};
+
+mod builder;
+pub use builder::RoutePolicyBuilder;
 
 /// What to do when a participating request carries no key (SPEC §3.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
