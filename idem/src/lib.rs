@@ -19,7 +19,7 @@
 //!   counters in `engine/metrics.rs`.
 //! - [`store`]: the atomic [`Store`] trait, [`Reservation`](store::Reservation)
 //!   and the [`Decision`](store::Decision) it leads to, the
-//!   [`MemoryStore`](store::memory::MemoryStore), (feature `redis`) the
+//!   [`MemoryStore`], (feature `redis`) the
 //!   `RedisStore` and (feature `postgres`) the `PostgresStore` with its
 //!   transactional API in `store/postgres/` (SPEC §7).
 //! - [`policy`]: per-route settings, the route table that picks them, and the
@@ -80,7 +80,7 @@
 //!
 //! # Features
 //!
-//! - `memory` (default): the in-process [`MemoryStore`](store::memory::MemoryStore).
+//! - `memory` (default): the in-process [`MemoryStore`].
 //! - `tower` (default): [`layer::IdempotencyLayer`].
 //! - `redis`: [`RedisStore`](store::redis::RedisStore), for many instances
 //!   sharing one Redis or Redis Cluster (needs Rust 1.88, the `redis` crate's
