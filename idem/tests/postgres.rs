@@ -12,6 +12,8 @@
 mod pg;
 #[path = "conformance/services.rs"]
 mod services;
+#[path = "postgres/wait.rs"]
+mod wait;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use idem::policy::Concurrent;
 use idem::record::Record;
-use idem::store::postgres::{sqlx, PostgresStore};
+use idem::store::postgres::{sqlx, PostgresStore, SchemaStatus};
 use idem::store::{Fence, Reservation, Store, StoreError};
 use idem::{CompletedRecord, Fingerprint, OnceError, Rules, Scope, StoreKey, StoredResponse};
 use tokio::sync::Barrier;
@@ -247,7 +249,7 @@ async fn transaction_replay_returns_the_stored_value_without_running() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transaction_duplicates_reject_or_wait_on_the_row_lock() {
+async fn transaction_duplicates_reject_or_wait() {
     let Some(store) = pg::store().await else {
         return;
     };
@@ -286,7 +288,8 @@ async fn transaction_duplicates_reject_or_wait_on_the_row_lock() {
     );
     // The uncommitted reservation is invisible to readers.
     assert!(store.get(&k).await.unwrap().is_none());
-    // wait: blocks until the first commits, then replays its value.
+    // wait: waits until the first commits (not on its row lock: see
+    // postgres/wait.rs), then replays its value.
     let waiter = {
         let (store, k) = (Arc::clone(&store), k.clone());
         tokio::spawn(async move {
@@ -300,7 +303,7 @@ async fn transaction_duplicates_reject_or_wait_on_the_row_lock() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !waiter.is_finished(),
-        "the duplicate should be blocked on the row lock"
+        "the duplicate should wait for the first transaction"
     );
     go_tx.send(()).unwrap();
     assert_eq!(first.await.unwrap().unwrap().value, 1);
@@ -455,6 +458,7 @@ async fn the_listener_reconnects_and_wakes_every_waiter() {
     let Some(store) = pg::store().await else {
         return;
     };
+    assert!(store.is_listening(), "listening once connected");
     let old = listener_pid(&store).await.expect("a listener connection");
     let k = key("reconnect");
     let t = acquire(&store, &k, fp("a"), LEASE).await;
@@ -472,7 +476,7 @@ async fn the_listener_reconnects_and_wakes_every_waiter() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match listener_pid(&store).await {
-            Some(pid) if pid != old => break,
+            Some(pid) if pid != old && store.is_listening() => break,
             _ if Instant::now() > deadline => panic!("the listener did not come back"),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
@@ -603,6 +607,23 @@ async fn a_slow_database_is_a_timeout() {
     pg::drop_schema(&store).await;
 }
 
+/// Issue 10: the scheme in capitals, which `idem serve` accepts, connects.
+#[tokio::test]
+async fn the_scheme_may_be_in_capitals() {
+    let Some(store) = pg::store().await else {
+        return;
+    };
+    let url = services::database_url();
+    let (_, rest) = url.split_once("://").unwrap();
+    let caps = PostgresStore::builder(format!("POSTGRESQL://{rest}"))
+        .schema(store.schema())
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("POSTGRESQL://… was refused: {e}"));
+    assert!(caps.get(&key("caps")).await.unwrap().is_none());
+    pg::drop_schema(&store).await;
+}
+
 #[tokio::test]
 async fn an_unreachable_database_is_unavailable() {
     let e = PostgresStore::builder("postgres://postgres@127.0.0.1:1/test")
@@ -653,6 +674,65 @@ async fn the_migration_is_re_runnable_and_concurrent_safe() {
     store.migrate().await.unwrap();
     acquire(&store, &key("after-migrate"), fp("a"), LEASE).await;
     pg::drop_schema(&store).await;
+}
+
+/// Issue 10: `idem serve --check` must not create the schema. `check()`
+/// connects, creates nothing and says what is there; `.migrate(false)`
+/// connects without creating anything either.
+#[tokio::test]
+async fn checking_creates_nothing_and_says_what_is_there() {
+    let Some(admin) = pg::store().await else {
+        return;
+    };
+    let schema = pg::fresh_schema();
+    let builder = || {
+        PostgresStore::builder(services::database_url())
+            .schema(&schema)
+            .max_connections(2)
+            .timeout(Duration::from_secs(10))
+    };
+    let exists = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+        )
+        .bind(&schema)
+        .fetch_one(admin.pool())
+        .await
+        .unwrap()
+    };
+    assert_eq!(builder().check().await.unwrap(), SchemaStatus::NoSchema);
+    assert!(!exists().await, "check() created the schema");
+    let store = builder().migrate(false).connect().await.unwrap();
+    assert!(
+        !exists().await,
+        "connect() with migrate(false) created the schema"
+    );
+    assert_eq!(store.schema_status().await.unwrap(), SchemaStatus::NoSchema);
+
+    let sql = format!("CREATE SCHEMA \"{schema}\"");
+    sqlx::raw_sql(&sql).execute(admin.pool()).await.unwrap();
+    assert_eq!(builder().check().await.unwrap(), SchemaStatus::NoTable);
+    store.migrate().await.unwrap();
+    let ready = builder().check().await.unwrap();
+    assert_eq!(ready, SchemaStatus::Ready);
+    assert!(ready.is_ready());
+    // A table of an older layout: the migration would add the column.
+    let sql = format!("ALTER TABLE \"{schema}\".idem_records DROP COLUMN waiters");
+    sqlx::raw_sql(&sql).execute(admin.pool()).await.unwrap();
+    assert_eq!(store.schema_status().await.unwrap(), SchemaStatus::Outdated);
+    store.migrate().await.unwrap();
+    assert_eq!(store.schema_status().await.unwrap(), SchemaStatus::Ready);
+
+    // Refused as connect() would refuse.
+    let e = PostgresStore::builder("mysql://x").check().await;
+    assert!(matches!(e, Err(StoreError::Config(_))), "{e:?}");
+    let e = PostgresStore::builder("postgres://postgres@127.0.0.1:1/test")
+        .timeout(Duration::from_secs(2))
+        .check()
+        .await;
+    assert!(matches!(e, Err(StoreError::Unavailable(_))), "{e:?}");
+    pg::drop_schema(&store).await;
+    pg::drop_schema(&admin).await;
 }
 
 /// SPEC §7's measured hazard: a prepared `UPDATE … WHERE key = $1` planned

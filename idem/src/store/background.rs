@@ -137,6 +137,13 @@ impl Listening {
 
     /// Waits until the feed is subscribed (at once if it is now). Bound it
     /// with a time-out: a feed may never come up.
+    #[cfg_attr(
+        not(feature = "redis"),
+        allow(
+            dead_code,
+            reason = "only the Redis store, which waits for its feed at start-up"
+        )
+    )]
     pub(crate) async fn up(&self) {
         // `self` holds a sender, so the channel cannot close under us.
         let _ = self.0.subscribe().wait_for(|up| *up).await;
@@ -174,10 +181,10 @@ impl<F: ChangeFeed> Listener<F> {
     /// construction with the reason when it cannot) instead of opening one.
     #[must_use]
     #[cfg_attr(
-        not(test),
+        not(feature = "postgres"),
         allow(
             dead_code,
-            reason = "for the PostgreSQL listener, which subscribes before the store is built"
+            reason = "only the PostgreSQL listener, which subscribes before its store is built"
         )
     )]
     pub(crate) fn subscribed(mut self, conn: F::Conn) -> Self {

@@ -29,10 +29,6 @@ pub use any::{AnyStore, ConnectOptions, StoreUrl};
 
 mod any;
 #[cfg(any(feature = "redis", feature = "postgres"))]
-#[cfg_attr(
-    not(feature = "redis"),
-    allow(dead_code, reason = "the PostgreSQL listener has yet to move onto it")
-)]
 mod background;
 #[cfg(feature = "memory")]
 pub mod memory;

@@ -10,8 +10,9 @@
 //!
 //! This file holds the builder, the store and its [`Store`] calls; the
 //! rest is split by concern: `row.rs` decodes rows into records,
-//! `listener.rs` is the `LISTEN` connection, and `transaction.rs` is
-//! [`PostgresStore::transaction`], built on the same statements and rows.
+//! `listener.rs` is the `LISTEN` connection, `transaction.rs` is
+//! [`PostgresStore::transaction`], built on the same statements and rows,
+//! and `wait.rs` is how its duplicates wait for an open transaction.
 //!
 //! # Table
 //!
@@ -32,7 +33,9 @@
 //! The migration is re-runnable (`IF NOT EXISTS` throughout) and takes a
 //! transaction-scoped advisory lock, so any number of instances may start at
 //! once. Turn it off with [`PostgresStoreBuilder::migrate`] when a DBA runs
-//! `sql/migrate.sql` instead.
+//! `sql/migrate.sql` instead; [`PostgresStoreBuilder::check`] (a dry run,
+//! for `idem serve --check`) and [`PostgresStore::schema_status`] say what
+//! is in place ([`SchemaStatus`]) without creating anything.
 //!
 //! # Statements
 //!
@@ -60,10 +63,13 @@
 //! own process directly. Each store keeps ONE listener connection
 //! (`LISTEN`) that feeds the crate's [`Notifier`]; [`Store::subscribe`] just
 //! subscribes to that notifier, so a waiting duplicate holds no pooled
-//! connection. When the listener's connection is lost it reconnects and
-//! wakes every waiter ([`Notifier::notify_all`]), since notifications may
-//! have been missed meanwhile; waiters poll as well, so a lost notification
-//! only delays them. `reserve` and `extend` notify nobody: no waiter waits
+//! connection. The listener runs on the stores' shared background loop
+//! (`store/background.rs`, as Redis's subscriber does): when its connection
+//! is lost it reconnects (at once, then with pauses from 100 ms doubling to
+//! 5 s, each attempt bounded by the time-out) and wakes every waiter
+//! ([`Notifier::notify_all`]), since notifications may have been missed
+//! meanwhile; waiters poll as well, so a lost notification only delays
+//! them. [`PostgresStore::is_listening`] says whether it is up. `reserve` and `extend` notify nobody: no waiter waits
 //! for them, and `NOTIFY` makes committing transactions queue on one lock.
 //!
 //! # Clean-up
@@ -103,7 +109,10 @@
 //! [`PostgresStore::transaction`] reserves the key, runs the caller's writes
 //! on the SAME transaction, stores the result and commits once: the business
 //! effect and its idempotency record commit or roll back together. See its
-//! docs for how duplicates behave.
+//! docs for how duplicates behave: in `wait` mode they never wait on the
+//! holder's row lock with a pooled connection in hand (a burst of them
+//! would starve every other key), but roll back and wait like the engine's
+//! waiters, one watcher per key (`wait.rs`).
 
 use std::fmt;
 use std::future::Future;
@@ -111,29 +120,30 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{
-    PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, Postgres,
-};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, Postgres};
 use sqlx::query::Query;
-use sqlx::Connection;
-use tokio::task::AbortHandle;
 
 /// The sqlx this store is built on, for writing [`PostgresStore::transaction`]
 /// closures with the same version.
 pub use sqlx;
+pub use status::SchemaStatus;
 pub use transaction::{PgTransaction, TxFuture};
 
+use super::background::{self, AbortOnDrop, ChangeFeed, Listening};
 use super::{Fence, Notifier, Reservation, Store, StoreError, Subscription};
 use crate::error::{ConfigError, Corruption};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, StoredResponse, Token};
-use listener::Listener;
+use listener::Feed;
 use row::{completed, fingerprint, flag, remaining, reservation, state, time, IN_FLIGHT};
+use wait::Watchers;
 
 mod listener;
 mod row;
+mod status;
 mod transaction;
+mod wait;
 
 const MIGRATE: &str = include_str!("sql/migrate.sql");
 const RESERVE: &str = include_str!("sql/reserve.sql");
@@ -189,8 +199,8 @@ impl fmt::Debug for PostgresStoreBuilder {
 }
 
 impl PostgresStoreBuilder {
-    /// Settings for the database at `url` (`postgres://user@host:port/db`),
-    /// with the defaults: schema `idem`, 10 connections, 2 s time-out,
+    /// Settings for the database at `url` (`postgres://user@host:port/db`
+    /// or `postgresql://…`, the scheme in any case), with the defaults: schema `idem`, 10 connections, 2 s time-out,
     /// migration on, clean-up every 60 s in batches of 1000.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
@@ -226,7 +236,11 @@ impl PostgresStoreBuilder {
     }
 
     /// Whether [`connect`](Self::connect) runs the embedded migration.
-    /// Default on.
+    /// Default on. Off, `connect` creates nothing in the database: it
+    /// checks that the server answers and warns (a log line) when the
+    /// schema or table is not in place; [`check`](Self::check) says so
+    /// without connecting a store, [`PostgresStore::schema_status`] with
+    /// one.
     pub fn migrate(mut self, on: bool) -> Self {
         self.migrate = on;
         self
@@ -245,8 +259,39 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// Connects, migrates (unless disabled), and starts the listener and
-    /// the clean-up task.
+    /// The connection settings, once the URL and the schema name are
+    /// checked.
+    fn options(&self) -> Result<PgConnectOptions, StoreError> {
+        if !valid_schema(&self.schema) {
+            return Err(ConfigError::Name {
+                what: "schema name",
+                name: self.schema.clone(),
+                rule: SCHEMA_RULE,
+            }
+            .into());
+        }
+        // sqlx's parser does not insist on the scheme (with some url
+        // features it reads `mysql://…` as a host to look up): check it here.
+        if !has_postgres_scheme(&self.url) {
+            return Err(ConfigError::Scheme {
+                what: URL,
+                expected: "postgres:// or postgresql://",
+            }
+            .into());
+        }
+        PgConnectOptions::from_str(&self.url).map_err(|e| {
+            ConfigError::Url {
+                what: URL,
+                source: Box::new(e),
+            }
+            .into()
+        })
+    }
+
+    /// Connects, migrates (unless [disabled](Self::migrate)), and starts
+    /// the listener and the clean-up task. To check the settings and the
+    /// server without creating or starting anything, see
+    /// [`check`](Self::check).
     ///
     /// # Errors
     ///
@@ -254,27 +299,7 @@ impl PostgresStoreBuilder {
     /// [`StoreError::Unavailable`] or [`StoreError::Timeout`] when the
     /// database cannot be reached or the migration fails.
     pub async fn connect(self) -> Result<PostgresStore, StoreError> {
-        if !valid_schema(&self.schema) {
-            return Err(ConfigError::Name {
-                what: "schema name",
-                name: self.schema,
-                rule: SCHEMA_RULE,
-            }
-            .into());
-        }
-        // sqlx's parser does not insist on the scheme (with some url
-        // features it reads `mysql://…` as a host to look up): check it here.
-        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
-            return Err(ConfigError::Scheme {
-                what: URL,
-                expected: "postgres:// or postgresql://",
-            }
-            .into());
-        }
-        let options = PgConnectOptions::from_str(&self.url).map_err(|e| ConfigError::Url {
-            what: URL,
-            source: Box::new(e),
-        })?;
+        let options = self.options()?;
         let timeout = self.timeout;
         let sql = Statements::new(&self.schema);
 
@@ -296,20 +321,30 @@ impl PostgresStoreBuilder {
                 })
             })
             .connect_lazy_with(options.clone());
-        // Reach the server once now, on a connection of its own, so a wrong
-        // URL, password or database fails at start-up with its reason (the
-        // pool would retry a refused connection until its time-out).
-        bounded(timeout, async {
-            PgConnection::connect_with(&options).await?.close().await
-        })
-        .await?;
+        // Reach the server once now, so a wrong URL, password or database
+        // fails at start-up with its reason.
+        let status = status::reach(&options, &self.schema, timeout).await?;
         if self.migrate {
             migrate(&pool, &sql, timeout).await?;
+        } else if !status.is_ready() {
+            tracing::warn!(
+                schema = %self.schema,
+                %status,
+                "migration is off and the records table is not in place: store calls fail \
+                 until it is (run sql/migrate.sql, or turn migration on)"
+            );
         }
 
+        // Listen before the store exists, so that construction fails with
+        // the reason when it cannot.
         let notifier = Notifier::new();
-        let listener = Listener::start(options, sql.channel.clone(), timeout).await?;
-        let mut tasks = vec![tokio::spawn(listener.run(notifier.clone())).abort_handle()];
+        let mut feed = Feed::new(options, sql.channel.clone(), timeout);
+        let first = feed.subscribe().await?;
+        let listener =
+            background::listen(feed, notifier.clone(), listener::backoff()).subscribed(first);
+        let listening = listener.listening();
+        let mut tasks = AbortOnDrop::new();
+        tasks.spawn(listener.run());
         if let Some(every) = self.cleanup_interval {
             let cleaner = Cleaner {
                 pool: pool.clone(),
@@ -317,7 +352,7 @@ impl PostgresStoreBuilder {
                 batch: i64::from(self.cleanup_batch),
                 timeout,
             };
-            tasks.push(tokio::spawn(cleaner.run(every)).abort_handle());
+            tasks.spawn(cleaner.run(every));
         }
         Ok(PostgresStore {
             shared: Arc::new(Shared {
@@ -327,7 +362,9 @@ impl PostgresStoreBuilder {
                 timeout,
                 cleanup_batch: i64::from(self.cleanup_batch),
                 notifier,
-                _tasks: Tasks(tasks),
+                listening,
+                watchers: Watchers::default(),
+                _tasks: tasks,
             }),
         })
     }
@@ -347,7 +384,12 @@ struct Shared {
     timeout: Duration,
     cleanup_batch: i64,
     notifier: Notifier,
-    _tasks: Tasks,
+    /// Whether the listener is up.
+    listening: Listening,
+    /// Transactional duplicates waiting for an open transaction (`wait.rs`).
+    watchers: Watchers,
+    /// The listener and the clean-up task, stopped with the store.
+    _tasks: AbortOnDrop,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -356,17 +398,6 @@ impl fmt::Debug for PostgresStore {
             .field("schema", &self.shared.schema)
             .field("timeout", &self.shared.timeout)
             .finish_non_exhaustive()
-    }
-}
-
-/// Aborts the background tasks when the store is dropped.
-struct Tasks(Vec<AbortHandle>);
-
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
     }
 }
 
@@ -402,6 +433,16 @@ impl Statements {
             channel: format!("{schema}_idem_changed"),
         }
     }
+}
+
+/// Whether `url` starts with `postgres://` or `postgresql://`, in any case:
+/// schemes are case-insensitive (RFC 3986 §3.1), and `AnyStore` accepts
+/// them so.
+fn has_postgres_scheme(url: &str) -> bool {
+    ["postgres://", "postgresql://"].iter().any(|scheme| {
+        url.get(..scheme.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+    })
 }
 
 fn valid_schema(s: &str) -> bool {
@@ -453,6 +494,13 @@ impl PostgresStore {
     #[must_use]
     pub fn channel(&self) -> &str {
         &self.shared.sql.channel
+    }
+
+    /// Whether the listener connection is up right now. While it is down
+    /// (it reconnects in the background), waiters still finish, by polling.
+    #[must_use]
+    pub fn is_listening(&self) -> bool {
+        self.shared.listening.is_up()
     }
 
     /// Runs the embedded migration (again). Safe at any time, from any
@@ -775,6 +823,33 @@ mod tests {
             micros(Duration::MAX),
             i64::try_from(MAX_DURATION.as_micros()).unwrap_or(0)
         );
+    }
+
+    /// Issue 10: `AnyStore` (and so `idem serve`) accepts the scheme in any
+    /// case, as RFC 3986 says; the store must too.
+    #[tokio::test]
+    async fn the_scheme_is_case_insensitive() {
+        for url in [
+            "POSTGRES://x@127.0.0.1:1/db",
+            "PostgreSQL://x@127.0.0.1:1/db",
+            "Postgres://x@127.0.0.1:1/db",
+        ] {
+            // Nothing listens on port 1: refused, but not for its scheme.
+            let e = PostgresStore::builder(url)
+                .timeout(Duration::from_millis(500))
+                .connect()
+                .await
+                .map(|_| ())
+                .err();
+            assert!(
+                matches!(e, Some(StoreError::Unavailable(_) | StoreError::Timeout(_))),
+                "{url}: {e:?}"
+            );
+        }
+        for url in ["postgres:/x", "postgresq://x", "POSTGRES:", "Ｐostgres://x"] {
+            let e = PostgresStore::connect(url).await.map(|_| ()).err();
+            assert!(matches!(e, Some(StoreError::Config(_))), "{url}: {e:?}");
+        }
     }
 
     #[tokio::test]

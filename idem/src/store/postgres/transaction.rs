@@ -6,7 +6,8 @@
 //! `complete` statements ([`PostgresStore::reserve_query`],
 //! [`PostgresStore::complete_query`]), the same row decoding, the same
 //! reading of a reservation ([`Reservation::decide`]) as the engine, and the
-//! same stored value as `Engine::once` (`value.rs`).
+//! same stored value as `Engine::once` (`value.rs`). A duplicate that
+//! meets an open transaction waits in `wait.rs`, holding no connection.
 
 use std::future::Future;
 use std::ops::ControlFlow;
@@ -15,20 +16,26 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sqlx::postgres::Postgres;
+use sqlx::postgres::{PgRow, Postgres};
+use tokio::time::Instant;
 
 use super::row::{flag, reservation};
+use super::wait::{Seen, LOOK_LOCK_WAIT};
 use super::{store_error, PostgresStore};
 use crate::error::{Corruption, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::policy::{Concurrent, Rules};
 use crate::record::Token;
-use crate::store::{Decision, Lease, Reservation};
+use crate::store::{Decision, Lease, Notifier, Reservation};
 use crate::value::{decode_value, encode_value, Once, OnceError};
 
-/// How long a transactional duplicate waits for the row lock in `reject` mode.
+/// How long a transactional duplicate waits for the holder's row lock in
+/// `reject` mode before it answers `InProgress`.
 const REJECT_LOCK_WAIT: Duration = Duration::from_millis(10);
+/// How long it waits for it in `wait` mode before it rolls back and waits
+/// with no connection in hand (`wait.rs`).
+const WAIT_LOCK_WAIT: Duration = LOOK_LOCK_WAIT;
 
 /// Ends the reserve's bounds inside [`PostgresStore::transaction`].
 const RESET: &str = "SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT";
@@ -55,14 +62,19 @@ impl PostgresStore {
     /// - the key already holds a completed record for this fingerprint: the
     ///   stored value is returned with `replayed: true` and `f` does not run;
     ///   for another fingerprint, [`OnceError::Mismatch`].
-    /// - a concurrent duplicate BLOCKS on the first transaction's row lock
-    ///   and, once that commits, replays its value (or, if it rolled back,
-    ///   takes the key and runs `f` itself). It waits at most
-    ///   `rules.wait_timeout` when `rules.concurrent` is `wait`, and only
-    ///   10 ms when it is `reject`; past that it gets
-    ///   [`OnceError::InProgress`] (`retry_after` 1 s). A key held by a
+    /// - a concurrent duplicate meets the first transaction's row lock. In
+    ///   `reject` mode (`rules.concurrent`) it waits for it 10 ms at most,
+    ///   then answers [`OnceError::InProgress`] (`retry_after` 1 s). In
+    ///   `wait` mode it waits 1 ms, then rolls back, giving its connection
+    ///   back, and waits for the holder holding none (woken by this
+    ///   process's holder, or by looking again: at most every 100 ms, once
+    ///   per key whatever the number of waiters), for `rules.wait_timeout`
+    ///   at most; then it replays the holder's value, or, if the holder
+    ///   rolled back, tries again (one of the waiters takes the key and
+    ///   runs `f`). Past `wait_timeout`: `InProgress`. A key held by a
     ///   non-transactional reservation ([`Engine`](crate::Engine) on this
-    ///   store) answers `InProgress` with that lease's remaining time.
+    ///   store) answers `InProgress` with that lease's remaining time, in
+    ///   either mode.
     /// - a failed `COMMIT` is [`OnceError::Store`]; whether it applied is
     ///   unknown, but a retry with the same key finds out safely: it replays
     ///   if the commit happened and runs `f` if it did not.
@@ -112,47 +124,32 @@ impl PostgresStore {
         E: Send,
         F: for<'c> FnOnce(&'c mut PgTransaction) -> TxFuture<'c, T, E> + Send,
     {
-        let lock_wait = match rules.concurrent {
-            Concurrent::Wait => rules.wait_timeout,
-            Concurrent::Reject => REJECT_LOCK_WAIT,
-        };
-        // One round trip: BEGIN and bound the reserve's wait for a
-        // duplicate's row lock (the statement may wait that long too).
-        let begin = format!(
-            "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
-            lock_wait.as_millis().max(1),
-            (lock_wait + self.shared.timeout).as_millis()
-        );
-        let mut tx = self
-            .call(self.shared.pool.begin_with(begin))
-            .await
-            .map_err(OnceError::Store)?;
-
-        let token = Token::generate();
-        let reserved = tokio::time::timeout(
-            self.shared.timeout + lock_wait,
-            self.reserve_query(key, token, fingerprint, rules.lease)
-                .fetch_one(&mut *tx),
-        )
-        .await;
-        let reservation = match reserved {
-            Err(_) => Err(StoreError::Timeout(self.shared.timeout + lock_wait)),
-            Ok(Err(e)) if is_contention(&e) => {
-                self.rollback(tx).await;
-                return Err(OnceError::InProgress {
-                    retry_after: Duration::from_secs(1),
-                });
+        let deadline = Instant::now() + rules.wait_timeout;
+        let (mut tx, lease) = loop {
+            match self.attempt(key, fingerprint, rules).await {
+                Attempt::Execute(tx, lease) => break (tx, lease),
+                Attempt::Answer(answer) => return answer,
+                Attempt::Busy if rules.concurrent == Concurrent::Reject => {
+                    return in_progress();
+                }
+                // Wait for the holder with no connection in hand (never on
+                // its row lock), then try again.
+                Attempt::Busy => match self.wait_for_holder(key, deadline).await {
+                    None => return in_progress(),
+                    Some(Seen::Completed(record)) if record.fingerprint == fingerprint => {
+                        return decode_value(&record);
+                    }
+                    Some(Seen::Completed(_)) => return Err(OnceError::Mismatch),
+                    Some(Seen::Held | Seen::Look) => {}
+                },
             }
-            Ok(Err(e)) => Err(store_error(e, self.shared.timeout)),
-            Ok(Ok(row)) => reservation(&row, token, fingerprint, rules.lease),
         };
-        let lease = match settle(reservation, rules.concurrent) {
-            ControlFlow::Continue(lease) => lease,
-            ControlFlow::Break(answer) => {
-                // Nothing of ours to keep, and the row lock must go now.
-                self.rollback(tx).await;
-                return answer;
-            }
+        // From here on this call holds the key: however it ends (commit,
+        // roll-back, error, panic, cancellation), this process's waiters
+        // hear of it at once.
+        let _wake = WakeOnDrop {
+            notifier: &self.shared.notifier,
+            key,
         };
 
         // `f` (and the COMMIT, which may queue for the NOTIFY lock) run
@@ -197,12 +194,132 @@ impl PostgresStore {
             }
         }
         self.call(tx.commit()).await.map_err(OnceError::Store)?;
-        self.shared.notifier.notify(key);
         Ok(Once {
             value,
             replayed: false,
         })
     }
+}
+
+/// One try at a transactional call's reservation.
+enum Attempt<T, E> {
+    /// The key is ours: run `f` on this transaction, under this lease.
+    Execute(PgTransaction, Lease),
+    /// Another open transaction holds the key (it has been rolled back:
+    /// no connection held).
+    Busy,
+    /// The call's answer, without running `f` (rolled back).
+    Answer(Result<Once<T>, OnceError<E>>),
+}
+
+/// What a reserve inside [`PostgresStore::begin_reserve`] said.
+pub(super) enum Reserved {
+    /// The row as it is after the reserve.
+    Row(PgRow),
+    /// Another open transaction holds the row lock (past the lock wait).
+    Busy,
+    /// The reserve failed.
+    Failed(StoreError),
+}
+
+impl PostgresStore {
+    /// BEGIN and reserve on `key`, waiting at most the short lock wait of
+    /// `rules.concurrent` for another transaction's row lock.
+    async fn attempt<T: DeserializeOwned, E>(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        rules: &Rules,
+    ) -> Attempt<T, E> {
+        let lock_wait = match rules.concurrent {
+            Concurrent::Wait => WAIT_LOCK_WAIT,
+            Concurrent::Reject => REJECT_LOCK_WAIT,
+        };
+        let token = Token::generate();
+        let (tx, reserved) = match self
+            .begin_reserve(key, token, fingerprint, rules.lease, lock_wait)
+            .await
+        {
+            Ok(begun) => begun,
+            Err(e) => return Attempt::Answer(Err(OnceError::Store(e))),
+        };
+        let reservation = match reserved {
+            Reserved::Row(row) => reservation(&row, token, fingerprint, rules.lease),
+            Reserved::Failed(e) => Err(e),
+            Reserved::Busy => {
+                // The connection goes back to the pool before any waiting.
+                self.rollback(tx).await;
+                return Attempt::Busy;
+            }
+        };
+        match settle(reservation, rules.concurrent) {
+            ControlFlow::Continue(lease) => Attempt::Execute(tx, lease),
+            ControlFlow::Break(answer) => {
+                // Nothing of ours to keep, and the row lock must go now.
+                self.rollback(tx).await;
+                Attempt::Answer(answer)
+            }
+        }
+    }
+
+    /// Opens a transaction and runs `reserve.sql` on it, waiting at most
+    /// `lock_wait` for another transaction's row lock. The caller commits
+    /// or rolls back.
+    ///
+    /// # Errors
+    ///
+    /// When the transaction cannot begin.
+    pub(super) async fn begin_reserve(
+        &self,
+        key: &StoreKey,
+        token: Token,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        lock_wait: Duration,
+    ) -> Result<(PgTransaction, Reserved), StoreError> {
+        // One round trip: BEGIN and bound the reserve's wait for a
+        // duplicate's row lock (the statement may wait that long too).
+        let begin = format!(
+            "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+            lock_wait.as_millis().max(1),
+            (lock_wait + self.shared.timeout).as_millis()
+        );
+        let mut tx = self.call(self.shared.pool.begin_with(begin)).await?;
+        let bound = self.shared.timeout + lock_wait;
+        let reserved = tokio::time::timeout(
+            bound,
+            self.reserve_query(key, token, fingerprint, lease)
+                .fetch_one(&mut *tx),
+        )
+        .await;
+        let reserved = match reserved {
+            Err(_) => Reserved::Failed(StoreError::Timeout(bound)),
+            Ok(Err(e)) if is_contention(&e) => Reserved::Busy,
+            Ok(Err(e)) => Reserved::Failed(store_error(e, self.shared.timeout)),
+            Ok(Ok(row)) => Reserved::Row(row),
+        };
+        Ok((tx, reserved))
+    }
+}
+
+/// Wakes this process's waiters of `key` when dropped: the holder's
+/// transaction has ended, one way or another.
+struct WakeOnDrop<'a> {
+    notifier: &'a Notifier,
+    key: &'a StoreKey,
+}
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.notifier.notify(self.key);
+    }
+}
+
+/// A duplicate that gave up on an open transaction.
+fn in_progress<T, E>() -> Result<Once<T>, OnceError<E>> {
+    Err(OnceError::InProgress {
+        retry_after: Duration::from_secs(1),
+    })
 }
 
 /// What a transactional call does after its reserve: go on under the lease,
@@ -219,10 +336,10 @@ fn settle<T: DeserializeOwned, E>(
         Decision::Execute(lease) => return ControlFlow::Continue(lease),
         Decision::Replay(record) => decode_value(&record),
         Decision::Mismatch => Err(OnceError::Mismatch),
-        // Another transaction's row lock was waited for by the reserve
-        // itself; what is left is a non-transactional holder, which commits
-        // nothing this transaction could block on: answer at once, in
-        // either mode.
+        // An open transaction's row lock made the reserve fail (`Busy`,
+        // which the caller waits for); what is left is a committed,
+        // non-transactional holder (the engine's): answer at once with its
+        // lease's remaining time, in either mode.
         Decision::Conflict { retry_after }
         | Decision::Wait {
             lease_remaining: retry_after,
