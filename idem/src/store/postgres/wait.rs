@@ -165,11 +165,11 @@ impl PostgresStore {
             }
             Ok((tx, Reserved::Failed(error))) => {
                 self.rollback(tx).await;
-                tracing::debug!(%key, %error, "looking at a held key failed");
+                tracing::debug!(key = %key.log_id(), %error, "looking at a held key failed");
                 return Seen::Look;
             }
             Err(error) => {
-                tracing::debug!(%key, %error, "looking at a held key failed");
+                tracing::debug!(key = %key.log_id(), %error, "looking at a held key failed");
                 return Seen::Look;
             }
         };
@@ -187,7 +187,7 @@ impl PostgresStore {
             Ok(Some(record)) => Seen::Completed(Arc::new(record)),
             Ok(None) => Seen::Look,
             Err(error) => {
-                tracing::debug!(%key, %error, "looking at a held key failed");
+                tracing::debug!(key = %key.log_id(), %error, "looking at a held key failed");
                 Seen::Look
             }
         }
