@@ -189,6 +189,14 @@ pub struct RoutePolicy {
     pub store_statuses: StatusSet,
     /// Sync or async (202) mode.
     pub mode: Mode,
+    /// Async mode: most upstream calls per operation, the first included
+    /// (default 5). After the last fails, the final answer is a stored 502
+    /// `upstream_unavailable` (SPEC §9.4).
+    pub max_attempts: u32,
+    /// Async mode: the wait after an operation's first failed attempt,
+    /// doubling after each, with jitter (default 1 s; an upstream
+    /// `Retry-After` can only lengthen it).
+    pub retry_backoff: Duration,
     /// Canonicalize JSON bodies (key order, whitespace) before fingerprinting.
     pub canonical_json: bool,
     /// JSON pointers (RFC 6901) removed from JSON bodies before fingerprinting.
@@ -214,6 +222,8 @@ impl Default for RoutePolicy {
             fingerprint_headers: vec![http::header::CONTENT_TYPE],
             store_statuses: StatusSet::default(),
             mode: Mode::Sync,
+            max_attempts: 5,
+            retry_backoff: Duration::from_secs(1),
             canonical_json: false,
             ignore_json_pointers: Vec::new(),
         }

@@ -44,11 +44,17 @@ pub enum ProblemCode {
     BodyUnreadable,
     /// 500: idem itself failed (a bug). Not in SPEC §4's table.
     Internal,
+    /// 404: async mode: an unknown, malformed or foreign operation id
+    /// (SPEC §9.3; the same answer for all three).
+    OperationNotFound,
+    /// 503: async mode: `max_pending` operations are already waiting;
+    /// nothing was stored (SPEC §9.6).
+    QueueFull,
 }
 
 impl ProblemCode {
     /// Every code, in SPEC order.
-    pub const ALL: [ProblemCode; 10] = [
+    pub const ALL: [ProblemCode; 12] = [
         ProblemCode::KeyMissing,
         ProblemCode::KeyInvalid,
         ProblemCode::KeyInProgress,
@@ -59,6 +65,8 @@ impl ProblemCode {
         ProblemCode::UpstreamTimeout,
         ProblemCode::BodyUnreadable,
         ProblemCode::Internal,
+        ProblemCode::OperationNotFound,
+        ProblemCode::QueueFull,
     ];
 
     /// The stable machine-readable code.
@@ -75,6 +83,8 @@ impl ProblemCode {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::BodyUnreadable => "request_body_unreadable",
             Self::Internal => "internal_error",
+            Self::OperationNotFound => "operation_not_found",
+            Self::QueueFull => "idempotency_queue_full",
         }
     }
 
@@ -86,10 +96,11 @@ impl ProblemCode {
             Self::KeyInProgress => 409,
             Self::BodyTooLarge => 413,
             Self::KeyReused => 422,
-            Self::StoreUnavailable => 503,
+            Self::StoreUnavailable | Self::QueueFull => 503,
             Self::UpstreamUnavailable => 502,
             Self::UpstreamTimeout => 504,
             Self::Internal => 500,
+            Self::OperationNotFound => 404,
         }
     }
 
@@ -107,6 +118,8 @@ impl ProblemCode {
             Self::UpstreamTimeout => "Upstream timed out",
             Self::BodyUnreadable => "Request body could not be read",
             Self::Internal => "Internal error in idem",
+            Self::OperationNotFound => "Operation not found",
+            Self::QueueFull => "Too many operations are pending",
         }
     }
 

@@ -97,13 +97,13 @@ impl Default for DispatchPolicy {
     }
 }
 
-/// The route's `store_statuses`, `retention` and `upstream_timeout`, with
-/// the default `max_attempts` (5) and `retry_backoff` (1 s).
+/// The route's `max_attempts` (at least 1), `retry_backoff`,
+/// `store_statuses`, `retention` and `upstream_timeout`.
 impl From<&RoutePolicy> for DispatchPolicy {
     fn from(route: &RoutePolicy) -> Self {
         Self {
-            max_attempts: 5,
-            retry_backoff: Duration::from_secs(1),
+            max_attempts: route.max_attempts.max(1),
+            retry_backoff: route.retry_backoff,
             store_statuses: route.store_statuses.clone(),
             retention: route.retention,
             upstream_timeout: route.upstream_timeout,

@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::Idempotency;
+use super::{AsyncMode, Idempotency};
 use crate::engine::Engine;
 use crate::policy::RouteTable;
 
@@ -11,6 +11,7 @@ use crate::policy::RouteTable;
 pub struct IdempotencyLayer<St> {
     engine: Engine<St>,
     routes: Arc<RouteTable>,
+    async_mode: Option<AsyncMode>,
 }
 
 impl<St> Clone for IdempotencyLayer<St> {
@@ -18,6 +19,7 @@ impl<St> Clone for IdempotencyLayer<St> {
         Self {
             engine: self.engine.clone(),
             routes: Arc::clone(&self.routes),
+            async_mode: self.async_mode.clone(),
         }
     }
 }
@@ -29,7 +31,17 @@ impl<St> IdempotencyLayer<St> {
         Self {
             engine,
             routes: Arc::new(routes),
+            async_mode: None,
         }
+    }
+
+    /// Serves `mode = "async"` routes with `202 Accepted` into `mode`'s
+    /// queue, and answers every path under `/_idem/` itself (SPEC §9; see
+    /// [`AsyncMode`]). Without it, async routes are served synchronously.
+    #[must_use]
+    pub fn async_mode(mut self, mode: AsyncMode) -> Self {
+        self.async_mode = Some(mode);
+        self
     }
 }
 
@@ -37,6 +49,10 @@ impl<Svc, St> Layer<Svc> for IdempotencyLayer<St> {
     type Service = Idempotency<Svc, St>;
 
     fn layer(&self, inner: Svc) -> Self::Service {
-        Idempotency::new(inner, self.engine.clone(), Arc::clone(&self.routes))
+        let service = Idempotency::new(inner, self.engine.clone(), Arc::clone(&self.routes));
+        match &self.async_mode {
+            Some(mode) => service.async_mode(mode.clone()),
+            None => service,
+        }
     }
 }

@@ -49,6 +49,13 @@
 //! unreachable or ambiguous upstream by putting an [`UpstreamFailure`] into
 //! its response's extensions.
 //!
+//! # Async mode
+//!
+//! With [`IdempotencyLayer::async_mode`], routes with `mode = "async"` are
+//! answered `202 Accepted` at once and run later by a
+//! [`Dispatcher`](crate::asyncop::Dispatcher), and the layer serves
+//! `/_idem/operations/{id}` (SPEC §9). See [`AsyncMode`].
+//!
 //! # Ambiguous outcomes
 //!
 //! Once the inner service has the request, its effect may have happened.
@@ -78,6 +85,8 @@
 //!   route and key → read body → fingerprint → run → respond);
 //! - `execute.rs`: the *run* phase (the engine, the inner call, what the
 //!   store keeps);
+//! - `operations.rs`: async mode ([`AsyncMode`]): the *accept* phase of
+//!   `mode = "async"` routes and the `/_idem/operations/{id}` endpoint;
 //! - `future.rs`: [`ResponseFuture`]; `body.rs`: [`ResponseBody`];
 //! - `response.rs`: capture, replay, hop-by-hop headers, the layer's problems.
 //!
@@ -91,12 +100,16 @@ mod future;
     reason = "tower-http's split: `layer/layer.rs` holds the `Layer`"
 )]
 mod layer;
+mod operations;
 mod response;
 mod service;
 
 pub use body::ResponseBody;
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
+pub use operations::{
+    is_reserved, AcceptMetrics, AsyncMode, DEFAULT_MAX_PENDING, OPERATIONS_PREFIX, RESERVED_PREFIX,
+};
 pub use response::{capture, is_hop_by_hop, replay, strip_hop_by_hop};
 pub use service::Idempotency;
 

@@ -5,7 +5,9 @@
 //! 2. **read body**, bounded by the route's `max_body` ([`read_body`]);
 //! 3. **fingerprint**: storage key, fingerprint and rules ([`identify`]);
 //! 4. **run**: the engine reserves and runs the inner service at most once
-//!    ([`execute::run`](super::execute::run));
+//!    ([`execute::run`](super::execute::run)); or, on an async route with
+//!    an [`AsyncMode`], **accept** the operation for a dispatcher
+//!    ([`operations`](super::operations));
 //! 5. **respond**: one answer per engine outcome
 //!    ([`respond`](super::response::respond)).
 
@@ -21,12 +23,13 @@ use tower_service::Service;
 
 use super::execute;
 use super::future::ResponseFuture;
+use super::operations::{self, AsyncMode};
 use super::response::respond;
 use super::{ResponseBody, IDEMPOTENCY_KEY};
 use crate::engine::{Engine, Rules};
 use crate::fingerprint::{fingerprint, Fingerprint, FingerprintOptions};
 use crate::key::{self, IdempotencyKey, Scope, StoreKey};
-use crate::policy::{KeyPolicy, RoutePolicy, RouteTable};
+use crate::policy::{KeyPolicy, Mode, RoutePolicy, RouteTable};
 use crate::problem::{Problem, ProblemCode};
 use crate::store::{BoxError, Store};
 
@@ -37,6 +40,7 @@ pub struct Idempotency<Svc, St> {
     inner: Svc,
     engine: Engine<St>,
     routes: Arc<RouteTable>,
+    async_mode: Option<AsyncMode>,
 }
 
 impl<Svc: Clone, St> Clone for Idempotency<Svc, St> {
@@ -45,6 +49,7 @@ impl<Svc: Clone, St> Clone for Idempotency<Svc, St> {
             inner: self.inner.clone(),
             engine: self.engine.clone(),
             routes: Arc::clone(&self.routes),
+            async_mode: self.async_mode.clone(),
         }
     }
 }
@@ -57,7 +62,16 @@ impl<Svc, St> Idempotency<Svc, St> {
             inner,
             engine,
             routes,
+            async_mode: None,
         }
+    }
+
+    /// Serves `mode = "async"` routes with 202 Accepted, and `/_idem/`
+    /// (see [`AsyncMode`]).
+    #[must_use]
+    pub fn async_mode(mut self, mode: AsyncMode) -> Self {
+        self.async_mode = Some(mode);
+        self
     }
 }
 
@@ -81,6 +95,15 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        if let Some(mode) = &self.async_mode {
+            if operations::is_reserved(req.uri().path()) {
+                let (mode, routes) = (mode.clone(), Arc::clone(&self.routes));
+                let (parts, _unread) = req.into_parts();
+                return ResponseFuture::guarded(Box::pin(async move {
+                    Ok(operations::status(&mode, &routes, &parts).await)
+                }));
+            }
+        }
         match resolve(&self.routes, &req) {
             Resolved::PassThrough => ResponseFuture::pass_through(self.inner.call(req)),
             Resolved::Refused(problem) => ResponseFuture::ready(problem.to_response()),
@@ -89,7 +112,8 @@ where
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
                 let engine = self.engine.clone();
-                ResponseFuture::guarded(Box::pin(guarded(engine, inner, guard, req)))
+                let async_mode = self.async_mode.clone();
+                ResponseFuture::guarded(Box::pin(guarded(engine, inner, guard, req, async_mode)))
             }
         }
     }
@@ -155,6 +179,7 @@ async fn guarded<Svc, St, ReqB, ResB>(
     inner: Svc,
     guard: Guard,
     req: Request<ReqB>,
+    async_mode: Option<AsyncMode>,
 ) -> Result<Response<ResponseBody<ResB>>, Svc::Error>
 where
     Svc: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
@@ -172,6 +197,10 @@ where
         Err(problem) => return Ok(problem.to_response()),
     };
     let identity = identify(&parts, &bytes, &guard);
+    if let (Mode::Async, Some(mode)) = (guard.policy.mode, &async_mode) {
+        // Phase 4 of async mode: accept, and let a dispatcher run it.
+        return Ok(operations::accept(mode, &parts, bytes, &identity).await);
+    }
     let req = Request::from_parts(parts, bytes);
     respond(execute::run(engine, inner, identity, guard.policy, req).await)
 }

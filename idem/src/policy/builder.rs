@@ -87,6 +87,9 @@ impl RoutePolicyBuilder {
         store_statuses: StatusSet;
         /// Sync or async (202) mode (default sync).
         mode: Mode;
+        /// Async mode: the wait after an operation's first failed attempt,
+        /// doubling after each (default 1 s).
+        retry_backoff: Duration;
         /// Canonicalize JSON bodies before fingerprinting (default off).
         canonical_json: bool;
         /// JSON pointers removed from JSON bodies before fingerprinting.
@@ -97,6 +100,13 @@ impl RoutePolicyBuilder {
     /// caps keys at 255).
     pub fn max_key_length(mut self, max_key_length: usize) -> Self {
         self.policy.max_key_length = max_key_length.clamp(1, 255);
+        self
+    }
+
+    /// Async mode: most upstream calls per operation, the first included
+    /// (default 5); at least 1.
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.policy.max_attempts = max_attempts.max(1);
         self
     }
 
