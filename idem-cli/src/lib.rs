@@ -172,8 +172,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
 /// (unless told not to), so that "configuration OK" includes the store.
 async fn check(config: &Config, connect_to_store: bool) -> ExitCode {
     println!("{}", config.describe());
-    for note in gateway::unserved_async(config) {
-        println!("note: {note}");
+    for note in gateway::dispatch::describe(config) {
+        println!("note: {}", note.text);
     }
     if !connect_to_store {
         println!("store check: skipped (--no-store-check)");

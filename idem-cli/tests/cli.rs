@@ -97,16 +97,23 @@ fn tempfile() -> (std::path::PathBuf, std::fs::File) {
 }
 
 #[test]
-fn check_says_async_routes_are_served_synchronously() {
+fn check_describes_async_routes() {
     let (_, out) = check_file(
-        "upstream = \"http://127.0.0.1:3000\"\n[[route]]\nmatch = \"POST /jobs/*\"\nmode = \"async\"",
+        "upstream = \"http://127.0.0.1:3000\"\n[[route]]\nmatch = \"POST /jobs/*\"\nmode = \"async\"\n\
+         [limits]\nasync_workers = 8\nmax_pending = 500",
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(
-        stdout.contains("note: route /jobs/*: mode = \"async\" is not available yet"),
-        "{stdout}"
-    );
+    for needle in [
+        "note: async mode (202 Accepted) on POST /jobs/*",
+        "max_pending 500",
+        "8 dispatcher workers on this instance",
+        "async operations live in this process only and are lost on restart",
+        "max_attempts          5",
+        "retry_backoff         1s",
+    ] {
+        assert!(stdout.contains(needle), "`{needle}` missing:\n{stdout}");
+    }
 }
 
 #[test]

@@ -89,6 +89,8 @@ fn describe_policy(out: &mut Vec<String>, p: &RoutePolicy, named_method: Option<
         ),
         ("store_statuses", fmt_statuses(&p.store_statuses)),
         ("mode", p.mode.name()),
+        ("max_attempts", p.max_attempts.to_string()),
+        ("retry_backoff", format_duration(p.retry_backoff)),
         ("canonical_json", p.canonical_json.to_string()),
         (
             "ignore_json_pointers",
@@ -151,6 +153,8 @@ impl Config {
             ("memory_max_entries", l.memory_max_entries.to_string()),
             ("memory_max_bytes", format_size(l.memory_max_bytes)),
             ("shutdown_grace", format_duration(l.shutdown_grace)),
+            ("async_workers", l.async_workers.to_string()),
+            ("max_pending", l.max_pending.to_string()),
         ];
         out.extend(rows.iter().map(|(k, v)| format!("  {k:<22}{v}")));
         out.push("defaults (requests that match no route):".to_owned());

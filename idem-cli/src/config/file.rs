@@ -62,6 +62,8 @@ pub(super) struct PolicyTable {
     fingerprint_headers: Option<Vec<Spanned<String>>>,
     store_statuses: Option<Spanned<Vec<Spanned<StatusEntry>>>>,
     mode: Option<Choice<Mode>>,
+    max_attempts: Option<Attempts>,
+    retry_backoff: Option<NonZeroDuration>,
     canonical_json: Option<bool>,
     ignore_json_pointers: Option<Vec<Spanned<String>>>,
 }
@@ -78,6 +80,8 @@ pub(super) struct LimitsTable {
     memory_max_entries: Option<Spanned<u64>>,
     memory_max_bytes: Option<NonZeroSize>,
     shutdown_grace: Option<DurationValue>,
+    async_workers: Option<Spanned<u64>>,
+    max_pending: Option<Spanned<u64>>,
 }
 
 /// `dst.field = value` for every `field` the table sets (each value is a
@@ -172,7 +176,8 @@ impl PolicyTable {
         }
         copy_set!(self => p;
             key, dedupe_window, concurrent, wait_timeout, lease, retention, fail,
-            ambiguous, max_body, max_key_length, upstream_timeout, mode,
+            ambiguous, max_body, max_key_length, upstream_timeout, mode, max_attempts,
+            retry_backoff,
         );
         Ok(())
     }
@@ -217,6 +222,10 @@ fn each<T: PartialEq>(
     Ok(out)
 }
 
+/// The most dispatcher tasks one instance runs: each is cheap, but each
+/// polls the store when idle.
+const MAX_ASYNC_WORKERS: usize = 10_000;
+
 /// The smallest `max_header_bytes`: hyper's HTTP/1 read buffer cannot be
 /// smaller (it panics below this).
 const MIN_HEADER_BYTES: u64 = 8 * KIB;
@@ -245,6 +254,27 @@ impl LimitsTable {
         }
         if let Some(v) = &self.memory_max_entries {
             l.memory_max_entries = positive_count(src, v, "memory_max_entries")?;
+        }
+        if let Some(v) = &self.async_workers {
+            // 0 is allowed: an accept-only instance (SPEC §9.1).
+            l.async_workers = match usize::try_from(*v.get_ref()) {
+                Ok(n) if n <= MAX_ASYNC_WORKERS => n,
+                _ => {
+                    return Err(src.at(
+                        &v.span(),
+                        format!("async_workers is at most {MAX_ASYNC_WORKERS}"),
+                    ))
+                }
+            };
+        }
+        if let Some(v) = &self.max_pending {
+            if *v.get_ref() == 0 {
+                return Err(src.at(
+                    &v.span(),
+                    "max_pending must be greater than 0 (0 would refuse every async request)",
+                ));
+            }
+            l.max_pending = *v.get_ref();
         }
         copy_set!(self => l;
             store_timeout, request_read_timeout, local_cache_bytes, memory_max_bytes,
@@ -421,6 +451,23 @@ impl<'de> Deserialize<'de> for KeyLength {
             Ok(n @ 1..=255) => Ok(Self(n)),
             _ => Err(de::Error::custom(format!(
                 "`{v}` is out of range: a key may be 1 to 255 characters long"
+            ))),
+        }
+    }
+}
+
+/// `max_attempts`: 1 to 1000 upstream calls per async operation.
+#[derive(Debug)]
+struct Attempts(u32);
+
+impl<'de> Deserialize<'de> for Attempts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        match u32::try_from(v) {
+            Ok(n @ 1..=1000) => Ok(Self(n)),
+            _ => Err(de::Error::custom(format!(
+                "`{v}` is out of range: max_attempts counts every upstream call, \
+                 the first included, from 1 to 1000"
             ))),
         }
     }

@@ -50,7 +50,10 @@
 //! - `methods = []` is allowed: no method participates, so requests matching
 //!   that route pass through untouched (unless its `match` names a method,
 //!   which always participates). Use it to exempt paths.
-//! - `mode = "async"` is accepted (SPEC §9).
+//! - `mode = "async"` answers 202 Accepted and dispatches in the
+//!   background (SPEC §9); `max_attempts` (1–1000) and `retry_backoff`
+//!   shape its retries, `[limits] async_workers` (0 = accept-only) and
+//!   `max_pending` bound it.
 //! - `lease`, `wait_timeout`, `upstream_timeout`, `retention`,
 //!   `dedupe_window` and `max_body` must be greater than zero.
 //!
@@ -224,6 +227,13 @@ pub struct Limits {
     pub memory_max_bytes: u64,
     /// How long graceful shutdown waits for in-flight requests (default 30s).
     pub shutdown_grace: Duration,
+    /// Async mode: dispatcher tasks on this instance (default 64; 0 makes an
+    /// accept-only instance that answers 202s and status requests while
+    /// other instances dispatch).
+    pub async_workers: usize,
+    /// Async mode: most operations pending or running in the store
+    /// (default 100 000); beyond, 503 `idempotency_queue_full`.
+    pub max_pending: u64,
 }
 
 impl Default for Limits {
@@ -237,6 +247,8 @@ impl Default for Limits {
             memory_max_entries: 1_000_000,
             memory_max_bytes: 512 * MIB,
             shutdown_grace: Duration::from_secs(30),
+            async_workers: 64,
+            max_pending: idem::layer::DEFAULT_MAX_PENDING,
         }
     }
 }

@@ -181,6 +181,53 @@ max_body = "10kB"
 }
 
 #[test]
+fn async_keys() {
+    let c = load_ok(
+        r#"upstream = "http://127.0.0.1:3000"
+[defaults]
+retry_backoff = "250ms"
+
+[[route]]
+match = "POST /jobs/*"
+mode = "async"
+max_attempts = 8
+"#,
+    );
+    let d = c.routes.default_policy();
+    assert_eq!(
+        (d.max_attempts, d.retry_backoff),
+        (5, Duration::from_millis(250))
+    );
+    let [r] = c.routes.routes() else {
+        panic!("one route expected");
+    };
+    assert_eq!(r.policy.mode, Mode::Async);
+    assert_eq!(r.policy.max_attempts, 8);
+    assert_eq!(
+        r.policy.retry_backoff,
+        Duration::from_millis(250),
+        "inherited"
+    );
+    let limits = Limits::default();
+    assert_eq!((limits.async_workers, limits.max_pending), (64, 100_000));
+    assert_err(
+        "[defaults]\nmax_attempts = 0\n",
+        3,
+        &["max_attempts", "1 to 1000"],
+    );
+    assert_err(
+        "[defaults]\nretry_backoff = \"0s\"\n",
+        3,
+        &["retry_backoff"],
+    );
+    assert_err(
+        "[defaults]\nretry_backoff = 5\n",
+        3,
+        &["retry_backoff", "no unit"],
+    );
+}
+
+#[test]
 fn limits_table() {
     let c = load_ok(
         r#"upstream = "http://127.0.0.1:3000"
@@ -193,6 +240,8 @@ local_cache_bytes = 0
 memory_max_entries = 10
 memory_max_bytes = "1GiB"
 shutdown_grace = "0s"
+async_workers = 0
+max_pending = 500
 "#,
     );
     assert_eq!(
@@ -206,8 +255,16 @@ shutdown_grace = "0s"
             memory_max_entries: 10,
             memory_max_bytes: GIB,
             shutdown_grace: Duration::ZERO,
+            async_workers: 0,
+            max_pending: 500,
         }
     );
+    assert_err(
+        "[limits]\nmax_pending = 0\n",
+        3,
+        &["max_pending", "greater than 0"],
+    );
+    assert_err("[limits]\nasync_workers = 100001\n", 3, &["async_workers"]);
     assert_err("[limits]\nmax_connections = 0\n", 3, &["max_connections"]);
     assert_err("[limits]\nmax_header_bytes = \"1KiB\"\n", 3, &["8KiB"]);
     assert_err(

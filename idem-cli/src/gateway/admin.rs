@@ -8,8 +8,12 @@
 //! | `GET /metrics` | bearer | Prometheus text |
 //! | `GET /records/{store_key}` | bearer | the record as JSON, 404 if none |
 //! | `DELETE /records/{store_key}` | bearer | 204 purged, 404 if none |
+//! | `GET /operations/{id}` | bearer | an async operation's key, state and attempts as JSON, 404 if none |
 //!
 //! A `store_key` is `<32 hex scope hash>:<key>`, as logged at debug level.
+//! A pending or running operation's record reads as `in_flight` under
+//! `/records/`; `/operations/{id}` shows where it is in its life (any
+//! scope's: the admin is trusted).
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -24,21 +28,35 @@ use axum::routing::get;
 use axum::Router;
 
 use idem::record::Record;
+use idem::store::{OperationId, OperationState};
 use idem::{Engine, Store, StoreKey};
+
+use super::dispatch::AsyncStats;
 
 struct Admin<S> {
     engine: Engine<S>,
     token: String,
+    asynchronous: Option<Arc<AsyncStats>>,
 }
 
-/// The admin routes over `engine`, guarded by `token`.
-pub fn router<S: Store>(engine: Engine<S>, token: String) -> Router {
-    let state = Arc::new(Admin { engine, token });
+/// The admin routes over `engine`, guarded by `token`; with async mode's
+/// figures and operations when `asynchronous` is given.
+pub fn router<S: Store>(
+    engine: Engine<S>,
+    token: String,
+    asynchronous: Option<Arc<AsyncStats>>,
+) -> Router {
+    let state = Arc::new(Admin {
+        engine,
+        token,
+        asynchronous,
+    });
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/records/{key}", get(inspect::<S>).delete(purge::<S>))
+        .route("/operations/{id}", get(operation::<S>))
         .with_state(state)
 }
 
@@ -92,6 +110,8 @@ async fn metrics<S: Store>(State(admin): State<Arc<Admin<S>>>, headers: HeaderMa
         ("bypass", &m.bypass),
         ("store_error", &m.store_error),
         ("fenced", &m.fenced),
+        ("cancelled", &m.cancelled),
+        ("unstored", &m.unstored),
     ] {
         let _ = writeln!(
             out,
@@ -103,6 +123,11 @@ async fn metrics<S: Store>(State(admin): State<Arc<Admin<S>>>, headers: HeaderMa
         out,
         "# HELP idem_in_flight Operations executing now.\n# TYPE idem_in_flight gauge\nidem_in_flight {}",
         m.in_flight.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP idem_watchers Single-flight watchers running now.\n# TYPE idem_watchers gauge\nidem_watchers {}",
+        m.watchers.load(Ordering::Relaxed)
     );
     let (hits, misses) = (
         m.cache_hits.load(Ordering::Relaxed),
@@ -129,7 +154,187 @@ async fn metrics<S: Store>(State(admin): State<Arc<Admin<S>>>, headers: HeaderMa
          idem_store_latency_seconds_sum {sum}\n\
          idem_store_latency_seconds_count {count}"
     );
+    if let Some(stats) = &admin.asynchronous {
+        async_metrics(&mut out, stats).await;
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Async mode's figures (SPEC §9.8): the queue's (shared by every
+/// instance, from the store), then this instance's accepts and dispatches.
+async fn async_metrics(out: &mut String, stats: &AsyncStats) {
+    match stats.queue().await {
+        Ok(q) => {
+            let oldest = q.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64());
+            let _ = writeln!(
+                out,
+                "# HELP idem_async_pending Operations accepted and not yet done, in the whole store.\n\
+                 # TYPE idem_async_pending gauge\nidem_async_pending {}\n\
+                 # HELP idem_async_oldest_pending_seconds Age of the oldest of them (0: none).\n\
+                 # TYPE idem_async_oldest_pending_seconds gauge\n\
+                 idem_async_oldest_pending_seconds {oldest}",
+                q.pending
+            );
+        }
+        Err(error) => tracing::warn!(%error, "metrics: the queue's figures are unavailable"),
+    }
+    let _ = writeln!(
+        out,
+        "# HELP idem_async_max_pending The max_pending bound.\n\
+         # TYPE idem_async_max_pending gauge\nidem_async_max_pending {}\n\
+         # HELP idem_async_workers Dispatcher workers on this instance.\n\
+         # TYPE idem_async_workers gauge\nidem_async_workers {}",
+        stats.max_pending, stats.workers
+    );
+    let a = &stats.accept;
+    out.push_str(
+        "# HELP idem_async_accepts_total Async requests by answer.\n\
+         # TYPE idem_async_accepts_total counter\n",
+    );
+    for (result, counter) in [
+        ("accepted", &a.accepted),
+        ("existing", &a.existing),
+        ("replayed", &a.replayed),
+        ("mismatch", &a.mismatch),
+        ("conflict", &a.conflict),
+        ("full", &a.full),
+        ("store_error", &a.store_error),
+    ] {
+        let _ = writeln!(
+            out,
+            "idem_async_accepts_total{{result=\"{result}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP idem_async_status_requests_total Requests under /_idem/.\n\
+         # TYPE idem_async_status_requests_total counter\n\
+         idem_async_status_requests_total {}",
+        a.status_requests.load(Ordering::Relaxed)
+    );
+    let d = stats.dispatch.counts();
+    for (name, help, value) in [
+        (
+            "attempts_total",
+            "Upstream calls made by this instance's dispatchers.",
+            d.attempts,
+        ),
+        (
+            "retries_total",
+            "Failed attempts scheduled again.",
+            d.retries,
+        ),
+        (
+            "completed_total",
+            "Operations done with an answer of a stored status.",
+            d.completed,
+        ),
+        (
+            "final_failures_total",
+            "Operations done with the stored 502 after their last attempt.",
+            d.final_failures,
+        ),
+        (
+            "lost_total",
+            "Attempts whose operation another dispatcher took over; outcome dropped.",
+            d.lost,
+        ),
+        (
+            "store_errors_total",
+            "Store calls of the dispatchers that failed.",
+            d.store_errors,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP idem_async_{name} {help}\n# TYPE idem_async_{name} counter\nidem_async_{name} {value}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP idem_async_in_flight Upstream calls of dispatchers running now.\n\
+         # TYPE idem_async_in_flight gauge\nidem_async_in_flight {}",
+        d.in_flight
+    );
+    let (buckets, sum, count) = stats.dispatch.dispatch_latency.snapshot();
+    out.push_str(
+        "# HELP idem_async_dispatch_latency_seconds Upstream call latency of each attempt.\n\
+         # TYPE idem_async_dispatch_latency_seconds histogram\n",
+    );
+    for (le, n) in buckets {
+        let _ = writeln!(
+            out,
+            "idem_async_dispatch_latency_seconds_bucket{{le=\"{le}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "idem_async_dispatch_latency_seconds_bucket{{le=\"+Inf\"}} {count}\n\
+         idem_async_dispatch_latency_seconds_sum {sum}\n\
+         idem_async_dispatch_latency_seconds_count {count}"
+    );
+}
+
+/// `GET /operations/{id}`: an operation of any scope, for the operator.
+async fn operation<S: Store>(
+    State(admin): State<Arc<Admin<S>>>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Response {
+    if !authorized(&admin, &headers) {
+        return unauthorized();
+    }
+    let Ok(id) = raw.parse::<OperationId>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "not an operation id (32 lower-case hex digits)\n",
+        )
+            .into_response();
+    };
+    let Some(stats) = &admin.asynchronous else {
+        return (StatusCode::NOT_FOUND, "no operation\n").into_response();
+    };
+    let op = match stats.operation(id).await {
+        Ok(Some(op)) => op,
+        Ok(None) => return (StatusCode::NOT_FOUND, "no operation\n").into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "admin operation lookup failed");
+            return (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response();
+        }
+    };
+    let mut json = serde_json::json!({ "id": op.id.to_string(), "key": op.key.as_str() });
+    match op.state {
+        OperationState::Pending {
+            attempts,
+            next_attempt_in,
+        } => {
+            json["state"] = "pending".into();
+            json["attempts"] = attempts.into();
+            json["next_attempt_in_ms"] = u64::try_from(next_attempt_in.as_millis())
+                .unwrap_or(u64::MAX)
+                .into();
+        }
+        OperationState::Running { attempts } => {
+            json["state"] = "running".into();
+            json["attempts"] = attempts.into();
+        }
+        OperationState::Done(r) => {
+            json["state"] = "done".into();
+            json["status"] = r.response.status.into();
+            json["completed_at_ms"] = u64::try_from(millis_since_epoch(r.completed_at))
+                .unwrap_or(u64::MAX)
+                .into();
+            json["expires_at_ms"] = u64::try_from(millis_since_epoch(r.expires_at))
+                .unwrap_or(u64::MAX)
+                .into();
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        json.to_string(),
+    )
+        .into_response()
 }
 
 /// The store key a records route names, once the caller is authorized:

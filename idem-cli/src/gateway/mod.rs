@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod dispatch;
 pub mod proxy;
 
 use std::convert::Infallible;
@@ -112,12 +113,17 @@ impl Gateway {
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-        for note in unserved_async(&config) {
-            tracing::warn!("{note}");
-        }
         let store = open_store(&config).await?;
+        for note in dispatch::describe(&config) {
+            if note.warning {
+                tracing::warn!("{}", note.text);
+            } else {
+                tracing::info!("{}", note.text);
+            }
+        }
+        let asynchronous = dispatch::Async::start(&store, &config)?;
         let engine = Engine::with_config(store, engine_config);
-        let tasks = spawn_serve(listener, admin, engine, config, rx)?;
+        let tasks = spawn_serve(listener, admin, engine, config, rx, asynchronous)?;
         tracing::info!(%local_addr, "idem gateway listening");
         if let Some(addr) = admin_addr {
             tracing::info!(%addr, "admin listener (healthz, readyz, metrics, records)");
@@ -158,33 +164,6 @@ impl Gateway {
         tracing::info!("shutting down: no new connections; finishing in-flight requests");
         self.shutdown().await
     }
-}
-
-/// SPEC §9's async mode is parsed but not served yet: the routes asking for
-/// it, as sentences for the start-up log and `--check`, rather than silently
-/// answering them synchronously.
-#[must_use]
-pub fn unserved_async(config: &Config) -> Vec<String> {
-    let is_async = |p: &idem::RoutePolicy| p.mode == idem::policy::Mode::Async;
-    let mut notes = Vec::new();
-    if is_async(config.routes.default_policy()) {
-        notes.push(
-            "[defaults] mode = \"async\" is not available yet: requests are served synchronously"
-                .to_owned(),
-        );
-    }
-    for route in config
-        .routes
-        .routes()
-        .iter()
-        .filter(|r| is_async(&r.policy))
-    {
-        notes.push(format!(
-            "route {}: mode = \"async\" is not available yet: it is served synchronously",
-            route.path.as_str()
-        ));
-    }
-    notes
 }
 
 /// Connects to the configured store, then lets it go: `idem serve --check`
@@ -248,12 +227,13 @@ fn spawn_serve<S: Store>(
     engine: Engine<S>,
     config: Config,
     shutdown: watch::Receiver<bool>,
+    asynchronous: dispatch::Async,
 ) -> Result<Vec<JoinHandle<()>>, GatewayError> {
     let routes = Arc::new(config.routes.clone());
     let proxy = Proxy::new(&config.upstream, Arc::clone(&routes))?;
-    let mut tasks = Vec::with_capacity(2);
+    let mut tasks = Vec::with_capacity(3);
     if let (Some(listener), Some(token)) = (admin, config.admin_token.clone()) {
-        let app = admin::router(engine.clone(), token);
+        let app = admin::router(engine.clone(), token, Some(Arc::clone(&asynchronous.stats)));
         let stop = stopped(shutdown.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, app)
@@ -264,7 +244,15 @@ fn spawn_serve<S: Store>(
             }
         }));
     }
-    let service = IdempotencyLayer::new(engine, config.routes.clone()).layer(proxy);
+    let service = IdempotencyLayer::new(engine, config.routes.clone())
+        .async_mode(asynchronous.mode.clone())
+        .layer(proxy);
+    // The dispatchers stop with the listener and get the same grace.
+    let (stop, grace) = (stopped(shutdown.clone()), config.limits.shutdown_grace);
+    tasks.push(tokio::spawn(async move {
+        stop.await;
+        asynchronous.shutdown(grace).await;
+    }));
     tasks.push(tokio::spawn(serve(listener, service, config, shutdown)));
     Ok(tasks)
 }
