@@ -469,20 +469,23 @@ async fn nothing_under_idem_reaches_the_upstream() {
 #[tokio::test]
 async fn max_pending_refuses_with_nothing_stored() {
     let up = Script::start().await;
-    // No dispatcher here: the operations stay pending.
-    let gw = start(&up, "[limits]\nmax_pending = 2\nasync_workers = 0").await;
+    // The upstream holds every call: the operations stay running.
+    let gw = start(&up, "[limits]\nmax_pending = 2").await;
     let (c, a) = (client(), gw.local_addr());
     let admin = gw.admin_addr().expect("admin");
     let bearer = format!("Bearer {TOKEN}");
     let auth = [("authorization", bearer.as_str())];
     let keys: Vec<String> = (0..3).map(|i| unique(&format!("full{i}"))).collect();
-    accepted_id(&post(&c, a, "/jobs/p", &keys[0], "").await);
-    let id = accepted_id(&post(&c, a, "/jobs/p", &keys[1], "").await);
-    let full = post(&c, a, "/jobs/p", &keys[2], "").await;
+    accepted_id(&post(&c, a, "/jobs/p?hold=1", &keys[0], "").await);
+    let id = accepted_id(&post(&c, a, "/jobs/p?hold=1", &keys[1], "").await);
+    let full = post(&c, a, "/jobs/p?hold=1", &keys[2], "").await;
     full.assert_problem(503, "idempotency_queue_full");
     assert!(full.header("retry-after").is_some());
     // A repeat of an accepted one is still answered.
-    assert_eq!(accepted_id(&post(&c, a, "/jobs/p", &keys[1], "").await), id);
+    assert_eq!(
+        accepted_id(&post(&c, a, "/jobs/p?hold=1", &keys[1], "").await),
+        id
+    );
 
     let scope = idem::Scope::from_headers(&http::HeaderMap::new(), &[http::header::AUTHORIZATION]);
     let stored = idem::StoreKey::new(&scope, &keys[2]);
@@ -499,40 +502,49 @@ async fn max_pending_refuses_with_nothing_stored() {
         rec.status, 404,
         "a refused operation leaves nothing in the store"
     );
-    let pending = idem::StoreKey::new(&scope, &keys[1]);
+    let held = idem::StoreKey::new(&scope, &keys[1]);
     let rec = send(
         &c,
         admin,
         "GET",
-        &format!("/records/{}", pending.as_str()),
+        &format!("/records/{}", held.as_str()),
         &auth,
         "",
     )
     .await;
     assert_eq!(rec.json()["state"], "in_flight");
 
-    // Accept-only: nothing was dispatched, and the operation says so.
+    up.called(&keys[1], 1).await;
     let s = status(&c, a, &id, "").await;
     assert_eq!(s.status, 202);
-    assert_eq!(s.json()["status"], "pending");
-    assert_eq!(s.json()["attempts"], 0);
+    assert_eq!(
+        (s.json()["status"].as_str(), s.json()["attempts"].as_u64()),
+        (Some("running"), Some(1))
+    );
     let op = send(&c, admin, "GET", &format!("/operations/{id}"), &auth, "").await;
     assert_eq!(op.status, 200, "{:?}", op.body);
-    assert_eq!(op.json()["state"], "pending");
-    assert_eq!(op.json()["key"], pending.as_str());
-    assert_eq!(up.total(), 0);
+    assert_eq!(op.json()["state"], "running");
+    assert_eq!(op.json()["key"], held.as_str());
+    assert_eq!(up.count(&keys[2]), 0);
 
     let metrics = send(&c, admin, "GET", "/metrics", &auth, "").await;
     let text = String::from_utf8_lossy(&metrics.body);
     for line in [
         "idem_async_pending 2",
-        "idem_async_workers 0",
+        "idem_async_workers 64",
         "idem_async_max_pending 2",
         "idem_async_accepts_total{result=\"full\"} 1",
         "idem_async_accepts_total{result=\"accepted\"} 2",
+        "idem_async_in_flight 2",
     ] {
         assert!(text.contains(line), "/metrics lacks `{line}`:\n{text}");
     }
+
+    // Done, the room is back.
+    up.open();
+    final_answer(&c, a, &id).await;
+    let id2 = accepted_id(&post(&c, a, "/jobs/p?hold=1", &keys[2], "").await);
+    assert_eq!(final_answer(&c, a, &id2).await.status, 201);
 }
 
 #[tokio::test]

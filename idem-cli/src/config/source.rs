@@ -182,9 +182,9 @@ fn build(
             parse::upstream,
         )?
         .ok_or(ConfigError::MissingUpstream)?;
-    let store = layers
+    let (store, store_origin) = layers
         .get(STORE, flags.store.as_ref(), file.store, parse::store)?
-        .map_or(StoreSpec::Memory, |(s, _)| s);
+        .unwrap_or((StoreSpec::Memory, Origin::Default));
     let admin = layers.get(
         ADMIN_LISTEN,
         flags.admin_listen.as_ref(),
@@ -223,6 +223,19 @@ fn build(
                  (from {}): every request would loop back into idem",
                 listen_origin.describe()
             ),
+        ));
+    }
+
+    let any_async = std::iter::once(routes.default_policy())
+        .chain(routes.routes().iter().map(|r| &r.policy))
+        .any(|p| p.mode == idem::policy::Mode::Async);
+    if any_async && limits.async_workers == 0 && store == StoreSpec::Memory {
+        return Err(store_origin.error(
+            src,
+            "[limits] async_workers = 0 with the memory store: this instance would accept \
+             async operations that nothing could ever dispatch (no other process can reach \
+             them); give it workers, or use a shared store (redis://, postgres://)"
+                .to_owned(),
         ));
     }
 

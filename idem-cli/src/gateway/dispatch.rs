@@ -33,7 +33,8 @@ use idem::store::{AnyStore, OperationRequest, Queue, QueueStats};
 use idem::{StoreError, StoredResponse};
 
 use super::body::GatewayBody;
-use super::proxy::{Proxy, ProxyError};
+use super::proxy::Proxy;
+use super::GatewayError;
 use crate::config::{Config, StoreSpec};
 
 /// The gateway's proxy as the dispatcher's [`Upstream`].
@@ -157,9 +158,21 @@ impl Async {
     ///
     /// # Errors
     ///
-    /// The upstream cannot be proxied to.
-    pub(crate) fn start(store: &AnyStore, config: &Config) -> Result<Self, ProxyError> {
+    /// The upstream cannot be proxied to; a route is async and the store
+    /// has no queue ([`StoreError::Unsupported`], refused at start-up
+    /// rather than answered with 503s), or does not answer.
+    pub(crate) async fn start(store: &AnyStore, config: &Config) -> Result<Self, GatewayError> {
         let routes = Arc::new(config.routes.clone());
+        if any_async(&routes) {
+            // Also proves the queue's tables are in place.
+            store
+                .queue_stats()
+                .await
+                .map_err(|source| GatewayError::Store {
+                    store: config.store.to_string(),
+                    source,
+                })?;
+        }
         // A client pool of its own: background dispatch does not compete
         // with clients' requests for pooled connections.
         let proxy = Proxy::new(&config.upstream, Arc::clone(&routes))?;

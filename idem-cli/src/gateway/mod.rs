@@ -121,7 +121,7 @@ impl Gateway {
                 tracing::info!("{}", note.text);
             }
         }
-        let asynchronous = dispatch::Async::start(&store, &config)?;
+        let asynchronous = dispatch::Async::start(&store, &config).await?;
         let engine = Engine::with_config(store, engine_config);
         let tasks = spawn_serve(listener, admin, engine, config, rx, asynchronous)?;
         tracing::info!(%local_addr, "idem gateway listening");
