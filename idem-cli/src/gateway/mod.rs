@@ -42,7 +42,7 @@ use idem::store::memory::{MemoryLimits, MemoryStore};
 use idem::store::{AnyStore, ConnectOptions};
 use idem::{Engine, EngineConfig, Store};
 
-use crate::config::{Config, StoreSpec};
+use crate::config::{Config, ConfigError, StoreSpec};
 use body::GatewayBody;
 use proxy::{Proxy, ProxyBody, ProxyError};
 
@@ -74,6 +74,9 @@ pub enum GatewayError {
         #[source]
         source: idem::StoreError,
     },
+    /// The configuration breaks a rule (see [`Config::validate`]).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The serve loop's task failed (it panicked or was cancelled).
     #[error("the gateway task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
@@ -91,6 +94,7 @@ pub struct Gateway {
 impl Gateway {
     /// Binds `config.listen` and starts serving in the background.
     pub async fn start(config: Config) -> Result<Self, GatewayError> {
+        config.validate()?;
         let listener = bind(config.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
             addr: config.listen,
