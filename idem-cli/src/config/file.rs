@@ -75,6 +75,7 @@ pub(super) struct LimitsTable {
     request_read_timeout: Option<NonZeroDuration>,
     max_header_bytes: Option<Spanned<SizeValue>>,
     max_connections: Option<Spanned<u64>>,
+    idle_timeout: Option<Spanned<NonZeroDuration>>,
     local_cache_bytes: Option<SizeValue>,
     memory_max_entries: Option<Spanned<u64>>,
     memory_max_bytes: Option<NonZeroSize>,
@@ -300,6 +301,24 @@ impl LimitsTable {
         copy_set!(self => l;
             request_read_timeout, local_cache_bytes, memory_max_bytes, shutdown_grace,
         );
+        // Never wait longer for a first byte than for the whole head.
+        l.idle_timeout = l.idle_timeout.min(l.request_read_timeout);
+        if let Some(v) = &self.idle_timeout {
+            let idle = v.get_ref().0;
+            if idle > l.request_read_timeout {
+                return Err(src.at(
+                    &v.span(),
+                    format!(
+                        "idle_timeout {} is longer than request_read_timeout {}: a client \
+                         that has not sent its first byte may not be waited for longer than \
+                         one that is sending its request",
+                        units::format_duration(idle),
+                        units::format_duration(l.request_read_timeout)
+                    ),
+                ));
+            }
+            l.idle_timeout = idle;
+        }
         Ok((l, store_timeout_span))
     }
 }

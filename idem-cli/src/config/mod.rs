@@ -56,6 +56,7 @@
 //! - Every `lease` (in `[defaults]` and each route) must be at least
 //!   3 × `store_timeout`: the heartbeat renews a lease every third of it,
 //!   and each renewal may take up to `store_timeout`.
+//! - `idle_timeout` may not be longer than `request_read_timeout`.
 //! - `IDEM_ADMIN_TOKEN` must be at least [`MIN_ADMIN_TOKEN_BYTES`] long.
 //!
 //! # In code
@@ -289,8 +290,14 @@ pub struct Limits {
     pub request_read_timeout: Duration,
     /// Total request header size (default 64KiB; at least 8KiB).
     pub max_header_bytes: usize,
-    /// Concurrent client connections (default 10 000).
+    /// Concurrent client connections (default 10 000). A connection takes
+    /// one only once its first byte arrives; as many again may wait for
+    /// their first byte, and past that the oldest waiting is closed.
     pub max_connections: usize,
+    /// How long a new connection may stay silent before its first byte
+    /// (default 5s; the gateway never waits longer than
+    /// `request_read_timeout`).
+    pub idle_timeout: Duration,
     /// In-process cache of completed records, in bytes (default 64MiB; 0 disables).
     pub local_cache_bytes: u64,
     /// Memory store bound on records (default 1 000 000).
@@ -308,6 +315,7 @@ impl Default for Limits {
             request_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
+            idle_timeout: Duration::from_secs(5),
             local_cache_bytes: 64 * MIB,
             memory_max_entries: 1_000_000,
             memory_max_bytes: 512 * MIB,

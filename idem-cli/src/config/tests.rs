@@ -189,6 +189,7 @@ store_timeout = "500ms"
 request_read_timeout = "5s"
 max_header_bytes = "16KiB"
 max_connections = 100
+idle_timeout = "2s"
 local_cache_bytes = 0
 memory_max_entries = 10
 memory_max_bytes = "1GiB"
@@ -202,6 +203,7 @@ shutdown_grace = "0s"
             request_read_timeout: Duration::from_secs(5),
             max_header_bytes: 16 * 1024,
             max_connections: 100,
+            idle_timeout: Duration::from_secs(2),
             local_cache_bytes: 0,
             memory_max_entries: 10,
             memory_max_bytes: GIB,
@@ -209,6 +211,16 @@ shutdown_grace = "0s"
         }
     );
     assert_err("[limits]\nmax_connections = 0\n", 3, &["max_connections"]);
+    assert_err(
+        "[limits]\nrequest_read_timeout = \"3s\"\nidle_timeout = \"4s\"\n",
+        4,
+        &["idle_timeout 4s", "request_read_timeout 3s"],
+    );
+    assert_err("[limits]\nidle_timeout = \"0s\"\n", 3, &["idle_timeout"]);
+    // Unset, it never exceeds request_read_timeout.
+    let c =
+        load_ok("upstream = \"http://127.0.0.1:3000\"\n[limits]\nrequest_read_timeout = \"2s\"\n");
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(2));
     assert_err("[limits]\nmax_header_bytes = \"1KiB\"\n", 3, &["8KiB"]);
     assert_err(
         "[limits]\nstore_timeout = \"0s\"\n",

@@ -13,10 +13,13 @@
 //!
 //! Each request runs in its own task, so a client that hangs up does not
 //! cancel an upstream call already under way: its result is still stored,
-//! and the client's retry replays it.
+//! and the client's retry replays it. Shutdown waits for those tasks too.
+//!
+//! Connections, their slots and shutdown: [`conn`].
 
 pub mod admin;
 pub mod body;
+pub mod conn;
 pub mod proxy;
 
 use std::convert::Infallible;
@@ -27,12 +30,10 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::{Layer, ServiceExt};
 use tracing::Instrument;
 
@@ -87,7 +88,7 @@ pub enum GatewayError {
 pub struct Gateway {
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
-    shutdown: watch::Sender<bool>,
+    shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -110,7 +111,7 @@ impl Gateway {
             },
             ..EngineConfig::default()
         };
-        let (tx, rx) = watch::channel(false);
+        let stop = CancellationToken::new();
         let admin = match config.admin_listen {
             Some(addr) => Some(bind(addr).await?),
             None => None,
@@ -121,7 +122,7 @@ impl Gateway {
         }
         let store = open_store(&config).await?;
         let engine = Engine::with_config(store, engine_config);
-        let tasks = spawn_serve(listener, admin, engine, config, rx)?;
+        let tasks = spawn_serve(listener, admin, engine, config, stop.clone())?;
         tracing::info!(%local_addr, "idem gateway listening");
         if let Some(addr) = admin_addr {
             tracing::info!(%addr, "admin listener (healthz, readyz, metrics, records)");
@@ -129,7 +130,7 @@ impl Gateway {
         Ok(Self {
             local_addr,
             admin_addr,
-            shutdown: tx,
+            shutdown: stop,
             tasks,
         })
     }
@@ -147,9 +148,10 @@ impl Gateway {
     }
 
     /// Stops accepting, lets in-flight requests finish and store their
-    /// results (up to `shutdown_grace`), then returns.
+    /// results (up to `shutdown_grace`), including those whose client hung
+    /// up, then returns.
     pub async fn shutdown(self) -> Result<(), GatewayError> {
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
         for task in self.tasks {
             task.await.map_err(GatewayError::Task)?;
         }
@@ -241,24 +243,19 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
         .map_err(|source| GatewayError::Bind { addr, source })
 }
 
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    // A dropped sender also means stop.
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
 fn spawn_serve<S: Store>(
     listener: TcpListener,
     admin: Option<TcpListener>,
     engine: Engine<S>,
     config: Config,
-    shutdown: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, GatewayError> {
     let routes = Arc::new(config.routes.clone());
     let proxy = Proxy::new(&config.upstream, Arc::clone(&routes))?;
     let mut tasks = Vec::with_capacity(2);
     if let (Some(listener), Some(token)) = (admin, config.admin_token.clone()) {
         let app = admin::router(engine.clone(), token);
-        let stop = stopped(shutdown.clone());
+        let stop = stop.clone().cancelled_owned();
         tasks.push(tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, app)
                 .with_graceful_shutdown(stop)
@@ -269,72 +266,23 @@ fn spawn_serve<S: Store>(
         }));
     }
     let service = IdempotencyLayer::new(engine, config.routes.clone()).layer(proxy);
-    tasks.push(tokio::spawn(serve(listener, service, config, shutdown)));
+    let edge = Arc::new(Edge {
+        read_timeout: config.limits.request_read_timeout,
+        requests: TaskTracker::new(),
+    });
+    tasks.push(tokio::spawn(async move {
+        conn::serve(listener, service, routes, edge, &config.limits, stop).await;
+    }));
     Ok(tasks)
 }
 
-async fn serve<S: Store>(
-    listener: TcpListener,
-    service: Idempotency<Proxy, S>,
-    config: Config,
-    shutdown: watch::Receiver<bool>,
-) {
-    let shutdown = stopped(shutdown);
-    tokio::pin!(shutdown);
-    let limits = &config.limits;
-    let routes = Arc::new(config.routes.clone());
-    let read_timeout = limits.request_read_timeout;
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(read_timeout)
-        // hyper refuses buffers under 8 KiB.
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&slots).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
-        };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            () = &mut shutdown => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(error) => {
-                // Out of file descriptors and the like: back off, keep serving.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let service = service.clone();
-        let routes = Arc::clone(&routes);
-        let conn = http.serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |req| handle(service.clone(), Arc::clone(&routes), read_timeout, req)),
-        );
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections finished"),
-        () = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!(grace = ?limits.shutdown_grace, "shutdown grace ran out; closing remaining connections");
-        }
-    }
+/// What [`handle`] needs besides the service and the routes.
+#[derive(Debug)]
+pub(crate) struct Edge {
+    /// `request_read_timeout`, for the body.
+    read_timeout: Duration,
+    /// Request tasks, which shutdown waits for.
+    requests: TaskTracker,
 }
 
 fn request_id(headers: &http::HeaderMap) -> HeaderValue {
@@ -352,10 +300,11 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
         })
 }
 
+/// One request: its id, its span and its task (if it takes part).
 async fn handle<S: Store>(
     service: Idempotency<Proxy, S>,
     routes: Arc<idem::RouteTable>,
-    read_timeout: Duration,
+    edge: Arc<Edge>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody<ProxyBody>>, Infallible> {
     let (mut parts, body) = req.into_parts();
@@ -364,7 +313,7 @@ async fn handle<S: Store>(
     let span =
         tracing::debug_span!("request", id = ?id, method = %parts.method, path = %parts.uri.path());
     let participates = routes.classify(&parts.method, parts.uri.path()).is_some();
-    let req = Request::from_parts(parts, GatewayBody::incoming(body, read_timeout));
+    let req = Request::from_parts(parts, GatewayBody::incoming(body, edge.read_timeout));
     if !participates {
         // Pass-through: nothing is stored, so nothing is lost if the client
         // hangs up and the call is dropped; no task needed.
@@ -376,8 +325,8 @@ async fn handle<S: Store>(
         return Ok(res);
     }
     // Its own task: a client hanging up must not cancel an upstream call
-    // whose result still has to be stored.
-    let task = tokio::spawn(service.oneshot(req).instrument(span));
+    // whose result still has to be stored. Tracked: shutdown waits for it.
+    let task = edge.requests.spawn(service.oneshot(req).instrument(span));
     let mut res = match task.await {
         Ok(Ok(res)) => res,
         Ok(Err(never)) => match never {},
