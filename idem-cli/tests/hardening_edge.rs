@@ -1,17 +1,147 @@
 //! Attacks on the edge of `idem serve`, each reproduced before it was fixed:
-//! hostile clients (idle sockets, many small headers) and a shutdown racing
-//! a request whose client hung up.
+//! hostile clients (oversized bodies sent without `Expect`, idle sockets,
+//! many small headers), a shutdown racing a request whose client hung up,
+//! and log lines that must name their request and never a secret.
 
 mod support;
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{client, gateway, send, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// A client that sends a too-large body without `Expect: 100-continue`
+/// (most SDKs) must read the 413, not a reset.
+#[tokio::test]
+async fn an_oversized_body_without_expect_gets_its_413() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up.url(), "[defaults]\nmax_body = \"64KiB\"\n").await;
+    let mut ok = 0;
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(gw.local_addr()).await.expect("connect");
+        let body = vec![b'x'; 1024 * 1024];
+        let head = format!(
+            "POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-big\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        // Like Python's http.client and most SDKs: the whole request is
+        // written before the answer is read, and a failed write (broken
+        // pipe, reset) is the call's error: the 413 is never seen.
+        let mut sent = s.write_all(head.as_bytes()).await.is_ok();
+        for chunk in body.chunks(16 * 1024) {
+            if !sent || s.write_all(chunk).await.is_err() {
+                sent = false;
+                break;
+            }
+            // A client on a real network is slower than loopback.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        ok += usize::from(sent && out.starts_with(b"HTTP/1.1 413"));
+    }
+    assert_eq!(ok, 10, "clients that kept sending lost their 413");
+    assert_eq!(up.total(), 0);
+}
+
+/// Read until the end of an answer's head (or the connection's end, or 5 s).
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// With `Expect: 100-continue` and a declared length over `max_body`, the
+/// client gets its 413 at once and is never asked for the body.
+#[tokio::test]
+async fn an_oversized_body_with_expect_is_refused_before_it_is_sent() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up.url(), "[defaults]\nmax_body = \"64KiB\"\n").await;
+    let mut s = TcpStream::connect(gw.local_addr()).await.expect("connect");
+    s.write_all(
+        b"POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-expect\r\n\
+          expect: 100-continue\r\ncontent-length: 1048576\r\n\r\n",
+    )
+    .await
+    .expect("send the head");
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head:?}");
+    assert_eq!(up.total(), 0);
+}
+
+/// A chunked body (no length declared) is refused once it passes
+/// `max_body`; its client, still sending, reads the 413 too.
+#[tokio::test]
+async fn an_oversized_chunked_body_gets_its_413() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up.url(), "[defaults]\nmax_body = \"64KiB\"\n").await;
+    let mut s = TcpStream::connect(gw.local_addr()).await.expect("connect");
+    let mut sent = s
+        .write_all(
+            b"POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-chunked\r\n\
+              transfer-encoding: chunked\r\n\r\n",
+        )
+        .await
+        .is_ok();
+    let chunk = vec![b'x'; 16 * 1024];
+    for _ in 0..32 {
+        let mut frame = format!("{:x}\r\n", chunk.len()).into_bytes();
+        frame.extend_from_slice(&chunk);
+        frame.extend_from_slice(b"\r\n");
+        if !sent || s.write_all(&frame).await.is_err() {
+            sent = false;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    sent = sent && s.write_all(b"0\r\n\r\n").await.is_ok();
+    let head = read_head(&mut s).await;
+    assert!(sent, "the client could not finish sending: {head:?}");
+    assert!(head.starts_with("HTTP/1.1 413"), "{head:?}");
+    assert_eq!(up.total(), 0);
+}
+
+/// A refused request with a small body leaves the connection usable.
+#[tokio::test]
+async fn a_small_refused_body_keeps_the_connection() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up.url(), "").await;
+    let mut s = TcpStream::connect(gw.local_addr()).await.expect("connect");
+    // No Idempotency-Key: refused with 400 before the body is read.
+    s.write_all(b"POST /orders HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .expect("send");
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head:?}");
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head:?}"
+    );
+    // The rest of that answer (its body), then a second request.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut rest = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(200), s.read(&mut rest)).await;
+    s.write_all(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("send again");
+    let head = read_head(&mut s).await;
+    assert!(head.contains("HTTP/1.1 201"), "{head:?}");
+}
 
 /// Sockets that connect and send nothing must not keep a real client out.
 #[tokio::test]
@@ -183,4 +313,104 @@ async fn shutdown_waits_for_requests_whose_client_hung_up() {
         1,
         "shutdown returned while a request task was still at the upstream"
     );
+}
+
+/// A loopback port where nothing listens.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("addr").port()
+}
+
+/// `idem serve` at the default log level, its stderr collected line by line.
+struct Serve {
+    child: std::process::Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Serve {
+    fn start(args: &[&str]) -> (Self, SocketAddr) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("IDEM_") {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run idem");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line
+                    .split("local_addr=")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                {
+                    let _ = tx.send(addr);
+                }
+                let mut log = sink.lock().expect("lock");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let serve = Self { child, log };
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("idem serve did not start:\n{}", serve.log()));
+        (serve, addr)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// At the default level, the warning a request causes carries its request
+/// id, and neither its key nor its credentials.
+#[tokio::test]
+async fn request_warnings_carry_the_request_id_and_no_secret() {
+    let upstream = format!("http://127.0.0.1:{}", closed_port());
+    let (serve, addr) = Serve::start(&["--upstream", &upstream, "--listen", "127.0.0.1:0"]);
+    let h = [
+        ("idempotency-key", "secret-key-123"),
+        ("authorization", "Bearer hunter2"),
+    ];
+    let r = send(&client(), addr, "POST", "/orders", &h, "{}").await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    let id = r.header("x-request-id").expect("a request id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = serve.log();
+        if log.contains("upstream refused") || Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let line = log
+        .lines()
+        .find(|l| l.contains("upstream refused"))
+        .unwrap_or_else(|| panic!("no warning about the upstream in:\n{log}"));
+    assert!(
+        line.contains(&id),
+        "the warning lacks the request id {id}: {line}"
+    );
+    for secret in ["secret-key-123", "hunter2"] {
+        assert!(!log.contains(secret), "`{secret}` in the log:\n{log}");
+    }
 }

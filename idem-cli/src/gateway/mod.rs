@@ -15,6 +15,10 @@
 //! cancel an upstream call already under way: its result is still stored,
 //! and the client's retry replays it. Shutdown waits for those tasks too.
 //!
+//! Every log line of a request, at every level, is inside an info-level
+//! `request` span carrying its `X-Request-Id` (and method and path, never a
+//! header's value).
+//!
 //! Connections, their slots and shutdown: [`conn`].
 
 pub mod admin;
@@ -28,9 +32,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{header, HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,6 +49,7 @@ use idem::store::{AnyStore, ConnectOptions};
 use idem::{Engine, EngineConfig, Store};
 
 use crate::config::{Config, ConfigError, StoreSpec};
+use crate::units::MIB;
 use body::GatewayBody;
 use proxy::{Proxy, ProxyBody, ProxyError};
 
@@ -268,6 +274,7 @@ fn spawn_serve<S: Store>(
     let service = IdempotencyLayer::new(engine, config.routes.clone()).layer(proxy);
     let edge = Arc::new(Edge {
         read_timeout: config.limits.request_read_timeout,
+        drain_limit: drain_limit(&config.routes),
         requests: TaskTracker::new(),
     });
     tasks.push(tokio::spawn(async move {
@@ -281,8 +288,25 @@ fn spawn_serve<S: Store>(
 pub(crate) struct Edge {
     /// `request_read_timeout`, for the body.
     read_timeout: Duration,
+    /// Bytes of a refused body read and discarded so its client can read
+    /// the answer (see [`body`]).
+    drain_limit: u64,
     /// Request tasks, which shutdown waits for.
     requests: TaskTracker,
+}
+
+/// The most of a refused body the gateway reads and discards: the larger of
+/// 1 MiB and 4 × the largest `max_body` (as nginx keeps reading after a
+/// 413, where most servers reset the connection).
+fn drain_limit(routes: &idem::RouteTable) -> u64 {
+    let largest = routes
+        .routes()
+        .iter()
+        .map(|r| r.policy.max_body)
+        .chain([routes.default_policy().max_body])
+        .max()
+        .unwrap_or(0);
+    largest.saturating_mul(4).max(MIB)
 }
 
 fn request_id(headers: &http::HeaderMap) -> HeaderValue {
@@ -300,7 +324,8 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
         })
 }
 
-/// One request: its id, its span and its task (if it takes part).
+/// One request: its id, its span, its task (if it takes part), and what is
+/// left of a body the layer stopped reading.
 async fn handle<S: Store>(
     service: Idempotency<Proxy, S>,
     routes: Arc<idem::RouteTable>,
@@ -310,28 +335,37 @@ async fn handle<S: Store>(
     let (mut parts, body) = req.into_parts();
     let id = request_id(&parts.headers);
     parts.headers.insert(X_REQUEST_ID, id.clone());
-    let span =
-        tracing::debug_span!("request", id = ?id, method = %parts.method, path = %parts.uri.path());
+    // Info level, so that warnings and errors carry the id at the default
+    // filter. Fields are the id, method and path: never a header's value.
+    let span = tracing::info_span!(
+        "request",
+        id = %id.to_str().unwrap_or("-"),
+        method = %parts.method,
+        path = %parts.uri.path(),
+    );
     let participates = routes.classify(&parts.method, parts.uri.path()).is_some();
-    let req = Request::from_parts(parts, GatewayBody::incoming(body, edge.read_timeout));
+    let expects_continue = parts.headers.contains_key(header::EXPECT);
+    let (body, leftover) = GatewayBody::incoming_with_leftover(body, edge.read_timeout);
+    let req = Request::from_parts(parts, body);
     if !participates {
         // Pass-through: nothing is stored, so nothing is lost if the client
         // hangs up and the call is dropped; no task needed.
-        let mut res = match service.oneshot(req).instrument(span).await {
+        let res = match service.oneshot(req).instrument(span.clone()).await {
             Ok(res) => res,
             Err(never) => match never {},
         };
-        res.headers_mut().insert(X_REQUEST_ID, id);
-        return Ok(res);
+        return Ok(finish(res, id, leftover, &edge, expects_continue, span));
     }
     // Its own task: a client hanging up must not cancel an upstream call
     // whose result still has to be stored. Tracked: shutdown waits for it.
-    let task = edge.requests.spawn(service.oneshot(req).instrument(span));
-    let mut res = match task.await {
+    let task = edge
+        .requests
+        .spawn(service.oneshot(req).instrument(span.clone()));
+    let res = match task.await {
         Ok(Ok(res)) => res,
         Ok(Err(never)) => match never {},
         Err(error) => {
-            tracing::error!(%error, "request task failed");
+            span.in_scope(|| tracing::error!(%error, "request task failed"));
             Problem::new(
                 ProblemCode::Internal,
                 "the gateway failed while handling this request",
@@ -339,9 +373,65 @@ async fn handle<S: Store>(
             .to_response()
         }
     };
-    res.headers_mut().insert(X_REQUEST_ID, id);
-    Ok(res)
+    Ok(finish(res, id, leftover, &edge, expects_continue, span))
 }
+
+/// The response as it leaves: with its `X-Request-Id`, and the rest of a
+/// body the layer did not read drained (see [`drain_rest`]).
+fn finish<B>(
+    mut res: Response<B>,
+    id: HeaderValue,
+    leftover: Option<oneshot::Receiver<body::Leftover>>,
+    edge: &Edge,
+    expects_continue: bool,
+    span: tracing::Span,
+) -> Response<B> {
+    res.headers_mut().insert(X_REQUEST_ID, id);
+    if let Some(rest) = leftover.and_then(|mut rx| rx.try_recv().ok()) {
+        drain_rest(rest, &mut res, edge.drain_limit, expects_continue, span);
+    }
+    res
+}
+
+/// A body the layer stopped reading (refused as too large, or answered
+/// before it was needed): read and discard the rest while the answer goes
+/// out, so the client, still sending, reads the answer rather than a reset.
+/// Past `limit` bytes or the read deadline, give up: hyper closes.
+fn drain_rest<B>(
+    rest: body::Leftover,
+    res: &mut Response<B>,
+    limit: u64,
+    expects_continue: bool,
+    span: tracing::Span,
+) {
+    // `Expect: 100-continue` and never read: the client waits for a
+    // go-ahead it will not get; reading would only ask it for a body nobody
+    // wants. (Once read, hyper has sent the go-ahead and the body comes.)
+    if (expects_continue && !rest.started()) || rest.at_least() > limit {
+        return;
+    }
+    // A small rest is drained and the connection kept; a large or unknown
+    // one ends the connection once drained, as nginx does.
+    if rest.at_least() > KEEP_ALIVE_DRAIN || rest.at_least() == 0 {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    tokio::spawn(
+        async move {
+            if !body::drain(rest, limit).await {
+                tracing::debug!(
+                    limit,
+                    "gave up draining a request body; closing the connection"
+                );
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Below this, what is left of a refused body is read and the connection
+/// kept open; above it, the connection closes once it is read.
+const KEEP_ALIVE_DRAIN: u64 = 64 * 1024;
 
 #[cfg(test)]
 mod tests {
