@@ -328,13 +328,14 @@ struct Serve {
 }
 
 impl Serve {
-    fn start(args: &[&str]) -> (Self, SocketAddr) {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> (Self, SocketAddr) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
         for (k, _) in std::env::vars() {
             if k.starts_with("IDEM_") {
                 cmd.env_remove(k);
             }
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .arg("serve")
             .args(args)
@@ -372,6 +373,18 @@ impl Serve {
     fn log(&self) -> String {
         self.log.lock().expect("lock").clone()
     }
+
+    /// The log once it has a line containing `needle` (or after 10 s).
+    async fn log_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.contains(needle) || Instant::now() > deadline {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Serve {
@@ -386,7 +399,7 @@ impl Drop for Serve {
 #[tokio::test]
 async fn request_warnings_carry_the_request_id_and_no_secret() {
     let upstream = format!("http://127.0.0.1:{}", closed_port());
-    let (serve, addr) = Serve::start(&["--upstream", &upstream, "--listen", "127.0.0.1:0"]);
+    let (serve, addr) = Serve::start(&["--upstream", &upstream, "--listen", "127.0.0.1:0"], &[]);
     let h = [
         ("idempotency-key", "secret-key-123"),
         ("authorization", "Bearer hunter2"),
@@ -394,14 +407,7 @@ async fn request_warnings_carry_the_request_id_and_no_secret() {
     let r = send(&client(), addr, "POST", "/orders", &h, "{}").await;
     assert_eq!(r.status, 502, "{:?}", r.body);
     let id = r.header("x-request-id").expect("a request id").to_owned();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let log = loop {
-        let log = serve.log();
-        if log.contains("upstream refused") || Instant::now() > deadline {
-            break log;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let log = serve.log_with("upstream refused").await;
     let line = log
         .lines()
         .find(|l| l.contains("upstream refused"))
@@ -411,6 +417,57 @@ async fn request_warnings_carry_the_request_id_and_no_secret() {
         "the warning lacks the request id {id}: {line}"
     );
     for secret in ["secret-key-123", "hunter2"] {
+        assert!(!log.contains(secret), "`{secret}` in the log:\n{log}");
+    }
+}
+
+/// An admin purge is logged with the key's log id, not the client's key.
+#[tokio::test]
+async fn an_admin_purge_names_the_key_by_its_log_id() {
+    let up = Upstream::start().await;
+    let token = "admin-token-of-32-random-chars!!";
+    let (serve, addr) = Serve::start(
+        &[
+            "--upstream",
+            &up.url(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[("IDEM_ADMIN_TOKEN", token)],
+    );
+    let log = serve.log_with("admin listener").await;
+    let admin: SocketAddr = log
+        .lines()
+        .find(|l| l.contains("admin listener"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no admin address in:\n{log}"));
+    let mut h = vec![
+        ("idempotency-key", "secret-key-123"),
+        ("authorization", "Bearer hunter2"),
+    ];
+    let r = send(&client(), addr, "POST", "/orders", &h, "{}").await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // The store key, as the gateway builds it.
+    let mut headers = http::HeaderMap::new();
+    headers.insert("authorization", "Bearer hunter2".parse().expect("a value"));
+    let scope = idem::Scope::from_headers(&headers, &idem::RoutePolicy::default().scope_headers);
+    let key = idem::StoreKey::new(&scope, "secret-key-123");
+    let bearer = format!("Bearer {token}");
+    h = vec![("authorization", bearer.as_str())];
+    let path = format!("/records/{}", key.as_str());
+    let r = send(&client(), admin, "DELETE", &path, &h, "").await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    let log = serve.log_with("purged").await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("purged"))
+        .unwrap_or_else(|| panic!("no purge line in:\n{log}"));
+    assert!(line.contains(&key.log_id().to_string()), "{line}");
+    for secret in ["secret-key-123", "hunter2", token] {
         assert!(!log.contains(secret), "`{secret}` in the log:\n{log}");
     }
 }
