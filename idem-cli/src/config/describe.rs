@@ -147,6 +147,7 @@ impl Config {
                 format_size(u64::try_from(l.max_header_bytes).unwrap_or(u64::MAX)),
             ),
             ("max_connections", l.max_connections.to_string()),
+            ("idle_timeout", format_duration(l.idle_timeout)),
             ("local_cache_bytes", cache),
             ("memory_max_entries", l.memory_max_entries.to_string()),
             ("memory_max_bytes", format_size(l.memory_max_bytes)),
