@@ -152,6 +152,7 @@ impl Config {
             ("memory_max_entries", l.memory_max_entries.to_string()),
             ("memory_max_bytes", format_size(l.memory_max_bytes)),
             ("shutdown_grace", format_duration(l.shutdown_grace)),
+            ("complete_retry", format_duration(l.complete_retry)),
         ];
         out.extend(rows.iter().map(|(k, v)| format!("  {k:<22}{v}")));
         out.push("defaults (requests that match no route):".to_owned());

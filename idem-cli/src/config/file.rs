@@ -80,6 +80,7 @@ pub(super) struct LimitsTable {
     memory_max_entries: Option<Spanned<u64>>,
     memory_max_bytes: Option<NonZeroSize>,
     shutdown_grace: Option<DurationValue>,
+    complete_retry: Option<NonZeroDuration>,
 }
 
 /// `dst.field = value` for every `field` the table sets (each value is a
@@ -300,6 +301,7 @@ impl LimitsTable {
         }
         copy_set!(self => l;
             request_read_timeout, local_cache_bytes, memory_max_bytes, shutdown_grace,
+            complete_retry,
         );
         // Never wait longer for a first byte than for the whole head.
         l.idle_timeout = l.idle_timeout.min(l.request_read_timeout);

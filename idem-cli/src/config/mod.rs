@@ -306,6 +306,10 @@ pub struct Limits {
     pub memory_max_bytes: u64,
     /// How long graceful shutdown waits for in-flight requests (default 30s).
     pub shutdown_grace: Duration,
+    /// How long a failing `complete` (the answer could not be stored) is
+    /// retried before the client gets its answer anyway and the key stays
+    /// held until its lease ends (default 5s; never past the lease).
+    pub complete_retry: Duration,
 }
 
 impl Default for Limits {
@@ -320,6 +324,7 @@ impl Default for Limits {
             memory_max_entries: 1_000_000,
             memory_max_bytes: 512 * MIB,
             shutdown_grace: Duration::from_secs(30),
+            complete_retry: Duration::from_secs(5),
         }
     }
 }

@@ -194,6 +194,7 @@ local_cache_bytes = 0
 memory_max_entries = 10
 memory_max_bytes = "1GiB"
 shutdown_grace = "0s"
+complete_retry = "3s"
 "#,
     );
     assert_eq!(
@@ -208,7 +209,13 @@ shutdown_grace = "0s"
             memory_max_entries: 10,
             memory_max_bytes: GIB,
             shutdown_grace: Duration::ZERO,
+            complete_retry: Duration::from_secs(3),
         }
+    );
+    assert_err(
+        "[limits]\ncomplete_retry = \"0s\"\n",
+        3,
+        &["complete_retry"],
     );
     assert_err("[limits]\nmax_connections = 0\n", 3, &["max_connections"]);
     assert_err(

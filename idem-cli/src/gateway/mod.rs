@@ -115,6 +115,7 @@ impl Gateway {
                 StoreSpec::Memory => 0,
                 _ => config.limits.local_cache_bytes,
             },
+            complete_retry: config.limits.complete_retry,
             ..EngineConfig::default()
         };
         let stop = CancellationToken::new();
