@@ -200,19 +200,31 @@ pub fn unserved_async(config: &Config) -> Vec<String> {
     notes
 }
 
-/// Connects to the configured store, then lets it go: `idem serve --check`
+/// Reaches the configured store, then lets it go: `idem serve --check`
 /// runs this so that "configuration OK" also means "the store answers".
-/// The memory store has nothing to connect to. A PostgreSQL store creates
-/// its tables if they are missing, as `idem serve` would.
+/// The memory store has nothing to connect to. PostgreSQL is only looked
+/// at (nothing is created): the answer says whether its schema and table
+/// are in place. Returns what to print after the store's name.
 ///
 /// # Errors
 ///
 /// [`GatewayError::Store`] when the store does not answer in time.
-pub async fn check_store(config: &Config) -> Result<(), GatewayError> {
-    if config.store == StoreSpec::Memory {
-        return Ok(());
+pub async fn check_store(config: &Config) -> Result<String, GatewayError> {
+    match &config.store {
+        StoreSpec::Memory => Ok("in this process".to_owned()),
+        // PostgreSQL is only looked at: connecting would create the schema
+        // and table, and a check must change nothing.
+        StoreSpec::Postgres(url) => idem::store::postgres::PostgresStore::builder(url.as_str())
+            .timeout(config.limits.store_timeout)
+            .check()
+            .await
+            .map(|status| format!("answered; {status}"))
+            .map_err(|source| GatewayError::Store {
+                store: config.store.to_string(),
+                source,
+            }),
+        StoreSpec::Redis(_) => open_store(config).await.map(|_| "answered".to_owned()),
     }
-    open_store(config).await.map(drop)
 }
 
 /// Opens the configured store. A remote store must answer at start-up:
