@@ -113,7 +113,9 @@ impl StatusSet {
     /// [`PolicyError::StatusClass`] or [`PolicyError::StatusCode`].
     pub fn parse_entry(self, entry: &str) -> Result<Self, PolicyError> {
         let e = entry.trim();
-        if e.len() == 3 && e[1..].eq_ignore_ascii_case("xx") {
+        // `get`, not `[1..]`: a first character of several bytes is no
+        // class, and must be refused, not panic (found by fuzzing).
+        if e.len() == 3 && e.get(1..).is_some_and(|x| x.eq_ignore_ascii_case("xx")) {
             return match e.as_bytes()[0] {
                 c @ b'1'..=b'9' => Ok(self.with_class(u16::from(c - b'0'))),
                 _ => Err(PolicyError::StatusClass {
@@ -539,6 +541,13 @@ impl Default for RouteTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_entry_of_multibyte_characters_is_refused_not_a_panic() {
+        for entry in ["Շx", "éx", "é"] {
+            assert!(StatusSet::default().parse_entry(entry).is_err(), "{entry}");
+        }
+    }
 
     #[test]
     fn default_statuses_follow_the_contract() {

@@ -167,8 +167,12 @@ fn build(
     env: &dyn Fn(&str) -> Option<String>,
     flags: &Overrides,
 ) -> Result<Config, ConfigError> {
-    let routes = file::route_table(src, file.defaults, file.route)?;
-    let limits = file.limits.unwrap_or_default().into_limits(src)?;
+    let (limits, store_timeout_span) = file.limits.unwrap_or_default().into_limits(src)?;
+    let store_timeout = file::StoreTimeout {
+        value: limits.store_timeout,
+        span: store_timeout_span,
+    };
+    let routes = file::route_table(src, file.defaults, file.route, &store_timeout)?;
 
     let layers = Layers { src, env };
     let (listen, listen_origin) = layers
@@ -226,20 +230,7 @@ fn build(
         ));
     }
 
-    let any_async = std::iter::once(routes.default_policy())
-        .chain(routes.routes().iter().map(|r| &r.policy))
-        .any(|p| p.mode == idem::policy::Mode::Async);
-    if any_async && limits.async_workers == 0 && store == StoreSpec::Memory {
-        return Err(store_origin.error(
-            src,
-            "[limits] async_workers = 0 with the memory store: this instance would accept \
-             async operations that nothing could ever dispatch (no other process can reach \
-             them); give it workers, or use a shared store (redis://, postgres://)"
-                .to_owned(),
-        ));
-    }
-
-    Ok(Config {
+    let config = Config {
         listen,
         upstream,
         store,
@@ -248,7 +239,11 @@ fn build(
         routes,
         limits,
         source,
-    })
+    };
+    if config.accepts_what_nothing_dispatches() {
+        return Err(store_origin.error(src, super::ACCEPT_ONLY_ON_MEMORY.to_owned()));
+    }
+    Ok(config)
 }
 
 /// `IDEM_ADMIN_TOKEN` (never the file, never a flag).
@@ -263,6 +258,12 @@ fn admin_token(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<String>, C
                      (no spaces or line breaks): it is compared with \
                      `Authorization: Bearer <token>`"
                 .to_owned(),
+        });
+    }
+    if let Some(reason) = super::token_too_short(&token) {
+        return Err(ConfigError::Env {
+            var: "IDEM_ADMIN_TOKEN",
+            reason,
         });
     }
     Ok(Some(token))

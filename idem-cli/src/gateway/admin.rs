@@ -10,10 +10,11 @@
 //! | `DELETE /records/{store_key}` | bearer | 204 purged, 404 if none |
 //! | `GET /operations/{id}` | bearer | an async operation's key, state and attempts as JSON, 404 if none |
 //!
-//! A `store_key` is `<32 hex scope hash>:<key>`, as logged at debug level.
-//! A pending or running operation's record reads as `in_flight` under
-//! `/records/`; `/operations/{id}` shows where it is in its life (any
-//! scope's: the admin is trusted).
+//! A `store_key` is `<32 hex scope hash>:<key>`; logs name it by its log id
+//! ([`idem::StoreKey::log_id`]), never in full. A pending or running
+//! operation's record reads as `in_flight` under `/records/`;
+//! `/operations/{id}` shows where it is in its life (any scope's: the admin
+//! is trusted).
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -419,7 +420,8 @@ async fn purge<S: Store>(
 ) -> Response {
     match admin.engine.purge(&key).await {
         Ok(true) => {
-            tracing::info!(%key, "record purged by admin");
+            // By its log id: the store key holds the client's key.
+            tracing::info!(key = %key.log_id(), "record purged by admin");
             StatusCode::NO_CONTENT.into_response()
         }
         Ok(false) => (StatusCode::NOT_FOUND, "no record\n").into_response(),
