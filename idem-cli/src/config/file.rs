@@ -597,6 +597,11 @@ mod tests {
             &["must start with `/`"],
         );
         assert_err("[[route]]\nmatch = \"POST /a/**/b\"\n", 3, &["`**`"]);
+        assert_err(
+            "[[route]]\nmatch = \"POST /a%2Fb\"\n",
+            3,
+            &["`/a%2Fb`", "encoded slash"],
+        );
         assert_err("\n[[route]]\nconcurrent = \"wait\"\n", 3, &["no `match`"]);
         assert_err(
             "[defaults]\nmatch = \"/x\"\n",

@@ -359,7 +359,9 @@ async fn handle<S: Store>(
     parts.headers.insert(X_REQUEST_ID, id.clone());
     let span =
         tracing::debug_span!("request", id = ?id, method = %parts.method, path = %parts.uri.path());
-    let participates = routes.classify(&parts.method, parts.uri.path()).is_some();
+    // Normalizes the path and matches it once; the layer and the proxy
+    // read the match from the request's extensions.
+    let participates = idem::layer::route(&routes, &mut parts).participates();
     let req = Request::from_parts(parts, GatewayBody::incoming(body, read_timeout));
     if !participates {
         // Pass-through: nothing is stored, so nothing is lost if the client

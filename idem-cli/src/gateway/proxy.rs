@@ -58,7 +58,8 @@ struct ProxyInner {
 
 impl Proxy {
     /// A proxy to `upstream` (`http://host:port`), using `routes` for
-    /// per-route upstream time-outs.
+    /// per-route upstream time-outs and response limits (when a request
+    /// does not already carry its [`RouteMatch`](idem::layer::RouteMatch)).
     ///
     /// # Errors
     ///
@@ -92,16 +93,15 @@ impl Proxy {
         })
     }
 
-    async fn forward(self, mut req: Request<GatewayBody>) -> Response<ProxyBody> {
+    async fn forward(self, req: Request<GatewayBody>) -> Response<ProxyBody> {
         let inner = &self.inner;
-        let policy = inner
-            .routes
-            .policy_for(req.method(), req.uri().path())
-            .clone();
-        let buffered = inner
-            .routes
-            .classify(req.method(), req.uri().path())
-            .is_some();
+        // Matched once per request, before the layer ran: carried in the
+        // extensions (resolved here only when the proxy is used alone).
+        let (mut head, body) = req.into_parts();
+        let found = idem::layer::route(&inner.routes, &mut head);
+        let mut req = Request::from_parts(head, body);
+        let policy = Arc::clone(found.policy());
+        let buffered = found.participates();
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(inner.scheme.clone());
         parts.authority = Some(inner.authority.clone());

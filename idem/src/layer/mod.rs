@@ -49,6 +49,26 @@
 //! unreachable or ambiguous upstream by putting an [`UpstreamFailure`] into
 //! its response's extensions.
 //!
+//! # Paths
+//!
+//! The path of every request whose method participates on some route is
+//! put in normal form once, before its route is matched ([`route`]; the
+//! rules are in [`crate::path`]): `//payments/1`, `/payments/./1/` and
+//! `/%70ayments/1` are all `/payments/1`, and that is the path that is
+//! matched, fingerprinted and handed to the inner service (the query is
+//! kept as sent). Requests whose method participates nowhere (GET by
+//! default) reach the inner service with their path as sent. Matching ignores ASCII case, of the path
+//! and of the method, so neither `/Payments/1` nor `post` skips a rule;
+//! the fingerprint and the inner service keep the case sent. A path with no
+//! normal form (`%2F`, `%5C`, `\`, `%00`, a broken `%`) is refused with 400
+//! `request_path_invalid` when its method participates on some route, and
+//! passes through untouched otherwise.
+//!
+//! With axum's `Router::layer` the layer runs after axum has routed the
+//! path as sent (`//payments/1` then finds no handler); to have axum route
+//! the normal form too, put the layer around the whole router
+//! (`IdempotencyLayer::layer(&layer, router)`, or `ServiceBuilder`).
+//!
 //! # Ambiguous outcomes
 //!
 //! Once the inner service has the request, its effect may have happened.
@@ -74,6 +94,8 @@
 //! # Layout
 //!
 //! - `layer.rs`: [`IdempotencyLayer`];
+//! - `route.rs`: [`route`], the path in normal form and the [`RouteMatch`]
+//!   found once per request;
 //! - `service.rs`: [`Idempotency`] and the phases of a request (resolve
 //!   route and key → read body → fingerprint → run → respond);
 //! - `execute.rs`: the *run* phase (the engine, the inner call, what the
@@ -92,12 +114,14 @@ mod future;
 )]
 mod layer;
 mod response;
+mod route;
 mod service;
 
 pub use body::ResponseBody;
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use response::{capture, is_hop_by_hop, replay, strip_hop_by_hop};
+pub use route::{route, RouteMatch};
 pub use service::Idempotency;
 
 use http::header::HeaderName;

@@ -1,0 +1,133 @@
+//! The tower layer against the attacks of issue 10, in axum: odd spellings
+//! of a protected path or method (item 9).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, Uri};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use idem::layer::{Idempotency, IdempotencyLayer};
+use idem::policy::{KeyPolicy, Route};
+use idem::store::memory::MemoryStore;
+use idem::{Engine, RoutePolicy, RouteTable};
+use tower::{Layer, ServiceExt};
+
+type App = Idempotency<Router, MemoryStore>;
+
+/// `POST /payments/*` requires a key; everything else is optional. The
+/// layer wraps the whole router, so axum routes the path the layer saw.
+fn payments(count: &Arc<AtomicUsize>) -> App {
+    let mut optional = RoutePolicy::default();
+    optional.key = KeyPolicy::Optional;
+    let table = RouteTable::new(optional).route(
+        Route::parse_match("POST /payments/*", Arc::new(RoutePolicy::default())).expect("valid"),
+    );
+    let count = Arc::clone(count);
+    let echo = move |uri: Uri| {
+        let count = Arc::clone(&count);
+        async move {
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            (StatusCode::CREATED, format!("{n} {uri}"))
+        }
+    };
+    let router = Router::new()
+        .route("/payments/{id}", post(echo.clone()))
+        .route("/files/{*rest}", get(echo.clone()))
+        .fallback(echo);
+    IdempotencyLayer::new(Engine::new(MemoryStore::new()), table).layer(router)
+}
+
+fn request(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(uri);
+    for (n, v) in headers {
+        b = b.header(*n, *v);
+    }
+    b.body(Body::from("{}")).expect("request")
+}
+
+async fn call(app: &App, req: Request<Body>) -> (StatusCode, http::HeaderMap, Bytes) {
+    let res = app.clone().oneshot(req).await.expect("infallible");
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await.expect("body").to_bytes();
+    (parts.status, parts.headers, bytes)
+}
+
+fn code(body: &Bytes) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).expect("problem json");
+    v["code"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn every_spelling_of_a_protected_path_is_protected() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let app = payments(&count);
+    for path in [
+        "/payments/1",
+        "//payments/1",
+        "/payments//1",
+        "/payments/1/",
+        "/payments/./1",
+        "/x/../payments/1",
+        "/%70ayments/1",
+        "/Payments/1",
+        "/PAYMENTS/1?x=1",
+    ] {
+        let (status, _, body) = call(&app, request("POST", path, &[])).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(code(&body), "idempotency_key_missing", "{path}");
+    }
+    let (status, _, body) = call(&app, request("post", "/payments/1", &[])).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a lower-case method");
+    assert_eq!(code(&body), "idempotency_key_missing");
+    assert_eq!(count.load(Ordering::SeqCst), 0, "a spelling got through");
+}
+
+#[tokio::test]
+async fn the_inner_service_sees_the_path_that_was_matched_and_fingerprinted() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let app = payments(&count);
+    let key = [("idempotency-key", "k-1")];
+    let (status, _, first) = call(&app, request("POST", "//payments/./1/?b=2&a=1", &key)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        first, "1 /payments/1?b=2&a=1",
+        "path normalized, query kept"
+    );
+    let (_, headers, again) = call(&app, request("POST", "/payments/%31?b=2&a=1", &key)).await;
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(again, first);
+    // The fingerprint keeps the case sent: another case is another request.
+    let (status, _, body) = call(&app, request("POST", "/Payments/1?b=2&a=1", &key)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(code(&body), "idempotency_key_reused");
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_ambiguous_path_is_refused_when_its_method_may_take_part() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let app = payments(&count);
+    let key = [("idempotency-key", "k-2")];
+    for path in [
+        "/payments%2F1",
+        "/payments%5c1",
+        "/payments/1%00",
+        "/payments/%zz",
+    ] {
+        let (status, _, body) = call(&app, request("POST", path, &key)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(code(&body), "request_path_invalid", "{path}");
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 0);
+    // GET takes part nowhere: its path is not the layer's business, and it
+    // reaches the inner service as sent.
+    let (status, _, body) = call(&app, request("GET", "/files/a%2Fb", &[])).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(body, "1 /files/a%2Fb");
+    let (_, _, body) = call(&app, request("GET", "/files/./a/", &[])).await;
+    assert_eq!(body, "2 /files/./a/");
+}
