@@ -1,6 +1,7 @@
-//! Attacks on `idem serve`'s routing, each reproduced before it was fixed
-//! (issue 10, item 9): odd spellings of a protected path or method that
-//! skipped protection.
+//! Attacks on `idem serve`'s routing and scoping, each reproduced before it
+//! was fixed (issue 10, items 9 and 10): odd spellings of a protected path
+//! or method that skipped protection, tenants told apart by cookies that
+//! shared keys, and client keys that read derived records.
 
 mod support;
 
@@ -99,4 +100,69 @@ async fn an_encoded_slash_is_refused() {
         .await
         .assert_problem(400, "request_path_invalid");
     assert_eq!(up.total(), 0);
+}
+
+/// Tenants told apart by a session cookie (no `Authorization` header) do
+/// not read each other's answers.
+#[tokio::test]
+async fn cookie_tenants_do_not_share_keys() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up.url(), "").await;
+    let (c, a) = (client(), gw.local_addr());
+    let alice = [("idempotency-key", "order-1"), ("cookie", "session=alice")];
+    let bob = [("idempotency-key", "order-1"), ("cookie", "session=bob")];
+    let a1 = send(&c, a, "POST", "/orders", &alice, "{}").await;
+    let b1 = send(&c, a, "POST", "/orders", &bob, "{}").await;
+    assert_eq!(
+        b1.header("idempotent-replayed"),
+        None,
+        "Bob got Alice's answer"
+    );
+    assert_ne!(a1.body, b1.body);
+    assert_eq!(up.count("POST", "/orders", "order-1"), 2);
+    let a2 = send(&c, a, "POST", "/orders", &alice, "{}").await;
+    assert_eq!(a2.header("idempotent-replayed"), Some("true"));
+    assert_eq!(a2.body, a1.body);
+}
+
+/// A derived record (key = fingerprint) cannot be read by a client sending
+/// that fingerprint as its own key.
+#[tokio::test]
+async fn derived_keys_live_apart_from_client_keys() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up.url(), "[defaults]\nkey = \"derived\"\n").await;
+    let (c, a) = (client(), gw.local_addr());
+    let derived = send(&c, a, "POST", "/orders", &[], "{}").await;
+    assert_eq!(derived.status, 201);
+    let again = send(&c, a, "POST", "/orders", &[], "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    let fp = idem::fingerprint::fingerprint(
+        &http::Method::POST,
+        &http::Uri::from_static("/orders"),
+        &http::HeaderMap::new(),
+        b"{}",
+        &idem::fingerprint::FingerprintOptions {
+            headers: &[http::HeaderName::from_static("content-type")],
+            ..Default::default()
+        },
+    );
+    // Whatever text the store key of a derived record holds after its scope,
+    // a client key cannot spell it: neither the bare hex nor `derived:<hex>`.
+    for forged in [fp.to_hex(), format!("derived:{}", fp.to_hex())] {
+        let r = send(
+            &c,
+            a,
+            "POST",
+            "/orders",
+            &[("idempotency-key", &forged)],
+            "{}",
+        )
+        .await;
+        assert_eq!(r.status, 201);
+        assert_eq!(
+            r.header("idempotent-replayed"),
+            None,
+            "the client key {forged} read a derived record"
+        );
+    }
 }

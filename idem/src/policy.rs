@@ -190,7 +190,10 @@ pub struct RoutePolicy {
     pub max_key_length: usize,
     /// Gateway only: how long the upstream has to answer.
     pub upstream_timeout: Duration,
-    /// Headers whose values form the scope (lower-case names).
+    /// Headers whose values form the scope (lower-case names). Default
+    /// `authorization` and `cookie`, so tenants told apart by either never
+    /// share keys; a client whose cookies change between retries then gets
+    /// a new scope (name the exact headers to scope by to avoid that).
     pub scope_headers: Vec<HeaderName>,
     /// Headers that enter the fingerprint (lower-case names).
     pub fingerprint_headers: Vec<HeaderName>,
@@ -219,7 +222,7 @@ impl Default for RoutePolicy {
             max_body: 1024 * 1024,
             max_key_length: 255,
             upstream_timeout: Duration::from_secs(30),
-            scope_headers: vec![http::header::AUTHORIZATION],
+            scope_headers: vec![http::header::AUTHORIZATION, http::header::COOKIE],
             fingerprint_headers: vec![http::header::CONTENT_TYPE],
             store_statuses: StatusSet::default(),
             mode: Mode::Sync,

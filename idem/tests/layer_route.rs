@@ -1,5 +1,6 @@
-//! The tower layer against the attacks of issue 10, in axum: odd spellings
-//! of a protected path or method (item 9).
+//! The tower layer against the attacks of issue 10, items 9 and 10, in
+//! axum: odd spellings of a protected path or method, tenants told apart by
+//! cookies, and client keys that spell a derived key.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -130,4 +131,53 @@ async fn an_ambiguous_path_is_refused_when_its_method_may_take_part() {
     assert_eq!(body, "1 /files/a%2Fb");
     let (_, _, body) = call(&app, request("GET", "/files/./a/", &[])).await;
     assert_eq!(body, "2 /files/./a/");
+}
+
+#[tokio::test]
+async fn cookie_tenants_and_derived_keys_do_not_meet() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let app = payments(&count);
+    let alice = [("idempotency-key", "k-3"), ("cookie", "session=alice")];
+    let bob = [("idempotency-key", "k-3"), ("cookie", "session=bob")];
+    let (_, _, a) = call(&app, request("POST", "/payments/1", &alice)).await;
+    let (_, headers, b) = call(&app, request("POST", "/payments/1", &bob)).await;
+    assert!(
+        !headers.contains_key("idempotent-replayed"),
+        "Bob got Alice's answer"
+    );
+    assert_ne!(a, b);
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+
+    let mut derived = RoutePolicy::default();
+    derived.key = KeyPolicy::Derived;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let router = Router::new().fallback(move || {
+        let counted = Arc::clone(&counted);
+        async move { format!("run {}", counted.fetch_add(1, Ordering::SeqCst) + 1) }
+    });
+    let app = IdempotencyLayer::new(Engine::new(MemoryStore::new()), RouteTable::new(derived))
+        .layer(router);
+    call(&app, request("POST", "/orders", &[])).await;
+    let (_, headers, _) = call(&app, request("POST", "/orders", &[])).await;
+    assert_eq!(headers["idempotent-replayed"], "true", "a double submit");
+    let fp = idem::fingerprint::fingerprint(
+        &http::Method::POST,
+        &Uri::from_static("/orders"),
+        &http::HeaderMap::new(),
+        b"{}",
+        &idem::fingerprint::FingerprintOptions {
+            headers: &[http::header::CONTENT_TYPE],
+            ..Default::default()
+        },
+    );
+    for forged in [fp.to_hex(), format!("derived:{}", fp.to_hex())] {
+        let req = request("POST", "/orders", &[("idempotency-key", &forged)]);
+        let (_, headers, _) = call(&app, req).await;
+        assert!(
+            !headers.contains_key("idempotent-replayed"),
+            "the client key {forged} read a derived record"
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
 }

@@ -247,7 +247,8 @@ fn identify(parts: &Parts, body: &[u8], guard: &Guard) -> Identity {
         Some(k) => StoreKey::new(&scope, k.as_str()),
         None => {
             rules.retention = policy.dedupe_window;
-            StoreKey::new(&scope, &format!("derived:{}", fingerprint.to_hex()))
+            // Its own namespace: a client cannot send a key that names it.
+            StoreKey::new(&scope.derived(), &fingerprint.to_hex())
         }
     };
     Identity {
