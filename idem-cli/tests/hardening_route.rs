@@ -1,13 +1,20 @@
 //! Attacks on `idem serve`'s routing and scoping, each reproduced before it
-//! was fixed (issue 10, items 9 and 10): odd spellings of a protected path
-//! or method that skipped protection, tenants told apart by cookies that
-//! shared keys, and client keys that read derived records.
+//! was fixed (issue 10, items 9, 10 and 13): odd spellings of a protected
+//! path or method that skipped protection, tenants told apart by cookies
+//! that shared keys, client keys that read derived records, and upstream
+//! answers buffered without a limit.
 
 mod support;
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use support::{client, gateway, send, Upstream};
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use support::{client, gateway, gateway_with_env, send, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -165,4 +172,113 @@ async fn derived_keys_live_apart_from_client_keys() {
             "the client key {forged} read a derived record"
         );
     }
+}
+
+/// `n` chunks of 64 KiB of `y`, of unknown length (sent chunked).
+struct Chunks(usize);
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.0 == 0 {
+            return Poll::Ready(None);
+        }
+        self.0 -= 1;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'y'; 64 * 1024])))))
+    }
+}
+
+/// An upstream whose answers are 3 MiB: `/big` with a `Content-Length`,
+/// `/chunked` without one. Counts its calls.
+async fn big_upstream(calls: Arc<AtomicUsize>) -> String {
+    let app = axum::Router::new().fallback(move |uri: http::Uri| {
+        let counted = Arc::clone(&calls);
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            if uri.path() == "/chunked" {
+                axum::body::Body::new(Chunks(48))
+            } else {
+                axum::body::Body::from(vec![b'y'; 3 * 1024 * 1024])
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    upstream
+}
+
+/// An answer larger than `max_response_body` reaches the client whole (it
+/// is streamed, not buffered), is not stored, and the key is released: a
+/// retry executes again. Both with a `Content-Length` and chunked. Each is
+/// counted in the admin listener's metrics.
+#[tokio::test]
+async fn a_huge_answer_is_streamed_not_stored() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream = big_upstream(Arc::clone(&calls)).await;
+    let token = |name: &str| (name == "IDEM_ADMIN_TOKEN").then(|| "t".repeat(32));
+    let gw = gateway_with_env(
+        &upstream,
+        "admin_listen = \"127.0.0.1:0\"\n[defaults]\nmax_response_body = \"1MiB\"\n",
+        &token,
+    )
+    .await;
+    let (c, a) = (client(), gw.local_addr());
+    for (n, path) in [(1, "/big"), (2, "/chunked")] {
+        let key = format!("k-huge-{n}");
+        let h = [("idempotency-key", key.as_str())];
+        let first = send(&c, a, "POST", path, &h, "").await;
+        assert_eq!(first.status, 200, "{path}");
+        assert_eq!(
+            first.body.len(),
+            3 * 1024 * 1024,
+            "{path}: the client gets the whole answer"
+        );
+        assert!(first.body.iter().all(|b| *b == b'y'), "{path}");
+        let second = send(&c, a, "POST", path, &h, "").await;
+        assert_eq!(second.header("idempotent-replayed"), None, "{path}");
+        assert_eq!(second.body.len(), 3 * 1024 * 1024, "{path}");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2 * n,
+            "{path}: not stored, so the retry executes"
+        );
+    }
+    let admin = gw.admin_addr().expect("admin listener");
+    let bearer = format!("Bearer {}", "t".repeat(32));
+    let metrics = send(
+        &c,
+        admin,
+        "GET",
+        "/metrics",
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(text.contains("idem_response_too_large_total 4"), "{text}");
+}
+
+/// Under the limit nothing changes: the answer is stored and replayed.
+#[tokio::test]
+async fn an_answer_within_max_response_body_is_stored() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream = big_upstream(Arc::clone(&calls)).await;
+    let gw = gateway(&upstream, "[defaults]\nmax_response_body = \"4MiB\"\n").await;
+    let (c, a) = (client(), gw.local_addr());
+    for path in ["/big", "/chunked"] {
+        let h = [("idempotency-key", path)];
+        let first = send(&c, a, "POST", path, &h, "").await;
+        let second = send(&c, a, "POST", path, &h, "").await;
+        assert_eq!(second.header("idempotent-replayed"), Some("true"), "{path}");
+        assert_eq!(second.body, first.body, "{path}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
 }

@@ -186,6 +186,9 @@ pub struct RoutePolicy {
     pub ambiguous: Ambiguous,
     /// Largest request body accepted, in bytes.
     pub max_body: u64,
+    /// Largest response kept, in bytes: a larger answer is streamed to the
+    /// client, not stored, and the key released (a retry executes again).
+    pub max_response_body: u64,
     /// Longest key accepted, in characters (1–255; SPEC §3.2 caps it at 255).
     pub max_key_length: usize,
     /// Gateway only: how long the upstream has to answer.
@@ -220,6 +223,7 @@ impl Default for RoutePolicy {
             fail: FailMode::Closed,
             ambiguous: Ambiguous::Hold,
             max_body: 1024 * 1024,
+            max_response_body: 8 * 1024 * 1024,
             max_key_length: 255,
             upstream_timeout: Duration::from_secs(30),
             scope_headers: vec![http::header::AUTHORIZATION, http::header::COOKIE],

@@ -1,15 +1,19 @@
-//! The tower layer against the attacks of issue 10, items 9 and 10, in
+//! The tower layer against the attacks of issue 10, items 9, 10 and 13, in
 //! axum: odd spellings of a protected path or method, tenants told apart by
-//! cookies, and client keys that spell a derived key.
+//! cookies, client keys that spell a derived key, and answers too large to
+//! keep.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
+use http_body::Frame;
 use http_body_util::BodyExt;
 use idem::layer::{Idempotency, IdempotencyLayer};
 use idem::policy::{KeyPolicy, Route};
@@ -180,4 +184,91 @@ async fn cookie_tenants_and_derived_keys_do_not_meet() {
         );
     }
     assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+/// `n` chunks of 64 KiB of `y`, of unknown length.
+struct Chunks(usize);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.0 == 0 {
+            return Poll::Ready(None);
+        }
+        self.0 -= 1;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'y'; 64 * 1024])))))
+    }
+}
+
+/// Answers of 3 MiB (`/sized` with a known length, `/chunked` without),
+/// with `max_response_body` = `limit`.
+fn big(limit: u64, runs: &Arc<AtomicUsize>) -> (App, Engine<MemoryStore>) {
+    let mut policy = RoutePolicy::default();
+    policy.max_response_body = limit;
+    let runs = Arc::clone(runs);
+    let router = Router::new().fallback(move |uri: Uri| {
+        let runs = Arc::clone(&runs);
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            if uri.path() == "/chunked" {
+                Body::new(Chunks(48))
+            } else {
+                Body::from(vec![b'y'; 3 * 1024 * 1024])
+            }
+        }
+    });
+    let engine = Engine::new(MemoryStore::new());
+    let app = IdempotencyLayer::new(engine.clone(), RouteTable::new(policy)).layer(router);
+    (app, engine)
+}
+
+#[tokio::test]
+async fn an_answer_over_max_response_body_is_streamed_and_not_stored() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (app, engine) = big(1024 * 1024, &runs);
+    for (n, path) in [(1, "/sized"), (2, "/chunked")] {
+        let key = [("idempotency-key", path)];
+        for attempt in 1..=2 {
+            let res = app
+                .clone()
+                .oneshot(request("POST", path, &key))
+                .await
+                .expect("infallible");
+            assert_eq!(res.status(), StatusCode::OK);
+            assert!(!res.headers().contains_key("idempotent-replayed"));
+            let body = res.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(body.len(), 3 * 1024 * 1024, "{path}: the whole answer");
+            assert!(body.iter().all(|b| *b == b'y'));
+            assert_eq!(
+                runs.load(Ordering::SeqCst),
+                2 * (n - 1) + attempt,
+                "{path}: not stored, the key released, so a retry executes"
+            );
+        }
+    }
+    let counted = engine.metrics().response_too_large.load(Ordering::Relaxed);
+    assert_eq!(counted, 4, "each answer too large to store is counted");
+}
+
+#[tokio::test]
+async fn an_answer_within_max_response_body_is_stored() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (app, engine) = big(3 * 1024 * 1024, &runs);
+    for path in ["/sized", "/chunked"] {
+        let key = [("idempotency-key", path)];
+        let (_, _, first) = call(&app, request("POST", path, &key)).await;
+        let (_, headers, again) = call(&app, request("POST", path, &key)).await;
+        assert_eq!(headers["idempotent-replayed"], "true", "{path}");
+        assert_eq!(again, first);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        engine.metrics().response_too_large.load(Ordering::Relaxed),
+        0
+    );
 }

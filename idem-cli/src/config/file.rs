@@ -56,6 +56,7 @@ pub(super) struct PolicyTable {
     fail: Option<Choice<FailMode>>,
     ambiguous: Option<Choice<Ambiguous>>,
     max_body: Option<NonZeroSize>,
+    max_response_body: Option<NonZeroSize>,
     max_key_length: Option<KeyLength>,
     upstream_timeout: Option<NonZeroDuration>,
     scope_headers: Option<Vec<Spanned<String>>>,
@@ -172,7 +173,7 @@ impl PolicyTable {
         }
         copy_set!(self => p;
             key, dedupe_window, concurrent, wait_timeout, lease, retention, fail,
-            ambiguous, max_body, max_key_length, upstream_timeout, mode,
+            ambiguous, max_body, max_response_body, max_key_length, upstream_timeout, mode,
         );
         Ok(())
     }
@@ -519,6 +520,11 @@ mod tests {
             "[defaults]\nmax_body = 0\n",
             3,
             &["max_body", "greater than 0"],
+        );
+        assert_err(
+            "[defaults]\nmax_response_body = \"0B\"\n",
+            3,
+            &["max_response_body", "greater than 0"],
         );
         assert_err(
             "[defaults]\nmax_body = \"12XB\"\n",

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub cache_misses: AtomicU64,
     /// Operations executing right now.
     pub in_flight: AtomicU64,
+    /// Answers that would have been stored but were larger than the route's
+    /// `max_response_body`: streamed to the client, not stored, key released.
+    pub response_too_large: AtomicU64,
     /// Latency of every store call.
     pub store_latency: Histogram,
 }

@@ -42,6 +42,16 @@
 //! route's `max_body`, fingerprinted and run through the [`Engine`]; the inner
 //! service's response is buffered, stored when its status is in
 //! `store_statuses`, and returned. Other requests pass through untouched.
+//!
+//! A response is buffered up to the route's `max_response_body` only. A
+//! larger one (by its declared size, or once more than that has been read)
+//! is streamed to the client, what was read first and then the rest as it
+//! comes, and is **not stored**: the key is released, so a retry executes
+//! again. It is logged (warn) and counted
+//! ([`Metrics::response_too_large`](crate::engine::Metrics)) when its status
+//! would otherwise have been stored. An inner service that already found the
+//! body too large (like `idem serve`'s proxy) says so with
+//! [`ResponseTooLarge`] and the layer does not read it again.
 //! The middleware's own failures become `application/problem+json`
 //! responses (SPEC §4); the inner service's errors pass through as they are.
 //!
@@ -117,7 +127,7 @@ mod response;
 mod route;
 mod service;
 
-pub use body::ResponseBody;
+pub use body::{buffer, Buffered, Prefixed, ResponseBody};
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use response::{capture, is_hop_by_hop, replay, strip_hop_by_hop};
@@ -131,6 +141,14 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 
 /// The response header that marks a replay.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Set in a response's extensions by an inner service that found the body
+/// larger than the route's `max_response_body` while reading it (as
+/// `idem serve`'s proxy does, within its upstream time-out; a
+/// [`Prefixed`] body hands on what it read): the layer then streams the
+/// body without reading it first, does not store it, and releases the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseTooLarge;
 
 /// How a proxied request failed; set in a response's extensions by the inner
 /// service so the layer can apply SPEC §3.9.
