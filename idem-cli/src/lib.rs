@@ -178,15 +178,17 @@ async fn check(config: &Config, connect_to_store: bool) -> ExitCode {
     if !connect_to_store {
         println!("store check: skipped (--no-store-check)");
     } else if config.store != StoreSpec::Memory {
-        if let Err(e) = gateway::check_store(config).await {
-            eprintln!("idem: {e}");
-            eprintln!(
-                "idem: the configuration is valid but the store does not answer; \
-                 --no-store-check checks the configuration alone"
-            );
-            return ExitCode::FAILURE;
+        match gateway::check_store(config).await {
+            Ok(what) => println!("store check: {} {what}", config.store),
+            Err(e) => {
+                eprintln!("idem: {e}");
+                eprintln!(
+                    "idem: the configuration is valid but the store does not answer; \
+                     --no-store-check checks the configuration alone"
+                );
+                return ExitCode::FAILURE;
+            }
         }
-        println!("store check: {} answered", config.store);
     }
     println!("configuration OK");
     ExitCode::SUCCESS

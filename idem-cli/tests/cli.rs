@@ -283,3 +283,48 @@ fn idem_config_names_the_file() {
         "{stdout}"
     );
 }
+
+/// `--check` against PostgreSQL looks and creates nothing (before, it ran
+/// the migration: checking a fresh database created the `idem` schema).
+#[tokio::test]
+async fn check_creates_nothing_in_postgres() {
+    let url = services::database_url();
+    let Ok(admin) = sqlx::PgPool::connect(&url).await else {
+        services::unavailable::<()>("PostgreSQL", &url, &"connect failed");
+        return;
+    };
+    // A database of its own, so the default schema name is free.
+    let db = format!("idem_check_{:016x}", rand::random::<u64>());
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&admin)
+        .await
+        .expect("create database");
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url.as_str(), ""), |(b, q)| (b, q));
+    let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
+    let store = if query.is_empty() {
+        format!("{base}/{db}")
+    } else {
+        format!("{base}/{db}?{query}")
+    };
+    let out = check_with_store(&store, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let fresh = sqlx::PgPool::connect(&store)
+        .await
+        .expect("connect to the new database");
+    let schemas: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.schemata WHERE schema_name = 'idem'",
+    )
+    .fetch_one(&fresh)
+    .await
+    .expect("query");
+    fresh.close().await;
+    let _ = sqlx::query(&format!("DROP DATABASE {db}"))
+        .execute(&admin)
+        .await;
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("store check:"), "{stdout}");
+    assert_eq!(schemas, 0, "--check created the idem schema: {stdout}");
+}

@@ -72,7 +72,9 @@ fn the_commented_admin_listener_is_valid_once_uncommented() {
     let line = "# admin_listen = \"127.0.0.1:9090\"";
     assert!(text.contains(line), "the example shows `{line}`");
     let text = text.replace(line, "admin_listen = \"127.0.0.1:9090\"");
-    let token = |name: &str| (name == "IDEM_ADMIN_TOKEN").then(|| "example-token".to_owned());
+    let token = |name: &str| {
+        (name == "IDEM_ADMIN_TOKEN").then(|| "example-token-of-32-random-chars".to_owned())
+    };
     let c = config::load_str("idem.example.toml", &text, &token, &Overrides::default())
         .unwrap_or_else(|e| panic!("admin_listen uncommented must load with a token: {e}"));
     assert_eq!(

@@ -293,7 +293,9 @@ async fn upstream_timeout_holds_the_key_until_the_lease_runs_out() {
     let up = Upstream::start().await;
     let gw = gateway(
         &up.url(),
-        "[defaults]\nupstream_timeout = \"200ms\"\nlease = \"1s\"",
+        // A 1s lease needs store calls bounded by a third of it.
+        "[defaults]\nupstream_timeout = \"200ms\"\nlease = \"1s\"\n\
+         [limits]\nstore_timeout = \"300ms\"",
     )
     .await;
     let (c, a) = (client(), gw.local_addr());

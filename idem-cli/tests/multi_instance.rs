@@ -297,8 +297,10 @@ const LEASE: Duration = Duration::from_secs(6);
 async fn killed_holder_is_taken_over_once_and_fenced(store: &str) {
     let up = Upstream::start().await;
     let dir = Scratch::new("kill");
+    // store_timeout: at most a third of the lease, or the lease could lapse
+    // under a slow store (refused at start-up).
     let toml = "[defaults]\nlease = \"6s\"\nupstream_timeout = \"120s\"\n\n\
-                [limits]\nstore_timeout = \"10s\"\n";
+                [limits]\nstore_timeout = \"2s\"\n";
     let mut gws = gateways(&dir, 2, &up, store, toml).await;
     let key = unique_key("kill");
     let k = store_key(&key);
@@ -415,7 +417,7 @@ async fn waiters_take_over_a_killed_holder_once(store: &str) {
     let up = Upstream::start().await;
     let dir = Scratch::new("kill-wait");
     let toml = "[defaults]\nconcurrent = \"wait\"\nwait_timeout = \"120s\"\nlease = \"3s\"\n\
-                upstream_timeout = \"120s\"\n\n[limits]\nstore_timeout = \"10s\"\n";
+                upstream_timeout = \"120s\"\n\n[limits]\nstore_timeout = \"1s\"\n";
     let mut gws = gateways(&dir, 3, &up, store, toml).await;
     let key = unique_key("kill-wait");
     let path = "/orders?slow_first_ms=600000";

@@ -53,6 +53,19 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the same call may succeed if tried again: the store was
+    /// unreachable or slow ([`Unavailable`](Self::Unavailable),
+    /// [`Timeout`](Self::Timeout)). A full store, a record the store can
+    /// never take ([`Capacity`](Self::Capacity)), a corrupt record or a bad
+    /// configuration fail the same way every time: retrying only delays
+    /// the caller.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Timeout(_))
+    }
+}
+
 /// What is wrong with a stored record ([`StoreError::Corrupt`]): which part
 /// of it, and the backend's decoding error when there is one.
 #[derive(Debug)]
@@ -241,6 +254,15 @@ mod tests {
         );
         let plain = Corruption::from("unknown state 9");
         assert!(plain == "unknown state 9" && plain.source().is_none());
+    }
+
+    #[test]
+    fn only_an_unreachable_or_slow_store_is_transient() {
+        assert!(StoreError::Unavailable("refused".into()).is_transient());
+        assert!(StoreError::Timeout(Duration::from_secs(2)).is_transient());
+        assert!(!StoreError::Capacity("too large").is_transient());
+        assert!(!StoreError::Corrupt(Corruption::new("state 9")).is_transient());
+        assert!(!StoreError::Config(ConfigError::NoNodes).is_transient());
     }
 
     #[test]

@@ -468,6 +468,43 @@ impl StoreKey {
     }
 }
 
+impl StoreKey {
+    /// A short, stable name of this key for logs: the first 12 hex digits
+    /// of the BLAKE3 hash of [`as_str`](StoreKey::as_str). Log lines carry
+    /// it instead of the key, which is the client's own text (SPEC §10).
+    ///
+    /// An operator who knows a store key finds its lines with
+    /// `printf '%s' "$STORE_KEY" | b3sum | cut -c1-12`.
+    #[must_use]
+    pub fn log_id(&self) -> LogId {
+        let hash = blake3::hash(self.text.as_bytes());
+        let mut id = [0; LOG_ID_BYTES];
+        id.copy_from_slice(&hash.as_bytes()[..LOG_ID_BYTES]);
+        LogId(id)
+    }
+}
+
+const LOG_ID_BYTES: usize = 6;
+
+/// A [`StoreKey`]'s name in logs ([`StoreKey::log_id`]); displays as 12
+/// lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LogId([u8; LOG_ID_BYTES]);
+
+impl fmt::Display for LogId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = String::with_capacity(2 * LOG_ID_BYTES);
+        push_hex(&mut s, &self.0);
+        f.write_str(&s)
+    }
+}
+
+impl fmt::Debug for LogId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LogId({self})")
+    }
+}
+
 impl fmt::Debug for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("StoreKey").field(&&*self.text).finish()
@@ -484,6 +521,19 @@ impl fmt::Display for StoreKey {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_id_is_a_short_hash_of_the_store_key() {
+        let k = StoreKey::new(&Scope::named("t"), "secret-key-123");
+        let id = k.log_id().to_string();
+        assert_eq!(id.len(), 12);
+        assert!(!id.contains("secret"));
+        assert_eq!(id, blake3::hash(k.as_str().as_bytes()).to_hex()[..12]);
+        assert_ne!(
+            k.log_id(),
+            StoreKey::new(&Scope::named("t"), "other").log_id()
+        );
+    }
 
     fn header(raw: &[u8]) -> Result<String, KeyError> {
         parse_header_value(raw).map(|k| k.as_str().to_owned())

@@ -26,7 +26,7 @@
 //! - [`store`]: the atomic [`Store`] trait, [`Reservation`](store::Reservation)
 //!   and the [`Decision`](store::Decision) it leads to, async mode's
 //!   [`Queue`] in `store/queue.rs`, the
-//!   [`MemoryStore`](store::memory::MemoryStore), (feature `redis`) the
+//!   [`MemoryStore`], (feature `redis`) the
 //!   `RedisStore` and (feature `postgres`) the `PostgresStore` with its
 //!   transactional API in `store/postgres/` (SPEC §7).
 //! - [`policy`]: per-route settings, the route table that picks them, and the
@@ -44,31 +44,50 @@
 //!
 //! # Example: run a job at most once
 //!
+//! A queue redelivers a job, or several workers pick it up at once: under
+//! [`Rules::wait`] the one execution's result reaches every delivery.
+//! (Under [`Rules::default`], `concurrent = reject`, a delivery racing the
+//! first run gets [`OnceError::InProgress`] and must retry on its own.)
+//!
 //! ```
-//! use idem::{Engine, Fingerprint, Rules, Scope, StoreKey, store::memory::MemoryStore};
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use idem::{Engine, Fingerprint, MemoryStore, Rules, Scope, StoreKey};
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let engine = Engine::new(MemoryStore::new());
 //! let key = StoreKey::new(&Scope::named("tenant-42"), "order-1001");
 //! let input = Fingerprint::of_bytes(b"charge 10 EUR");
-//! let rules = Rules::default();
+//! let rules = Rules::wait(); // concurrent duplicates wait for the result
+//! let charges = AtomicU32::new(0);
 //!
-//! let first = engine
-//!     .once(&key, input, &rules, || async { Ok::<_, std::io::Error>(7_u32) })
-//!     .await
-//!     .unwrap();
-//! let again = engine
-//!     .once(&key, input, &rules, || async { Ok::<_, std::io::Error>(8_u32) })
-//!     .await
-//!     .unwrap();
-//! assert_eq!((first.value, first.replayed), (7, false));
-//! assert_eq!((again.value, again.replayed), (7, true)); // the closure did not run
+//! let charge = || async {
+//!     let n = charges.fetch_add(1, Ordering::SeqCst) + 1;
+//!     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+//!     Ok::<_, std::io::Error>(format!("charge #{n}"))
+//! };
+//! // Four deliveries of the same job, racing.
+//! let (a, b, c, d) = tokio::join!(
+//!     engine.once(&key, input, &rules, charge),
+//!     engine.once(&key, input, &rules, charge),
+//!     engine.once(&key, input, &rules, charge),
+//!     engine.once(&key, input, &rules, charge),
+//! );
+//! assert_eq!(charges.load(Ordering::SeqCst), 1); // charged once
+//! for delivery in [a, b, c, d] {
+//!     assert_eq!(delivery.unwrap().value, "charge #1"); // the same answer
+//! }
+//! // A redelivery tomorrow replays the stored answer.
+//! let again = engine.once(&key, input, &rules, charge).await.unwrap();
+//! assert_eq!((again.value.as_str(), again.replayed), ("charge #1", true));
 //! # }
 //! ```
 //!
+//! Every other setting has a builder: [`RoutePolicy::builder`], then
+//! `Rules::from(&policy)`.
+//!
 //! # Features
 //!
-//! - `memory` (default): the in-process [`MemoryStore`](store::memory::MemoryStore).
+//! - `memory` (default): the in-process [`MemoryStore`].
 //! - `tower` (default): [`layer::IdempotencyLayer`].
 //! - `redis`: [`RedisStore`](store::redis::RedisStore), for many instances
 //!   sharing one Redis or Redis Cluster (needs Rust 1.88, the `redis` crate's
@@ -107,8 +126,14 @@ mod value;
 pub use engine::{Action, Engine, EngineConfig, Finish, Outcome};
 pub use error::StoreError;
 pub use fingerprint::Fingerprint;
-pub use key::{IdempotencyKey, Scope, StoreKey};
+pub use key::{IdempotencyKey, LogId, Scope, StoreKey};
+#[cfg(feature = "tower")]
+pub use layer::IdempotencyLayer;
 pub use once::{Once, OnceError};
-pub use policy::{RoutePolicy, RouteTable, Rules};
+pub use policy::{
+    Ambiguous, Concurrent, FailMode, KeyPolicy, RoutePolicy, RoutePolicyBuilder, RouteTable, Rules,
+};
 pub use record::{CompletedRecord, Record, StoredResponse, Token};
+#[cfg(feature = "memory")]
+pub use store::memory::MemoryStore;
 pub use store::{Queue, Store};

@@ -27,6 +27,47 @@ impl<S: Store> Engine<S> {
     ///
     /// `Ok` results are stored (as JSON) for `rules.retention`; an `Err`
     /// releases the key so a retry runs `f` again.
+    ///
+    /// `rules.concurrent` decides what a call racing a run in progress
+    /// gets: under [`Rules::wait`] (what queue consumers want) it waits for
+    /// that run's result and returns it; under [`Rules::default`]
+    /// (`reject`) it gets [`OnceError::InProgress`] at once.
+    ///
+    /// A call dropped while `f` runs (a caller's time-out or `select!`),
+    /// or an `f` that panics, may have had its effect: the key is then
+    /// held until `rules.lease` runs out (or released, if
+    /// `rules.ambiguous` is `release`), never simply freed (SPEC §3.8).
+    ///
+    /// ```
+    /// use idem::{Engine, Fingerprint, MemoryStore, OnceError, Rules, Scope, StoreKey};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let engine = Engine::new(MemoryStore::new());
+    /// let key = StoreKey::new(&Scope::named("jobs"), "job-7");
+    /// let job = Fingerprint::of_bytes(b"send welcome mail to 7");
+    /// let send = || async {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    ///     Ok::<_, std::io::Error>(String::from("sent"))
+    /// };
+    ///
+    /// // Two deliveries racing, under `wait`: one send, one answer.
+    /// let wait = Rules::wait();
+    /// let (a, b) = tokio::join!(
+    ///     engine.once(&key, job, &wait, send),
+    ///     engine.once(&key, job, &wait, send),
+    /// );
+    /// assert!(a.unwrap().replayed != b.unwrap().replayed);
+    ///
+    /// // Under the default (`reject`), a racing delivery is turned away.
+    /// let other = StoreKey::new(&Scope::named("jobs"), "job-8");
+    /// let reject = Rules::default();
+    /// let (a, b) = tokio::join!(
+    ///     engine.once(&other, job, &reject, send),
+    ///     engine.once(&other, job, &reject, send),
+    /// );
+    /// assert!(a.is_ok() && matches!(b, Err(OnceError::InProgress { .. })));
+    /// # }
+    /// ```
     pub async fn once<T, E, F, Fut>(
         &self,
         key: &StoreKey,

@@ -5,7 +5,9 @@
 //! [`Route`]s (first match wins) plus the policy for unmatched requests.
 //!
 //! [`Rules`] are the few settings a single call needs, derived from a
-//! policy. [`PolicyError`] says why a policy value was refused.
+//! policy. In code, build a policy with [`RoutePolicy::builder`]; for
+//! queue consumers, [`Rules::wait`]. [`PolicyError`] says why a policy
+//! value was refused.
 //!
 //! # Matching
 //!
@@ -29,6 +31,9 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 
 use crate::path::{self, PathError};
+
+mod builder;
+pub use builder::RoutePolicyBuilder;
 
 /// What to do when a participating request carries no key (SPEC §3.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -251,6 +256,11 @@ pub struct Rules {
     pub wait_timeout: Duration,
     /// What to do when the store fails.
     pub fail: FailMode,
+    /// What the store keeps when a started operation ends without an
+    /// answer (its future dropped, or a panic): `release` frees the key,
+    /// `hold` and `store` keep it until its lease runs out (there is no
+    /// answer to store).
+    pub ambiguous: Ambiguous,
 }
 
 impl Default for Rules {
@@ -267,6 +277,7 @@ impl From<&RoutePolicy> for Rules {
             concurrent: p.concurrent,
             wait_timeout: p.wait_timeout,
             fail: p.fail,
+            ambiguous: p.ambiguous,
         }
     }
 }

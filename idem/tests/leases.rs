@@ -172,10 +172,15 @@ async fn a_dead_holders_key_executes_again_after_the_lease() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_cancelled_request_releases_its_reservation() {
+async fn a_cancelled_request_releases_its_reservation_under_ambiguous_release() {
+    // Only `ambiguous = release` frees the key of a cancelled execution; the
+    // default holds it (tests/cancel.rs).
     let engine = Engine::new(MemoryStore::new());
     let (k, fp) = (key("cancel"), Fingerprint::of_bytes(b"x"));
-    let rules = Rules::default();
+    let rules = Rules {
+        ambiguous: idem::policy::Ambiguous::Release,
+        ..Rules::default()
+    };
     let running = engine.run(&k, fp, &rules, || async {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         Finish {

@@ -1,7 +1,8 @@
 //! PostgreSQL-specific properties, beyond the conformance suite: the
 //! transactional API, notifications across instances and reconnects,
 //! clean-up, time-outs, binary safety, corrupt rows, migration, and the
-//! plans the guarded statements get (SPEC §7's measured hazard).
+//! plans the guarded statements get (SPEC §7's measured hazard); async
+//! mode's queue in `postgres/queue.rs`.
 //!
 //! Each test uses its own schema (see conformance/pg.rs) and drops it at the
 //! end; without a server they skip loudly (fail under IDEM_REQUIRE_SERVICES=1).
@@ -10,6 +11,8 @@
 
 #[path = "conformance/pg.rs"]
 mod pg;
+#[path = "postgres/queue.rs"]
+mod queue;
 #[path = "conformance/services.rs"]
 mod services;
 #[path = "postgres/wait.rs"]

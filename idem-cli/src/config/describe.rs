@@ -148,10 +148,12 @@ impl Config {
                 format_size(u64::try_from(l.max_header_bytes).unwrap_or(u64::MAX)),
             ),
             ("max_connections", l.max_connections.to_string()),
+            ("idle_timeout", format_duration(l.idle_timeout)),
             ("local_cache_bytes", cache),
             ("memory_max_entries", l.memory_max_entries.to_string()),
             ("memory_max_bytes", format_size(l.memory_max_bytes)),
             ("shutdown_grace", format_duration(l.shutdown_grace)),
+            ("complete_retry", format_duration(l.complete_retry)),
         ];
         out.extend(rows.iter().map(|(k, v)| format!("  {k:<22}{v}")));
         out.push("defaults (requests that match no route):".to_owned());

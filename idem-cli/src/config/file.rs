@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +52,7 @@ pub(super) struct PolicyTable {
     dedupe_window: Option<NonZeroDuration>,
     concurrent: Option<Choice<Concurrent>>,
     wait_timeout: Option<NonZeroDuration>,
-    lease: Option<NonZeroDuration>,
+    lease: Option<Spanned<NonZeroDuration>>,
     retention: Option<NonZeroDuration>,
     fail: Option<Choice<FailMode>>,
     ambiguous: Option<Choice<Ambiguous>>,
@@ -71,14 +72,16 @@ pub(super) struct PolicyTable {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct LimitsTable {
-    store_timeout: Option<NonZeroDuration>,
+    store_timeout: Option<Spanned<NonZeroDuration>>,
     request_read_timeout: Option<NonZeroDuration>,
     max_header_bytes: Option<Spanned<SizeValue>>,
     max_connections: Option<Spanned<u64>>,
+    idle_timeout: Option<Spanned<NonZeroDuration>>,
     local_cache_bytes: Option<SizeValue>,
     memory_max_entries: Option<Spanned<u64>>,
     memory_max_bytes: Option<NonZeroSize>,
     shutdown_grace: Option<DurationValue>,
+    complete_retry: Option<NonZeroDuration>,
 }
 
 /// `dst.field = value` for every `field` the table sets (each value is a
@@ -91,15 +94,25 @@ macro_rules! copy_set {
     };
 }
 
+/// `[limits] store_timeout` and where the file sets it (`None`: the
+/// default), which every lease must outlast.
+pub(super) struct StoreTimeout {
+    pub(super) value: Duration,
+    pub(super) span: Option<Range<usize>>,
+}
+
 /// `[defaults]` then every `[[route]]` in order, each starting from the
-/// defaults. Refuses a route without `match`, `match` in `[defaults]`, and a
-/// route that repeats an earlier one's `match` (it could never match).
+/// defaults. Refuses a route without `match`, `match` in `[defaults]`, a
+/// route that repeats an earlier one's `match` (it could never match), and
+/// a lease shorter than [`LEASE_PER_STORE_TIMEOUT`](super::LEASE_PER_STORE_TIMEOUT) × `store_timeout`.
 pub(super) fn route_table(
     src: &Src<'_>,
     defaults: Option<PolicyTable>,
     routes: Vec<Spanned<PolicyTable>>,
+    store_timeout: &StoreTimeout,
 ) -> Result<RouteTable, ConfigError> {
     let mut base = RoutePolicy::default();
+    let mut lease_span = None;
     if let Some(mut table) = defaults {
         if let Some(m) = table.matcher.take() {
             return Err(src.at(
@@ -107,8 +120,11 @@ pub(super) fn route_table(
                 "`match` belongs in a [[route]]; [defaults] applies to every request",
             ));
         }
+        lease_span = table.lease.as_ref().map(Spanned::span);
         table.apply(&mut base, src)?;
     }
+    // The defaults' lease (set or not); a route that sets none inherits it.
+    check_lease(src, base.lease, lease_span.as_ref(), store_timeout)?;
     let mut out = RouteTable::new(base.clone());
     // (method, pattern, line) of the routes so far, to refuse unreachable repeats.
     let mut seen: Vec<(Option<Method>, String, usize)> = Vec::new();
@@ -138,6 +154,9 @@ pub(super) fn route_table(
         }
         seen.push((key.0, key.1, src.line(m_span.start)));
         let mut policy = base.clone();
+        if let Some(lease) = &table.lease {
+            check_lease(src, lease.get_ref().0, Some(&lease.span()), store_timeout)?;
+        }
         table.apply(&mut policy, src)?;
         out = out.route(Route {
             method: route.method,
@@ -146,6 +165,29 @@ pub(super) fn route_table(
         });
     }
     Ok(out)
+}
+
+/// Refuses a lease shorter than [`LEASE_PER_STORE_TIMEOUT`](super::LEASE_PER_STORE_TIMEOUT) × `store_timeout`,
+/// blaming the lease's line, or `store_timeout`'s when the lease is the
+/// built-in default.
+fn check_lease(
+    src: &Src<'_>,
+    lease: Duration,
+    lease_span: Option<&Range<usize>>,
+    store_timeout: &StoreTimeout,
+) -> Result<(), ConfigError> {
+    let Some(reason) = super::lease_too_short(lease, store_timeout.value) else {
+        return Ok(());
+    };
+    match (lease_span, &store_timeout.span) {
+        (Some(span), _) => Err(src.at(span, reason)),
+        (None, Some(span)) => Err(src.at(
+            span,
+            format!("store_timeout: the default lease applies, and {reason}"),
+        )),
+        // The built-in defaults keep the rule.
+        (None, None) => Err(src.at(&(0..0), reason)),
+    }
 }
 
 impl PolicyTable {
@@ -171,8 +213,11 @@ impl PolicyTable {
         if let Some(v) = self.canonical_json {
             p.canonical_json = v;
         }
+        if let Some(v) = self.lease {
+            p.lease = v.into_inner().0;
+        }
         copy_set!(self => p;
-            key, dedupe_window, concurrent, wait_timeout, lease, retention, fail,
+            key, dedupe_window, concurrent, wait_timeout, retention, fail,
             ambiguous, max_body, max_response_body, max_key_length, upstream_timeout, mode,
         );
         Ok(())
@@ -223,9 +268,17 @@ fn each<T: PartialEq>(
 const MIN_HEADER_BYTES: u64 = 8 * KIB;
 
 impl LimitsTable {
-    /// The default limits with this table's values on top.
-    pub(super) fn into_limits(self, src: &Src<'_>) -> Result<Limits, ConfigError> {
+    /// The default limits with this table's values on top, and where
+    /// `store_timeout` was set (for the lease rule).
+    pub(super) fn into_limits(
+        self,
+        src: &Src<'_>,
+    ) -> Result<(Limits, Option<Range<usize>>), ConfigError> {
         let mut l = Limits::default();
+        let store_timeout_span = self.store_timeout.as_ref().map(Spanned::span);
+        if let Some(v) = self.store_timeout {
+            l.store_timeout = v.into_inner().0;
+        }
         if let Some(v) = &self.max_header_bytes {
             let n = v.get_ref().0;
             if n < MIN_HEADER_BYTES {
@@ -248,10 +301,28 @@ impl LimitsTable {
             l.memory_max_entries = positive_count(src, v, "memory_max_entries")?;
         }
         copy_set!(self => l;
-            store_timeout, request_read_timeout, local_cache_bytes, memory_max_bytes,
-            shutdown_grace,
+            request_read_timeout, local_cache_bytes, memory_max_bytes, shutdown_grace,
+            complete_retry,
         );
-        Ok(l)
+        // Never wait longer for a first byte than for the whole head.
+        l.idle_timeout = l.idle_timeout.min(l.request_read_timeout);
+        if let Some(v) = &self.idle_timeout {
+            let idle = v.get_ref().0;
+            if idle > l.request_read_timeout {
+                return Err(src.at(
+                    &v.span(),
+                    format!(
+                        "idle_timeout {} is longer than request_read_timeout {}: a client \
+                         that has not sent its first byte may not be waited for longer than \
+                         one that is sending its request",
+                        units::format_duration(idle),
+                        units::format_duration(l.request_read_timeout)
+                    ),
+                ));
+            }
+            l.idle_timeout = idle;
+        }
+        Ok((l, store_timeout_span))
     }
 }
 

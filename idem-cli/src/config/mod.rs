@@ -53,6 +53,11 @@
 //! - `mode = "async"` is accepted (SPEC §9).
 //! - `lease`, `wait_timeout`, `upstream_timeout`, `retention`,
 //!   `dedupe_window` and `max_body` must be greater than zero.
+//! - Every `lease` (in `[defaults]` and each route) must be at least
+//!   3 × `store_timeout`: the heartbeat renews a lease every third of it,
+//!   and each renewal may take up to `store_timeout`.
+//! - `idle_timeout` may not be longer than `request_read_timeout`.
+//! - `IDEM_ADMIN_TOKEN` must be at least [`MIN_ADMIN_TOKEN_BYTES`] long.
 //!
 //! # In code
 //!
@@ -88,9 +93,20 @@ use http::Uri;
 use idem::policy::{RoutePolicy, RouteTable};
 use idem::store::StoreUrl;
 
-use crate::units::MIB;
+use crate::units::{format_duration, MIB};
 
 pub use source::{load, load_str, Setting, SETTINGS};
+
+/// The shortest admin token accepted: 16 bytes (e.g. `openssl rand -hex 16`
+/// gives 32). A shorter one can be guessed by whoever reaches the admin port.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
+/// How many times `store_timeout` a lease must last at least: the heartbeat
+/// renews it every third of the lease, and a renewal may take up to
+/// `store_timeout`, so a shorter lease can lapse under a slow (not even
+/// failing) store while its holder still works — and a second execution
+/// takes the key over.
+pub const LEASE_PER_STORE_TIMEOUT: u32 = 3;
 
 /// Where the gateway listens unless told otherwise.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
@@ -187,6 +203,66 @@ impl Config {
         self.limits = limits;
         self
     }
+
+    /// The checks [`load`] makes across values, for a configuration built
+    /// in code (`Gateway::start` runs it): every lease at least
+    /// [`LEASE_PER_STORE_TIMEOUT`] × `store_timeout`, and an admin token of
+    /// at least [`MIN_ADMIN_TOKEN_BYTES`].
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] naming the first rule broken.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let store_timeout = self.limits.store_timeout;
+        let policies = std::iter::once(("[defaults]".to_owned(), self.routes.default_policy()))
+            .chain(
+                self.routes
+                    .routes()
+                    .iter()
+                    .map(|r| (format!("route {}", r.path.as_str()), &r.policy)),
+            );
+        for (name, policy) in policies {
+            if let Some(reason) = lease_too_short(policy.lease, store_timeout) {
+                return Err(ConfigError::Invalid {
+                    reason: format!("{name}: {reason}"),
+                });
+            }
+        }
+        if let Some(token) = &self.admin_token {
+            if let Some(reason) = token_too_short(token) {
+                return Err(ConfigError::Invalid { reason });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why `lease` is too short for `store_timeout`, if it is.
+fn lease_too_short(lease: Duration, store_timeout: Duration) -> Option<String> {
+    let least = store_timeout.saturating_mul(LEASE_PER_STORE_TIMEOUT);
+    (lease < least).then(|| {
+        format!(
+            "lease {} is shorter than {LEASE_PER_STORE_TIMEOUT} × store_timeout ({}): the \
+             heartbeat renews the lease every third of it and each renewal may take up to \
+             store_timeout, so a slow store would let the lease lapse while the request still \
+             runs, and a retry would execute it again; use a lease of at least {} or a \
+             shorter store_timeout",
+            format_duration(lease),
+            format_duration(store_timeout),
+            format_duration(least),
+        )
+    })
+}
+
+/// Why an admin token is too short, if it is (never the token itself).
+fn token_too_short(token: &str) -> Option<String> {
+    (token.len() < MIN_ADMIN_TOKEN_BYTES).then(|| {
+        format!(
+            "the admin token is shorter than {MIN_ADMIN_TOKEN_BYTES} bytes; use at least \
+             {MIN_ADMIN_TOKEN_BYTES} random characters (e.g. `openssl rand -hex 16`): a short \
+             token can be guessed by whoever reaches the admin listener"
+        )
+    })
 }
 
 /// Which store keeps the records (SPEC §7). Parsed from `memory`,
@@ -214,8 +290,14 @@ pub struct Limits {
     pub request_read_timeout: Duration,
     /// Total request header size (default 64KiB; at least 8KiB).
     pub max_header_bytes: usize,
-    /// Concurrent client connections (default 10 000).
+    /// Concurrent client connections (default 10 000). A connection takes
+    /// one only once its first byte arrives; as many again may wait for
+    /// their first byte, and past that the oldest waiting is closed.
     pub max_connections: usize,
+    /// How long a new connection may stay silent before its first byte
+    /// (default 5s; the gateway never waits longer than
+    /// `request_read_timeout`).
+    pub idle_timeout: Duration,
     /// In-process cache of completed records, in bytes (default 64MiB; 0 disables).
     pub local_cache_bytes: u64,
     /// Memory store bound on records (default 1 000 000).
@@ -224,6 +306,10 @@ pub struct Limits {
     pub memory_max_bytes: u64,
     /// How long graceful shutdown waits for in-flight requests (default 30s).
     pub shutdown_grace: Duration,
+    /// How long a failing `complete` (the answer could not be stored) is
+    /// retried before the client gets its answer anyway and the key stays
+    /// held until its lease ends (default 5s; never past the lease).
+    pub complete_retry: Duration,
 }
 
 impl Default for Limits {
@@ -233,10 +319,12 @@ impl Default for Limits {
             request_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
+            idle_timeout: Duration::from_secs(5),
             local_cache_bytes: 64 * MIB,
             memory_max_entries: 1_000_000,
             memory_max_bytes: 512 * MIB,
             shutdown_grace: Duration::from_secs(30),
+            complete_retry: Duration::from_secs(5),
         }
     }
 }
@@ -278,6 +366,13 @@ pub enum ConfigError {
         /// The flag, e.g. `--listen`.
         flag: &'static str,
         /// What is wrong.
+        reason: String,
+    },
+    /// A configuration built in code breaks a rule that [`load`] enforces
+    /// for files (see [`Config::validate`]).
+    #[error("invalid configuration: {reason}")]
+    Invalid {
+        /// Which rule, and how to fix it.
         reason: String,
     },
     /// No upstream anywhere.

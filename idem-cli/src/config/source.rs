@@ -167,8 +167,12 @@ fn build(
     env: &dyn Fn(&str) -> Option<String>,
     flags: &Overrides,
 ) -> Result<Config, ConfigError> {
-    let routes = file::route_table(src, file.defaults, file.route)?;
-    let limits = file.limits.unwrap_or_default().into_limits(src)?;
+    let (limits, store_timeout_span) = file.limits.unwrap_or_default().into_limits(src)?;
+    let store_timeout = file::StoreTimeout {
+        value: limits.store_timeout,
+        span: store_timeout_span,
+    };
+    let routes = file::route_table(src, file.defaults, file.route, &store_timeout)?;
 
     let layers = Layers { src, env };
     let (listen, listen_origin) = layers
@@ -250,6 +254,12 @@ fn admin_token(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<String>, C
                      (no spaces or line breaks): it is compared with \
                      `Authorization: Bearer <token>`"
                 .to_owned(),
+        });
+    }
+    if let Some(reason) = super::token_too_short(&token) {
+        return Err(ConfigError::Env {
+            var: "IDEM_ADMIN_TOKEN",
+            reason,
         });
     }
     Ok(Some(token))

@@ -124,7 +124,7 @@ fn routes_inherit_defaults_from_the_file() {
     let c = load_ok(
         r#"upstream = "http://127.0.0.1:3000"
 [defaults]
-lease = "5s"
+lease = "6s"
 scope_headers = ["X-Tenant", "x-tenant", "Authorization"]
 store_statuses = ["2xx", "5xx", 409]
 max_body = 2048
@@ -146,7 +146,7 @@ max_body = "10kB"
 "#,
     );
     let d = c.routes.default_policy();
-    assert_eq!(d.lease, Duration::from_secs(5));
+    assert_eq!(d.lease, Duration::from_secs(6));
     assert_eq!(d.retention, Duration::from_secs(86_400));
     assert_eq!(
         d.scope_headers,
@@ -165,13 +165,13 @@ max_body = "10kB"
         panic!("two routes expected");
     };
     assert_eq!(r1.method, None);
-    assert_eq!(r1.policy.lease, Duration::from_secs(5), "inherited");
+    assert_eq!(r1.policy.lease, Duration::from_secs(6), "inherited");
     assert_eq!(r1.policy.retention, Duration::from_secs(5400));
     assert!(r1.policy.methods.is_empty());
     assert_eq!(r1.policy.scope_headers, d.scope_headers);
     assert!(c.routes.classify(&Method::POST, "/payments/1").is_none());
 
-    assert_eq!(r2.policy.lease, Duration::from_secs(5), "inherited");
+    assert_eq!(r2.policy.lease, Duration::from_secs(6), "inherited");
     assert_eq!(r2.policy.key, KeyPolicy::Derived);
     assert_eq!(r2.policy.fail, FailMode::Open);
     assert_eq!(r2.policy.ambiguous, Ambiguous::Store);
@@ -189,10 +189,12 @@ store_timeout = "500ms"
 request_read_timeout = "5s"
 max_header_bytes = "16KiB"
 max_connections = 100
+idle_timeout = "2s"
 local_cache_bytes = 0
 memory_max_entries = 10
 memory_max_bytes = "1GiB"
 shutdown_grace = "0s"
+complete_retry = "3s"
 "#,
     );
     assert_eq!(
@@ -202,13 +204,30 @@ shutdown_grace = "0s"
             request_read_timeout: Duration::from_secs(5),
             max_header_bytes: 16 * 1024,
             max_connections: 100,
+            idle_timeout: Duration::from_secs(2),
             local_cache_bytes: 0,
             memory_max_entries: 10,
             memory_max_bytes: GIB,
             shutdown_grace: Duration::ZERO,
+            complete_retry: Duration::from_secs(3),
         }
     );
+    assert_err(
+        "[limits]\ncomplete_retry = \"0s\"\n",
+        3,
+        &["complete_retry"],
+    );
     assert_err("[limits]\nmax_connections = 0\n", 3, &["max_connections"]);
+    assert_err(
+        "[limits]\nrequest_read_timeout = \"3s\"\nidle_timeout = \"4s\"\n",
+        4,
+        &["idle_timeout 4s", "request_read_timeout 3s"],
+    );
+    assert_err("[limits]\nidle_timeout = \"0s\"\n", 3, &["idle_timeout"]);
+    // Unset, it never exceeds request_read_timeout.
+    let c =
+        load_ok("upstream = \"http://127.0.0.1:3000\"\n[limits]\nrequest_read_timeout = \"2s\"\n");
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(2));
     assert_err("[limits]\nmax_header_bytes = \"1KiB\"\n", 3, &["8KiB"]);
     assert_err(
         "[limits]\nstore_timeout = \"0s\"\n",
@@ -302,7 +321,7 @@ admin_listen = "127.0.0.1:3001"
         ("IDEM_UPSTREAM", " http://127.0.0.1:2002 "),
         ("IDEM_STORE", "redis://127.0.0.1:6379/0"),
         ("IDEM_ADMIN_LISTEN", ""),
-        ("IDEM_ADMIN_TOKEN", "t0ken"),
+        ("IDEM_ADMIN_TOKEN", "t0ken-0f-16-bytes"),
     ]);
     let c = load_str("idem.toml", file, &env, &Overrides::default()).expect("valid");
     assert_eq!(c.listen, "127.0.0.1:1002".parse().unwrap());
@@ -313,7 +332,7 @@ admin_listen = "127.0.0.1:3001"
         Some("127.0.0.1:3001".parse().unwrap()),
         "empty env ignored"
     );
-    assert_eq!(c.admin_token.as_deref(), Some("t0ken"));
+    assert_eq!(c.admin_token.as_deref(), Some("t0ken-0f-16-bytes"));
 
     let flags = Overrides {
         listen: Some("127.0.0.1:1003".to_owned()),
@@ -411,4 +430,69 @@ fn load_reads_files_and_names_missing_ones() {
         "{e}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 10, item 8: a lease that a slow store lets lapse while its holder
+/// still works (heartbeat every lease/3, each call up to store_timeout).
+#[test]
+fn a_lease_shorter_than_three_store_timeouts_is_refused() {
+    // The defaults' lease against the default store_timeout (2s).
+    assert_err(
+        "[defaults]\nlease = \"5s\"\n",
+        3,
+        &["lease 5s", "3 × store_timeout (2s)", "at least 6s"],
+    );
+    // A route's own lease.
+    assert_err(
+        "[limits]\nstore_timeout = \"1s\"\n\n[[route]]\nmatch = \"/a\"\nlease = \"2s\"\n",
+        7,
+        &["lease 2s", "3 × store_timeout (1s)", "at least 3s"],
+    );
+    // A store_timeout that outgrows the default lease is blamed itself.
+    assert_err(
+        "[limits]\nstore_timeout = \"11s\"\n",
+        3,
+        &[
+            "store_timeout",
+            "default lease",
+            "lease 30s",
+            "at least 33s",
+        ],
+    );
+    // A route inheriting a good lease is fine; exactly 3× is enough.
+    let c = load_ok(
+        "upstream = \"http://127.0.0.1:3000\"\n[defaults]\nlease = \"3s\"\n\
+         [[route]]\nmatch = \"/a\"\n[limits]\nstore_timeout = \"1s\"\n",
+    );
+    assert!(c.validate().is_ok());
+    // Built in code: Config::validate (run by Gateway::start) says the same.
+    let mut policy = RoutePolicy::default();
+    policy.lease = Duration::from_secs(1);
+    let c = Config::new("http://127.0.0.1:3000".parse().unwrap()).routes(RouteTable::new(policy));
+    let e = c.validate().expect_err("1s lease, 2s store_timeout");
+    assert!(matches!(e, ConfigError::Invalid { .. }), "{e:?}");
+    assert!(e.to_string().contains("[defaults]: lease 1s"), "{e}");
+}
+
+/// Issue 10, item 18: a one-character admin token was accepted.
+#[test]
+fn a_short_admin_token_is_refused() {
+    let file = "upstream = \"http://127.0.0.1:3000\"\n";
+    for short in ["Q", "fifteen-bytes!!"] {
+        let env = env_of(&[("IDEM_ADMIN_TOKEN", short)]);
+        let e = load_str("idem.toml", file, &env, &Overrides::default()).expect_err("short");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("environment variable IDEM_ADMIN_TOKEN: ")
+                && msg.contains("at least 16"),
+            "{msg}"
+        );
+        assert!(!msg.contains(short), "the token leaked: {msg}");
+    }
+    let env = env_of(&[("IDEM_ADMIN_TOKEN", "sixteen-bytes!!!")]);
+    assert!(load_str("idem.toml", file, &env, &Overrides::default()).is_ok());
+    let c = Config::new("http://127.0.0.1:3000".parse().unwrap())
+        .admin("127.0.0.1:9090".parse().unwrap(), "x");
+    let e = c.validate().expect_err("short token in code");
+    assert!(e.to_string().contains("at least 16"), "{e}");
 }

@@ -9,7 +9,8 @@
 //! | `GET /records/{store_key}` | bearer | the record as JSON, 404 if none |
 //! | `DELETE /records/{store_key}` | bearer | 204 purged, 404 if none |
 //!
-//! A `store_key` is `<32 hex scope hash>:<key>`, as logged at debug level.
+//! A `store_key` is `<32 hex scope hash>:<key>`; logs name it by its log id
+//! ([`idem::StoreKey::log_id`]), never in full.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -222,7 +223,8 @@ async fn purge<S: Store>(
 ) -> Response {
     match admin.engine.purge(&key).await {
         Ok(true) => {
-            tracing::info!(%key, "record purged by admin");
+            // By its log id: the store key holds the client's key.
+            tracing::info!(key = %key.log_id(), "record purged by admin");
             StatusCode::NO_CONTENT.into_response()
         }
         Ok(false) => (StatusCode::NOT_FOUND, "no record\n").into_response(),

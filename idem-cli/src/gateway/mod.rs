@@ -13,10 +13,17 @@
 //!
 //! Each request runs in its own task, so a client that hangs up does not
 //! cancel an upstream call already under way: its result is still stored,
-//! and the client's retry replays it.
+//! and the client's retry replays it. Shutdown waits for those tasks too.
+//!
+//! Every log line of a request, at every level, is inside an info-level
+//! `request` span carrying its `X-Request-Id` (and method and path, never a
+//! header's value).
+//!
+//! Connections, their slots and shutdown: [`conn`].
 
 pub mod admin;
 pub mod body;
+pub mod conn;
 pub mod proxy;
 
 use std::convert::Infallible;
@@ -25,14 +32,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{header, HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::{Layer, ServiceExt};
 use tracing::Instrument;
 
@@ -42,7 +48,8 @@ use idem::store::memory::{MemoryLimits, MemoryStore};
 use idem::store::{AnyStore, ConnectOptions};
 use idem::{Engine, EngineConfig, Store};
 
-use crate::config::{Config, StoreSpec};
+use crate::config::{Config, ConfigError, StoreSpec};
+use crate::units::MIB;
 use body::GatewayBody;
 use proxy::{Proxy, ProxyBody, ProxyError};
 
@@ -74,6 +81,9 @@ pub enum GatewayError {
         #[source]
         source: idem::StoreError,
     },
+    /// The configuration breaks a rule (see [`Config::validate`]).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The serve loop's task failed (it panicked or was cancelled).
     #[error("the gateway task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
@@ -84,13 +94,14 @@ pub enum GatewayError {
 pub struct Gateway {
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
-    shutdown: watch::Sender<bool>,
+    shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Gateway {
     /// Binds `config.listen` and starts serving in the background.
     pub async fn start(config: Config) -> Result<Self, GatewayError> {
+        config.validate()?;
         let listener = bind(config.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
             addr: config.listen,
@@ -104,9 +115,10 @@ impl Gateway {
                 StoreSpec::Memory => 0,
                 _ => config.limits.local_cache_bytes,
             },
+            complete_retry: config.limits.complete_retry,
             ..EngineConfig::default()
         };
-        let (tx, rx) = watch::channel(false);
+        let stop = CancellationToken::new();
         let admin = match config.admin_listen {
             Some(addr) => Some(bind(addr).await?),
             None => None,
@@ -117,7 +129,7 @@ impl Gateway {
         }
         let store = open_store(&config).await?;
         let engine = Engine::with_config(store, engine_config);
-        let tasks = spawn_serve(listener, admin, engine, config, rx)?;
+        let tasks = spawn_serve(listener, admin, engine, config, stop.clone())?;
         tracing::info!(%local_addr, "idem gateway listening");
         if let Some(addr) = admin_addr {
             tracing::info!(%addr, "admin listener (healthz, readyz, metrics, records)");
@@ -125,7 +137,7 @@ impl Gateway {
         Ok(Self {
             local_addr,
             admin_addr,
-            shutdown: tx,
+            shutdown: stop,
             tasks,
         })
     }
@@ -143,9 +155,10 @@ impl Gateway {
     }
 
     /// Stops accepting, lets in-flight requests finish and store their
-    /// results (up to `shutdown_grace`), then returns.
+    /// results (up to `shutdown_grace`), including those whose client hung
+    /// up, then returns.
     pub async fn shutdown(self) -> Result<(), GatewayError> {
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
         for task in self.tasks {
             task.await.map_err(GatewayError::Task)?;
         }
@@ -187,19 +200,31 @@ pub fn unserved_async(config: &Config) -> Vec<String> {
     notes
 }
 
-/// Connects to the configured store, then lets it go: `idem serve --check`
+/// Reaches the configured store, then lets it go: `idem serve --check`
 /// runs this so that "configuration OK" also means "the store answers".
-/// The memory store has nothing to connect to. A PostgreSQL store creates
-/// its tables if they are missing, as `idem serve` would.
+/// The memory store has nothing to connect to. PostgreSQL is only looked
+/// at (nothing is created): the answer says whether its schema and table
+/// are in place. Returns what to print after the store's name.
 ///
 /// # Errors
 ///
 /// [`GatewayError::Store`] when the store does not answer in time.
-pub async fn check_store(config: &Config) -> Result<(), GatewayError> {
-    if config.store == StoreSpec::Memory {
-        return Ok(());
+pub async fn check_store(config: &Config) -> Result<String, GatewayError> {
+    match &config.store {
+        StoreSpec::Memory => Ok("in this process".to_owned()),
+        // PostgreSQL is only looked at: connecting would create the schema
+        // and table, and a check must change nothing.
+        StoreSpec::Postgres(url) => idem::store::postgres::PostgresStore::builder(url.as_str())
+            .timeout(config.limits.store_timeout)
+            .check()
+            .await
+            .map(|status| format!("answered; {status}"))
+            .map_err(|source| GatewayError::Store {
+                store: config.store.to_string(),
+                source,
+            }),
+        StoreSpec::Redis(_) => open_store(config).await.map(|_| "answered".to_owned()),
     }
-    open_store(config).await.map(drop)
 }
 
 /// Opens the configured store. A remote store must answer at start-up:
@@ -237,24 +262,19 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
         .map_err(|source| GatewayError::Bind { addr, source })
 }
 
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    // A dropped sender also means stop.
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
 fn spawn_serve<S: Store>(
     listener: TcpListener,
     admin: Option<TcpListener>,
     engine: Engine<S>,
     config: Config,
-    shutdown: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, GatewayError> {
     let routes = Arc::new(config.routes.clone());
     let proxy = Proxy::new(&config.upstream, Arc::clone(&routes))?;
     let mut tasks = Vec::with_capacity(2);
     if let (Some(listener), Some(token)) = (admin, config.admin_token.clone()) {
         let app = admin::router(engine.clone(), token);
-        let stop = stopped(shutdown.clone());
+        let stop = stop.clone().cancelled_owned();
         tasks.push(tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, app)
                 .with_graceful_shutdown(stop)
@@ -265,72 +285,41 @@ fn spawn_serve<S: Store>(
         }));
     }
     let service = IdempotencyLayer::new(engine, config.routes.clone()).layer(proxy);
-    tasks.push(tokio::spawn(serve(listener, service, config, shutdown)));
+    let edge = Arc::new(Edge {
+        read_timeout: config.limits.request_read_timeout,
+        drain_limit: drain_limit(&config.routes),
+        requests: TaskTracker::new(),
+    });
+    tasks.push(tokio::spawn(async move {
+        conn::serve(listener, service, routes, edge, &config.limits, stop).await;
+    }));
     Ok(tasks)
 }
 
-async fn serve<S: Store>(
-    listener: TcpListener,
-    service: Idempotency<Proxy, S>,
-    config: Config,
-    shutdown: watch::Receiver<bool>,
-) {
-    let shutdown = stopped(shutdown);
-    tokio::pin!(shutdown);
-    let limits = &config.limits;
-    let routes = Arc::new(config.routes.clone());
-    let read_timeout = limits.request_read_timeout;
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(read_timeout)
-        // hyper refuses buffers under 8 KiB.
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&slots).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
-        };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            () = &mut shutdown => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(error) => {
-                // Out of file descriptors and the like: back off, keep serving.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let service = service.clone();
-        let routes = Arc::clone(&routes);
-        let conn = http.serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |req| handle(service.clone(), Arc::clone(&routes), read_timeout, req)),
-        );
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections finished"),
-        () = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!(grace = ?limits.shutdown_grace, "shutdown grace ran out; closing remaining connections");
-        }
-    }
+/// What [`handle`] needs besides the service and the routes.
+#[derive(Debug)]
+pub(crate) struct Edge {
+    /// `request_read_timeout`, for the body.
+    read_timeout: Duration,
+    /// Bytes of a refused body read and discarded so its client can read
+    /// the answer (see [`body`]).
+    drain_limit: u64,
+    /// Request tasks, which shutdown waits for.
+    requests: TaskTracker,
+}
+
+/// The most of a refused body the gateway reads and discards: the larger of
+/// 1 MiB and 4 × the largest `max_body` (as nginx keeps reading after a
+/// 413, where most servers reset the connection).
+fn drain_limit(routes: &idem::RouteTable) -> u64 {
+    let largest = routes
+        .routes()
+        .iter()
+        .map(|r| r.policy.max_body)
+        .chain([routes.default_policy().max_body])
+        .max()
+        .unwrap_or(0);
+    largest.saturating_mul(4).max(MIB)
 }
 
 fn request_id(headers: &http::HeaderMap) -> HeaderValue {
@@ -348,39 +337,50 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
         })
 }
 
+/// One request: its id, its span, its task (if it takes part), and what is
+/// left of a body the layer stopped reading.
 async fn handle<S: Store>(
     service: Idempotency<Proxy, S>,
     routes: Arc<idem::RouteTable>,
-    read_timeout: Duration,
+    edge: Arc<Edge>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody<ProxyBody>>, Infallible> {
     let (mut parts, body) = req.into_parts();
     let id = request_id(&parts.headers);
     parts.headers.insert(X_REQUEST_ID, id.clone());
-    let span =
-        tracing::debug_span!("request", id = ?id, method = %parts.method, path = %parts.uri.path());
+    // Info level, so that warnings and errors carry the id at the default
+    // filter. Fields are the id, method and path: never a header's value.
+    let span = tracing::info_span!(
+        "request",
+        id = %id.to_str().unwrap_or("-"),
+        method = %parts.method,
+        path = %parts.uri.path(),
+    );
     // Normalizes the path and matches it once; the layer and the proxy
     // read the match from the request's extensions.
     let participates = idem::layer::route(&routes, &mut parts).participates();
-    let req = Request::from_parts(parts, GatewayBody::incoming(body, read_timeout));
+    let expects_continue = parts.headers.contains_key(header::EXPECT);
+    let (body, leftover) = GatewayBody::incoming_with_leftover(body, edge.read_timeout);
+    let req = Request::from_parts(parts, body);
     if !participates {
         // Pass-through: nothing is stored, so nothing is lost if the client
         // hangs up and the call is dropped; no task needed.
-        let mut res = match service.oneshot(req).instrument(span).await {
+        let res = match service.oneshot(req).instrument(span.clone()).await {
             Ok(res) => res,
             Err(never) => match never {},
         };
-        res.headers_mut().insert(X_REQUEST_ID, id);
-        return Ok(res);
+        return Ok(finish(res, id, leftover, &edge, expects_continue, span));
     }
     // Its own task: a client hanging up must not cancel an upstream call
-    // whose result still has to be stored.
-    let task = tokio::spawn(service.oneshot(req).instrument(span));
-    let mut res = match task.await {
+    // whose result still has to be stored. Tracked: shutdown waits for it.
+    let task = edge
+        .requests
+        .spawn(service.oneshot(req).instrument(span.clone()));
+    let res = match task.await {
         Ok(Ok(res)) => res,
         Ok(Err(never)) => match never {},
         Err(error) => {
-            tracing::error!(%error, "request task failed");
+            span.in_scope(|| tracing::error!(%error, "request task failed"));
             Problem::new(
                 ProblemCode::Internal,
                 "the gateway failed while handling this request",
@@ -388,9 +388,65 @@ async fn handle<S: Store>(
             .to_response()
         }
     };
-    res.headers_mut().insert(X_REQUEST_ID, id);
-    Ok(res)
+    Ok(finish(res, id, leftover, &edge, expects_continue, span))
 }
+
+/// The response as it leaves: with its `X-Request-Id`, and the rest of a
+/// body the layer did not read drained (see [`drain_rest`]).
+fn finish<B>(
+    mut res: Response<B>,
+    id: HeaderValue,
+    leftover: Option<oneshot::Receiver<body::Leftover>>,
+    edge: &Edge,
+    expects_continue: bool,
+    span: tracing::Span,
+) -> Response<B> {
+    res.headers_mut().insert(X_REQUEST_ID, id);
+    if let Some(rest) = leftover.and_then(|mut rx| rx.try_recv().ok()) {
+        drain_rest(rest, &mut res, edge.drain_limit, expects_continue, span);
+    }
+    res
+}
+
+/// A body the layer stopped reading (refused as too large, or answered
+/// before it was needed): read and discard the rest while the answer goes
+/// out, so the client, still sending, reads the answer rather than a reset.
+/// Past `limit` bytes or the read deadline, give up: hyper closes.
+fn drain_rest<B>(
+    rest: body::Leftover,
+    res: &mut Response<B>,
+    limit: u64,
+    expects_continue: bool,
+    span: tracing::Span,
+) {
+    // `Expect: 100-continue` and never read: the client waits for a
+    // go-ahead it will not get; reading would only ask it for a body nobody
+    // wants. (Once read, hyper has sent the go-ahead and the body comes.)
+    if (expects_continue && !rest.started()) || rest.at_least() > limit {
+        return;
+    }
+    // A small rest is drained and the connection kept; a large or unknown
+    // one ends the connection once drained, as nginx does.
+    if rest.at_least() > KEEP_ALIVE_DRAIN || rest.at_least() == 0 {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    tokio::spawn(
+        async move {
+            if !body::drain(rest, limit).await {
+                tracing::debug!(
+                    limit,
+                    "gave up draining a request body; closing the connection"
+                );
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Below this, what is left of a refused body is read and the connection
+/// kept open; above it, the connection closes once it is read.
+const KEEP_ALIVE_DRAIN: u64 = 64 * 1024;
 
 #[cfg(test)]
 mod tests {

@@ -25,12 +25,24 @@ pub struct Metrics {
     pub store_error: AtomicU64,
     /// `complete`/`release` refused because another holder took over.
     pub fenced: AtomicU64,
+    /// Executions cancelled (their future dropped) or panicked after the
+    /// operation started: the key was held (or released under
+    /// `ambiguous = release`), never simply freed.
+    pub cancelled: AtomicU64,
+    /// Answers that reached their caller but could not be stored: `complete`
+    /// kept failing for `complete_retry` (the key is held until its lease
+    /// runs out), or the store refused the record for good, e.g. larger
+    /// than the memory store's byte bound (the key is released).
+    pub unstored: AtomicU64,
     /// Local cache hits.
     pub cache_hits: AtomicU64,
     /// Local cache misses (lookups that went to the store).
     pub cache_misses: AtomicU64,
     /// Operations executing right now.
     pub in_flight: AtomicU64,
+    /// Single-flight watchers running right now (one per waited-on key,
+    /// at most `max_watchers`).
+    pub watchers: AtomicU64,
     /// Answers that would have been stored but were larger than the route's
     /// `max_response_body`: streamed to the client, not stored, key released.
     pub response_too_large: AtomicU64,

@@ -9,15 +9,18 @@
 //! and awaited before `run` returns, so no response leaves before its record
 //! is stored.
 //!
-//! A request that is cancelled while it holds a reservation (its future is
-//! dropped) releases it in the background, best effort.
+//! An execution that ends without an answer after its operation started
+//! (its future dropped by a caller's time-out or `select!`, or a panic)
+//! never frees the key by itself: the route's `ambiguous` policy decides,
+//! and the default (`hold`) keeps the reservation until its lease runs out,
+//! so a retry cannot run the effect a second time (`lease.rs`).
 //!
 //! This file holds the engine, [`Engine::run`] and the waiting loop; the
 //! rest is split by concern:
 //!
 //! - `flight.rs`: single-flight waiting, one watcher per key per process;
 //! - `lease.rs`: executing under a lease (heartbeat, complete-with-retry,
-//!   fencing) and the guard that releases it on cancellation;
+//!   fencing) and the guard that settles it on cancellation or panic;
 //! - `metrics.rs`: [`Metrics`] and the store-latency [`Histogram`].
 //!
 //! The function-level API, [`Engine::once`], is in `once.rs`, above the
@@ -101,6 +104,16 @@ pub struct EngineConfig {
     /// Longest pause between two polls of a waited-on key (the fallback
     /// for lost notifications).
     pub poll_interval: Duration,
+    /// How long a failing `complete` is retried once the operation has
+    /// answered (default 5 s; never past the lease). Then the caller gets
+    /// its answer unstored and the key is held until its lease runs out
+    /// (SPEC §6). A budget of its own: the lease is sized for the
+    /// operation, not for how long a caller should wait for the store.
+    pub complete_retry: Duration,
+    /// Most single-flight watchers running at once, one per waited-on key
+    /// (default 10 000). A `wait` duplicate that would need one more gets
+    /// 409 at once (SPEC §5).
+    pub max_watchers: usize,
 }
 
 impl Default for EngineConfig {
@@ -109,6 +122,8 @@ impl Default for EngineConfig {
             store_timeout: Duration::from_secs(2),
             local_cache_bytes: 64 * 1024 * 1024,
             poll_interval: Duration::from_millis(250),
+            complete_retry: Duration::from_secs(5),
+            max_watchers: 10_000,
         }
     }
 }
@@ -324,11 +339,11 @@ impl<S: Store> Engine<S> {
     {
         match rules.fail {
             FailMode::Closed => {
-                tracing::warn!(%key, %error, "store unavailable; failing closed");
+                tracing::warn!(key = %key.log_id(), %error, "store unavailable; failing closed");
                 Outcome::StoreUnavailable { error }
             }
             FailMode::Open => {
-                tracing::warn!(%key, %error, "store unavailable; executing WITHOUT protection (fail = open)");
+                tracing::warn!(key = %key.log_id(), %error, "store unavailable; executing WITHOUT protection (fail = open)");
                 Metrics::inc(&self.inner.metrics.bypass);
                 Outcome::Bypassed(op().await.output)
             }
@@ -351,7 +366,14 @@ impl<S: Store> Engine<S> {
         let m = &self.inner.metrics;
         let deadline = Instant::now() + rules.wait_timeout;
         loop {
-            let mut rx = self.join_flight(key);
+            let Some(mut rx) = self.join_flight(key) else {
+                // `max_watchers` are running: answer as a timed-out wait.
+                tracing::debug!(key = %key.log_id(), "too many waited-on keys; answering 409 without waiting");
+                Metrics::inc(&m.conflict);
+                return Outcome::InProgress {
+                    retry_after: lease_remaining,
+                };
+            };
             let seen = tokio::time::timeout_at(
                 deadline,
                 rx.wait_for(|s| !matches!(s, FlightState::Pending { .. })),
@@ -376,11 +398,13 @@ impl<S: Store> Engine<S> {
             match state {
                 FlightState::Pending { .. } => continue,
                 FlightState::Completed(record) => {
-                    Metrics::inc(&m.waited);
+                    // One waiter, one outcome: a mismatch is not also
+                    // counted as waited.
                     if record.fingerprint != fingerprint {
                         Metrics::inc(&m.mismatch);
                         return Outcome::Mismatch;
                     }
+                    Metrics::inc(&m.waited);
                     return Outcome::Replayed(self.replayed(key, record));
                 }
                 FlightState::Failed | FlightState::Vacant => {}

@@ -195,9 +195,7 @@ macro_rules! delegate_queue {
                 what: "async mode (the Redis queue is not built yet)",
             }),
             #[cfg(feature = "postgres")]
-            AnyStore::Postgres(_) => Err(StoreError::Unsupported {
-                what: "async mode (the PostgreSQL queue is not built yet)",
-            }),
+            AnyStore::Postgres($s) => $call,
         }
     };
 }

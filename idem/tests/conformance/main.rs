@@ -204,3 +204,5 @@ conformance!(redis_cluster, async {
 // earlier runs are dropped by later ones.
 #[cfg(feature = "postgres")]
 conformance!(postgres, async { pg::store().await.map(Arc::new) });
+#[cfg(feature = "postgres")]
+queue_conformance!(postgres_queue, async { pg::store().await.map(Arc::new) });

@@ -12,7 +12,9 @@
 //! rest is split by concern: `row.rs` decodes rows into records,
 //! `listener.rs` is the `LISTEN` connection, `transaction.rs` is
 //! [`PostgresStore::transaction`], built on the same statements and rows,
-//! and `wait.rs` is how its duplicates wait for an open transaction.
+//! `wait.rs` is how its duplicates wait for an open transaction, and
+//! `queue.rs` (with `request.rs`, the stored form of a request) is async
+//! mode's [`Queue`](super::Queue).
 //!
 //! # Table
 //!
@@ -22,13 +24,19 @@
 //! | column | type | meaning |
 //! |---|---|---|
 //! | `key` | `text COLLATE "C"` primary key | the [`StoreKey`], `hex(scope):key` |
-//! | `state` | `smallint` | 1 = in flight, 2 = completed |
-//! | `token` | `bytea` | the holder's fencing token (16 bytes) |
+//! | `state` | `smallint` | 1 = in flight, 2 = completed, 3 = pending operation, 4 = running operation |
+//! | `token` | `bytea` | the holder's fencing token (16 bytes; empty while an operation is pending) |
 //! | `fingerprint` | `bytea` | the request's fingerprint (32 bytes) |
-//! | `started_at` | `timestamptz` | when the reservation was taken |
-//! | `expires_at` | `timestamptz`, indexed | end of the lease (in flight) or of retention (completed) |
+//! | `started_at` | `timestamptz` | when the reservation was taken (an operation: accepted) |
+//! | `expires_at` | `timestamptz`, indexed | end of the lease (in flight) or of retention (completed); `infinity` for a live operation |
 //! | `completed_at` | `timestamptz` | when it completed |
 //! | `status`, `header_names`, `header_values`, `body` | `integer`, `text[]`, `bytea[]`, `bytea` | the stored response, byte for byte |
+//! | `waiters` | `boolean` | someone may wait: complete and release notify |
+//! | `op_id` | `bytea`, unique partial index | an operation's id (16 bytes), kept until retention ends |
+//! | `request` | `bytea` | a live operation's request (`request.rs`) |
+//! | `attempts` | `integer` | an operation's upstream calls so far |
+//! | `due_at` | `timestamptz`, partial index on states 3, 4 | when a live operation is next claimable: due (pending) or lease end (running) |
+//! | `last_error` | `text` | why an operation's last attempt failed |
 //!
 //! The migration is re-runnable (`IF NOT EXISTS` throughout) and takes a
 //! transaction-scoped advisory lock, so any number of instances may start at
@@ -54,6 +62,28 @@
 //! - `extend`: `UPDATE … SET expires_at = … WHERE key = $1 AND token = $2 AND
 //!   state = 1`.
 //! - `get`, `purge`: one `SELECT` / `DELETE` by key.
+//!
+//! # Async mode's queue
+//!
+//! An operation is its key's record in state 3 (pending) or 4 (running),
+//! with `expires_at = 'infinity'`, so the statements above see it as a live
+//! record and never take it over. Its queue steps are ONE statement each:
+//!
+//! - `enqueue`: `reserve`'s `INSERT … ON CONFLICT`, writing a pending
+//!   operation, behind a gate that counts the live operations up to
+//!   `max_pending` (a bound that concurrent enqueues can overshoot by their
+//!   number minus one: see `enqueue.sql`).
+//! - `claim`: `UPDATE … FROM (SELECT … WHERE state IN (3, 4) AND due_at <=
+//!   now ORDER BY due_at LIMIT $n FOR UPDATE SKIP LOCKED)`, on the partial
+//!   due index; `due_at` is the due time of a pending operation and the
+//!   lease end of a running one, so expired claims are taken over by the
+//!   same range scan.
+//! - `retry`: `UPDATE … WHERE key = $1 AND token = $2 AND state = 4`.
+//! - `operation`: one `SELECT` through the unique `op_id` index.
+//!
+//! `complete` turns a running operation into a completed record that keeps
+//! its id (and always notifies); `extend` moves a running operation's
+//! `due_at`; `release` deletes a running one.
 //!
 //! # Notifications
 //!
@@ -136,10 +166,12 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, StoredResponse, Token};
 use listener::Feed;
-use row::{completed, fingerprint, flag, remaining, reservation, state, time, IN_FLIGHT};
+use row::{completed, fingerprint, flag, remaining, reservation, state, time, COMPLETED};
 use wait::Watchers;
 
 mod listener;
+mod queue;
+mod request;
 mod row;
 mod status;
 mod transaction;
@@ -153,6 +185,11 @@ const EXTEND: &str = include_str!("sql/extend.sql");
 const GET: &str = include_str!("sql/get.sql");
 const PURGE: &str = include_str!("sql/purge.sql");
 const CLEANUP: &str = include_str!("sql/cleanup.sql");
+const ENQUEUE: &str = include_str!("sql/enqueue.sql");
+const CLAIM: &str = include_str!("sql/claim.sql");
+const RETRY: &str = include_str!("sql/retry.sql");
+const OPERATION: &str = include_str!("sql/operation.sql");
+const QUEUE_STATS: &str = include_str!("sql/queue_stats.sql");
 
 /// Run on every pooled connection when it connects; `$1` is the time-out in
 /// ms. See the module docs on `plan_cache_mode` (SPEC §7).
@@ -411,6 +448,11 @@ struct Statements {
     get: String,
     purge: String,
     cleanup: String,
+    enqueue: String,
+    claim: String,
+    retry: String,
+    operation: String,
+    queue_stats: String,
     channel: String,
 }
 
@@ -430,6 +472,11 @@ impl Statements {
             get: fill(GET),
             purge: fill(PURGE),
             cleanup: fill(CLEANUP),
+            enqueue: fill(ENQUEUE),
+            claim: fill(CLAIM),
+            retry: fill(RETRY),
+            operation: fill(OPERATION),
+            queue_stats: fill(QUEUE_STATS),
             channel: format!("{schema}_idem_changed"),
         }
     }
@@ -666,12 +713,12 @@ impl Store for PostgresStore {
         };
         let fingerprint = fingerprint(&row)?;
         Ok(Some(match state(&row)? {
-            IN_FLIGHT => Record::InFlight {
+            COMPLETED => Record::Completed(Arc::new(completed(&row, fingerprint)?)),
+            _ => Record::InFlight {
                 fingerprint,
                 lease_remaining: remaining(&row)?,
                 started_at: time(&row, "started_at_us")?,
             },
-            _ => Record::Completed(Arc::new(completed(&row, fingerprint)?)),
         }))
     }
 
@@ -805,6 +852,11 @@ mod tests {
             &s.get,
             &s.purge,
             &s.cleanup,
+            &s.enqueue,
+            &s.claim,
+            &s.retry,
+            &s.operation,
+            &s.queue_stats,
         ] {
             assert!(!sql.contains('{'), "unfilled placeholder in {sql}");
             assert!(sql.contains("-- Atomicity:"), "no atomicity note in {sql}");

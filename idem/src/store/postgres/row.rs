@@ -15,13 +15,17 @@ use crate::fingerprint::Fingerprint;
 use crate::record::{CompletedRecord, StoredResponse, Token};
 use crate::store::{Lease, Reservation};
 
-/// `state` of an in-flight row.
+/// `state` of an in-flight row (a synchronous execution's reservation).
 pub(super) const IN_FLIGHT: i16 = 1;
-/// `state` of a completed row.
-const COMPLETED: i16 = 2;
+/// `state` of a completed row (a done operation's too).
+pub(super) const COMPLETED: i16 = 2;
+/// `state` of a pending operation (async mode).
+pub(super) const PENDING: i16 = 3;
+/// `state` of a running operation (async mode).
+pub(super) const RUNNING: i16 = 4;
 
 /// Column `name`, or [`StoreError::Corrupt`] naming it (with sqlx's reason).
-fn column<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
+pub(super) fn column<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
 where
     T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
 {
@@ -34,10 +38,14 @@ pub(super) fn flag(row: &PgRow, name: &str) -> Result<bool, StoreError> {
     column(row, name)
 }
 
-/// `state`: [`IN_FLIGHT`] or completed.
+/// `state`: [`IN_FLIGHT`], [`COMPLETED`], [`PENDING`] or [`RUNNING`].
+/// Everything but a completed row reads as in flight to the [`Store`]
+/// calls (an operation is its key's record, SPEC §9).
+///
+/// [`Store`]: crate::store::Store
 pub(super) fn state(row: &PgRow) -> Result<i16, StoreError> {
     match column(row, "state")? {
-        s @ (IN_FLIGHT | COMPLETED) => Ok(s),
+        s @ (IN_FLIGHT | COMPLETED | PENDING | RUNNING) => Ok(s),
         s => Err(Corruption::new(format!("unknown state {s}")).into()),
     }
 }
@@ -50,7 +58,8 @@ pub(super) fn fingerprint(row: &PgRow) -> Result<Fingerprint, StoreError> {
         .map_err(|_| Corruption::new(format!("a fingerprint of {} bytes", bytes.len())).into())
 }
 
-/// `remaining_us`: time left on the lease or retention, by the database clock.
+/// `remaining_us`: time left on the lease or retention (an operation: until
+/// it is next claimable), by the database clock.
 pub(super) fn remaining(row: &PgRow) -> Result<Duration, StoreError> {
     let us: i64 = column(row, "remaining_us")?;
     Ok(Duration::from_micros(u64::try_from(us).unwrap_or(0)))
@@ -86,10 +95,10 @@ pub(super) fn reservation(
         return Ok(Reservation::Mismatch);
     }
     Ok(match state(row)? {
-        IN_FLIGHT => Reservation::InFlight {
+        COMPLETED => Reservation::Completed(Arc::new(completed(row, stored)?)),
+        _ => Reservation::InFlight {
             lease_remaining: remaining(row)?,
         },
-        _ => Reservation::Completed(Arc::new(completed(row, stored)?)),
     })
 }
 

@@ -66,12 +66,12 @@ const SHARDS: usize = 16;
 /// waiters of different keys rarely share a lock.
 #[derive(Default)]
 pub(super) struct Watchers {
-    shards: [Mutex<HashMap<StoreKey, watch::Receiver<Seen>>>; SHARDS],
+    shards: [Mutex<HashMap<StoreKey, Arc<watch::Sender<Seen>>>>; SHARDS],
     hasher: std::collections::hash_map::RandomState,
 }
 
 impl Watchers {
-    fn shard(&self, key: &StoreKey) -> &Mutex<HashMap<StoreKey, watch::Receiver<Seen>>> {
+    fn shard(&self, key: &StoreKey) -> &Mutex<HashMap<StoreKey, Arc<watch::Sender<Seen>>>> {
         // Truncating the hash to pick a shard is intended.
         &self.shards[(self.hasher.hash_one(key) % SHARDS as u64) as usize]
     }
@@ -97,15 +97,20 @@ impl PostgresStore {
     fn join_watcher(&self, key: &StoreKey) -> watch::Receiver<Seen> {
         let shard = self.shared.watchers.shard(key);
         let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(rx) = map.get(key) {
-            // Join only a live watcher that has no verdict yet; one that is
-            // finishing would hand back a stale verdict.
-            if rx.has_changed().is_ok() && matches!(*rx.borrow(), Seen::Held) {
-                return rx.clone();
+        if let Some(tx) = map.get(key) {
+            // Join only a watcher that has no verdict yet; one that is
+            // finishing would hand back a stale verdict. (One that is
+            // stopping because its waiters left drops its sender, and the
+            // joiner then looks again itself.)
+            if matches!(*tx.borrow(), Seen::Held) {
+                return tx.subscribe();
             }
         }
+        // The map keeps the sender, not a receiver: with no receiver left
+        // (every waiter gave up) `closed()` fires and the watcher stops.
         let (tx, rx) = watch::channel(Seen::Held);
-        map.insert(key.clone(), rx.clone());
+        let tx = Arc::new(tx);
+        map.insert(key.clone(), Arc::clone(&tx));
         drop(map);
         let (store, key) = (self.clone(), key.clone());
         tokio::spawn(async move {
@@ -113,10 +118,7 @@ impl PostgresStore {
             let shard = store.shared.watchers.shard(&key);
             let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
             // Remove our entry only: a newer watcher may have replaced it.
-            if map
-                .get(&key)
-                .is_some_and(|rx| rx.same_channel(&tx.subscribe()))
-            {
+            if map.get(&key).is_some_and(|t| Arc::ptr_eq(t, &tx)) {
                 map.remove(&key);
             }
         });
@@ -165,11 +167,11 @@ impl PostgresStore {
             }
             Ok((tx, Reserved::Failed(error))) => {
                 self.rollback(tx).await;
-                tracing::debug!(%key, %error, "looking at a held key failed");
+                tracing::debug!(key = %key.log_id(), %error, "looking at a held key failed");
                 return Seen::Look;
             }
             Err(error) => {
-                tracing::debug!(%key, %error, "looking at a held key failed");
+                tracing::debug!(key = %key.log_id(), %error, "looking at a held key failed");
                 return Seen::Look;
             }
         };
@@ -187,7 +189,7 @@ impl PostgresStore {
             Ok(Some(record)) => Seen::Completed(Arc::new(record)),
             Ok(None) => Seen::Look,
             Err(error) => {
-                tracing::debug!(%key, %error, "looking at a held key failed");
+                tracing::debug!(key = %key.log_id(), %error, "looking at a held key failed");
                 Seen::Look
             }
         }

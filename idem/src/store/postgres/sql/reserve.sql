@@ -18,6 +18,13 @@
 -- exactly one of them can find `token = $2`. A reserve that finds the row
 -- in flight marks `waiters`, under the same row lock, so the holder's
 -- complete (which waits for that lock) knows to NOTIFY.
+--
+-- Async mode: a pending or running operation (state 3, 4) never expires
+-- (expires_at is 'infinity'), so it is never taken over and reads as in
+-- flight, its remaining time being the time until it is next claimable (at
+-- least 1 s: it is never free to take, and waiters must not spin). Taking
+-- over an expired row clears every operation column: a done operation's id
+-- must not come to name the new record.
 INSERT INTO {table} AS r (key, state, token, fingerprint, started_at, expires_at)
 VALUES ($1, 1, $2, $3, statement_timestamp(),
         statement_timestamp() + $4 * interval '1 microsecond')
@@ -33,12 +40,20 @@ ON CONFLICT (key) DO UPDATE SET
     header_values = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.header_values END,
     body          = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.body END,
     waiters       = CASE WHEN r.expires_at <= statement_timestamp() THEN false
-                         ELSE r.waiters OR r.state = 1 END
+                         ELSE r.waiters OR r.state = 1 END,
+    op_id         = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.op_id END,
+    request       = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.request END,
+    attempts      = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.attempts END,
+    due_at        = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.due_at END,
+    last_error    = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.last_error END
 RETURNING
     r.token = $2 AS acquired,
     r.state,
     r.fingerprint,
-    greatest(0, floor(extract(epoch FROM r.expires_at - statement_timestamp()) * 1000000))::bigint AS remaining_us,
+    CASE WHEN r.state IN (3, 4)
+         THEN greatest(1000000, floor(extract(epoch FROM r.due_at - statement_timestamp()) * 1000000))
+         ELSE greatest(0, floor(extract(epoch FROM r.expires_at - statement_timestamp()) * 1000000))
+    END::bigint AS remaining_us,
     floor(extract(epoch FROM r.completed_at) * 1000000)::bigint AS completed_at_us,
     r.status,
     r.header_names,

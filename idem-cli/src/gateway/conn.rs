@@ -1,0 +1,300 @@
+//! The downstream edge: accepting connections, handing them the
+//! `max_connections` slots, and shutting down.
+//!
+//! A connection takes a slot only once its first byte arrives, so sockets
+//! that connect and say nothing cannot keep real clients out. Until then it
+//! waits, for at most `idle_timeout`, among at most `max_connections` other
+//! silent ones; when one more arrives, the **oldest** silent one is closed.
+//! An attacker's idle sockets so push out each other, not a client that
+//! has just connected and is about to send its request.
+//!
+//! Shutdown stops accepting, closes the silent connections, lets the others
+//! finish their requests (hyper's graceful shutdown), then waits for the
+//! request tasks that outlived their client (see [`super`]), all within
+//! `shutdown_grace`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use idem::layer::Idempotency;
+use idem::Store;
+
+use super::proxy::Proxy;
+use super::{handle, Edge};
+use crate::config::Limits;
+
+/// hyper's parser keeps room for 100 headers unless told otherwise, and
+/// answers 431 past that, well under `max_header_bytes`. Room for one
+/// header per 32 bytes of it (2 048 with the default 64 KiB) accepts any
+/// real request; an allowance per header as small as possible (`a:b`, 5
+/// bytes) would cost the parser ~0.8 MiB per request for no real client.
+#[must_use]
+pub fn max_headers(max_header_bytes: usize) -> usize {
+    (max_header_bytes / 32).max(100)
+}
+
+/// Connections waiting for their first byte, oldest first, at most `cap`.
+#[derive(Debug)]
+struct Silent {
+    cap: usize,
+    inner: Mutex<SilentInner>,
+}
+
+#[derive(Debug, Default)]
+struct SilentInner {
+    next: u64,
+    /// Dropping a sender tells its connection to close.
+    by_age: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+/// A place among the silent connections; leaving it (drop) frees it.
+struct Ticket {
+    silent: Arc<Silent>,
+    id: u64,
+}
+
+impl Silent {
+    fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cap: cap.max(1),
+            inner: Mutex::new(SilentInner::default()),
+        })
+    }
+
+    /// Joins the silent connections, closing the oldest if there are too
+    /// many. The receiver completes when this one is shed.
+    fn enter(self: &Arc<Self>) -> (Ticket, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = inner.next;
+        inner.next += 1;
+        inner.by_age.insert(id, tx);
+        if inner.by_age.len() > self.cap {
+            // Dropping its sender wakes the oldest, which closes.
+            let _ = inner.by_age.pop_first();
+        }
+        drop(inner);
+        let ticket = Ticket {
+            silent: Arc::clone(self),
+            id,
+        };
+        (ticket, rx)
+    }
+
+    /// Closes every silent connection (at shutdown).
+    fn shed_all(&self) {
+        let all = std::mem::take(
+            &mut self
+                .inner
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .by_age,
+        );
+        drop(all);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut inner = self
+            .silent
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        inner.by_age.remove(&self.id);
+    }
+}
+
+/// What every connection shares.
+struct Shared<S: Store> {
+    service: Idempotency<Proxy, S>,
+    routes: Arc<idem::RouteTable>,
+    edge: Arc<Edge>,
+    http: http1::Builder,
+    slots: Arc<Semaphore>,
+    silent: Arc<Silent>,
+    idle_timeout: Duration,
+    /// Graceful: finish what is under way, take nothing new.
+    stop: CancellationToken,
+    /// The grace is over: drop what is left.
+    kill: CancellationToken,
+}
+
+/// Accepts and serves connections until `stop`, then shuts down within
+/// `shutdown_grace` (see the module docs).
+pub(super) async fn serve<S: Store>(
+    listener: TcpListener,
+    service: Idempotency<Proxy, S>,
+    routes: Arc<idem::RouteTable>,
+    edge: Arc<Edge>,
+    limits: &Limits,
+    stop: CancellationToken,
+) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.request_read_timeout)
+        // hyper refuses buffers under 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(max_headers(limits.max_header_bytes))
+        .keep_alive(true);
+    let shared = Arc::new(Shared {
+        service,
+        routes,
+        edge: Arc::clone(&edge),
+        http,
+        slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+        silent: Silent::new(limits.max_connections),
+        idle_timeout: limits.idle_timeout.min(limits.request_read_timeout),
+        stop: stop.clone(),
+        kill: CancellationToken::new(),
+    });
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = stop.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (ticket, shed) = shared.silent.enter();
+        connections.spawn(connection(Arc::clone(&shared), stream, peer, ticket, shed));
+    }
+    drop(listener);
+    shared.silent.shed_all();
+    let deadline = Instant::now() + limits.shutdown_grace;
+    connections.close();
+    tokio::select! {
+        biased;
+        () = connections.wait() => tracing::info!("all connections finished"),
+        () = tokio::time::sleep_until(deadline) => {
+            tracing::warn!(grace = ?limits.shutdown_grace, "shutdown grace ran out; closing remaining connections");
+            shared.kill.cancel();
+        }
+    }
+    // Requests whose client hung up still run in their own tasks: the
+    // upstream call, then storing its answer. Exiting between the two
+    // would leave the key held and the answer lost.
+    edge.requests.close();
+    tokio::select! {
+        biased;
+        () = edge.requests.wait() => {}
+        () = tokio::time::sleep_until(deadline) => {
+            tracing::warn!(
+                tasks = edge.requests.len(),
+                "shutdown grace ran out with requests still running; \
+                 their answers may not be stored (their keys stay held until their leases end)"
+            );
+        }
+    }
+}
+
+/// One connection: wait for its first byte (silent), then for a slot, then
+/// serve it with hyper.
+async fn connection<S: Store>(
+    shared: Arc<Shared<S>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    ticket: Ticket,
+    shed: oneshot::Receiver<()>,
+) {
+    let mut first = [0u8; 1];
+    let spoke = tokio::select! {
+        r = stream.peek(&mut first) => matches!(r, Ok(n) if n > 0),
+        () = tokio::time::sleep(shared.idle_timeout) => false,
+        _ = shed => false,
+        () = shared.stop.cancelled() => false,
+    };
+    drop(ticket);
+    if !spoke {
+        // Closed, silent for too long, the oldest of too many, or shutting down.
+        return;
+    }
+    let permit = tokio::select! {
+        p = Arc::clone(&shared.slots).acquire_owned() => match p {
+            Ok(p) => p,
+            Err(_) => return,
+        },
+        () = shared.stop.cancelled() => return,
+    };
+    let service = shared.service.clone();
+    let routes = Arc::clone(&shared.routes);
+    let edge = Arc::clone(&shared.edge);
+    let conn = shared.http.serve_connection(
+        TokioIo::new(stream),
+        service_fn(move |req| handle(service.clone(), Arc::clone(&routes), Arc::clone(&edge), req)),
+    );
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        () = shared.stop.cancelled() => None,
+    };
+    let ended = match ended {
+        Some(r) => Some(r),
+        None => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => Some(r),
+                () = shared.kill.cancelled() => None,
+            }
+        }
+    };
+    if let Some(Err(error)) = ended {
+        tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+    drop(permit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_silent_connection_is_shed_first() {
+        let silent = Silent::new(2);
+        let (a, mut shed_a) = silent.enter();
+        let (_b, mut shed_b) = silent.enter();
+        assert!(shed_a
+            .try_recv()
+            .is_err_and(|e| e == oneshot::error::TryRecvError::Empty));
+        let (_c, mut shed_c) = silent.enter();
+        assert_eq!(
+            shed_a.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed),
+            "the oldest goes"
+        );
+        assert_eq!(shed_b.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        drop(a);
+        // A ticket that left frees nothing twice.
+        let (_d, _) = silent.enter();
+        assert_eq!(shed_b.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+        assert_eq!(shed_c.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        silent.shed_all();
+        assert_eq!(shed_c.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    }
+
+    #[test]
+    fn room_for_headers_follows_the_byte_limit() {
+        assert_eq!(max_headers(8 * 1024), 256);
+        assert_eq!(max_headers(64 * 1024), 2048);
+        assert_eq!(max_headers(1024), 100);
+    }
+}
