@@ -42,13 +42,18 @@ pub enum ProblemCode {
     /// 400: the request body could not be read (client went away or was too
     /// slow). Not in SPEC §4's table; nothing was executed or stored.
     BodyUnreadable,
+    /// 400: the request's path cannot be put in normal form without guessing
+    /// how the upstream reads it (an encoded slash or backslash, an encoded
+    /// NUL, malformed percent-encoding). Not in SPEC §4's table; nothing was
+    /// executed or stored.
+    PathInvalid,
     /// 500: idem itself failed (a bug). Not in SPEC §4's table.
     Internal,
 }
 
 impl ProblemCode {
     /// Every code, in SPEC order.
-    pub const ALL: [ProblemCode; 10] = [
+    pub const ALL: [ProblemCode; 11] = [
         ProblemCode::KeyMissing,
         ProblemCode::KeyInvalid,
         ProblemCode::KeyInProgress,
@@ -58,6 +63,7 @@ impl ProblemCode {
         ProblemCode::UpstreamUnavailable,
         ProblemCode::UpstreamTimeout,
         ProblemCode::BodyUnreadable,
+        ProblemCode::PathInvalid,
         ProblemCode::Internal,
     ];
 
@@ -74,6 +80,7 @@ impl ProblemCode {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::BodyUnreadable => "request_body_unreadable",
+            Self::PathInvalid => "request_path_invalid",
             Self::Internal => "internal_error",
         }
     }
@@ -82,7 +89,7 @@ impl ProblemCode {
     #[must_use]
     pub fn status(self) -> u16 {
         match self {
-            Self::KeyMissing | Self::KeyInvalid | Self::BodyUnreadable => 400,
+            Self::KeyMissing | Self::KeyInvalid | Self::BodyUnreadable | Self::PathInvalid => 400,
             Self::KeyInProgress => 409,
             Self::BodyTooLarge => 413,
             Self::KeyReused => 422,
@@ -106,6 +113,7 @@ impl ProblemCode {
             Self::UpstreamUnavailable => "Upstream is unavailable",
             Self::UpstreamTimeout => "Upstream timed out",
             Self::BodyUnreadable => "Request body could not be read",
+            Self::PathInvalid => "Request path is ambiguous",
             Self::Internal => "Internal error in idem",
         }
     }
