@@ -50,8 +50,11 @@ async fn admin_endpoints() {
     );
     assert!(text.contains("idem_store_latency_seconds_count"), "{text}");
 
-    // No Authorization header on the POSTs: the scope is that of an absent header.
-    let scope = idem::Scope::from_headers(&http::HeaderMap::new(), &[http::header::AUTHORIZATION]);
+    // No scope header on the POSTs: the scope is that of absent headers.
+    let scope = idem::Scope::from_headers(
+        &http::HeaderMap::new(),
+        &idem::RoutePolicy::default().scope_headers,
+    );
     let key = idem::StoreKey::new(&scope, "k-admin");
     let path = format!("/records/{}", key.as_str());
     let rec = send(&c, admin, "GET", &path, &auth, "").await;

@@ -381,6 +381,50 @@ async fn the_last_failed_attempt_stores_a_502() {
 }
 
 #[tokio::test]
+async fn derived_keys_and_answers_too_large_to_store() {
+    let up = Script::start().await;
+    let routes = "
+[[route]]
+match = \"POST /derived/*\"
+mode = \"async\"
+key = \"derived\"
+
+[[route]]
+match = \"POST /big/*\"
+mode = \"async\"
+max_response_body = 10
+max_attempts = 2
+retry_backoff = \"10ms\"
+";
+    let gw = start(&up, routes).await;
+    let (c, a) = (client(), gw.local_addr());
+
+    // No key: the fingerprint is the key, in the asker's derived scope.
+    let who = [("authorization", "Bearer d")];
+    let id = accepted_id(&send(&c, a, "POST", "/derived/1", &who, "same").await);
+    let again = send(&c, a, "POST", "/derived/1", &who, "same").await;
+    assert!(
+        again.status == 202 || again.status == 201,
+        "{}",
+        again.status
+    );
+    let path = format!("/_idem/operations/{id}?wait=5s");
+    let done = send(&c, a, "GET", &path, &who, "").await;
+    assert_eq!(done.status, 201, "{:?}", done.body);
+    send(&c, a, "GET", &path, &[("authorization", "Bearer e")], "")
+        .await
+        .assert_problem(404, "operation_not_found");
+    assert_eq!(up.count(""), 1);
+
+    // An answer larger than max_response_body cannot be the final answer.
+    let key = unique("big");
+    let id = accepted_id(&post(&c, a, "/big/1", &key, "").await);
+    let done = final_answer(&c, a, &id).await;
+    done.assert_problem(502, "upstream_unavailable");
+    assert_eq!(up.count(&key), 2, "max_attempts = 2");
+}
+
+#[tokio::test]
 async fn unknown_malformed_and_foreign_ids_get_the_same_404() {
     let up = Script::start().await;
     let gw = start(&up, "").await;
@@ -487,7 +531,9 @@ async fn max_pending_refuses_with_nothing_stored() {
         id
     );
 
-    let scope = idem::Scope::from_headers(&http::HeaderMap::new(), &[http::header::AUTHORIZATION]);
+    // The default scope headers, none of them sent.
+    let names = idem::RoutePolicy::default().scope_headers;
+    let scope = idem::Scope::from_headers(&http::HeaderMap::new(), &names);
     let stored = idem::StoreKey::new(&scope, &keys[2]);
     let rec = send(
         &c,

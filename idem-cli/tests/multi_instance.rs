@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{header::AUTHORIZATION, HeaderMap};
+use http::HeaderMap;
 use idem::record::Record;
 use idem::store::postgres::PostgresStore;
 use idem::store::redis::RedisStore;
@@ -54,11 +54,14 @@ fn unique_key(tag: &str) -> String {
     format!("{tag}-{:016x}", rand::random::<u64>())
 }
 
-/// The store key the gateway uses for a request without `Authorization`
-/// (the default scope header).
+/// The store key the gateway uses for a request without any of the default
+/// scope headers (`Authorization`, `Cookie`).
 fn store_key(key: &str) -> StoreKey {
     StoreKey::new(
-        &Scope::from_headers(&HeaderMap::new(), &[AUTHORIZATION]),
+        &Scope::from_headers(
+            &HeaderMap::new(),
+            &idem::RoutePolicy::default().scope_headers,
+        ),
         key,
     )
 }

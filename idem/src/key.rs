@@ -5,7 +5,9 @@
 //!   RFC 8941 sf-string (`"abc"`, unquoted before use); valid keys are
 //!   1–255 visible ASCII characters (0x21–0x7E).
 //! - [`Scope`]: who owns a key, a BLAKE3 hash of the configured scope headers
-//!   (default `Authorization`), so credentials are never kept in clear.
+//!   (default `Authorization` and `Cookie`), so credentials are never kept
+//!   in clear. Derived keys (the fingerprint as key) live in a scope of
+//!   their own, [`Scope::derived`], that no client key can reach.
 //! - [`StoreKey`]: what the store is indexed by, `hex(scope) ":" key`. The same
 //!   key in two scopes is two store keys, so one scope can never read or
 //!   block another scope's record.
@@ -29,6 +31,8 @@ pub const MAX_KEY_LEN: usize = 255;
 const SCOPE_HEADERS_DOMAIN: &[u8] = b"idem.scope.v1";
 /// Domain separation for [`Scope::named`].
 const SCOPE_NAME_DOMAIN: &[u8] = b"idem.scope.name.v1";
+/// Domain separation for [`Scope::derived`].
+const SCOPE_DERIVED_DOMAIN: &[u8] = b"idem.scope.derived.v1";
 /// Length of [`Scope::to_hex`], the prefix of every [`StoreKey`].
 const SCOPE_HEX_LEN: usize = 32;
 
@@ -313,6 +317,20 @@ impl Scope {
         let mut h = blake3::Hasher::new();
         put(&mut h, SCOPE_NAME_DOMAIN);
         put(&mut h, name.as_bytes());
+        Scope::from_hash(&h.finalize())
+    }
+
+    /// The scope that holds this scope's *derived* keys (`key = "derived"`:
+    /// the fingerprint is the key): this scope hashed again under its own
+    /// domain. A client's key lives in the client's scope, which is never a
+    /// derived one, so no key a client sends (the fingerprint's hex, or any
+    /// other text) can read or block a derived record, and no derived
+    /// record can answer a client's key.
+    #[must_use]
+    pub fn derived(&self) -> Scope {
+        let mut h = blake3::Hasher::new();
+        put(&mut h, SCOPE_DERIVED_DOMAIN);
+        put(&mut h, &self.0);
         Scope::from_hash(&h.finalize())
     }
 
@@ -799,8 +817,18 @@ mod tests {
 
         let max = StoreKey::new(&scope, &"k".repeat(255));
         assert_eq!(StoreKey::from_stored(max.as_str()).unwrap(), max);
-        let derived = StoreKey::new(&scope, &format!("derived:{}", "ab".repeat(32)));
+        let derived = StoreKey::new(&scope.derived(), &"ab".repeat(32));
         assert_eq!(StoreKey::from_stored(derived.as_str()).unwrap(), derived);
+    }
+
+    #[test]
+    fn derived_scopes_are_apart() {
+        let scope = Scope::named("tenant-42");
+        assert_eq!(scope.derived(), scope.derived());
+        assert_ne!(scope.derived(), scope);
+        assert_ne!(scope.derived(), Scope::named("tenant-43").derived());
+        assert_ne!(scope.derived().derived(), scope.derived());
+        assert_ne!(Scope::global().derived(), Scope::global());
     }
 
     #[test]

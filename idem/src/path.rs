@@ -47,6 +47,10 @@ pub enum PathError {
         /// Byte offset in the path.
         at: usize,
     },
+    /// The normal form could not be written back into the request target.
+    /// Not expected: every byte of it comes from a valid target.
+    #[error("the normalized path cannot be written back into the request")]
+    Unrepresentable,
 }
 
 /// The normal form of `path` (the path component of a request target,

@@ -9,6 +9,18 @@
 //! queue consumers, [`Rules::wait`]. [`PolicyError`] says why a policy
 //! value was refused.
 //!
+//! # Matching
+//!
+//! Routes match a path in the normal form of [`crate::path::normalize`]
+//! (the tower layer normalizes each request's path once, before it
+//! matches); patterns are put in the same form when they are parsed.
+//! Matching ignores ASCII case, of the path and of the method: methods are
+//! case-sensitive tokens (RFC 9110 §9.1) and paths are case-sensitive, but
+//! an upstream may well route `post /Payments/1` like `POST /payments/1`,
+//! and a rule must not be skipped by spelling either differently. What is
+//! matched case-insensitively is still fingerprinted and forwarded with the
+//! case sent.
+//!
 //! This module depends on `std`, `http` and `thiserror` only, so
 //! configuration front ends can use it without the engine.
 
@@ -17,6 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Method};
+
+use crate::path::{self, PathError};
 
 mod builder;
 pub use builder::RoutePolicyBuilder;
@@ -179,11 +193,17 @@ pub struct RoutePolicy {
     pub ambiguous: Ambiguous,
     /// Largest request body accepted, in bytes.
     pub max_body: u64,
+    /// Largest response kept, in bytes: a larger answer is streamed to the
+    /// client, not stored, and the key released (a retry executes again).
+    pub max_response_body: u64,
     /// Longest key accepted, in characters (1–255; SPEC §3.2 caps it at 255).
     pub max_key_length: usize,
     /// Gateway only: how long the upstream has to answer.
     pub upstream_timeout: Duration,
-    /// Headers whose values form the scope (lower-case names).
+    /// Headers whose values form the scope (lower-case names). Default
+    /// `authorization` and `cookie`, so tenants told apart by either never
+    /// share keys; a client whose cookies change between retries then gets
+    /// a new scope (name the exact headers to scope by to avoid that).
     pub scope_headers: Vec<HeaderName>,
     /// Headers that enter the fingerprint (lower-case names).
     pub fingerprint_headers: Vec<HeaderName>,
@@ -218,9 +238,10 @@ impl Default for RoutePolicy {
             fail: FailMode::Closed,
             ambiguous: Ambiguous::Hold,
             max_body: 1024 * 1024,
+            max_response_body: 8 * 1024 * 1024,
             max_key_length: 255,
             upstream_timeout: Duration::from_secs(30),
-            scope_headers: vec![http::header::AUTHORIZATION],
+            scope_headers: vec![http::header::AUTHORIZATION, http::header::COOKIE],
             fingerprint_headers: vec![http::header::CONTENT_TYPE],
             store_statuses: StatusSet::default(),
             mode: Mode::Sync,
@@ -308,6 +329,16 @@ pub enum PolicyError {
         /// The pattern as written.
         pattern: String,
     },
+    /// A pattern that has no normal form (an encoded slash, say): no request
+    /// path could ever match it.
+    #[error("path pattern `{pattern}`: {source}")]
+    PatternPath {
+        /// The pattern as written.
+        pattern: String,
+        /// Why it has no normal form.
+        #[source]
+        source: PathError,
+    },
     /// A `match` whose method is not an HTTP method.
     #[error("`{method}` is not an HTTP method")]
     Method {
@@ -327,7 +358,9 @@ pub enum PolicyError {
 
 /// A path pattern: segments separated by `/`; `*` matches exactly one
 /// segment; `**` as the last segment matches zero or more segments.
-/// Matching ignores the query string.
+/// Matching ignores the query string and ASCII case; the pattern is put in
+/// the normal form of [`crate::path::normalize`] (`/a//b/` is `/a/b`), as
+/// request paths are before they are matched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathPattern {
     source: String,
@@ -346,14 +379,19 @@ impl PathPattern {
     ///
     /// # Errors
     ///
-    /// [`PolicyError::PatternStart`], [`PolicyError::RestNotLast`] or
-    /// [`PolicyError::PartialWildcard`].
+    /// [`PolicyError::PatternStart`], [`PolicyError::RestNotLast`],
+    /// [`PolicyError::PartialWildcard`] or [`PolicyError::PatternPath`].
     pub fn parse(pattern: &str) -> Result<Self, PolicyError> {
-        let Some(rest) = pattern.strip_prefix('/') else {
+        if !pattern.starts_with('/') {
             return Err(PolicyError::PatternStart {
                 pattern: pattern.to_owned(),
             });
-        };
+        }
+        let normal = path::normalize(pattern).map_err(|source| PolicyError::PatternPath {
+            pattern: pattern.to_owned(),
+            source,
+        })?;
+        let rest = normal.strip_prefix('/').unwrap_or(&normal);
         let parts: Vec<&str> = if rest.is_empty() {
             Vec::new()
         } else {
@@ -384,7 +422,9 @@ impl PathPattern {
         })
     }
 
-    /// Whether `path` (without query) matches.
+    /// Whether `path` matches, ignoring its query and ASCII case. `path`
+    /// should be in normal form ([`crate::path::normalize`]): an empty
+    /// segment never matches.
     #[must_use]
     pub fn matches(&self, path: &str) -> bool {
         let path = path.split('?').next().unwrap_or("");
@@ -404,7 +444,7 @@ impl PathPattern {
                     _ => return false,
                 },
                 Segment::Literal(l) => match parts.next() {
-                    Some(p) if p == l => {}
+                    Some(p) if p.eq_ignore_ascii_case(l) => {}
                     _ => return false,
                 },
             }
@@ -505,31 +545,57 @@ impl RouteTable {
     /// requests use it for settings such as `upstream_timeout`.
     #[must_use]
     pub fn policy_for(&self, method: &Method, path: &str) -> &Arc<RoutePolicy> {
-        self.routes
-            .iter()
-            .find(|r| r.method.as_ref().is_none_or(|m| m == method) && r.path.matches(path))
-            .map_or(&self.default, |r| &r.policy)
+        self.lookup(method, path).0
     }
 
     /// The policy that governs this request, or `None` when it passes
     /// through untouched (its method does not participate).
     #[must_use]
     pub fn classify(&self, method: &Method, path: &str) -> Option<&Arc<RoutePolicy>> {
+        let (policy, participates) = self.lookup(method, path);
+        participates.then_some(policy)
+    }
+
+    /// One pass over the table: the policy of the first route matching
+    /// method and path (else the default policy), and whether the request
+    /// participates. `path` should be in normal form
+    /// ([`crate::path::normalize`]); method and path match ignoring ASCII
+    /// case (see [the module docs](self#matching)).
+    #[must_use]
+    pub fn lookup(&self, method: &Method, path: &str) -> (&Arc<RoutePolicy>, bool) {
         for route in &self.routes {
-            let method_ok = route.method.as_ref().is_none_or(|m| m == method);
+            let method_ok = route.method.as_ref().is_none_or(|m| same_method(m, method));
             if method_ok && route.path.matches(path) {
                 // A route that names its method makes that method participate.
-                let participates =
-                    route.method.is_some() || route.policy.methods.iter().any(|m| m == method);
-                return participates.then_some(&route.policy);
+                let participates = route.method.is_some() || lists(&route.policy.methods, method);
+                return (&route.policy, participates);
             }
         }
-        self.default
-            .methods
-            .iter()
-            .any(|m| m == method)
-            .then_some(&self.default)
+        (&self.default, lists(&self.default.methods, method))
     }
+
+    /// Whether a request with this method participates on *some* path: the
+    /// default policy's `methods`, a route's `methods`, or a route's `match`
+    /// names it. A request whose path has no normal form is refused when
+    /// this holds (it might be a protected request) and passes through
+    /// untouched when it does not.
+    #[must_use]
+    pub fn may_participate(&self, method: &Method) -> bool {
+        lists(&self.default.methods, method)
+            || self.routes.iter().any(|r| match &r.method {
+                Some(m) => same_method(m, method),
+                None => lists(&r.policy.methods, method),
+            })
+    }
+}
+
+/// Methods compare ignoring ASCII case in matching (see the module docs).
+fn same_method(a: &Method, b: &Method) -> bool {
+    a.as_str().eq_ignore_ascii_case(b.as_str())
+}
+
+fn lists(methods: &[Method], method: &Method) -> bool {
+    methods.iter().any(|m| same_method(m, method))
 }
 
 impl Default for RouteTable {
@@ -627,5 +693,44 @@ mod tests {
         assert!(table.classify(&Method::GET, "/other").is_none());
         assert!(Route::parse_match("POST", Arc::default()).is_err());
         assert!(Route::parse_match("PO ST /x /y", Arc::default()).is_err());
+    }
+
+    #[test]
+    fn patterns_are_normalized_and_match_ignoring_case() {
+        let p = PathPattern::parse("//payments/./*/").expect("valid");
+        assert!(p.matches("/payments/1"));
+        assert_eq!(p.as_str(), "//payments/./*/", "shown as written");
+        assert!(PathPattern::parse("/%70ayments")
+            .expect("valid")
+            .matches("/payments"));
+        assert!(p.matches("/PAYMENTS/1") && p.matches("/Payments/x"));
+        assert!(!p.matches("/payment/1"));
+        assert!(matches!(
+            PathPattern::parse("/a%2Fb"),
+            Err(PolicyError::PatternPath { .. })
+        ));
+    }
+
+    #[test]
+    fn methods_match_ignoring_case() {
+        let post = Method::from_bytes(b"post").expect("a token");
+        let table = RouteTable::new(RoutePolicy {
+            methods: Vec::new(),
+            ..RoutePolicy::default()
+        })
+        .route(Route::parse_match("POST /payments/*", Arc::default()).expect("valid"))
+        .route(Route::parse_match("/orders", Arc::default()).expect("valid"));
+        assert!(table.classify(&post, "/payments/1").is_some());
+        assert!(table.classify(&post, "/orders").is_some(), "via `methods`");
+        let patch = Method::from_bytes(b"Patch").expect("a token");
+        assert!(table.classify(&patch, "/orders").is_some());
+        assert!(table.classify(&post, "/other").is_none());
+        assert!(table.may_participate(&post) && table.may_participate(&patch));
+        assert!(!table.may_participate(&Method::GET));
+        let exempt = RouteTable::new(RoutePolicy {
+            methods: Vec::new(),
+            ..RoutePolicy::default()
+        });
+        assert!(!exempt.may_participate(&Method::POST));
     }
 }

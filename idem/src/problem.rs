@@ -42,6 +42,11 @@ pub enum ProblemCode {
     /// 400: the request body could not be read (client went away or was too
     /// slow). Not in SPEC §4's table; nothing was executed or stored.
     BodyUnreadable,
+    /// 400: the request's path cannot be put in normal form without guessing
+    /// how the upstream reads it (an encoded slash or backslash, an encoded
+    /// NUL, malformed percent-encoding). Not in SPEC §4's table; nothing was
+    /// executed or stored.
+    PathInvalid,
     /// 500: idem itself failed (a bug). Not in SPEC §4's table.
     Internal,
     /// 404: async mode: an unknown, malformed or foreign operation id
@@ -54,7 +59,7 @@ pub enum ProblemCode {
 
 impl ProblemCode {
     /// Every code, in SPEC order.
-    pub const ALL: [ProblemCode; 12] = [
+    pub const ALL: [ProblemCode; 13] = [
         ProblemCode::KeyMissing,
         ProblemCode::KeyInvalid,
         ProblemCode::KeyInProgress,
@@ -64,6 +69,7 @@ impl ProblemCode {
         ProblemCode::UpstreamUnavailable,
         ProblemCode::UpstreamTimeout,
         ProblemCode::BodyUnreadable,
+        ProblemCode::PathInvalid,
         ProblemCode::Internal,
         ProblemCode::OperationNotFound,
         ProblemCode::QueueFull,
@@ -82,6 +88,7 @@ impl ProblemCode {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::BodyUnreadable => "request_body_unreadable",
+            Self::PathInvalid => "request_path_invalid",
             Self::Internal => "internal_error",
             Self::OperationNotFound => "operation_not_found",
             Self::QueueFull => "idempotency_queue_full",
@@ -92,7 +99,7 @@ impl ProblemCode {
     #[must_use]
     pub fn status(self) -> u16 {
         match self {
-            Self::KeyMissing | Self::KeyInvalid | Self::BodyUnreadable => 400,
+            Self::KeyMissing | Self::KeyInvalid | Self::BodyUnreadable | Self::PathInvalid => 400,
             Self::KeyInProgress => 409,
             Self::BodyTooLarge => 413,
             Self::KeyReused => 422,
@@ -117,6 +124,7 @@ impl ProblemCode {
             Self::UpstreamUnavailable => "Upstream is unavailable",
             Self::UpstreamTimeout => "Upstream timed out",
             Self::BodyUnreadable => "Request body could not be read",
+            Self::PathInvalid => "Request path is ambiguous",
             Self::Internal => "Internal error in idem",
             Self::OperationNotFound => "Operation not found",
             Self::QueueFull => "Too many operations are pending",

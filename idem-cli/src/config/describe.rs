@@ -77,6 +77,7 @@ fn describe_policy(out: &mut Vec<String>, p: &RoutePolicy, named_method: Option<
         ("fail", p.fail.name()),
         ("ambiguous", p.ambiguous.name()),
         ("max_body", format_size(p.max_body)),
+        ("max_response_body", format_size(p.max_response_body)),
         ("max_key_length", p.max_key_length.to_string()),
         ("upstream_timeout", format_duration(p.upstream_timeout)),
         (

@@ -57,6 +57,7 @@ pub(super) struct PolicyTable {
     fail: Option<Choice<FailMode>>,
     ambiguous: Option<Choice<Ambiguous>>,
     max_body: Option<NonZeroSize>,
+    max_response_body: Option<NonZeroSize>,
     max_key_length: Option<KeyLength>,
     upstream_timeout: Option<NonZeroDuration>,
     scope_headers: Option<Vec<Spanned<String>>>,
@@ -221,8 +222,8 @@ impl PolicyTable {
         }
         copy_set!(self => p;
             key, dedupe_window, concurrent, wait_timeout, retention, fail,
-            ambiguous, max_body, max_key_length, upstream_timeout, mode, max_attempts,
-            retry_backoff,
+            ambiguous, max_body, max_response_body, max_key_length, upstream_timeout, mode,
+            max_attempts, retry_backoff,
         );
         Ok(())
     }
@@ -639,6 +640,11 @@ mod tests {
             &["max_body", "greater than 0"],
         );
         assert_err(
+            "[defaults]\nmax_response_body = \"0B\"\n",
+            3,
+            &["max_response_body", "greater than 0"],
+        );
+        assert_err(
             "[defaults]\nmax_body = \"12XB\"\n",
             3,
             &["unknown unit `XB`"],
@@ -715,6 +721,11 @@ mod tests {
             &["must start with `/`"],
         );
         assert_err("[[route]]\nmatch = \"POST /a/**/b\"\n", 3, &["`**`"]);
+        assert_err(
+            "[[route]]\nmatch = \"POST /a%2Fb\"\n",
+            3,
+            &["`/a%2Fb`", "encoded slash"],
+        );
         assert_err("\n[[route]]\nconcurrent = \"wait\"\n", 3, &["no `match`"]);
         assert_err(
             "[defaults]\nmatch = \"/x\"\n",

@@ -130,6 +130,14 @@ async fn metrics<S: Store>(State(admin): State<Arc<Admin<S>>>, headers: HeaderMa
         "# HELP idem_watchers Single-flight watchers running now.\n# TYPE idem_watchers gauge\nidem_watchers {}",
         m.watchers.load(Ordering::Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP idem_response_too_large_total Answers larger than max_response_body: \
+         streamed, not stored, key released.\n\
+         # TYPE idem_response_too_large_total counter\n\
+         idem_response_too_large_total {}",
+        m.response_too_large.load(Ordering::Relaxed)
+    );
     let (hits, misses) = (
         m.cache_hits.load(Ordering::Relaxed),
         m.cache_misses.load(Ordering::Relaxed),

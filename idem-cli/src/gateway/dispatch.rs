@@ -27,8 +27,9 @@ use tracing::Instrument;
 use idem::asyncop::{
     AsyncConfig, DispatchError, DispatchMetrics, DispatchPolicy, Dispatcher, Upstream,
 };
-use idem::layer::{capture, AcceptMetrics, AsyncMode, UpstreamFailure};
+use idem::layer::{capture, AcceptMetrics, AsyncMode, ResponseTooLarge, UpstreamFailure};
 use idem::policy::{Mode, RoutePolicy, RouteTable};
+use idem::problem::{Problem, ProblemCode};
 use idem::store::{AnyStore, OperationRequest, Queue, QueueStats};
 use idem::{StoreError, StoredResponse};
 
@@ -108,6 +109,24 @@ impl Upstream for ProxyUpstream {
                 }
                 Some(UpstreamFailure::Timeout) => return Err(DispatchError::Timeout(timeout)),
                 None => {}
+            }
+            if res.extensions().get::<ResponseTooLarge>().is_some() {
+                // Not read further (the connection is dropped): a final
+                // answer is stored whole or not at all.
+                tracing::warn!(
+                    status = res.status().as_u16(),
+                    "the upstream's answer is larger than max_response_body; not stored"
+                );
+                let problem = Problem::new(
+                    ProblemCode::UpstreamUnavailable,
+                    format!(
+                        "the upstream answered HTTP {} with a body larger than this route's \
+                         max_response_body, which cannot be stored",
+                        res.status().as_u16()
+                    ),
+                );
+                let (parts, body) = problem.to_response::<Bytes>().into_parts();
+                return Ok(capture(parts.status, &parts.headers, body));
             }
             let (parts, body) = res.into_parts();
             let bytes: Bytes = body

@@ -344,7 +344,9 @@ async fn handle<S: Store>(
         method = %parts.method,
         path = %parts.uri.path(),
     );
-    let participates = routes.classify(&parts.method, parts.uri.path()).is_some();
+    // Normalizes the path and matches it once; the layer and the proxy
+    // read the match from the request's extensions.
+    let participates = idem::layer::route(&routes, &mut parts).participates();
     let expects_continue = parts.headers.contains_key(header::EXPECT);
     let (body, leftover) = GatewayBody::incoming_with_leftover(body, edge.read_timeout);
     let req = Request::from_parts(parts, body);

@@ -1,5 +1,7 @@
 //! The upstream phase: forward one request to the upstream with a pooled
-//! client and classify failures by source (SPEC §3.9):
+//! client, buffer a participating request's answer up to the route's
+//! `max_response_body` (once: the layer reads that buffer, never a copy),
+//! and classify failures by source (SPEC §3.9):
 //! refused before sending → `Unreachable` (502, released);
 //! no answer in time → `Timeout` (504, ambiguous);
 //! broken after sending → `Reset` (502, ambiguous).
@@ -13,22 +15,26 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower_service::Service;
 
-use idem::layer::{strip_hop_by_hop, UpstreamFailure};
+use idem::layer::{
+    buffer, strip_hop_by_hop, Buffered, Prefixed, ResponseTooLarge, UpstreamFailure,
+};
 use idem::problem::{Problem, ProblemCode};
 use idem::RouteTable;
 
 use super::body::GatewayBody;
 
-/// The body of an upstream response: streamed (pass-through requests) or
-/// buffered within the upstream time-out (participating requests).
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// The body of an upstream response: streamed (pass-through requests, and
+/// answers larger than `max_response_body`, after the part read while
+/// buffering) or buffered within the upstream time-out (participating
+/// requests).
+pub type ProxyBody = Either<Prefixed<Incoming>, Full<Bytes>>;
 
 /// Why a [`Proxy`] cannot be built for an upstream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,7 +64,8 @@ struct ProxyInner {
 
 impl Proxy {
     /// A proxy to `upstream` (`http://host:port`), using `routes` for
-    /// per-route upstream time-outs.
+    /// per-route upstream time-outs and response limits (when a request
+    /// does not already carry its [`RouteMatch`](idem::layer::RouteMatch)).
     ///
     /// # Errors
     ///
@@ -92,16 +99,15 @@ impl Proxy {
         })
     }
 
-    async fn forward(self, mut req: Request<GatewayBody>) -> Response<ProxyBody> {
+    async fn forward(self, req: Request<GatewayBody>) -> Response<ProxyBody> {
         let inner = &self.inner;
-        let policy = inner
-            .routes
-            .policy_for(req.method(), req.uri().path())
-            .clone();
-        let buffered = inner
-            .routes
-            .classify(req.method(), req.uri().path())
-            .is_some();
+        // Matched once per request, before the layer ran: carried in the
+        // extensions (resolved here only when the proxy is used alone).
+        let (mut head, body) = req.into_parts();
+        let found = idem::layer::route(&inner.routes, &mut head);
+        let mut req = Request::from_parts(head, body);
+        let policy = Arc::clone(found.policy());
+        let buffered = found.participates();
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(inner.scheme.clone());
         parts.authority = Some(inner.authority.clone());
@@ -125,12 +131,23 @@ impl Proxy {
         let call = async {
             let res = inner.client.request(req).await?;
             if !buffered {
-                return Ok(res.map(Either::Left));
+                return Ok(res.map(|body| Either::Left(Prefixed::new(Vec::new(), body))));
             }
             let (mut parts, body) = res.into_parts();
-            let bytes = body.collect().await?.to_bytes();
             strip_hop_by_hop(&mut parts.headers);
-            Ok::<_, BoxError>(Response::from_parts(parts, Either::Right(Full::new(bytes))))
+            match buffer(body, policy.max_response_body).await? {
+                Buffered::Whole(bytes) => {
+                    Ok::<_, BoxError>(Response::from_parts(parts, Either::Right(Full::new(bytes))))
+                }
+                // The rest is streamed to the client, past the upstream
+                // time-out as a pass-through answer is; the layer stores
+                // nothing and releases the key.
+                Buffered::TooLarge(rest) => {
+                    let mut res = Response::from_parts(parts, Either::Left(rest));
+                    res.extensions_mut().insert(ResponseTooLarge);
+                    Ok(res)
+                }
+            }
         };
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok(mut res)) => {

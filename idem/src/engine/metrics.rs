@@ -43,6 +43,9 @@ pub struct Metrics {
     /// Single-flight watchers running right now (one per waited-on key,
     /// at most `max_watchers`).
     pub watchers: AtomicU64,
+    /// Answers that would have been stored but were larger than the route's
+    /// `max_response_body`: streamed to the client, not stored, key released.
+    pub response_too_large: AtomicU64,
     /// Latency of every store call.
     pub store_latency: Histogram,
 }

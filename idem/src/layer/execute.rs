@@ -1,6 +1,7 @@
 //! Phase 4, *run*: the engine reserves the key and, if this request wins,
-//! calls the inner service, buffers its response and decides what the store
-//! keeps (SPEC §3.8–9).
+//! calls the inner service, buffers its response (up to the route's
+//! `max_response_body`; a larger one is streamed and not stored) and
+//! decides what the store keeps (SPEC §3.8–9).
 //!
 //! All of it runs on its own Tokio task. A server drops a request's future
 //! when its client hangs up; were the engine's work part of that future, a
@@ -21,17 +22,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::response::Parts;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 use tracing::Instrument;
 
+use super::body::{buffer, Buffered, Prefixed};
 use super::response::{capture, problem, stored_problem};
 use super::service::Identity;
-use super::{ResponseBody, UpstreamFailure};
-use crate::engine::{Action, Engine, Finish, Outcome};
+use super::{ResponseBody, ResponseTooLarge, UpstreamFailure};
+use crate::engine::{Action, Engine, Finish, Metrics, Outcome};
 use crate::policy::{Ambiguous, RoutePolicy};
 use crate::problem::{Problem, ProblemCode};
 use crate::record::StoredResponse;
@@ -66,8 +68,9 @@ where
         } = identity;
         let mut panicked = None;
         let slot = &mut panicked;
+        let metrics = engine.metrics();
         let op = || async move {
-            execute_catching(&mut inner, req.map(ReqB::from), &policy, slot).await
+            execute_catching(&mut inner, req.map(ReqB::from), &policy, metrics, slot).await
         };
         let outcome = engine.run(&key, fingerprint, &rules, op).await;
         // The key is settled; now the panic goes on as if uncaught.
@@ -98,6 +101,7 @@ async fn execute_catching<Svc, ReqB, ResB>(
     inner: &mut Svc,
     req: Request<ReqB>,
     policy: &RoutePolicy,
+    metrics: &Metrics,
     panicked: &mut Option<Box<dyn Any + Send>>,
 ) -> Finish<Answer<ResB, Svc::Error>>
 where
@@ -106,7 +110,7 @@ where
     ResB::Error: Into<BoxError>,
 {
     let call = CatchUnwind {
-        future: execute(inner, req, policy),
+        future: execute(inner, req, policy, metrics),
     };
     match call.await {
         Ok(finish) => finish,
@@ -138,6 +142,7 @@ async fn execute<Svc, ReqB, ResB>(
     inner: &mut Svc,
     req: Request<ReqB>,
     policy: &RoutePolicy,
+    metrics: &Metrics,
 ) -> Finish<Answer<ResB, Svc::Error>>
 where
     Svc: Service<Request<ReqB>, Response = Response<ResB>>,
@@ -161,9 +166,18 @@ where
         }
     };
     let failure = res.extensions().get::<UpstreamFailure>().copied();
+    let known_too_large = res.extensions().get::<ResponseTooLarge>().is_some();
     let (parts, body) = res.into_parts();
-    let bytes = match body.collect().await {
-        Ok(c) => c.to_bytes(),
+    // Boxed so that any body can be handed on, part-read, to the client.
+    let body = Box::pin(body);
+    let read = if known_too_large {
+        Ok(Buffered::TooLarge(Prefixed::new(Vec::new(), body)))
+    } else {
+        buffer(body, policy.max_response_body).await
+    };
+    let bytes = match read {
+        Ok(Buffered::Whole(bytes)) => bytes,
+        Ok(Buffered::TooLarge(rest)) => return too_large(parts, rest, policy, metrics),
         Err(e) => {
             let error: BoxError = e.into();
             tracing::warn!(%error, "the response body broke while it was read; outcome unknown");
@@ -187,6 +201,34 @@ where
     Finish {
         output: Ok(Response::from_parts(parts, ResponseBody::full(bytes))),
         action,
+    }
+}
+
+/// An answer larger than the route's `max_response_body`: streamed to the
+/// client (what was read, then the rest), not stored, and the key released
+/// so that a retry executes again. Logged and counted when its status would
+/// otherwise have been stored.
+fn too_large<B, E>(
+    parts: Parts,
+    rest: Prefixed<Pin<Box<B>>>,
+    policy: &RoutePolicy,
+    metrics: &Metrics,
+) -> Finish<Answer<B, E>> {
+    if policy.store_statuses.contains(parts.status.as_u16()) {
+        Metrics::inc(&metrics.response_too_large);
+        tracing::warn!(
+            status = parts.status.as_u16(),
+            max_response_body = policy.max_response_body,
+            "the answer is larger than max_response_body: streamed to the client, \
+             not stored; the key is released, so a retry executes again"
+        );
+    }
+    Finish {
+        output: Ok(Response::from_parts(
+            parts,
+            ResponseBody::Streamed { body: rest },
+        )),
+        action: Action::Release,
     }
 }
 

@@ -42,12 +42,42 @@
 //! route's `max_body`, fingerprinted and run through the [`Engine`]; the inner
 //! service's response is buffered, stored when its status is in
 //! `store_statuses`, and returned. Other requests pass through untouched.
+//!
+//! A response is buffered up to the route's `max_response_body` only. A
+//! larger one (by its declared size, or once more than that has been read)
+//! is streamed to the client, what was read first and then the rest as it
+//! comes, and is **not stored**: the key is released, so a retry executes
+//! again. It is logged (warn) and counted
+//! ([`Metrics::response_too_large`](crate::engine::Metrics)) when its status
+//! would otherwise have been stored. An inner service that already found the
+//! body too large (like `idem serve`'s proxy) says so with
+//! [`ResponseTooLarge`] and the layer does not read it again.
 //! The middleware's own failures become `application/problem+json`
 //! responses (SPEC §4); the inner service's errors pass through as they are.
 //!
 //! An inner service that proxies (like `idem serve`) tells the layer about an
 //! unreachable or ambiguous upstream by putting an [`UpstreamFailure`] into
 //! its response's extensions.
+//!
+//! # Paths
+//!
+//! The path of every request whose method participates on some route is
+//! put in normal form once, before its route is matched ([`route`]; the
+//! rules are in [`crate::path`]): `//payments/1`, `/payments/./1/` and
+//! `/%70ayments/1` are all `/payments/1`, and that is the path that is
+//! matched, fingerprinted and handed to the inner service (the query is
+//! kept as sent). Requests whose method participates nowhere (GET by
+//! default) reach the inner service with their path as sent. Matching ignores ASCII case, of the path
+//! and of the method, so neither `/Payments/1` nor `post` skips a rule;
+//! the fingerprint and the inner service keep the case sent. A path with no
+//! normal form (`%2F`, `%5C`, `\`, `%00`, a broken `%`) is refused with 400
+//! `request_path_invalid` when its method participates on some route, and
+//! passes through untouched otherwise.
+//!
+//! With axum's `Router::layer` the layer runs after axum has routed the
+//! path as sent (`//payments/1` then finds no handler); to have axum route
+//! the normal form too, put the layer around the whole router
+//! (`IdempotencyLayer::layer(&layer, router)`, or `ServiceBuilder`).
 //!
 //! # Async mode
 //!
@@ -81,6 +111,8 @@
 //! # Layout
 //!
 //! - `layer.rs`: [`IdempotencyLayer`];
+//! - `route.rs`: [`route`], the path in normal form and the [`RouteMatch`]
+//!   found once per request;
 //! - `service.rs`: [`Idempotency`] and the phases of a request (resolve
 //!   route and key → read body → fingerprint → run → respond);
 //! - `execute.rs`: the *run* phase (the engine, the inner call, what the
@@ -102,15 +134,17 @@ mod future;
 mod layer;
 mod operations;
 mod response;
+mod route;
 mod service;
 
-pub use body::ResponseBody;
+pub use body::{buffer, Buffered, Prefixed, ResponseBody};
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use operations::{
     is_reserved, AcceptMetrics, AsyncMode, DEFAULT_MAX_PENDING, OPERATIONS_PREFIX, RESERVED_PREFIX,
 };
 pub use response::{capture, is_hop_by_hop, replay, strip_hop_by_hop};
+pub use route::{route, RouteMatch};
 pub use service::Idempotency;
 
 use http::header::HeaderName;
@@ -120,6 +154,14 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 
 /// The response header that marks a replay.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Set in a response's extensions by an inner service that found the body
+/// larger than the route's `max_response_body` while reading it (as
+/// `idem serve`'s proxy does, within its upstream time-out; a
+/// [`Prefixed`] body hands on what it read): the layer then streams the
+/// body without reading it first, does not store it, and releases the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseTooLarge;
 
 /// How a proxied request failed; set in a response's extensions by the inner
 /// service so the layer can apply SPEC §3.9.

@@ -36,9 +36,10 @@
 //!
 //! The asker's scope is computed with the scope headers of the async
 //! routes (and `[defaults]`): an operation is visible to a request whose
-//! scope, under the header set of the route that accepted it, is the
-//! operation's. (A scope hash covers the header *names* too, so another
-//! route's header set never yields it by accident.)
+//! scope (or its derived scope, for `key = "derived"`), under the header
+//! set of the route that accepted it, is the operation's. (A scope hash
+//! covers the header *names* too, so another route's header set never
+//! yields it by accident.)
 //!
 //! ```
 //! use std::sync::Arc;
@@ -547,8 +548,14 @@ pub(super) async fn status<B: From<Bytes>>(
     let mut asker = None;
     for set in scope_sets(routes) {
         let scope = Scope::from_headers(&parts.headers, set.names);
-        if scope.to_hex() == op.key.scope_hex() {
-            asker = Some((scope, set.wait_timeout));
+        // A route with `key = "derived"` keeps its operations in the
+        // asker's derived scope.
+        let derived = scope.derived();
+        asker = [scope, derived]
+            .into_iter()
+            .find(|s| s.to_hex() == op.key.scope_hex())
+            .map(|s| (s, set.wait_timeout));
+        if asker.is_some() {
             break;
         }
     }

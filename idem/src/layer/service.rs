@@ -1,7 +1,8 @@
 //! [`Idempotency`], the service, and the phases of one request through it:
 //!
-//! 1. **resolve** route and key ([`resolve`], synchronous, in `call`): pass
-//!    through, refuse (400), or guard;
+//! 1. **resolve** route and key (synchronous, in `call`): the path in normal
+//!    form and its route ([`route`](super::route())), then the key
+//!    ([`resolve`]): pass through, refuse (400), or guard;
 //! 2. **read body**, bounded by the route's `max_body` ([`read_body`]);
 //! 3. **fingerprint**: storage key, fingerprint and rules ([`identify`]);
 //! 4. **run**: the engine reserves and runs the inner service at most once
@@ -25,6 +26,7 @@ use super::execute;
 use super::future::ResponseFuture;
 use super::operations::{self, AsyncMode};
 use super::response::respond;
+use super::route::{route, RouteMatch};
 use super::{ResponseBody, IDEMPOTENCY_KEY};
 use crate::engine::{Engine, Rules};
 use crate::fingerprint::{fingerprint, Fingerprint, FingerprintOptions};
@@ -95,16 +97,21 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
         if let Some(mode) = &self.async_mode {
-            if operations::is_reserved(req.uri().path()) {
+            // Before the route: `/_idem/` belongs to the layer whatever the
+            // method, and the check normalizes the path itself.
+            if operations::is_reserved(parts.uri.path()) {
                 let (mode, routes) = (mode.clone(), Arc::clone(&self.routes));
-                let (parts, _unread) = req.into_parts();
+                drop(body);
                 return ResponseFuture::guarded(Box::pin(async move {
                     Ok(operations::status(&mode, &routes, &parts).await)
                 }));
             }
         }
-        match resolve(&self.routes, &req) {
+        let found = route(&self.routes, &mut parts);
+        let req = Request::from_parts(parts, body);
+        match resolve(&found, req.headers()) {
             Resolved::PassThrough => ResponseFuture::pass_through(self.inner.call(req)),
             Resolved::Refused(problem) => ResponseFuture::ready(problem.to_response()),
             Resolved::Guarded(guard) => {
@@ -137,12 +144,17 @@ struct Guard {
     key: Option<IdempotencyKey>,
 }
 
-/// Phase 1: the route's policy and the request's key (SPEC §3.1–2).
-fn resolve<B>(routes: &RouteTable, req: &Request<B>) -> Resolved {
-    let Some(policy) = routes.classify(req.method(), req.uri().path()) else {
+/// Phase 1, once the route is found: whether the request is guarded, and
+/// its key (SPEC §3.1–2).
+fn resolve(found: &RouteMatch, headers: &http::HeaderMap) -> Resolved {
+    if !found.participates() {
         return Resolved::PassThrough;
-    };
-    let key = match key::from_header_values(req.headers().get_all(IDEMPOTENCY_KEY)) {
+    }
+    if let Some(e) = found.invalid_path() {
+        return Resolved::Refused(Problem::new(ProblemCode::PathInvalid, e.to_string()));
+    }
+    let policy = found.policy();
+    let key = match key::from_header_values(headers.get_all(IDEMPOTENCY_KEY)) {
         Ok(key) => key,
         Err(e) => return Resolved::Refused(Problem::new(ProblemCode::KeyInvalid, e.reason())),
     };
@@ -266,7 +278,8 @@ fn identify(parts: &Parts, body: &[u8], guard: &Guard) -> Identity {
         Some(k) => StoreKey::new(&scope, k.as_str()),
         None => {
             rules.retention = policy.dedupe_window;
-            StoreKey::new(&scope, &format!("derived:{}", fingerprint.to_hex()))
+            // Its own namespace: a client cannot send a key that names it.
+            StoreKey::new(&scope.derived(), &fingerprint.to_hex())
         }
     };
     Identity {

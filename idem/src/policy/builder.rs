@@ -76,9 +76,13 @@ impl RoutePolicyBuilder {
         ambiguous: Ambiguous;
         /// Largest request body accepted, in bytes (default 1 MiB).
         max_body: u64;
+        /// Largest response kept, in bytes (default 8 MiB); a larger answer
+        /// is streamed, not stored, and the key released.
+        max_response_body: u64;
         /// Gateway only: how long the upstream has to answer (default 30 s).
         upstream_timeout: Duration;
-        /// Headers whose values form the scope (default `authorization`).
+        /// Headers whose values form the scope (default `authorization` and
+        /// `cookie`).
         scope_headers: Vec<HeaderName>;
         /// Headers that enter the fingerprint (default `content-type`).
         fingerprint_headers: Vec<HeaderName>;
