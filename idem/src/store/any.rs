@@ -191,9 +191,7 @@ macro_rules! delegate_queue {
             #[cfg(feature = "memory")]
             AnyStore::Memory($s) => $call,
             #[cfg(feature = "redis")]
-            AnyStore::Redis(_) => Err(StoreError::Unsupported {
-                what: "async mode (the Redis queue is not built yet)",
-            }),
+            AnyStore::Redis($s) => $call,
             #[cfg(feature = "postgres")]
             AnyStore::Postgres($s) => $call,
         }
