@@ -1,6 +1,6 @@
 //! RedisStore beyond the conformance suite: the record layout, corrupt
 //! records, notifications across instances (standalone and Cluster), time-outs,
-//! and surviving a Redis restart.
+//! surviving a Redis restart, and async mode's queue (redis/queue.rs).
 //!
 //! The shared Redis (6379) is only touched under a random key prefix. The
 //! Cluster tests run on a cluster this binary starts for itself, unless
@@ -19,6 +19,8 @@ mod services;
 mod cut;
 #[path = "redis/private.rs"]
 mod private;
+#[path = "redis/queue.rs"]
+mod queue;
 #[path = "redis/reconnect.rs"]
 mod reconnect;
 

@@ -179,34 +179,6 @@ impl Store for AnyStore {
     }
 }
 
-/// Calls the [`Queue`] method `$call` on whichever backend `$self` holds.
-///
-/// TEMPORARY, until the Redis and PostgreSQL stores implement [`Queue`]
-/// (issue #8): their arms answer [`StoreError::Unsupported`]. Each backend's
-/// implementer replaces its arm with `AnyStore::Redis($s) => $call` (as
-/// memory's), which makes this macro `delegate!` again.
-macro_rules! delegate_queue {
-    ($self:ident, $s:ident => $call:expr) => {
-        match $self {
-            #[cfg(feature = "memory")]
-            AnyStore::Memory($s) => $call,
-            #[cfg(feature = "redis")]
-            AnyStore::Redis(_) => Err(StoreError::Unsupported {
-                what: "async mode (the Redis queue is not built yet)",
-            }),
-            #[cfg(feature = "postgres")]
-            AnyStore::Postgres($s) => $call,
-        }
-    };
-}
-
-#[cfg_attr(
-    not(feature = "memory"),
-    allow(
-        unused_variables,
-        reason = "only the memory arm uses the arguments until the other backends implement Queue"
-    )
-)]
 impl Queue for AnyStore {
     async fn enqueue(
         &self,
@@ -216,11 +188,11 @@ impl Queue for AnyStore {
         request: &OperationRequest,
         max_pending: u64,
     ) -> Result<Enqueued, StoreError> {
-        delegate_queue!(self, s => s.enqueue(key, fingerprint, id, request, max_pending).await)
+        delegate!(self, s => s.enqueue(key, fingerprint, id, request, max_pending).await)
     }
 
     async fn claim(&self, lease: Duration, max: usize) -> Result<Vec<Claimed>, StoreError> {
-        delegate_queue!(self, s => s.claim(lease, max).await)
+        delegate!(self, s => s.claim(lease, max).await)
     }
 
     async fn retry(
@@ -230,15 +202,15 @@ impl Queue for AnyStore {
         delay: Duration,
         last_error: &str,
     ) -> Result<Fence, StoreError> {
-        delegate_queue!(self, s => s.retry(key, token, delay, last_error).await)
+        delegate!(self, s => s.retry(key, token, delay, last_error).await)
     }
 
     async fn operation(&self, id: OperationId) -> Result<Option<Operation>, StoreError> {
-        delegate_queue!(self, s => s.operation(id).await)
+        delegate!(self, s => s.operation(id).await)
     }
 
     async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
-        delegate_queue!(self, s => s.queue_stats().await)
+        delegate!(self, s => s.queue_stats().await)
     }
 }
 

@@ -151,7 +151,7 @@ macro_rules! queue_conformance {
     };
 }
 
-// Redis and PostgreSQL join with their own line once they implement `Queue`.
+// PostgreSQL joins with its own line once it implements `Queue`.
 queue_conformance!(memory_queue, async {
     Some(Arc::new(idem::store::memory::MemoryStore::new()))
 });
@@ -190,6 +190,32 @@ conformance!(redis, async {
 // names one (see cluster.rs).
 #[cfg(feature = "redis")]
 conformance!(redis_cluster, async {
+    let cluster = cluster::Cluster::get().await?;
+    match idem::store::redis::RedisStore::builder()
+        .prefix(redis_test_prefix())
+        .connect_cluster(cluster.urls())
+        .await
+    {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => cluster.unreachable(&e),
+    }
+});
+// Async mode's queue on Redis: each test gets a prefix of its own (its own
+// 16 queue shards), on the shared server and on the Cluster.
+#[cfg(feature = "redis")]
+queue_conformance!(redis_queue, async {
+    let url = services::redis_url();
+    match idem::store::redis::RedisStore::builder()
+        .prefix(redis_test_prefix())
+        .connect(&url)
+        .await
+    {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => services::unavailable("Redis", &url, &e),
+    }
+});
+#[cfg(feature = "redis")]
+queue_conformance!(redis_cluster_queue, async {
     let cluster = cluster::Cluster::get().await?;
     match idem::store::redis::RedisStore::builder()
         .prefix(redis_test_prefix())

@@ -33,7 +33,8 @@
 //! after a Redis restart), and each says in an `-- Atomicity:` comment why
 //! it cannot interleave badly: `reserve`, `complete`, `release`, `extend`,
 //! `get`, `purge`. `complete`, `release` and `extend` are fenced on the
-//! token inside the script.
+//! token inside the script. Async mode's queue adds its own scripts (see
+//! [`queue`](self#async-modes-queue)).
 //!
 //! The fencing token is generated in Rust before `reserve` is sent, so a
 //! call can be sent twice with the same arguments, and each script is
@@ -59,6 +60,20 @@
 //! connection drops, it reconnects with backoff and then wakes every
 //! subscription ([`Notifier::notify_all`]), since messages sent meanwhile
 //! are lost. A waiter never depends on it: the engine polls too.
+//!
+//! # Async mode's queue
+//!
+//! [`RedisStore`] implements [`Queue`](super::Queue): an async operation
+//! is the record of its key (states `pending` and `running` beside
+//! `in_flight` and `completed`), so `reserve`, `get`, `complete`,
+//! `extend`, `release` and `purge` above treat it as the key's record, and
+//! a synchronous request and an async one of the same key meet in one
+//! script, in the key's slot. Claimable operations are found through the
+//! queue: a sorted set by due time, with an id index, under one hash tag of
+//! its own (`{prefix}{<prefix>queue}:…`), kept in step with the records by
+//! a second call; the record is the authority, and the queue heals. The
+//! layout, the steps, why one slot and the `max_pending` bound are in
+//! `queue.rs` and `docs/stores.md`.
 //!
 //! # Redis Cluster
 //!
@@ -134,7 +149,7 @@ use std::time::{Duration, SystemTime};
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Client, ErrorKind, RedisError, Script, ScriptInvocation, Value};
+use ::redis::{Client, Cmd, ErrorKind, RedisError, Script, ScriptInvocation, Value};
 
 use super::background::{self, AbortOnDrop, Listening};
 use super::{
@@ -143,9 +158,11 @@ use super::{
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
+use queue::Follow;
 use reply::{encode_headers, epoch_ms, token_hex, ttl_ms, Reply};
 use subscriber::Subscriber;
 
+mod queue;
 mod reply;
 mod subscriber;
 
@@ -164,6 +181,7 @@ struct Scripts {
     extend: Script,
     get: Script,
     purge: Script,
+    queue: queue::Scripts,
 }
 
 impl Scripts {
@@ -175,6 +193,7 @@ impl Scripts {
             extend: Script::new(include_str!("lua/extend.lua")),
             get: Script::new(include_str!("lua/get.lua")),
             purge: Script::new(include_str!("lua/purge.lua")),
+            queue: queue::Scripts::load(),
         }
     }
 }
@@ -192,6 +211,13 @@ impl Conn {
         match self {
             Conn::Standalone(c) => invocation.invoke_async(&mut c.clone()).await,
             Conn::Cluster(c) => invocation.invoke_async(&mut c.clone()).await,
+        }
+    }
+
+    async fn query(&self, cmd: &Cmd) -> Result<Value, RedisError> {
+        match self {
+            Conn::Standalone(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
         }
     }
 }
@@ -454,9 +480,23 @@ impl RedisStore {
     /// arguments and within the same time-out, when the connection was
     /// found dropped (see "Connections and failures" in the module docs).
     async fn eval(&self, invocation: ScriptInvocation<'_>) -> Result<Value, StoreError> {
+        self.call(|| self.inner.conn.invoke(&invocation)).await
+    }
+
+    /// Runs one plain command as [`eval`](Self::eval) runs a script (only
+    /// commands that are atomic by themselves and safe to repeat).
+    async fn query(&self, cmd: Cmd) -> Result<Value, StoreError> {
+        self.call(|| self.inner.conn.query(&cmd)).await
+    }
+
+    async fn call<'a, F, Fut>(&'a self, send: F) -> Result<Value, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Value, RedisError>> + 'a,
+    {
         let timeout = self.inner.timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        let attempt = || tokio::time::timeout_at(deadline, self.inner.conn.invoke(&invocation));
+        let attempt = || tokio::time::timeout_at(deadline, send());
         let result = match attempt().await {
             Ok(Err(e)) if connection_dropped(&e) => {
                 // The connection manager has started a new connection; this
@@ -475,11 +515,29 @@ impl RedisStore {
         }
     }
 
-    /// Runs a fenced script answering 1 (held) or 0 (lost).
-    async fn fenced(&self, invocation: ScriptInvocation<'_>) -> Result<Fence, StoreError> {
+    /// Runs a fenced script answering 1 (held), 0 (lost) or, held on the
+    /// record of an async operation, `{op[, at]}` — then does `follow`,
+    /// the operation's second step in the queue (see `queue.rs`).
+    async fn fenced(
+        &self,
+        key: &StoreKey,
+        invocation: ScriptInvocation<'_>,
+        follow: Follow,
+    ) -> Result<Fence, StoreError> {
         match self.eval(invocation).await? {
             Value::Int(1) => Ok(Fence::Held),
             Value::Int(0) => Ok(Fence::Lost),
+            Value::Array(items) => {
+                let mut reply = Reply::from_items(items);
+                let id = reply.operation_id()?;
+                let at = if reply.is_empty() {
+                    None
+                } else {
+                    Some(reply.ms("time")?)
+                };
+                self.follow(key, id, at, follow).await;
+                Ok(Fence::Held)
+            }
             other => Err(StoreError::Corrupt(
                 format!("unexpected reply {other:?} from a fenced script").into(),
             )),
@@ -536,7 +594,7 @@ impl Store for RedisStore {
             .arg(epoch_ms(record.expires_at))
             .arg(&self.inner.channel)
             .arg(key.as_str());
-        self.fenced(inv).await
+        self.fenced(key, inv, Follow::Forget(retention)).await
     }
 
     async fn release(&self, key: &StoreKey, token: Token) -> Result<Fence, StoreError> {
@@ -545,7 +603,7 @@ impl Store for RedisStore {
             .arg(token_hex(token))
             .arg(&self.inner.channel)
             .arg(key.as_str());
-        self.fenced(inv).await
+        self.fenced(key, inv, Follow::Forget(Duration::ZERO)).await
     }
 
     async fn extend(
@@ -558,7 +616,7 @@ impl Store for RedisStore {
         inv.key(self.record_key(key))
             .arg(token_hex(token))
             .arg(ttl_ms(lease));
-        self.fenced(inv).await
+        self.fenced(key, inv, Follow::Schedule).await
     }
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
@@ -584,6 +642,13 @@ impl Store for RedisStore {
             .arg(key.as_str());
         match self.eval(inv).await? {
             Value::Int(n) => Ok(n > 0),
+            Value::Array(items) => {
+                // An operation: out of the queue, its id forgotten.
+                let id = Reply::from_items(items).operation_id()?;
+                self.follow(key, id, None, Follow::Forget(Duration::ZERO))
+                    .await;
+                Ok(true)
+            }
             other => Err(StoreError::Corrupt(
                 format!("unexpected reply {other:?} from purge").into(),
             )),

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use crate::fingerprint::Fingerprint;
 use crate::record::{CompletedRecord, StoredResponse, Token};
-use crate::store::StoreError;
+use crate::store::{OperationId, StoreError};
 
 /// The longest TTL sent to Redis (about 2 000 years): longer ones would
 /// overflow Redis's expiry arithmetic.
@@ -27,6 +27,11 @@ pub(super) fn ttl_ms(d: Duration) -> u64 {
     u64::try_from(d.min(MAX_TTL).as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
+}
+
+/// A delay in whole milliseconds, zero included (a due time, not a TTL).
+pub(super) fn delay_ms(d: Duration) -> u64 {
+    u64::try_from(d.min(MAX_TTL).as_millis()).unwrap_or(u64::MAX)
 }
 
 pub(super) fn epoch_ms(t: SystemTime) -> u64 {
@@ -97,6 +102,18 @@ impl Reply {
         }
     }
 
+    /// The fields of an array reply already taken apart.
+    pub(super) fn from_items(items: Vec<Value>) -> Self {
+        Self(items.into_iter())
+    }
+
+    /// An operation id, 32 lower-case hex digits.
+    pub(super) fn operation_id(&mut self) -> Result<OperationId, StoreError> {
+        self.text("operation id")?
+            .parse()
+            .map_err(|_| StoreError::Corrupt("operation id: not 32 hex digits".into()))
+    }
+
     pub(super) fn bytes(&mut self, what: &str) -> Result<Vec<u8>, StoreError> {
         match self.0.next() {
             Some(Value::BulkString(b)) => Ok(b),
@@ -120,6 +137,31 @@ impl Reply {
         self.text(what)?
             .parse()
             .map_err(|_| StoreError::Corrupt(format!("{what}: not a number").into()))
+    }
+
+    /// A whole number, as a Lua number (an integer reply) or as text.
+    pub(super) fn int(&mut self, what: &str) -> Result<i64, StoreError> {
+        match self.0.next() {
+            Some(Value::Int(n)) => Ok(n),
+            Some(Value::BulkString(b)) => std::str::from_utf8(&b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("{what}: not a number").into())),
+            other => Err(StoreError::Corrupt(
+                format!("{what}: expected a number, got {other:?}").into(),
+            )),
+        }
+    }
+
+    /// A count or a time in milliseconds: a whole number, at least 0.
+    pub(super) fn ms(&mut self, what: &str) -> Result<u64, StoreError> {
+        u64::try_from(self.int(what)?)
+            .map_err(|_| StoreError::Corrupt(format!("{what}: negative").into()))
+    }
+
+    /// Whether every field was read.
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.len() == 0
     }
 
     pub(super) fn time(&mut self, what: &str) -> Result<SystemTime, StoreError> {

@@ -1,5 +1,5 @@
--- complete: replace the caller's in-flight reservation with its answer
--- (SPEC §3.9), fenced on the token.
+-- complete: replace the caller's in-flight reservation, or the operation
+-- it runs, with its answer (SPEC §3.9, §9.4), fenced on the token.
 --
 -- KEYS[1]   the record, a hash at `{prefix}{<store key>}`
 -- ARGV[1]   the caller's fencing token (32 hex characters)
@@ -14,8 +14,10 @@
 -- ARGV[10]  the store key, published on the channel
 --
 -- Returns 1 (held: stored now, or already stored by this same token — a
--- retry after a lost reply keeps the first answer) or 0 (lost: another
--- holder took over, or the record is gone).
+-- retry after a lost reply keeps the first answer), {op} (held, and the
+-- record was async operation `op`, which stays resolvable by its id: the
+-- caller then takes it out of the queue) or 0 (lost: another holder
+-- took over, or the record is gone).
 --
 -- Atomicity: the token check, the rewrite and the new TTL run as one
 -- script, which Redis never interleaves with another command, so a holder
@@ -24,14 +26,15 @@
 -- does not and nothing changes. PUBLISH goes out after the write, so a
 -- woken waiter reads the completed record.
 local k = KEYS[1]
-local rec = redis.call('HMGET', k, 'state', 'token')
+local rec = redis.call('HMGET', k, 'state', 'token', 'op')
 if rec[2] ~= ARGV[1] then
   return 0
 end
+local op = rec[3]
 if rec[1] == 'completed' then
-  return 1
+  return op and {op} or 1
 end
-if rec[1] ~= 'in_flight' then
+if rec[1] ~= 'in_flight' and rec[1] ~= 'running' then
   return 0
 end
 
@@ -39,6 +42,9 @@ redis.call('DEL', k)
 redis.call('HSET', k, 'state', 'completed', 'token', ARGV[1], 'fp', ARGV[3],
   'status', ARGV[4], 'headers', ARGV[5], 'body', ARGV[6],
   'completed_at', ARGV[7], 'expires_at', ARGV[8])
+if op then
+  redis.call('HSET', k, 'op', op)
+end
 redis.call('PEXPIRE', k, ARGV[2])
 redis.call('PUBLISH', ARGV[9], ARGV[10])
-return 1
+return op and {op} or 1

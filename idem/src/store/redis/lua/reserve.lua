@@ -15,6 +15,11 @@
 --   {'completed', fp, status, headers, body, completed_at, expires_at}
 --   {'corrupt', reason}
 --
+-- An async operation (state `pending` or `running`, see queue.rs) is the
+-- key's record too: the same fingerprint finds it in flight, for the time
+-- until it is next claimable but at least a second (it never expires, so
+-- it is never free to take), and another fingerprint a mismatch.
+--
 -- Atomicity: Redis runs a script to its end before it serves any other
 -- command, so nothing can write between the HMGET and the HSET: two
 -- reserves of one key are ordered, and only the first finds no record. A
@@ -50,6 +55,13 @@ if fp ~= ARGV[1] then
 end
 if state == 'in_flight' then
   return {'in_flight', redis.call('PTTL', k)}
+end
+if state == 'pending' or state == 'running' then
+  local f = redis.call('HMGET', k, 'due', 'lease_until')
+  local at = tonumber(state == 'pending' and f[1] or f[2]) or 0
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return {'in_flight', math.max(at - now, 1000)}
 end
 if state == 'completed' then
   local c = redis.call('HMGET', k, 'status', 'headers', 'body', 'completed_at',
