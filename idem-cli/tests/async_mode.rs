@@ -12,8 +12,9 @@
 //!   reaches the upstream, in any spelling or method;
 //! - `max_pending` → 503 with nothing stored;
 //! - the figures on `/metrics`, an operation on the admin listener;
-//! - an accept-only instance and a worker instance sharing PostgreSQL: the
-//!   worker runs what the other accepted.
+//! - an accept-only instance and a worker instance sharing PostgreSQL (and
+//!   Redis): the worker runs what the other accepted, with the 202s, the
+//!   herd, the retries and the final 502 of the memory tests.
 
 mod support;
 
@@ -639,7 +640,8 @@ async fn dispatch_figures_on_metrics() {
 }
 
 // ---------------------------------------------------------------------------
-// PostgreSQL: the same flow, and an accept-only instance with a worker.
+// PostgreSQL and Redis: the same flow, and an accept-only instance with a
+// worker.
 
 /// The shared PostgreSQL's URL, if it answers (else the test is skipped,
 /// or fails under `IDEM_REQUIRE_SERVICES=1`).
@@ -651,19 +653,38 @@ async fn postgres() -> Option<String> {
     }
 }
 
-/// One test, so that no other gateway of this suite dispatches from the
-/// shared store meanwhile: every worker instance on a store claims every
-/// due operation, and would send it to its own upstream.
+/// The shared Redis's URL, if it answers.
+async fn redis() -> Option<String> {
+    let url = services::redis_url();
+    match idem::store::redis::RedisStore::connect(&url).await {
+        Ok(_) => Some(url),
+        Err(e) => services::unavailable("Redis", &url, &e),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_end_to_end_with_accept_only_and_worker_instances() {
-    let Some(url) = postgres().await else {
-        return;
-    };
+    if let Some(url) = postgres().await {
+        shared_store_end_to_end(&url).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_end_to_end_with_accept_only_and_worker_instances() {
+    if let Some(url) = redis().await {
+        shared_store_end_to_end(&url).await;
+    }
+}
+
+/// One test per store, so that no other gateway of this suite dispatches
+/// from the shared store meanwhile: every worker instance on a store claims
+/// every due operation, and would send it to its own upstream.
+async fn shared_store_end_to_end(url: &str) {
     let up = Script::start().await;
     let store = format!("store = \"{url}\"");
     let web = start(&up, &format!("{store}\n[limits]\nasync_workers = 0")).await;
     let (c, a) = (client(), web.local_addr());
-    let key = unique("pg-tiers");
+    let key = unique("tiers");
     let id = accepted_id(&post(&c, a, "/jobs/pg?plan=500,201", &key, "pg").await);
     assert_eq!(
         accepted_id(&post(&c, a, "/jobs/pg?plan=500,201", &key, "pg").await),
@@ -702,7 +723,7 @@ async fn postgres_end_to_end_with_accept_only_and_worker_instances() {
 
     // Concurrent identical POSTs over both instances: one operation.
     const N: usize = 50;
-    let key = unique("pg-herd");
+    let key = unique("shared-herd");
     let barrier = Arc::new(Barrier::new(N));
     let mut tasks = Vec::with_capacity(N);
     for i in 0..N {
@@ -725,7 +746,7 @@ async fn postgres_end_to_end_with_accept_only_and_worker_instances() {
     assert_eq!(up.count(&key), 1);
 
     // Always 500: max_attempts calls, then the stored 502.
-    let key = unique("pg-fail");
+    let key = unique("shared-fail");
     let id = accepted_id(&post(&c, a, "/jobs/f?plan=500", &key, "").await);
     final_answer(&c, a, &id)
         .await
