@@ -47,7 +47,7 @@ pub enum Command {
     Demo,
 }
 
-/// `idem serve` flags (SPEC §12). Flags override `IDEM_*` variables, which
+/// `idem serve` flags (protocol §12). Flags override `IDEM_*` variables, which
 /// override the config file, which overrides the built-in defaults.
 ///
 /// Only `--config` is read from its variable by clap; the others are read by

@@ -1,4 +1,4 @@
-//! Async mode end to end (SPEC §9, issue #8): `idem serve` on port 0 with
+//! Async mode end to end (protocol §9, issue #8): `idem serve` on port 0 with
 //! `mode = "async"` routes in front of a scripted upstream, on the memory
 //! store and (when it answers, as the other service tests) on PostgreSQL.
 //!
@@ -195,7 +195,7 @@ async fn start(up: &Script, extra: &str) -> Gateway {
     .await
 }
 
-/// The operation id of a 202, after checking its shape (SPEC §9.1).
+/// The operation id of a 202, after checking its shape (protocol §9.1).
 fn accepted_id(r: &Reply) -> String {
     assert_eq!(r.status, 202, "{:?}", r.body);
     assert_eq!(r.header("content-type"), Some("application/json"));

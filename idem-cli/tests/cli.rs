@@ -128,7 +128,7 @@ fn check_writes_durations_as_the_docs_do() {
         .lines()
         .find(|l| l.trim_start().starts_with("retention"))
         .unwrap_or_else(|| panic!("no retention row in:\n{stdout}"));
-    // README and SPEC §12 write the default retention `24h`, never `1d`.
+    // README and protocol §12 write the default retention `24h`, never `1d`.
     assert_eq!(retention.split_whitespace().nth(1), Some("24h"), "{stdout}");
 }
 

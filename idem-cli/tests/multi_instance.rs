@@ -1,4 +1,4 @@
-//! Several `idem serve` PROCESSES sharing one store (issue #3, SPEC §5–§7):
+//! Several `idem serve` PROCESSES sharing one store (issue #3, protocol §5–§7):
 //!
 //! - 300 concurrent same-key requests spread over 3 gateways → exactly one
 //!   upstream execution, in `reject` and in `wait`, on Redis and on
@@ -504,7 +504,7 @@ async fn store_down_closed_refuses_open_forwards_and_recovers(mut store: impl Pr
     }
 
     // A request executing when the store goes away still gets its answer
-    // (its `complete` fails and is retried until the lease ends, SPEC §3.9).
+    // (its `complete` fails and is retried until the lease ends, protocol §3.9).
     let slow_key = unique_key("in-flight");
     let slow = executing(&up, a, "/closed/slow?delay_ms=1500", &slow_key).await;
 

@@ -1,4 +1,4 @@
-//! Store failures (SPEC §6, §7), as types.
+//! Store failures (protocol §6, §7), as types.
 //!
 //! Modelled on sqlx-core's `error.rs`: one `#[non_exhaustive]` enum,
 //! [`StoreError`], whose every variant says what failed and keeps the

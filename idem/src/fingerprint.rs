@@ -1,4 +1,4 @@
-//! Request fingerprints (SPEC §3.4): what makes a request *this* request.
+//! Request fingerprints (protocol §3.4): what makes a request *this* request.
 //!
 //! A [`Fingerprint`] is a BLAKE3 hash over the method, the path, the query
 //! (its `&`-separated parts sorted by name, stably, so the order of distinct
@@ -49,10 +49,10 @@ const REQUEST_DOMAIN: &[u8] = b"idem.fp.v1";
 const BYTES_DOMAIN: &[u8] = b"idem.fp.bytes.v1";
 
 /// The headers that enter a fingerprint unless a route says otherwise
-/// (SPEC §3.4): `content-type`.
+/// (protocol §3.4): `content-type`.
 pub static DEFAULT_HEADERS: [HeaderName; 1] = [http::header::CONTENT_TYPE];
 
-/// BLAKE3 hash of what makes a request *this* request (SPEC §3.4).
+/// BLAKE3 hash of what makes a request *this* request (protocol §3.4).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub [u8; 32]);
 

@@ -1,4 +1,4 @@
-//! Idempotency keys, scopes and storage keys (SPEC §3.2, §3.3).
+//! Idempotency keys, scopes and storage keys (protocol §3.2, §3.3).
 //!
 //! - [`IdempotencyKey`]: the client's key, read from the key header by
 //!   [`from_header_values`] / [`parse_header_value`]. A bare token or an
@@ -24,7 +24,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::hash::{push_hex, put, put_len};
 
-/// The longest key accepted, in characters (SPEC §3.2).
+/// The longest key accepted, in characters (protocol §3.2).
 pub const MAX_KEY_LEN: usize = 255;
 
 /// Domain separation for [`Scope::from_headers`].
@@ -273,7 +273,7 @@ fn validate_key(key: &[u8]) -> Result<&str, KeyError> {
     std::str::from_utf8(key).map_err(|_| KeyError::new("the key is not ASCII"))
 }
 
-/// Who owns a key (SPEC §3.3): 16 bytes of a BLAKE3 hash over the configured
+/// Who owns a key (protocol §3.3): 16 bytes of a BLAKE3 hash over the configured
 /// scope headers (or a name); the headers are never kept in clear.
 ///
 /// Two requests share a scope only if they carry the same scope headers with
@@ -363,7 +363,7 @@ impl fmt::Debug for Scope {
     }
 }
 
-/// The storage key: `hex(scope) ":" key` (SPEC §3.3: `H(scope) ‖ key`).
+/// The storage key: `hex(scope) ":" key` (protocol §3.3: `H(scope) ‖ key`).
 /// Cheap to clone.
 ///
 /// It carries a hash of its text, computed once with a per-process random
@@ -471,7 +471,7 @@ impl StoreKey {
 impl StoreKey {
     /// A short, stable name of this key for logs: the first 12 hex digits
     /// of the BLAKE3 hash of [`as_str`](StoreKey::as_str). Log lines carry
-    /// it instead of the key, which is the client's own text (SPEC §10).
+    /// it instead of the key, which is the client's own text (protocol §10).
     ///
     /// An operator who knows a store key finds its lines with
     /// `printf '%s' "$STORE_KEY" | b3sum | cut -c1-12`.

@@ -6,6 +6,9 @@
 //! every caller gets the **same answer**. idem does it with one atomic
 //! reservation per key, a fenced completion, and replay of the stored answer.
 //!
+//! Sections cited as `protocol §N` throughout the code are those of
+//! `docs/protocol.md`, the behaviour contract.
+//!
 //! # Layout
 //!
 //! Imports run downward only: [`layer`], [`once`] and [`asyncop`] →
@@ -13,13 +16,13 @@
 //! the engine.
 //!
 //! - [`layer`]: a `tower::Layer` for axum and hyper services (feature `tower`).
-//! - [`asyncop`]: async mode (SPEC §9): [`accept`](asyncop::accept),
+//! - [`asyncop`]: async mode (protocol §9): [`accept`](asyncop::accept),
 //!   [`status`](asyncop::status) and the [`Dispatcher`](asyncop::Dispatcher)
 //!   pool in `asyncop/dispatcher.rs`, the [`Upstream`](asyncop::Upstream)
 //!   it calls and the retry schedule in `asyncop/upstream.rs`, its
 //!   counters in `asyncop/metrics.rs`.
-//! - [`once`]: the function-level API, [`Engine::once`] (SPEC §8).
-//! - [`engine`]: the algorithm (SPEC §3, §5, §6): [`Engine::run`] and waiting
+//! - [`once`]: the function-level API, [`Engine::once`] (protocol §8).
+//! - [`engine`]: the algorithm (protocol §3, §5, §6): [`Engine::run`] and waiting
 //!   in `engine/mod.rs`, single-flight waiters in `engine/flight.rs`, the
 //!   lease guard, heartbeat and fenced completion in `engine/lease.rs`,
 //!   counters in `engine/metrics.rs`.
@@ -28,14 +31,14 @@
 //!   [`Queue`] in `store/queue.rs`, the
 //!   [`MemoryStore`], (feature `redis`) the
 //!   `RedisStore` and (feature `postgres`) the `PostgresStore` with its
-//!   transactional API in `store/postgres/` (SPEC §7).
+//!   transactional API in `store/postgres/` (protocol §7).
 //! - [`policy`]: per-route settings, the route table that picks them, and the
-//!   per-call [`Rules`] (SPEC §12).
-//! - [`record`]: what the store keeps (SPEC §2).
-//! - [`key`]: the `Idempotency-Key` header, scopes and storage keys (SPEC §3.2–3).
-//! - [`fingerprint`]: what makes a request *this* request (SPEC §3.4).
+//!   per-call [`Rules`] (protocol §12).
+//! - [`record`]: what the store keeps (protocol §2).
+//! - [`key`]: the `Idempotency-Key` header, scopes and storage keys (protocol §3.2–3).
+//! - [`fingerprint`]: what makes a request *this* request (protocol §3.4).
 //! - [`path`]: the one normal form of a request path (matching, fingerprint, forwarding).
-//! - [`problem`]: the errors idem returns, as `application/problem+json` (SPEC §4).
+//! - [`problem`]: the errors idem returns, as `application/problem+json` (protocol §4).
 //! - [`error`]: [`StoreError`], the store failures, as types.
 //! - `value.rs`: how the function-level APIs store a value (JSON) and their
 //!   results, [`Once`] and [`OnceError`], shared by [`Engine::once`] and

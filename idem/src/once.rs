@@ -1,4 +1,4 @@
-//! The function-level API (SPEC §8): [`Engine::once`] runs a closure at
+//! The function-level API (protocol §8): [`Engine::once`] runs a closure at
 //! most once per key and input and returns its stored result on every
 //! repeat.
 //!
@@ -22,7 +22,7 @@ use crate::value::{decode_value, encode_value};
 pub use crate::value::{Once, OnceError};
 
 impl<S: Store> Engine<S> {
-    /// Function-level API (SPEC §8): runs `f` at most once per `key` and
+    /// Function-level API (protocol §8): runs `f` at most once per `key` and
     /// `fingerprint` and returns its stored result on every repeat.
     ///
     /// `Ok` results are stored (as JSON) for `rules.retention`; an `Err`
@@ -36,7 +36,7 @@ impl<S: Store> Engine<S> {
     /// A call dropped while `f` runs (a caller's time-out or `select!`),
     /// or an `f` that panics, may have had its effect: the key is then
     /// held until `rules.lease` runs out (or released, if
-    /// `rules.ambiguous` is `release`), never simply freed (SPEC §3.8).
+    /// `rules.ambiguous` is `release`), never simply freed (protocol §3.8).
     ///
     /// ```
     /// use idem::{Engine, Fingerprint, MemoryStore, OnceError, Rules, Scope, StoreKey};

@@ -1,4 +1,4 @@
-//! Per-route policy (SPEC §3, §5, §6, §12) and the route table that picks it.
+//! Per-route policy (protocol §3, §5, §6, §12) and the route table that picks it.
 //!
 //! A [`RoutePolicy`] holds every knob a route can turn; [`RoutePolicy::default`]
 //! is the contract's built-in defaults. A [`RouteTable`] is an ordered list of
@@ -35,7 +35,7 @@ use crate::path::{self, PathError};
 mod builder;
 pub use builder::RoutePolicyBuilder;
 
-/// What to do when a participating request carries no key (SPEC §3.2).
+/// What to do when a participating request carries no key (protocol §3.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KeyPolicy {
     /// 400 `idempotency_key_missing`.
@@ -47,7 +47,7 @@ pub enum KeyPolicy {
     Derived,
 }
 
-/// What a concurrent duplicate gets (SPEC §5).
+/// What a concurrent duplicate gets (protocol §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Concurrent {
     /// 409 `idempotency_key_in_progress` with `Retry-After`.
@@ -57,7 +57,7 @@ pub enum Concurrent {
     Wait,
 }
 
-/// What happens when the store cannot be reached (SPEC §6).
+/// What happens when the store cannot be reached (protocol §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FailMode {
     /// 503 `idempotency_store_unavailable`, nothing executed.
@@ -67,7 +67,7 @@ pub enum FailMode {
     Open,
 }
 
-/// What the store keeps after an ambiguous outcome (SPEC §3.9).
+/// What the store keeps after an ambiguous outcome (protocol §3.9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Ambiguous {
     /// Keep the reservation until its lease runs out (no heartbeat).
@@ -79,13 +79,13 @@ pub enum Ambiguous {
     Store,
 }
 
-/// Synchronous forwarding or 202-Accepted async mode (SPEC §9).
+/// Synchronous forwarding or 202-Accepted async mode (protocol §9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
     /// Forward and answer with the upstream's response.
     #[default]
     Sync,
-    /// Answer 202 at once and dispatch in the background (SPEC §9).
+    /// Answer 202 at once and dispatch in the background (protocol §9).
     Async,
 }
 
@@ -153,7 +153,7 @@ impl StatusSet {
 }
 
 impl Default for StatusSet {
-    /// `2xx` and 400, 404, 405, 410, 413, 415, 422 (SPEC §3.9).
+    /// `2xx` and 400, 404, 405, 410, 413, 415, 422 (protocol §3.9).
     fn default() -> Self {
         [400, 404, 405, 410, 413, 415, 422]
             .into_iter()
@@ -196,7 +196,7 @@ pub struct RoutePolicy {
     /// Largest response kept, in bytes: a larger answer is streamed to the
     /// client, not stored, and the key released (a retry executes again).
     pub max_response_body: u64,
-    /// Longest key accepted, in characters (1–255; SPEC §3.2 caps it at 255).
+    /// Longest key accepted, in characters (1–255; protocol §3.2 caps it at 255).
     pub max_key_length: usize,
     /// Gateway only: how long the upstream has to answer.
     pub upstream_timeout: Duration,
@@ -213,7 +213,7 @@ pub struct RoutePolicy {
     pub mode: Mode,
     /// Async mode: most upstream calls per operation, the first included
     /// (default 5). After the last fails, the final answer is a stored 502
-    /// `upstream_unavailable` (SPEC §9.4).
+    /// `upstream_unavailable` (protocol §9.4).
     pub max_attempts: u32,
     /// Async mode: the wait after an operation's first failed attempt,
     /// doubling after each, with jitter (default 1 s; an upstream

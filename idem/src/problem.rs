@@ -1,4 +1,4 @@
-//! The errors idem itself returns (SPEC §4), as RFC 9457
+//! The errors idem itself returns (protocol §4), as RFC 9457
 //! `application/problem+json` documents.
 //!
 //! Every problem carries a stable `code`, and `retryable`: `true` for 409,
@@ -19,7 +19,7 @@ pub const DOCS_BASE: &str = concat!(env!("CARGO_PKG_REPOSITORY"), "/blob/main/do
 /// The media type of problem documents.
 pub const CONTENT_TYPE: &str = "application/problem+json";
 
-/// A stable problem code (SPEC §4).
+/// A stable problem code (protocol §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ProblemCode {
@@ -40,25 +40,25 @@ pub enum ProblemCode {
     /// 504: the upstream did not answer in time.
     UpstreamTimeout,
     /// 400: the request body could not be read (client went away or was too
-    /// slow). Not in SPEC §4's table; nothing was executed or stored.
+    /// slow). Not in protocol §4's table; nothing was executed or stored.
     BodyUnreadable,
     /// 400: the request's path cannot be put in normal form without guessing
     /// how the upstream reads it (an encoded slash or backslash, an encoded
-    /// NUL, malformed percent-encoding). Not in SPEC §4's table; nothing was
+    /// NUL, malformed percent-encoding). Not in protocol §4's table; nothing was
     /// executed or stored.
     PathInvalid,
-    /// 500: idem itself failed (a bug). Not in SPEC §4's table.
+    /// 500: idem itself failed (a bug). Not in protocol §4's table.
     Internal,
     /// 404: async mode: an unknown, malformed or foreign operation id
-    /// (SPEC §9.3; the same answer for all three).
+    /// (protocol §9.3; the same answer for all three).
     OperationNotFound,
     /// 503: async mode: `max_pending` operations are already waiting;
-    /// nothing was stored (SPEC §9.6).
+    /// nothing was stored (protocol §9.6).
     QueueFull,
 }
 
 impl ProblemCode {
-    /// Every code, in SPEC order.
+    /// Every code, in the order of protocol §4.
     pub const ALL: [ProblemCode; 13] = [
         ProblemCode::KeyMissing,
         ProblemCode::KeyInvalid,

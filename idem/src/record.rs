@@ -1,4 +1,4 @@
-//! What the store keeps per scoped key (SPEC §2): records, stored responses
+//! What the store keeps per scoped key (protocol §2): records, stored responses
 //! and fencing tokens.
 
 use std::fmt;
@@ -70,7 +70,7 @@ impl StoredResponse {
     }
 }
 
-/// An immutable completed record (SPEC §2).
+/// An immutable completed record (protocol §2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompletedRecord {
     /// Fingerprint of the request that produced the response.
@@ -93,7 +93,7 @@ impl CompletedRecord {
     }
 }
 
-/// What `Store::get` reports (SPEC §2). Used by admin inspection and by
+/// What `Store::get` reports (protocol §2). Used by admin inspection and by
 /// waiters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {

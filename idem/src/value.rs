@@ -1,4 +1,4 @@
-//! The stored value of the function-level APIs (SPEC §8) and their result
+//! The stored value of the function-level APIs (protocol §8) and their result
 //! types, shared by [`Engine::once`](crate::Engine::once) and
 //! `PostgresStore::transaction`.
 //!

@@ -1,5 +1,5 @@
 //! A started execution that is cancelled or panics never frees its key by
-//! itself (issue 10, item 1, engine side; SPEC §3.8).
+//! itself (issue 10, item 1, engine side; protocol §3.8).
 //!
 //! `Engine::once` under a caller's `tokio::time::timeout` or `select!`, or
 //! any direct `Engine::run` whose future is dropped, stops the operation

@@ -1,4 +1,4 @@
-//! The async-mode dispatcher (SPEC §9.4–5) on the memory store, against a
+//! The async-mode dispatcher (protocol §9.4–5) on the memory store, against a
 //! scripted upstream: retries, the final 502, one call for N identical
 //! accepts, takeover after a dispatcher dies, `Retry-After`, wake-ups.
 //!

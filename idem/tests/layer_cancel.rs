@@ -1,5 +1,5 @@
 //! The layer is cancel-safe, and an ambiguous end of an execution never
-//! frees the key (issue 10, item 1; SPEC §3.9).
+//! frees the key (issue 10, item 1; protocol §3.9).
 //!
 //! - A client that hangs up while its handler runs must not cancel the
 //!   execution: the retry with the same key gets 409 (or waits, per route)

@@ -199,7 +199,7 @@ async fn the_bounds_hold_under_concurrent_writers() {
 }
 
 mod queue {
-    //! Async mode on the memory store (SPEC §9.6): a pending request
+    //! Async mode on the memory store (protocol §9.6): a pending request
     //! counts against the byte bound, operations are never evicted nor
     //! swept, and the books balance when they leave.
 

@@ -1,4 +1,4 @@
-//! The function-level API (SPEC §8): run a closure at most once per key.
+//! The function-level API (protocol §8): run a closure at most once per key.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

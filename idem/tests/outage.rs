@@ -1,5 +1,5 @@
 //! The store failing in the middle of a request (issue 10, items 4, 17 and
-//! the not-transient `Capacity`; SPEC §6): the caller gets its answer in a
+//! the not-transient `Capacity`; protocol §6): the caller gets its answer in a
 //! bounded time, the key is held or released by a stated rule, and no log
 //! line carries the client's key.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test

@@ -1,4 +1,4 @@
-//! A real store outage in the middle of a request (issue 10, item 4; SPEC
+//! A real store outage in the middle of a request (issue 10, item 4; protocol
 //! §6): the engine talks to the shared Redis through a TCP proxy of this
 //! test's own, which the test cuts (every connection closed, new ones
 //! refused) right after the operation's effect, and then restores. Redis

@@ -1,7 +1,7 @@
 //! PostgreSQL-specific properties, beyond the conformance suite: the
 //! transactional API, notifications across instances and reconnects,
 //! clean-up, time-outs, binary safety, corrupt rows, migration, and the
-//! plans the guarded statements get (SPEC §7's measured hazard); async
+//! plans the guarded statements get (protocol §7's measured hazard); async
 //! mode's queue in `postgres/queue.rs`.
 //!
 //! Each test uses its own schema (see conformance/pg.rs) and drops it at the
@@ -738,7 +738,7 @@ async fn checking_creates_nothing_and_says_what_is_there() {
     pg::drop_schema(&admin).await;
 }
 
-/// SPEC §7's measured hazard: a prepared `UPDATE … WHERE key = $1` planned
+/// protocol §7's measured hazard: a prepared `UPDATE … WHERE key = $1` planned
 /// while the table was empty kept a sequential scan. The store's
 /// connections use custom plans, and under load the guarded statements use
 /// the primary key index.

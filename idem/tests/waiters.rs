@@ -1,4 +1,4 @@
-//! Waiting duplicates (SPEC §5 `wait`) cost nothing once nobody waits
+//! Waiting duplicates (protocol §5 `wait`) cost nothing once nobody waits
 //! (issue 10, item 15): a key's single-flight watcher stops with its last
 //! waiter, the number of watchers is capped, and a waiter is counted once.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test

@@ -179,7 +179,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::{env_of, no_env, SPEC_EXAMPLE};
+    use crate::config::tests::{env_of, no_env, PROTOCOL_EXAMPLE};
     use crate::config::{load_str, Overrides};
 
     #[test]
@@ -217,7 +217,8 @@ mod tests {
             ("IDEM_ADMIN_TOKEN", "sup3r-s3cret-t0ken"),
             ("IDEM_STORE", "postgres://idem:hunter2@db:5432/idem"),
         ]);
-        let c = load_str("idem.toml", SPEC_EXAMPLE, &env, &Overrides::default()).expect("valid");
+        let c =
+            load_str("idem.toml", PROTOCOL_EXAMPLE, &env, &Overrides::default()).expect("valid");
         let text = c.describe();
         let debug = format!("{c:?}");
         for shown in [&text, &debug] {

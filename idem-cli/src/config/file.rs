@@ -310,7 +310,7 @@ impl LimitsTable {
             l.memory_max_entries = positive_count(src, v, "memory_max_entries")?;
         }
         if let Some(v) = &self.async_workers {
-            // 0 is allowed: an accept-only instance (SPEC §9.1).
+            // 0 is allowed: an accept-only instance (protocol §9.1).
             l.async_workers = match usize::try_from(*v.get_ref()) {
                 Ok(n) if n <= MAX_ASYNC_WORKERS => n,
                 _ => {
@@ -512,7 +512,7 @@ impl<'de, const NONZERO: bool> Deserialize<'de> for SizeValue<NONZERO> {
     }
 }
 
-/// `max_key_length`: 1 to 255 (SPEC §3.2 caps keys at 255 characters).
+/// `max_key_length`: 1 to 255 (protocol §3.2 caps keys at 255 characters).
 #[derive(Debug)]
 struct KeyLength(usize);
 

@@ -1,4 +1,4 @@
-//! Configuration of `idem serve` (SPEC §11, §12): the TOML file, the
+//! Configuration of `idem serve` (protocol §11, §12): the TOML file, the
 //! `IDEM_*` environment variables and the command-line flags, merged and
 //! validated before anything starts — or a [`Config`] built in code.
 //!
@@ -51,7 +51,7 @@
 //!   that route pass through untouched (unless its `match` names a method,
 //!   which always participates). Use it to exempt paths.
 //! - `mode = "async"` answers 202 Accepted and dispatches in the
-//!   background (SPEC §9); `max_attempts` (1–1000) and `retry_backoff`
+//!   background (protocol §9); `max_attempts` (1–1000) and `retry_backoff`
 //!   shape its retries, `[limits] async_workers` (0 = accept-only) and
 //!   `max_pending` bound it.
 //! - `lease`, `wait_timeout`, `upstream_timeout`, `retention`,
@@ -287,7 +287,7 @@ fn token_too_short(token: &str) -> Option<String> {
     })
 }
 
-/// Which store keeps the records (SPEC §7). Parsed from `memory`,
+/// Which store keeps the records (protocol §7). Parsed from `memory`,
 /// `redis://…` / `rediss://…` (several nodes: a Redis Cluster) or
 /// `postgres://…` / `postgresql://…` by [`idem::store::StoreUrl`], which
 /// also opens it ([`idem::store::AnyStore::connect_to`]).

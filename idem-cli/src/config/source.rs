@@ -1,5 +1,5 @@
 //! Where a configuration comes from: the file, then the `IDEM_*`
-//! environment, then the flags, each overriding the one before (SPEC §12);
+//! environment, then the flags, each overriding the one before (protocol §12);
 //! and where a problem is: `file:line`, with a did-you-mean for a misspelt
 //! key, the variable or the flag.
 
@@ -40,7 +40,7 @@ pub const SETTINGS: [Setting; 4] = [LISTEN, UPSTREAM, STORE, ADMIN_LISTEN];
 
 /// Reads the file (if any), then IDEM_* environment (via `env` lookup fn, so
 /// tests don't touch the real process env), then flags. Precedence: flags >
-/// env > file > defaults (SPEC §12).
+/// env > file > defaults (protocol §12).
 ///
 /// # Errors
 ///

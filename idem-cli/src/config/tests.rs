@@ -11,8 +11,8 @@ use idem::policy::{Ambiguous, Concurrent, FailMode, KeyPolicy, Mode, RoutePolicy
 use super::*;
 use crate::units::GIB;
 
-/// The example file of SPEC §12, verbatim.
-pub(super) const SPEC_EXAMPLE: &str = r#"listen = "127.0.0.1:8080"
+/// The example file of protocol §12, verbatim.
+pub(super) const PROTOCOL_EXAMPLE: &str = r#"listen = "127.0.0.1:8080"
 upstream = "http://127.0.0.1:3000"
 store = "memory"
 admin_listen = "127.0.0.1:9090"   # optional; admin_token from IDEM_ADMIN_TOKEN
@@ -94,7 +94,7 @@ pub(super) fn assert_err(src: &str, line: usize, needles: &[&str]) {
 
 #[test]
 fn spec_example_loads_with_expected_values() {
-    let c = load_ok(SPEC_EXAMPLE);
+    let c = load_ok(PROTOCOL_EXAMPLE);
     assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(c.upstream, "http://127.0.0.1:3000".parse::<Uri>().unwrap());
     assert_eq!(c.store, StoreSpec::Memory);

@@ -1,4 +1,4 @@
-//! `idem demo`: duplicates on demand, then gone (SPEC §8 "Demo").
+//! `idem demo`: duplicates on demand, then gone (protocol §8 "Demo").
 //!
 //! In one process: start a deliberately naive "create order" service
 //! ([`NaiveBackend`]: check, await, insert), race it directly with N

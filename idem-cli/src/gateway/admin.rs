@@ -1,4 +1,4 @@
-//! The admin listener (SPEC §8, §10): a separate address, guarded by a
+//! The admin listener (protocol §8, §10): a separate address, guarded by a
 //! bearer token (`IDEM_ADMIN_TOKEN`).
 //!
 //! | route | auth | answer |
@@ -169,7 +169,7 @@ async fn metrics<S: Store>(State(admin): State<Arc<Admin<S>>>, headers: HeaderMa
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-/// Async mode's figures (SPEC §9.8): the queue's (shared by every
+/// Async mode's figures (protocol §9.8): the queue's (shared by every
 /// instance, from the store), then this instance's accepts and dispatches.
 async fn async_metrics(out: &mut String, stats: &AsyncStats) {
     match stats.queue().await {

@@ -1,4 +1,4 @@
-//! Async mode in `idem serve` (SPEC §9): the layer's [`AsyncMode`] accepts
+//! Async mode in `idem serve` (protocol §9): the layer's [`AsyncMode`] accepts
 //! operations into the store; this instance's [`Dispatcher`] claims due
 //! ones (its own and other instances') and sends them upstream through the
 //! same [`Proxy`] as synchronous requests.
@@ -242,7 +242,7 @@ impl Async {
     }
 }
 
-/// What the admin listener shows of async mode (SPEC §9.8).
+/// What the admin listener shows of async mode (protocol §9.8).
 #[derive(Debug)]
 pub struct AsyncStats {
     store: AnyStore,

@@ -1,5 +1,5 @@
 //! `idem serve`: a reverse proxy that puts the idempotency layer in front of
-//! any HTTP service (SPEC §8, §12).
+//! any HTTP service (protocol §8, §12).
 //!
 //! Phases of one request, in order:
 //! 1. **downstream**: hyper reads the head (bounded by `max_header_bytes`
@@ -54,7 +54,7 @@ use crate::units::MIB;
 use body::GatewayBody;
 use proxy::{Proxy, ProxyBody, ProxyError};
 
-/// The request-id header (SPEC §10).
+/// The request-id header (protocol §10).
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Why the gateway could not start or stopped with an error.

@@ -1,7 +1,7 @@
 //! The upstream phase: forward one request to the upstream with a pooled
 //! client, buffer a participating request's answer up to the route's
 //! `max_response_body` (once: the layer reads that buffer, never a copy),
-//! and classify failures by source (SPEC §3.9):
+//! and classify failures by source (protocol §3.9):
 //! refused before sending → `Unreachable` (502, released);
 //! no answer in time → `Timeout` (504, ambiguous);
 //! broken after sending → `Reset` (502, ambiguous).

@@ -1,5 +1,5 @@
 //! `idem race`: fire N identical requests at once and count what happened
-//! (SPEC §8 "Race prober", §12).
+//! (protocol §8 "Race prober", §12).
 //!
 //! A race runs in four steps:
 //!
@@ -49,7 +49,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long opening one connection may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `idem race` flags (SPEC §12).
+/// `idem race` flags (protocol §12).
 #[derive(Debug, Clone, Args)]
 #[command(group(ArgGroup::new("keying").args(["key", "unique_keys", "no_key"])))]
 pub struct RaceArgs {

@@ -1,4 +1,4 @@
-//! The dispatcher pool (SPEC §9.4–5): workers that claim due operations,
+//! The dispatcher pool (protocol §9.4–5): workers that claim due operations,
 //! call the upstream under a lease kept by heartbeat, and finish each
 //! attempt with ONE fenced store step: `complete` (a stored status, or the
 //! 502 after the last attempt) or `retry` (another attempt later).
@@ -20,7 +20,7 @@ use crate::problem::{Problem, ProblemCode, CONTENT_TYPE};
 use crate::record::{CompletedRecord, StoredResponse};
 use crate::store::{Claimed, Enqueued, Fence, OperationRequest, Queue, StoreError};
 
-/// A pool of dispatcher tasks over one store (SPEC §9.4).
+/// A pool of dispatcher tasks over one store (protocol §9.4).
 ///
 /// [`spawn`](Self::spawn) starts [`AsyncConfig::workers`] tasks. Each
 /// claims one due operation at a time, calls the [`Upstream`] while
@@ -129,7 +129,7 @@ impl<S: Queue, U: Upstream> Dispatcher<S, U> {
         &self.inner.store
     }
 
-    /// The dispatchers' counters (SPEC §9.8). The queue's depth and oldest
+    /// The dispatchers' counters (protocol §9.8). The queue's depth and oldest
     /// age are the store's: [`Queue::queue_stats`].
     #[must_use]
     pub fn metrics(&self) -> &Arc<DispatchMetrics> {
@@ -301,7 +301,7 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
         Some((outcome, lease_ends))
     }
 
-    /// Stores the final answer after `attempts` calls failed (SPEC §9.4).
+    /// Stores the final answer after `attempts` calls failed (protocol §9.4).
     async fn give_up(
         &self,
         c: &Claimed,

@@ -1,4 +1,4 @@
-//! The dispatcher's counters (SPEC §9.8). Pending depth and the age of the
+//! The dispatcher's counters (protocol §9.8). Pending depth and the age of the
 //! oldest operation come from the store ([`Queue::queue_stats`]), since the
 //! queue is shared by every instance.
 //!

@@ -1,16 +1,16 @@
-//! Async mode (SPEC §9): accept now, run in the background, let the client
+//! Async mode (protocol §9): accept now, run in the background, let the client
 //! ask. The library face of it; the gateway wires it to HTTP, and a Rust
 //! service can do the same.
 //!
 //! - [`accept`]: ONE atomic store step that answers a POST — a fresh
 //!   operation (`202 Accepted`), the existing one, its stored final answer,
-//!   a mismatch, or `Full` (SPEC §9.1–2, §9.6).
+//!   a mismatch, or `Full` (protocol §9.1–2, §9.6).
 //! - [`status`] and [`status_wait`]: the operation by id, for the asker's
-//!   scope only (SPEC §9.3; another scope's id reads as unknown), the
+//!   scope only (protocol §9.3; another scope's id reads as unknown), the
 //!   latter waiting for it to be done through the key's notifications.
 //! - [`Dispatcher`]: a bounded pool of workers that claim due operations
 //!   from the store, call the [`Upstream`] under a lease kept by heartbeat,
-//!   and store the final answer or schedule another attempt (SPEC §9.4–5).
+//!   and store the final answer or schedule another attempt (protocol §9.4–5).
 //!   Any instance dispatches any operation: the queue lives in the store.
 //!
 //! Dispatch is at least once towards the upstream (a dispatcher that dies
@@ -71,7 +71,7 @@ mod metrics;
 mod upstream;
 
 /// How one operation is dispatched: the settings of the route that
-/// accepted it (SPEC §9.4, §12).
+/// accepted it (protocol §9.4, §12).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DispatchPolicy {
@@ -199,7 +199,7 @@ impl AsyncConfig {
     }
 }
 
-/// Accepts an operation (SPEC §9.1–2, §9.6): ONE atomic store step under a
+/// Accepts an operation (protocol §9.1–2, §9.6): ONE atomic store step under a
 /// fresh [`OperationId`]. `Accepted` means it is durable in the store;
 /// answer 202. See [`Enqueued`] for the other answers.
 /// [`Dispatcher::accept`] does the same and wakes an idle worker of this
@@ -226,7 +226,7 @@ pub async fn accept<S: Queue>(
         .await
 }
 
-/// The operation `id`, if it exists and belongs to `scope` (SPEC §9.3). An
+/// The operation `id`, if it exists and belongs to `scope` (protocol §9.3). An
 /// unknown id and another scope's id both read as `None`: the same 404,
 /// so the endpoint is no oracle.
 ///
@@ -244,7 +244,7 @@ pub async fn status<S: Queue>(
 }
 
 /// Like [`status`], but waits up to `wait` for the operation to be done
-/// (`?wait=` long-polls, SPEC §9.3): it subscribes to the operation's key,
+/// (`?wait=` long-polls, protocol §9.3): it subscribes to the operation's key,
 /// as a `wait` duplicate does, and answers as soon as the final answer is
 /// stored, or with the current state when `wait` ends. It also looks
 /// again every second, since a notification may be lost.

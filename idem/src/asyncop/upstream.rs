@@ -20,7 +20,7 @@ use crate::store::OperationRequest;
 ///
 /// The request carries the accepting request's `idempotency-key` and
 /// `x-request-id` headers: forward them, so an upstream that dedupes by key
-/// sees an operation once however often it is dispatched (SPEC §9.5).
+/// sees an operation once however often it is dispatched (protocol §9.5).
 pub trait Upstream: Send + Sync + 'static {
     /// Sends `request` and waits for the answer. Dropping the future
     /// abandons the call (the dispatcher does when its lease is lost or
@@ -44,7 +44,7 @@ where
     }
 }
 
-/// Why an upstream call gave no answer (SPEC §9.4: refused, reset,
+/// Why an upstream call gave no answer (protocol §9.4: refused, reset,
 /// time-out). Every one is another attempt.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

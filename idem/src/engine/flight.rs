@@ -1,4 +1,4 @@
-//! Single-flight waiting (SPEC §5 `wait`): every waiter of a key in this
+//! Single-flight waiting (protocol §5 `wait`): every waiter of a key in this
 //! process shares ONE watcher, which subscribes to the key's changes and
 //! polls the store (with backoff, and never later than the holder's lease
 //! end) until the holder completes, releases or dies, or until its last

@@ -1,4 +1,4 @@
-//! Executing under a lease (SPEC §3.8–9): the heartbeat that keeps it, the
+//! Executing under a lease (protocol §3.8–9): the heartbeat that keeps it, the
 //! fenced `complete` (retried for at most `complete_retry`) or `release`,
 //! and the [`LeaseGuard`] that settles it when an execution ends without
 //! an answer.
@@ -28,7 +28,7 @@ use crate::record::CompletedRecord;
 use crate::store::{Fence, Lease, Store, StoreError};
 
 impl<S: Store> Engine<S> {
-    /// Runs `op` under `lease`, with heartbeat, then finishes (SPEC §3.8–9).
+    /// Runs `op` under `lease`, with heartbeat, then finishes (protocol §3.8–9).
     pub(super) async fn execute<R, F, Fut>(
         &self,
         key: &StoreKey,
@@ -107,7 +107,7 @@ impl<S: Store> Engine<S> {
     /// `complete`, retried with backoff (10 ms doubling, at most 1 s apart)
     /// while the store fails transiently, for at most
     /// [`complete_retry`](super::EngineConfig::complete_retry) and never
-    /// past the lease (SPEC §6). The caller gets its answer either way:
+    /// past the lease (protocol §6). The caller gets its answer either way:
     ///
     /// - the budget runs out: the answer is not stored and the key is held
     ///   (no release), so a retry gets 409 rather than running blind; the

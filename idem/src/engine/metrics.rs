@@ -1,4 +1,4 @@
-//! Counters and the store-latency histogram of an engine (SPEC §10).
+//! Counters and the store-latency histogram of an engine (protocol §10).
 //!
 //! Relaxed atomics only: a counter is one `fetch_add`, cheap enough to keep
 //! on every request. The admin listener renders them as Prometheus text.
@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Counters by outcome (SPEC §10). Cheap relaxed atomics.
+/// Counters by outcome (protocol §10). Cheap relaxed atomics.
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Operations executed under a reservation.

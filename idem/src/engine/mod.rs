@@ -1,4 +1,4 @@
-//! The engine: SPEC §3 steps 5–9, §5 and §6 over any [`Store`].
+//! The engine: protocol §3 steps 5–9, §5 and §6 over any [`Store`].
 //!
 //! [`Engine::run`] takes a scoped key, a fingerprint, the [`Rules`] of the
 //! route and the operation as a closure. It answers from the local cache,
@@ -58,7 +58,7 @@ pub struct Finish<R> {
     pub action: Action,
 }
 
-/// What happens to the reservation once the operation finished (SPEC §3.9).
+/// What happens to the reservation once the operation finished (protocol §3.9).
 #[derive(Debug, Clone)]
 pub enum Action {
     /// Store this as the final answer; repeats replay it.
@@ -107,12 +107,12 @@ pub struct EngineConfig {
     /// How long a failing `complete` is retried once the operation has
     /// answered (default 5 s; never past the lease). Then the caller gets
     /// its answer unstored and the key is held until its lease runs out
-    /// (SPEC §6). A budget of its own: the lease is sized for the
+    /// (protocol §6). A budget of its own: the lease is sized for the
     /// operation, not for how long a caller should wait for the store.
     pub complete_retry: Duration,
     /// Most single-flight watchers running at once, one per waited-on key
     /// (default 10 000). A `wait` duplicate that would need one more gets
-    /// 409 at once (SPEC §5).
+    /// 409 at once (protocol §5).
     pub max_watchers: usize,
 }
 
@@ -259,7 +259,7 @@ impl<S: Store> Engine<S> {
         r.inspect_err(|_| Metrics::inc(&m.store_error))
     }
 
-    /// Runs `op` at most once per `key` and `fingerprint` (SPEC §3).
+    /// Runs `op` at most once per `key` and `fingerprint` (protocol §3).
     ///
     /// `op` is called only if this call wins the reservation (or the store
     /// failed and the route fails open); the returned future completes only
@@ -350,7 +350,7 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// Waits for the holder of `key` to finish (SPEC §5 `wait`).
+    /// Waits for the holder of `key` to finish (protocol §5 `wait`).
     async fn wait<R, F, Fut>(
         &self,
         key: &StoreKey,

@@ -1,7 +1,7 @@
 //! Phase 4, *run*: the engine reserves the key and, if this request wins,
 //! calls the inner service, buffers its response (up to the route's
 //! `max_response_body`; a larger one is streamed and not stored) and
-//! decides what the store keeps (SPEC §3.8–9).
+//! decides what the store keeps (protocol §3.8–9).
 //!
 //! All of it runs on its own Tokio task. A server drops a request's future
 //! when its client hangs up; were the engine's work part of that future, a
@@ -131,7 +131,7 @@ where
     }
 }
 
-/// Calls the inner service and decides what the store keeps (SPEC §3.9).
+/// Calls the inner service and decides what the store keeps (protocol §3.9).
 ///
 /// Once the inner service has the request its effect may have happened, so
 /// an `Err` from it, or a response body that breaks while it is read, is

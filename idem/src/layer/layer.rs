@@ -36,7 +36,7 @@ impl<St> IdempotencyLayer<St> {
     }
 
     /// Serves `mode = "async"` routes with `202 Accepted` into `mode`'s
-    /// queue, and answers every path under `/_idem/` itself (SPEC §9; see
+    /// queue, and answers every path under `/_idem/` itself (protocol §9; see
     /// [`AsyncMode`]). Without it, async routes are served synchronously.
     #[must_use]
     pub fn async_mode(mut self, mode: AsyncMode) -> Self {

@@ -1,4 +1,4 @@
-//! A `tower::Layer` that gives any HTTP service the guarantees of SPEC §3–§6.
+//! A `tower::Layer` that gives any HTTP service the guarantees of protocol §3–§6.
 //!
 //! ```
 //! use axum::{body::Body, http::{Request, StatusCode}, routing::post, Router};
@@ -53,7 +53,7 @@
 //! body too large (like `idem serve`'s proxy) says so with
 //! [`ResponseTooLarge`] and the layer does not read it again.
 //! The middleware's own failures become `application/problem+json`
-//! responses (SPEC §4); the inner service's errors pass through as they are.
+//! responses (protocol §4); the inner service's errors pass through as they are.
 //!
 //! An inner service that proxies (like `idem serve`) tells the layer about an
 //! unreachable or ambiguous upstream by putting an [`UpstreamFailure`] into
@@ -84,7 +84,7 @@
 //! With [`IdempotencyLayer::async_mode`], routes with `mode = "async"` are
 //! answered `202 Accepted` at once and run later by a
 //! [`Dispatcher`](crate::asyncop::Dispatcher), and the layer serves
-//! `/_idem/operations/{id}` (SPEC §9). See [`AsyncMode`].
+//! `/_idem/operations/{id}` (protocol §9). See [`AsyncMode`].
 //!
 //! # Ambiguous outcomes
 //!
@@ -93,7 +93,7 @@
 //! once the key is settled), a response body that breaks while it is read
 //! (the client gets 502 `upstream_unavailable`), and an
 //! [`UpstreamFailure::Timeout`] or [`UpstreamFailure::Reset`] are ambiguous
-//! (SPEC §3.9): the route's `ambiguous` policy decides what the store keeps.
+//! (protocol §3.9): the route's `ambiguous` policy decides what the store keeps.
 //! `hold` (the default) keeps the reservation until its lease runs out, so
 //! retries get 409 meanwhile; `store` keeps a 502 `upstream_unavailable`
 //! problem (or the proxy's own problem) as the final answer; only `release`
@@ -105,7 +105,7 @@
 //! runs on its own Tokio task, so the layer needs a Tokio runtime. When the
 //! client hangs up and the server drops the response future, a started
 //! execution is not cancelled: it runs to its end and its answer is stored
-//! (or the key held or released, SPEC §3.9), so the client's retry gets a
+//! (or the key held or released, protocol §3.9), so the client's retry gets a
 //! 409 while it runs, then the replay — never a second execution.
 //!
 //! # Layout
@@ -164,7 +164,7 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 pub struct ResponseTooLarge;
 
 /// How a proxied request failed; set in a response's extensions by the inner
-/// service so the layer can apply SPEC §3.9.
+/// service so the layer can apply protocol §3.9.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamFailure {
     /// Refused before the request was sent (connect error, DNS): released.

@@ -1,4 +1,4 @@
-//! Async mode in the layer (SPEC §9): the *accept* phase of a route with
+//! Async mode in the layer (protocol §9): the *accept* phase of a route with
 //! `mode = "async"`, and the `/_idem/operations/{id}` status endpoint.
 //!
 //! An [`IdempotencyLayer`](super::IdempotencyLayer) given an [`AsyncMode`]
@@ -210,7 +210,7 @@ fn inc(counter: &AtomicU64) {
 
 /// Async mode for an [`IdempotencyLayer`](super::IdempotencyLayer): the
 /// queue that accepted operations go to, and the settings of the accept
-/// phase. Cheap to clone. See the [module documentation](self).
+/// phase. Cheap to clone. See the [layer documentation](crate::layer#async-mode).
 ///
 /// Without one, a layer serves `mode = "async"` routes synchronously and
 /// leaves `/_idem/` paths to the inner service.
@@ -262,7 +262,7 @@ impl AsyncMode {
         self
     }
 
-    /// At most `n` operations pending or running in the store (SPEC §9.6);
+    /// At most `n` operations pending or running in the store (protocol §9.6);
     /// beyond, `503 idempotency_queue_full` and nothing is stored.
     #[must_use]
     pub fn max_pending(mut self, n: u64) -> Self {
@@ -444,7 +444,7 @@ fn json<B: From<Bytes>>(status: StatusCode, value: &serde_json::Value) -> Respon
     res
 }
 
-/// The 202 of an accept (SPEC §9.1): `Location` equals `href`.
+/// The 202 of an accept (protocol §9.1): `Location` equals `href`.
 fn accepted<B: From<Bytes>>(id: OperationId, status: &str) -> Response<B> {
     let href = href(id);
     let mut res = json(
@@ -522,7 +522,7 @@ fn wait_param(query: Option<&str>) -> Duration {
     }
 }
 
-/// A request under `/_idem/`: the status of an operation (SPEC §9.3), or
+/// A request under `/_idem/`: the status of an operation (protocol §9.3), or
 /// 404 for anything else.
 pub(super) async fn status<B: From<Bytes>>(
     mode: &AsyncMode,

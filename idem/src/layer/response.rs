@@ -85,7 +85,7 @@ pub fn replay<B: From<Bytes>>(stored: &StoredResponse) -> Response<B> {
     res
 }
 
-/// One of the layer's own `application/problem+json` answers (SPEC §4).
+/// One of the layer's own `application/problem+json` answers (protocol §4).
 pub(super) fn problem<B: From<Bytes>>(code: ProblemCode, detail: &str) -> Response<B> {
     Problem::new(code, detail).to_response()
 }

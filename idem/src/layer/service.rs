@@ -145,7 +145,7 @@ struct Guard {
 }
 
 /// Phase 1, once the route is found: whether the request is guarded, and
-/// its key (SPEC §3.1–2).
+/// its key (protocol §3.1–2).
 fn resolve(found: &RouteMatch, headers: &http::HeaderMap) -> Resolved {
     if !found.participates() {
         return Resolved::PassThrough;
@@ -257,7 +257,7 @@ pub(super) struct Identity {
     pub(super) rules: Rules,
 }
 
-/// Phase 3: fingerprint and scope (SPEC §3.3–4); a missing key under
+/// Phase 3: fingerprint and scope (protocol §3.3–4); a missing key under
 /// `derived` becomes the fingerprint.
 fn identify(parts: &Parts, body: &[u8], guard: &Guard) -> Identity {
     let policy = &guard.policy;

@@ -100,7 +100,7 @@ impl RoutePolicyBuilder {
         ignore_json_pointers: Vec<String>;
     }
 
-    /// Longest key accepted, in characters; kept within 1–255 (SPEC §3.2
+    /// Longest key accepted, in characters; kept within 1–255 (protocol §3.2
     /// caps keys at 255).
     pub fn max_key_length(mut self, max_key_length: usize) -> Self {
         self.policy.max_key_length = max_key_length.clamp(1, 255);
@@ -124,7 +124,7 @@ impl RoutePolicyBuilder {
 impl Rules {
     /// The rules for queue consumers and redelivered jobs: the defaults,
     /// but a concurrent duplicate *waits* (up to `wait_timeout`) for the
-    /// first run's result and gets it, instead of `InProgress` (SPEC §5).
+    /// first run's result and gets it, instead of `InProgress` (protocol §5).
     ///
     /// ```
     /// use idem::{Concurrent, Rules};

@@ -1,5 +1,5 @@
 //! [`AnyStore`]: one type over every backend compiled in, chosen at run
-//! time by a store URL ([`StoreUrl`], SPEC §12).
+//! time by a store URL ([`StoreUrl`], protocol §12).
 
 use std::fmt;
 use std::str::FromStr;
@@ -248,7 +248,7 @@ impl ConnectOptions {
     }
 }
 
-/// A store URL, checked: which backend, and where (SPEC §12).
+/// A store URL, checked: which backend, and where (protocol §12).
 ///
 /// | URL | backend |
 /// |---|---|

@@ -1,4 +1,4 @@
-//! The store trait (SPEC §7): atomic operations only.
+//! The store trait (protocol §7): atomic operations only.
 //!
 //! Every operation is ONE atomic step in the backend: there is no
 //! read-then-write window between deciding and writing. Protocol outcomes
@@ -42,7 +42,7 @@ pub mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
 
-/// The outcome of [`Store::reserve`] (SPEC §3.6).
+/// The outcome of [`Store::reserve`] (protocol §3.6).
 ///
 /// Like pingora-cache's lock, acquiring hands back an outcome; the winner's
 /// [`Lease`] is a permit it owns and hands back by value when it is done.
@@ -76,7 +76,7 @@ pub struct Lease {
     pub duration: Duration,
 }
 
-/// What the caller of [`Store::reserve`] must do next (SPEC §3.6, §5):
+/// What the caller of [`Store::reserve`] must do next (protocol §3.6, §5):
 /// the one reading of a [`Reservation`] that the engine (`run`, `wait`)
 /// and the transactional APIs share.
 #[derive(Debug)]
@@ -102,7 +102,7 @@ pub enum Decision {
 
 impl Reservation {
     /// What to do with this outcome when concurrent duplicates are
-    /// `concurrent` (SPEC §5).
+    /// `concurrent` (protocol §5).
     #[must_use]
     pub fn decide(self, concurrent: Concurrent) -> Decision {
         match self {
@@ -128,7 +128,7 @@ pub enum Fence {
     Lost,
 }
 
-/// The atomic operations every store provides (SPEC §7).
+/// The atomic operations every store provides (protocol §7).
 ///
 /// `complete`, `release` and `extend` are fenced: they apply only while the
 /// record carries the caller's token. Implementations must pass the

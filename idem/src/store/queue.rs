@@ -1,4 +1,4 @@
-//! Async mode's queue (SPEC §9.7): operations that live in the store, next
+//! Async mode's queue (protocol §9.7): operations that live in the store, next
 //! to the records, so every instance sharing the store shares the queue.
 //!
 //! An async operation IS the idempotency record of its scoped key, in a
@@ -53,7 +53,7 @@ use crate::record::{CompletedRecord, Token};
 ///
 /// Unguessable, so knowing an id is needed to ask about an operation; the
 /// status endpoint still checks that the asker's scope is the operation's
-/// (SPEC §9.3). [`FromStr`] accepts exactly 32 lower-case hex digits and
+/// (protocol §9.3). [`FromStr`] accepts exactly 32 lower-case hex digits and
 /// nothing else: a malformed id reads like an unknown one.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct OperationId(u128);
@@ -219,7 +219,7 @@ pub struct Claimed {
     pub request: Arc<OperationRequest>,
 }
 
-/// The queue's size, for metrics (SPEC §9.8).
+/// The queue's size, for metrics (protocol §9.8).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueStats {
     /// Operations accepted and not yet done (pending or running): the
@@ -230,7 +230,7 @@ pub struct QueueStats {
     pub oldest_pending_age: Option<Duration>,
 }
 
-/// Async mode's queue (SPEC §9.7): an optional ability, next to [`Store`].
+/// Async mode's queue (protocol §9.7): an optional ability, next to [`Store`].
 ///
 /// Every method is ONE atomic step in the backend, like the [`Store`]
 /// methods. Implementations must pass `tests/conformance/queue.rs`, and

@@ -1,4 +1,4 @@
-//! Every store passes the SAME conformance suite (SPEC §7).
+//! Every store passes the SAME conformance suite (protocol §7).
 //!
 //! `conformance!(name, factory)` instantiates every property in `suite.rs`
 //! for one store; `factory` is an async expression yielding
@@ -6,7 +6,7 @@
 //! skipped loudly, unless `IDEM_REQUIRE_SERVICES=1`).
 //!
 //! `queue_conformance!(name, factory)` does the same with `queue.rs` for a
-//! store that implements async mode's `Queue` (SPEC §9.7); its factory
+//! store that implements async mode's `Queue` (protocol §9.7); its factory
 //! must yield a store of the test's own (an empty queue).
 
 #[cfg(feature = "redis")]

@@ -1,4 +1,4 @@
-//! The queue conformance suite (SPEC §9.7): every property of async mode's
+//! The queue conformance suite (protocol §9.7): every property of async mode's
 //! [`Queue`] as a generic test. Every store that implements `Queue` runs
 //! exactly these functions (see `queue_conformance!` in main.rs), each on a
 //! store of its own (the queue holds nothing else).

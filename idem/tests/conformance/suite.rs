@@ -1,4 +1,4 @@
-//! The store conformance suite: every property of SPEC §7 as a generic test.
+//! The store conformance suite: every property of protocol §7 as a generic test.
 //! Every store runs exactly these functions (see `conformance!` in main.rs).
 //!
 //! Time-based properties use real time with short leases, since remote

@@ -42,7 +42,7 @@ async fn accept<S: Queue>(s: &S, k: &idem::StoreKey, max_pending: u64) -> Enqueu
     .unwrap()
 }
 
-/// SPEC §9.1: a 202 means the operation is committed. A store that goes
+/// protocol §9.1: a 202 means the operation is committed. A store that goes
 /// away (its pool, its listener, its process) loses nothing: another store
 /// on the same schema claims the operation, request intact, and finishes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,7 +90,7 @@ async fn an_accepted_operation_survives_a_reconnect() {
     pg::drop_schema(&second).await;
 }
 
-/// SPEC §9.2: N concurrent identical POSTs make ONE operation; every other
+/// protocol §9.2: N concurrent identical POSTs make ONE operation; every other
 /// enqueue is told its id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_enqueues_of_one_key_make_one_operation() {

@@ -1,4 +1,4 @@
-//! The in-process store: the embedded default (SPEC §7).
+//! The in-process store: the embedded default (protocol §7).
 //!
 //! State lives in shards, each a `std::sync::Mutex` around a map, held only
 //! for the few instructions of one operation and never across an `.await`,
@@ -15,7 +15,7 @@
 //! index entry names the version (sequence number) of the record it was
 //! made for, so a stale index entry can never delete a newer record.
 //!
-//! Async mode's queue (`queue.rs`, SPEC §9.7) lives in the same shards:
+//! Async mode's queue (`queue.rs`, protocol §9.7) lives in the same shards:
 //! an operation is the record of its key, indexed by when it is next due
 //! instead of when it expires, and its request counts against the byte
 //! bound from enqueue until it completes. Operations are never evicted nor

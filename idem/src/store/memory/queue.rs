@@ -1,4 +1,4 @@
-//! The memory store's queue (SPEC §9.7): operations in the same shards as
+//! The memory store's queue (protocol §9.7): operations in the same shards as
 //! the records, each step atomic under its shard's lock.
 //!
 //! An operation is the record of its key ([`State::Operation`]). Beside

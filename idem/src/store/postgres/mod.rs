@@ -1,4 +1,4 @@
-//! The PostgreSQL store (SPEC §7, feature `postgres`): many instances,
+//! The PostgreSQL store (protocol §7, feature `postgres`): many instances,
 //! durability, and exactly-once *with* business data.
 //!
 //! [`PostgresStore::connect`] (or [`PostgresStore::builder`]) opens a pool,
@@ -127,7 +127,7 @@
 //! it connects. sqlx prepares each statement once per connection, and after
 //! five executions PostgreSQL may switch a prepared statement to a *generic*
 //! plan, kept for the life of the connection; one chosen while the table was
-//! empty can be a sequential scan (SPEC §7 measured a 7× throughput drop).
+//! empty can be a sequential scan (protocol §7 measured a 7× throughput drop).
 //! Custom plans are re-planned with the actual key, which
 //! costs a few microseconds and always uses the primary key index. The test
 //! `guarded_statements_use_the_index_under_load` (`tests/postgres.rs`)
@@ -192,7 +192,7 @@ const OPERATION: &str = include_str!("sql/operation.sql");
 const QUEUE_STATS: &str = include_str!("sql/queue_stats.sql");
 
 /// Run on every pooled connection when it connects; `$1` is the time-out in
-/// ms. See the module docs on `plan_cache_mode` (SPEC §7).
+/// ms. See the module docs on `plan_cache_mode` (protocol §7).
 const SETUP: &str = "SELECT set_config('plan_cache_mode', 'force_custom_plan', false), \
                      set_config('statement_timeout', $1, false)";
 
@@ -340,7 +340,7 @@ impl PostgresStoreBuilder {
         let timeout = self.timeout;
         let sql = Statements::new(&self.schema);
 
-        // SPEC §7: a generic plan chosen while the table was empty stays a
+        // protocol §7: a generic plan chosen while the table was empty stays a
         // sequential scan for the life of the connection; custom plans use
         // the index. See the module docs.
         let statement_timeout = timeout.as_millis().max(1).to_string();

@@ -1,4 +1,4 @@
-//! Async mode's queue on PostgreSQL (SPEC §9.7): operations are rows of
+//! Async mode's queue on PostgreSQL (protocol §9.7): operations are rows of
 //! the records table, in two more states (3 = pending, 4 = running), and
 //! claims take them `FOR UPDATE SKIP LOCKED` from a partial index on their
 //! due time, the River / Oban / Que pattern.

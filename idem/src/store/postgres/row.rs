@@ -40,7 +40,7 @@ pub(super) fn flag(row: &PgRow, name: &str) -> Result<bool, StoreError> {
 
 /// `state`: [`IN_FLIGHT`], [`COMPLETED`], [`PENDING`] or [`RUNNING`].
 /// Everything but a completed row reads as in flight to the [`Store`]
-/// calls (an operation is its key's record, SPEC §9).
+/// calls (an operation is its key's record, protocol §9).
 ///
 /// [`Store`]: crate::store::Store
 pub(super) fn state(row: &PgRow) -> Result<i16, StoreError> {

@@ -1,5 +1,5 @@
 //! [`PostgresStore::transaction`]: exactly once *with* business data
-//! (SPEC §7). The reservation, the caller's writes and the completed record
+//! (protocol §7). The reservation, the caller's writes and the completed record
 //! share ONE transaction, so they commit or roll back together.
 //!
 //! Built on the pieces the plain store uses: the same `reserve` and
@@ -48,7 +48,7 @@ pub type PgTransaction = sqlx::Transaction<'static, Postgres>;
 
 impl PostgresStore {
     /// Runs `f` at most once per `key` and `fingerprint`, on the same
-    /// transaction as its idempotency record (SPEC §7), and returns its
+    /// transaction as its idempotency record (protocol §7), and returns its
     /// stored result on every repeat.
     ///
     /// In ONE transaction: reserve the key, run `f`'s writes on that

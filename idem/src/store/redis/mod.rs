@@ -1,5 +1,5 @@
 //! The Redis store (feature `redis`): many instances share one Redis, or one
-//! Redis Cluster (SPEC §7).
+//! Redis Cluster (protocol §7).
 //!
 //! # Layout
 //!

@@ -1,4 +1,4 @@
-//! Async mode's queue on Redis (SPEC §9.7): [`Queue`] for [`RedisStore`].
+//! Async mode's queue on Redis (protocol §9.7): [`Queue`] for [`RedisStore`].
 //!
 //! # Layout
 //!

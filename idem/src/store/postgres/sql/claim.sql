@@ -1,4 +1,4 @@
--- claim (async mode, SPEC §9.4–9.5): $1 most operations to claim, $2 lease
+-- claim (async mode, protocol §9.4–9.5): $1 most operations to claim, $2 lease
 -- in µs, $3 one fresh token per operation (bytea[], at least $1 of them).
 -- One row per claimed operation: n (its place, earliest due first: it holds
 -- token $3[n]), key, op_id, fingerprint, attempts (this attempt's number),

@@ -1,4 +1,4 @@
--- complete (SPEC §3.9): $1 key, $2 token, $3 status, $4 header names,
+-- complete (protocol §3.9): $1 key, $2 token, $3 status, $4 header names,
 -- $5 header values, $6 body, $7 retention in µs, $8 notification channel.
 -- Returns one row: held (bool).
 --

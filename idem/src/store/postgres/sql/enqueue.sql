@@ -1,4 +1,4 @@
--- enqueue (async mode, SPEC §9.1–9.2, §9.6): $1 key, $2 fingerprint,
+-- enqueue (async mode, protocol §9.1–9.2, §9.6): $1 key, $2 fingerprint,
 -- $3 operation id (16 bytes), $4 request (request.rs), $5 max_pending.
 -- Zero or one row, the record as it is after the statement:
 --   accepted (bool: the row now carries $3), state, fingerprint, op_id,

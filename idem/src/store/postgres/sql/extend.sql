@@ -1,4 +1,4 @@
--- extend (heartbeat, SPEC §3.8): $1 key, $2 token, $3 lease in µs.
+-- extend (heartbeat, protocol §3.8): $1 key, $2 token, $3 lease in µs.
 -- Rows affected: 1 = held, 0 = lost.
 --
 -- Atomicity: ONE guarded UPDATE `WHERE key = $1 AND token = $2 AND state IN

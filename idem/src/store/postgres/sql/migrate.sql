@@ -16,7 +16,7 @@ SELECT pg_advisory_xact_lock(1768187245, hashtext('{schema}'));
 
 CREATE SCHEMA IF NOT EXISTS {schema};
 
--- One row per scoped key (SPEC §2).
+-- One row per scoped key (protocol §2).
 --   state        1 = in flight, 2 = completed
 --   token        the holder's fencing token, 16 bytes big endian
 --   fingerprint  32 bytes (BLAKE3)
@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS {table} (
 -- Added after layout version 1 (re-runnable).
 ALTER TABLE {table} ADD COLUMN IF NOT EXISTS waiters boolean NOT NULL DEFAULT false;
 
--- Layout version 2: async mode's queue (SPEC §9.7). An operation IS the
+-- Layout version 2: async mode's queue (protocol §9.7). An operation IS the
 -- record of its key, in two more states:
 --   state        3 = pending operation, 4 = running operation (a
 --                dispatcher holds it under `token`). A pending one's token

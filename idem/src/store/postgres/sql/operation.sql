@@ -1,4 +1,4 @@
--- operation (async mode, SPEC §9.3): $1 operation id (16 bytes).
+-- operation (async mode, protocol §9.3): $1 operation id (16 bytes).
 -- Zero or one row: key, state, fingerprint, attempts, remaining_us (until
 -- a pending operation is due; a done one's retention left),
 -- completed_at_us, status, header_names, header_values, body.

@@ -1,4 +1,4 @@
--- queue_stats (async mode, SPEC §9.8). One row: pending (bigint, the
+-- queue_stats (async mode, protocol §9.8). One row: pending (bigint, the
 -- operations pending or running), oldest_us (µs since the oldest of them
 -- was accepted, by the database clock; NULL when there is none).
 --

@@ -1,4 +1,4 @@
--- release (SPEC §3.9): $1 key, $2 token, $3 notification channel.
+-- release (protocol §3.9): $1 key, $2 token, $3 notification channel.
 -- Returns one row: held (bool).
 --
 -- Atomicity: ONE guarded DELETE `WHERE key = $1 AND token = $2 AND state IN

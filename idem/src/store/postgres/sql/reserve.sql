@@ -1,4 +1,4 @@
--- reserve (SPEC §3.6): $1 key, $2 new token, $3 fingerprint, $4 lease in µs.
+-- reserve (protocol §3.6): $1 key, $2 new token, $3 fingerprint, $4 lease in µs.
 -- Returns exactly ONE row, the record as it is after the statement:
 --   acquired (bool: the row now carries $2), state, fingerprint,
 --   remaining_us (time left before expires_at), completed_at_us,

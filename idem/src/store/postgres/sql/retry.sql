@@ -1,4 +1,4 @@
--- retry (async mode, SPEC §9.4): $1 key, $2 token, $3 delay in µs,
+-- retry (async mode, protocol §9.4): $1 key, $2 token, $3 delay in µs,
 -- $4 last error. Rows affected: 1 = held, 0 = lost.
 --
 -- Atomicity: ONE guarded UPDATE `WHERE key = $1 AND token = $2 AND state =

@@ -1,5 +1,5 @@
 -- complete: replace the caller's in-flight reservation, or the operation
--- it runs, with its answer (SPEC §3.9, §9.4), fenced on the token.
+-- it runs, with its answer (protocol §3.9, §9.4), fenced on the token.
 --
 -- KEYS[1]   the record, a hash at `{prefix}{<store key>}`
 -- ARGV[1]   the caller's fencing token (32 hex characters)

@@ -1,4 +1,4 @@
--- enqueue: ONE atomic step of SPEC §9.1 on the key's record: write the
+-- enqueue: ONE atomic step of protocol §9.1 on the key's record: write the
 -- pending operation, or say what holds the key.
 --
 -- KEYS[1]  the record, a hash at `{prefix}{<store key>}`

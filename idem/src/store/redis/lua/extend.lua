@@ -1,4 +1,4 @@
--- extend: the heartbeat (SPEC §3.8, §9.4): the caller's lease now ends
+-- extend: the heartbeat (protocol §3.8, §9.4): the caller's lease now ends
 -- ARGV[2] milliseconds from now, fenced on the token.
 --
 -- KEYS[1]  the record, a hash at `{prefix}{<store key>}`

@@ -1,4 +1,4 @@
--- offer: the first step of enqueue (SPEC §9.7): put a new operation's
+-- offer: the first step of enqueue (protocol §9.7): put a new operation's
 -- entry in the queue, not yet claimable, if `max_pending` allows.
 --
 -- KEYS[1]  the due set, `{prefix}{<prefix>queue}:due`

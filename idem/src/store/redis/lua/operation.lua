@@ -1,5 +1,5 @@
 -- operation: the state of async operation ARGV[1], read from its record
--- (SPEC §9.3); the id's index entry named the key.
+-- (protocol §9.3); the id's index entry named the key.
 --
 -- KEYS[1]  the record, a hash at `{prefix}{<store key>}`
 -- ARGV[1]  the operation id (32 hex characters)

@@ -1,5 +1,5 @@
 -- release: delete the caller's in-flight reservation (or the operation it
--- runs) so the next request executes (SPEC §3.9), fenced on the token.
+-- runs) so the next request executes (protocol §3.9), fenced on the token.
 --
 -- KEYS[1]  the record, a hash at `{prefix}{<store key>}`
 -- ARGV[1]  the caller's fencing token (32 hex characters)

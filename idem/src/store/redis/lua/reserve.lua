@@ -1,4 +1,4 @@
--- reserve: ONE atomic step of SPEC §3.6 — take the key, or say what holds it.
+-- reserve: ONE atomic step of protocol §3.6 — take the key, or say what holds it.
 --
 -- KEYS[1]  the record, a hash at `{prefix}{<store key>}`
 -- ARGV[1]  the request's fingerprint (64 hex characters)

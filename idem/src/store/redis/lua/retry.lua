@@ -1,4 +1,4 @@
--- retry: another attempt later (SPEC §9.5), fenced on the token: the
+-- retry: another attempt later (protocol §9.5), fenced on the token: the
 -- caller's running operation goes back to pending, due ARGV[2] ms from now.
 --
 -- KEYS[1]  the record, a hash at `{prefix}{<store key>}`

@@ -1,4 +1,4 @@
--- start: the second step of claim (SPEC §9.4), on the record of an entry
+-- start: the second step of claim (protocol §9.4), on the record of an entry
 -- take.lua took: pending and due, or running with a lease that ran out →
 -- running under the caller's new token, one attempt more.
 --

@@ -1,5 +1,5 @@
 -- stats: how many operations the queue holds, and the age of the oldest
--- (SPEC §9.8 metrics).
+-- (protocol §9.8 metrics).
 --
 -- KEYS[1]  the due set, `{prefix}{<prefix>queue}:due`
 -- KEYS[2]  the age set, `{prefix}{<prefix>queue}:age`

@@ -1,4 +1,4 @@
--- take: the first step of claim (SPEC §9.4): take up to ARGV[1] due
+-- take: the first step of claim (protocol §9.4): take up to ARGV[1] due
 -- entries of the queue, oldest first, and hide each from other claimers
 -- for the lease.
 --
