@@ -131,10 +131,32 @@ pub fn canonical_json(data: &[u8]) {
             "re-serialized pretty differs: {:?}",
             String::from_utf8_lossy(body)
         );
+        // Canonical form keeps every number's value: each float as parsed
+        // equals the correctly rounded value of its token (else two
+        // different numbers can share one canonical form).
+        let shape = Shape::of(body);
+        let tokens = number_tokens(body);
+        assert_eq!(tokens.len(), shape.numbers.len(), "{:?}", String::from_utf8_lossy(body));
+        for (token, parsed) in tokens.iter().zip(&shape.numbers) {
+            if let Some(parsed) = parsed {
+                let exact: f64 = token.parse().expect("a JSON number is a float");
+                assert_eq!(
+                    parsed.to_bits(),
+                    exact.to_bits(),
+                    "the number {token} was read as {parsed:e}, not {exact:e}, and hashed so: {:?}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
     } else {
         // Raw bytes are hashed only when canonical form could merge two
         // requests: a duplicate key, or a number a float cannot hold (only
         // floats are at risk: integers within i64/u64 are kept exactly).
+        assert_ne!(
+            body,
+            serde_json::to_vec(&value).expect("a Value serializes"),
+            "serde_json's own compact output was hashed raw"
+        );
         let shape = Shape::of(body);
         assert!(
             shape.duplicate_key || shape.float,
@@ -223,6 +245,8 @@ fn remove_pointer(root: &mut Value, pointer: &str) {
 struct Shape {
     duplicate_key: bool,
     float: bool,
+    /// Every number in document order: `Some` for one read as a float.
+    numbers: Vec<Option<f64>>,
 }
 
 impl Shape {
@@ -233,6 +257,32 @@ impl Shape {
             .expect("the body parsed as a Value");
         shape
     }
+}
+
+/// The number tokens of the valid JSON `body`, in document order.
+fn number_tokens(body: &[u8]) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                i += 1;
+                while i < body.len() && body[i] != b'"' {
+                    i += if body[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < body.len() && matches!(body[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                    i += 1;
+                }
+                out.push(std::str::from_utf8(&body[start..i]).expect("ASCII"));
+            }
+            _ => i += 1,
+        }
+    }
+    out
 }
 
 struct ShapeSeed<'a>(&'a mut Shape);
@@ -253,13 +303,16 @@ impl<'de> serde::de::Visitor<'de> for ShapeSeed<'_> {
         Ok(())
     }
     fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        self.0.numbers.push(None);
         Ok(())
     }
     fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        self.0.numbers.push(None);
         Ok(())
     }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+    fn visit_f64<E>(self, f: f64) -> Result<(), E> {
         self.0.float = true;
+        self.0.numbers.push(Some(f));
         Ok(())
     }
     fn visit_str<E>(self, _: &str) -> Result<(), E> {

@@ -12,6 +12,7 @@ fn replay(target: &str, check: fn(&[u8])) {
         dirs.push(root.join(extra).join(target));
     }
     let mut count = 0;
+    let mut failed = Vec::new();
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         let mut files: Vec<_> = entries.map(|e| e.expect("readable dir").path()).collect();
@@ -19,12 +20,13 @@ fn replay(target: &str, check: fn(&[u8])) {
         for file in files.into_iter().filter(|f| f.is_file()) {
             let data = std::fs::read(&file).expect("readable file");
             if std::panic::catch_unwind(|| check(&data)).is_err() {
-                panic!("{target}: {} fails", file.display());
+                failed.push(file.display().to_string());
             }
             count += 1;
         }
     }
     assert!(count > 0, "{target}: no input found");
+    assert!(failed.is_empty(), "{target}: {} of {count} inputs fail: {failed:#?}", failed.len());
     println!("{target}: {count} inputs");
 }
 
