@@ -58,7 +58,10 @@ fn is_valid_key(s: &str) -> bool {
 
 fn check_key(k: &IdempotencyKey) {
     let s = k.as_str();
-    assert!(is_valid_key(s), "an accepted key is 1..=255 visible ASCII: {s:?}");
+    assert!(
+        is_valid_key(s),
+        "an accepted key is 1..=255 visible ASCII: {s:?}"
+    );
     assert_eq!(IdempotencyKey::parse(s).as_ref(), Ok(k), "round trip");
 }
 
@@ -136,7 +139,12 @@ pub fn canonical_json(data: &[u8]) {
         // different numbers can share one canonical form).
         let shape = Shape::of(body);
         let tokens = number_tokens(body);
-        assert_eq!(tokens.len(), shape.numbers.len(), "{:?}", String::from_utf8_lossy(body));
+        assert_eq!(
+            tokens.len(),
+            shape.numbers.len(),
+            "{:?}",
+            String::from_utf8_lossy(body)
+        );
         for (token, parsed) in tokens.iter().zip(&shape.numbers) {
             if let Some(parsed) = parsed {
                 let exact: f64 = token.parse().expect("a JSON number is a float");
@@ -274,7 +282,9 @@ fn number_tokens(body: &[u8]) -> Vec<&str> {
             }
             b'-' | b'0'..=b'9' => {
                 let start = i;
-                while i < body.len() && matches!(body[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                while i < body.len()
+                    && matches!(body[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
                     i += 1;
                 }
                 out.push(std::str::from_utf8(&body[start..i]).expect("ASCII"));
@@ -397,7 +407,8 @@ pub fn path(data: &[u8]) {
     for (i, _) in once.match_indices('%') {
         let hex = &bytes[i + 1..i + 3];
         assert!(
-            hex.iter().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b)),
+            hex.iter()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b)),
             "{p:?} -> {once:?}"
         );
         let byte = u8::from_str_radix(std::str::from_utf8(hex).expect("ASCII"), 16)

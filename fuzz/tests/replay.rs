@@ -7,14 +7,19 @@ use std::path::Path;
 
 fn replay(target: &str, check: fn(&[u8])) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut dirs = vec![root.join("seeds").join(target), root.join("regressions").join(target)];
+    let mut dirs = vec![
+        root.join("seeds").join(target),
+        root.join("regressions").join(target),
+    ];
     if let Ok(extra) = std::env::var("IDEM_FUZZ_DIR") {
         dirs.push(root.join(extra).join(target));
     }
     let mut count = 0;
     let mut failed = Vec::new();
     for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         let mut files: Vec<_> = entries.map(|e| e.expect("readable dir").path()).collect();
         files.sort();
         for file in files.into_iter().filter(|f| f.is_file()) {
@@ -26,7 +31,11 @@ fn replay(target: &str, check: fn(&[u8])) {
         }
     }
     assert!(count > 0, "{target}: no input found");
-    assert!(failed.is_empty(), "{target}: {} of {count} inputs fail: {failed:#?}", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{target}: {} of {count} inputs fail: {failed:#?}",
+        failed.len()
+    );
     println!("{target}: {count} inputs");
 }
 
