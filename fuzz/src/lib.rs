@@ -366,10 +366,10 @@ pub fn config(data: &[u8]) {
         Err(e) => assert!(!e.to_string().is_empty()),
     }
     if text.len() <= 64 {
-        if let Ok(d) = idem_cli::config::parse_duration(text) {
-            assert!(d.as_secs() <= 36_500 * 86_400, "{text:?} -> {d:?}");
+        if let Ok(d) = idem_cli::units::parse_duration(text) {
+            assert!(d <= idem_cli::units::MAX_DURATION, "{text:?} -> {d:?}");
         }
-        let _ = idem_cli::config::parse_size(text);
+        let _ = idem_cli::units::parse_size(text);
     }
 }
 
