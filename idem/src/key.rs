@@ -148,16 +148,42 @@ impl Error for KeyError {}
 pub fn from_header_values<'a>(
     values: impl IntoIterator<Item = &'a HeaderValue>,
 ) -> Result<Option<IdempotencyKey>, KeyError> {
+    from_named_header_values("Idempotency-Key", values)
+}
+
+/// [`from_header_values`] for a key header of another name (a route's
+/// `key_header`, protocol §13): the same rules, and a refusal that names
+/// `name` (see [`header_display_name`]).
+///
+/// # Errors
+///
+/// If the header appears more than once or its value is not a valid key.
+pub fn from_named_header_values<'a>(
+    name: &str,
+    values: impl IntoIterator<Item = &'a HeaderValue>,
+) -> Result<Option<IdempotencyKey>, KeyError> {
     let mut values = values.into_iter();
     let Some(first) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(KeyError::new(
-            "more than one Idempotency-Key header; send exactly one",
-        ));
+        return Err(KeyError::new(format!(
+            "more than one {name} header; send exactly one"
+        )));
     }
     parse_header_value(first.as_bytes()).map(Some)
+}
+
+/// How a key header is named to clients: `Idempotency-Key` for the
+/// default, otherwise the configured name as written to the wire (lower
+/// case, as HTTP/2 sends it; names are case-insensitive).
+#[must_use]
+pub fn header_display_name(name: &HeaderName) -> &str {
+    if name.as_str() == crate::policy::DEFAULT_KEY_HEADER {
+        "Idempotency-Key"
+    } else {
+        name.as_str()
+    }
 }
 
 /// Parses one value of the key header.

@@ -100,6 +100,13 @@ impl<S: Store> Engine<S> {
                 }
             })
             .await;
+        let name = match &outcome {
+            Outcome::Executed(Err(_)) | Outcome::Bypassed(Err(_)) => "failed",
+            other => other.name(),
+        };
+        // The job's one line (protocol §13): the key as a short hash, never
+        // itself; the caller's span carries its job id.
+        tracing::info!(key = %key.log_id(), outcome = name, "job");
         match outcome {
             Outcome::Executed(r) | Outcome::Bypassed(r) => r.map(|value| Once {
                 value,

@@ -35,6 +35,10 @@ use crate::path::{self, PathError};
 mod builder;
 pub use builder::RoutePolicyBuilder;
 
+/// The default key header, `Idempotency-Key`, in the lower case of a
+/// [`HeaderName`].
+pub const DEFAULT_KEY_HEADER: &str = "idempotency-key";
+
 /// What to do when a participating request carries no key (protocol §3.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KeyPolicy {
@@ -177,6 +181,11 @@ pub struct RoutePolicy {
     pub methods: Vec<Method>,
     /// Missing-key policy.
     pub key: KeyPolicy,
+    /// The header that carries the key (default `idempotency-key`; e.g.
+    /// `webhook-id` for Standard Webhooks senders, protocol §13). Read and
+    /// validated exactly as `Idempotency-Key` (§3.2); any other header,
+    /// `Idempotency-Key` included, is then an ordinary header.
+    pub key_header: HeaderName,
     /// Retention of derived keys.
     pub dedupe_window: Duration,
     /// Concurrent-duplicate policy.
@@ -230,6 +239,7 @@ impl Default for RoutePolicy {
         Self {
             methods: vec![Method::POST, Method::PATCH],
             key: KeyPolicy::Required,
+            key_header: HeaderName::from_static(DEFAULT_KEY_HEADER),
             dedupe_window: Duration::from_secs(10),
             concurrent: Concurrent::Reject,
             wait_timeout: Duration::from_secs(10),

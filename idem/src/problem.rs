@@ -185,6 +185,12 @@ impl Problem {
         self.code.status()
     }
 
+    /// The problem's code.
+    #[must_use]
+    pub fn code(&self) -> ProblemCode {
+        self.code
+    }
+
     /// The JSON body.
     #[must_use]
     pub fn body(&self) -> Bytes {

@@ -69,6 +69,7 @@ fn describe_policy(out: &mut Vec<String>, p: &RoutePolicy, named_method: Option<
     let rows = [
         ("methods", methods),
         ("key", p.key.name()),
+        ("key_header", p.key_header.to_string()),
         ("dedupe_window", format_duration(p.dedupe_window)),
         ("concurrent", p.concurrent.name()),
         ("wait_timeout", format_duration(p.wait_timeout)),

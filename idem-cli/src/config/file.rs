@@ -49,6 +49,7 @@ pub(super) struct PolicyTable {
     matcher: Option<Spanned<Text<Route>>>,
     methods: Option<Vec<Spanned<String>>>,
     key: Option<Choice<KeyPolicy>>,
+    key_header: Option<Spanned<String>>,
     dedupe_window: Option<NonZeroDuration>,
     concurrent: Option<Choice<Concurrent>>,
     wait_timeout: Option<NonZeroDuration>,
@@ -199,6 +200,10 @@ impl PolicyTable {
     fn apply(self, p: &mut RoutePolicy, src: &Src<'_>) -> Result<(), ConfigError> {
         if let Some(list) = &self.methods {
             p.methods = each(src, list, "methods", parse::method)?;
+        }
+        if let Some(name) = &self.key_header {
+            p.key_header = parse::key_header(name.get_ref())
+                .map_err(|e| src.at(&name.span(), format!("key_header: {e}")))?;
         }
         if let Some(list) = &self.scope_headers {
             p.scope_headers = each(src, list, "scope_headers", parse::header)?;

@@ -88,6 +88,44 @@ pub(super) fn header(s: &str) -> Result<HeaderName, String> {
     HeaderName::from_bytes(s.as_bytes()).map_err(|_| format!("`{s}` is not a valid header name"))
 }
 
+/// A route's `key_header` (protocol §13): a header name that can carry a
+/// key end to end. Refused: hop-by-hop headers (a proxy drops them),
+/// headers HTTP itself or idem gives another meaning (`host`,
+/// `content-length`, `content-type`, `x-request-id`, …), and the
+/// credentials the scope is built from (`authorization`, `cookie`: a key
+/// is written to the store, a credential never is).
+pub(super) fn key_header(s: &str) -> Result<HeaderName, String> {
+    const REFUSED: [&str; 18] = [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-type",
+        "expect",
+        "authorization",
+        "cookie",
+        "x-request-id",
+        "idempotent-replayed",
+        "idempotency-status",
+        "retry-after",
+    ];
+    let name = header(s)?;
+    if REFUSED.contains(&name.as_str()) {
+        return Err(format!(
+            "`{s}` cannot carry the key: HTTP or idem already gives it another meaning \
+             (use a header of its own, such as `Idempotency-Key`, `X-Idempotency-Key` \
+             or `webhook-id`)"
+        ));
+    }
+    Ok(name)
+}
+
 /// An RFC 6901 JSON pointer: empty, or `/`-separated tokens where `~` is
 /// only ever followed by `0` or `1`.
 pub(super) fn json_pointer(s: &str) -> Result<&str, String> {

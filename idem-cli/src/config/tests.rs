@@ -553,3 +553,56 @@ fn a_short_admin_token_is_refused() {
     let e = c.validate().expect_err("short token in code");
     assert!(e.to_string().contains("at least 16"), "{e}");
 }
+
+#[test]
+fn key_header_per_route() {
+    let c = load_ok(
+        r#"upstream = "http://127.0.0.1:3000"
+[defaults]
+key_header = "X-Idempotency-Key"
+
+[[route]]
+match = "POST /webhooks/**"
+key_header = "webhook-id"
+
+[[route]]
+match = "POST /payments/*"
+"#,
+    );
+    let d = c.routes.default_policy();
+    assert_eq!(d.key_header, HeaderName::from_static("x-idempotency-key"));
+    let [hook, pay] = c.routes.routes() else {
+        panic!("two routes expected");
+    };
+    assert_eq!(hook.policy.key_header, HeaderName::from_static("webhook-id"));
+    assert_eq!(
+        pay.policy.key_header,
+        HeaderName::from_static("x-idempotency-key"),
+        "inherited"
+    );
+    assert_eq!(
+        RoutePolicy::default().key_header,
+        HeaderName::from_static("idempotency-key")
+    );
+    let text = c.describe();
+    assert!(text.contains("key_header            webhook-id"), "{text}");
+    assert!(text.contains("key_header            x-idempotency-key"), "{text}");
+
+    assert_err(
+        "[defaults]\nkey_header = \"bad header\"\n",
+        3,
+        &["key_header", "not a valid header name"],
+    );
+    assert_err(
+        "[[route]]\nmatch = \"POST /x\"\nkey_header = \"Authorization\"\n",
+        4,
+        &["key_header", "`Authorization` cannot carry the key"],
+    );
+    assert_err(
+        "[defaults]\nkey_header = \"connection\"\n",
+        3,
+        &["key_header", "cannot carry the key"],
+    );
+    assert_err("[defaults]\nkey_header = \"\"\n", 3, &["key_header"]);
+    assert_err("[defaults]\nkey_header = 5\n", 3, &["key_header"]);
+}

@@ -225,7 +225,7 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
         m.dispatch_latency.observe(started.elapsed());
         let Some((outcome, lease_ends)) = called else {
             DispatchMetrics::inc(&m.lost);
-            tracing::warn!(id = %c.id, key = %c.key, "lease lost during the upstream call; its outcome is dropped");
+            tracing::warn!(id = %c.id, key = %c.key.log_id(), "lease lost during the upstream call; its outcome is dropped");
             return;
         };
         let failure = match outcome {
@@ -372,7 +372,7 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
 
     fn lost(&self, c: &Claimed, step: &str) {
         DispatchMetrics::inc(&self.metrics.lost);
-        tracing::warn!(id = %c.id, key = %c.key, step, "fenced out: another dispatcher took the operation over; nothing stored");
+        tracing::warn!(id = %c.id, key = %c.key.log_id(), step, "fenced out: another dispatcher took the operation over; nothing stored");
     }
 }
 

@@ -94,6 +94,22 @@ pub enum Outcome<R> {
     },
 }
 
+impl<R> Outcome<R> {
+    /// The outcome's name in logs and metrics (protocol §10): `executed`,
+    /// `bypass`, `replayed`, `conflict`, `mismatch` or `store_error`.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Executed(_) => "executed",
+            Outcome::Bypassed(_) => "bypass",
+            Outcome::Replayed(_) => "replayed",
+            Outcome::InProgress { .. } => "conflict",
+            Outcome::Mismatch => "mismatch",
+            Outcome::StoreUnavailable { .. } => "store_error",
+        }
+    }
+}
+
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {

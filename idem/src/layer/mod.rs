@@ -132,6 +132,7 @@ mod future;
     reason = "tower-http's split: `layer/layer.rs` holds the `Layer`"
 )]
 mod layer;
+mod log;
 mod operations;
 mod response;
 mod route;

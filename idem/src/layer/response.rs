@@ -97,22 +97,27 @@ pub(super) fn stored_problem(problem: &Problem) -> StoredResponse {
 }
 
 /// The *respond* phase: what the client gets for each engine outcome.
+/// `key_header` is the route's, named in the details.
 pub(super) fn respond<B, E>(
     outcome: Outcome<Result<Response<ResponseBody<B>>, E>>,
+    key_header: &HeaderName,
 ) -> Result<Response<ResponseBody<B>>, E> {
+    let name = crate::key::header_display_name(key_header);
     match outcome {
         Outcome::Executed(r) | Outcome::Bypassed(r) => r,
         Outcome::Replayed(record) => Ok(replay(&record.response)),
         Outcome::InProgress { retry_after } => Ok(Problem::new(
             ProblemCode::KeyInProgress,
-            "a request with this Idempotency-Key is still being processed; retry later",
+            format!("a request with this {name} is still being processed; retry later"),
         )
         .retry_after(retry_after)
         .to_response()),
         Outcome::Mismatch => Ok(problem(
             ProblemCode::KeyReused,
-            "this Idempotency-Key was already used with a different request \
-             (method, path, selected headers or body differ); use a new key",
+            &format!(
+                "this {name} was already used with a different request \
+                 (method, path, selected headers or body differ); use a new key"
+            ),
         )),
         Outcome::StoreUnavailable { .. } => Ok(Problem::new(
             ProblemCode::StoreUnavailable,

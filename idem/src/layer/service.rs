@@ -23,11 +23,12 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower_service::Service;
 
 use super::execute;
+use super::log;
 use super::future::ResponseFuture;
 use super::operations::{self, AsyncMode};
 use super::response::respond;
 use super::route::{route, RouteMatch};
-use super::{ResponseBody, IDEMPOTENCY_KEY};
+use super::ResponseBody;
 use crate::engine::{Engine, Rules};
 use crate::fingerprint::{fingerprint, Fingerprint, FingerprintOptions};
 use crate::key::{self, IdempotencyKey, Scope, StoreKey};
@@ -113,7 +114,11 @@ where
         let req = Request::from_parts(parts, body);
         match resolve(&found, req.headers()) {
             Resolved::PassThrough => ResponseFuture::pass_through(self.inner.call(req)),
-            Resolved::Refused(problem) => ResponseFuture::ready(problem.to_response()),
+            Resolved::Refused(problem) => {
+                let id = log::request_id(req.headers());
+                log::request(id.as_ref(), None, problem.code().as_str(), problem.status());
+                ResponseFuture::ready(problem.to_response())
+            }
             Resolved::Guarded(guard) => {
                 // Take the service that was driven to readiness; leave a clone.
                 let clone = self.inner.clone();
@@ -154,7 +159,10 @@ fn resolve(found: &RouteMatch, headers: &http::HeaderMap) -> Resolved {
         return Resolved::Refused(Problem::new(ProblemCode::PathInvalid, e.to_string()));
     }
     let policy = found.policy();
-    let key = match key::from_header_values(headers.get_all(IDEMPOTENCY_KEY)) {
+    // The route's key header (protocol §13); any other, `Idempotency-Key`
+    // included, is an ordinary header here, forwarded as it came.
+    let name = key::header_display_name(&policy.key_header);
+    let key = match key::from_named_header_values(name, headers.get_all(&policy.key_header)) {
         Ok(key) => key,
         Err(e) => return Resolved::Refused(Problem::new(ProblemCode::KeyInvalid, e.reason())),
     };
@@ -174,7 +182,7 @@ fn resolve(found: &RouteMatch, headers: &http::HeaderMap) -> Resolved {
         None => match policy.key {
             KeyPolicy::Required => Resolved::Refused(Problem::new(
                 ProblemCode::KeyMissing,
-                "this route requires an Idempotency-Key header",
+                format!("this route requires a key in the {name} header"),
             )),
             KeyPolicy::Optional => Resolved::PassThrough,
             KeyPolicy::Derived => Resolved::Guarded(Guard {
@@ -204,17 +212,31 @@ where
     St: Store,
 {
     let (parts, body) = req.into_parts();
+    let id = log::request_id(&parts.headers);
     let bytes = match read_body(&parts.headers, body, guard.policy.max_body).await {
         Ok(bytes) => bytes,
-        Err(problem) => return Ok(problem.to_response()),
+        Err(problem) => {
+            let res = problem.to_response();
+            log::request(id.as_ref(), None, problem.code().as_str(), res.status().as_u16());
+            return Ok(res);
+        }
     };
     let identity = identify(&parts, &bytes, &guard);
+    let key = identity.key.log_id();
     if let (Mode::Async, Some(mode)) = (guard.policy.mode, &async_mode) {
         // Phase 4 of async mode: accept, and let a dispatcher run it.
-        return Ok(operations::accept(mode, &parts, bytes, &identity).await);
+        let res = operations::accept(mode, &parts, bytes, &identity).await;
+        log::request(id.as_ref(), Some(key), log::async_outcome(&res), res.status().as_u16());
+        return Ok(res);
     }
     let req = Request::from_parts(parts, bytes);
-    respond(execute::run(engine, inner, identity, guard.policy, req).await)
+    let policy = Arc::clone(&guard.policy);
+    let outcome = execute::run(engine, inner, identity, guard.policy, req).await;
+    let name = outcome.name();
+    let res = respond(outcome, &policy.key_header);
+    let status = res.as_ref().map_or(0, |r| r.status().as_u16());
+    log::request(id.as_ref(), Some(key), name, status);
+    res
 }
 
 /// Phase 2: the whole body, refused (413) as soon as it exceeds `max`.

@@ -59,6 +59,9 @@ impl RoutePolicyBuilder {
         methods: Vec<Method>;
         /// What a request without a key gets (default `required`).
         key: KeyPolicy;
+        /// The header that carries the key (default `idempotency-key`;
+        /// `webhook-id` for Standard Webhooks, protocol §13).
+        key_header: HeaderName;
         /// Retention of derived keys (default 10 s).
         dedupe_window: Duration;
         /// What a concurrent duplicate gets (default `reject`; `wait` for
