@@ -73,6 +73,18 @@ impl GatewayProcess {
     /// its admin listener says it is ready. `toml` holds the per-route
     /// settings. Logs go to `<dir>/<name>.log` (printed on failure).
     pub async fn start(dir: &Path, name: &str, upstream: &str, store: &str, toml: &str) -> Self {
+        Self::start_logging(dir, name, upstream, store, toml, "info").await
+    }
+
+    /// [`start`](Self::start) with `IDEM_LOG` set to `filter`.
+    pub async fn start_logging(
+        dir: &Path,
+        name: &str,
+        upstream: &str,
+        store: &str,
+        toml: &str,
+        filter: &str,
+    ) -> Self {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, toml).expect("write gateway config");
         let log = dir.join(format!("{name}.log"));
@@ -97,7 +109,7 @@ impl GatewayProcess {
                 .args(["--upstream", upstream])
                 .args(["--store", store])
                 .env("IDEM_ADMIN_TOKEN", &token)
-                .env("IDEM_LOG", "info")
+                .env("IDEM_LOG", filter)
                 .env_remove("IDEM_LOG_FORMAT")
                 .env_remove("IDEM_CONFIG")
                 .stdin(Stdio::null())
