@@ -147,7 +147,11 @@ async fn the_gateway_logs_one_line_per_request_and_no_secret() {
             .lines()
             .filter(|l| l.contains(" INFO ") && l.contains("outcome="))
             .collect();
-        assert_eq!(lines.len(), 1, "one line for one request, at {filter}:\n{log}");
+        assert_eq!(
+            lines.len(),
+            1,
+            "one line for one request, at {filter}:\n{log}"
+        );
         let line = lines[0];
         let hash = log_id(SECRET_KEY, SECRET_TOKEN, SECRET_COOKIE);
         for needle in [
@@ -159,8 +163,17 @@ async fn the_gateway_logs_one_line_per_request_and_no_secret() {
         ] {
             assert!(line.contains(&needle), "`{needle}` missing from {line}");
         }
-        for secret in ["SECRETKEY", "SECRETTOKEN", "SECRETCOOKIE", "sk_live", "tok_"] {
-            assert!(!log.contains(secret), "`{secret}` leaked at {filter}:\n{log}");
+        for secret in [
+            "SECRETKEY",
+            "SECRETTOKEN",
+            "SECRETCOOKIE",
+            "sk_live",
+            "tok_",
+        ] {
+            assert!(
+                !log.contains(secret),
+                "`{secret}` leaked at {filter}:\n{log}"
+            );
         }
     }
 }

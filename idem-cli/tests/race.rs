@@ -387,3 +387,108 @@ async fn the_demo_shows_duplicates_then_one_execution() {
         "{words}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeat_counts_the_runs_that_duplicated() {
+    let backend = NaiveBackend::start(GAP).await.expect("backend");
+    let (code, v) = race_json(
+        &backend.orders_url(),
+        &["-n", "100", "--repeat", "3"],
+        Some(&backend.count_url()),
+    )
+    .await;
+    assert_eq!(code, 1, "duplicated runs must exit 1: {v}");
+    assert_eq!(
+        (v["runs"].as_u64(), v["completed"].as_u64()),
+        (Some(3), Some(3)),
+        "{v}"
+    );
+    assert_eq!(
+        v["duplicated"], 3,
+        "a fresh key per run, so every run races the check-then-act gap anew: {v}"
+    );
+    assert_eq!(v["duplicates"], true);
+    assert!(
+        v["verdict"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("DUPLICATES in 3 of 3")),
+        "{v}"
+    );
+    let reports = v["reports"].as_array().expect("reports");
+    let executions: u64 = reports
+        .iter()
+        .map(|r| r["executions"].as_u64().expect("executions"))
+        .sum();
+    assert_eq!(
+        executions,
+        backend.orders_created(),
+        "count URL = what happened"
+    );
+}
+
+/// `POST /webhooks/*` keyed by `webhook-id`, duplicates coalesced.
+const WEBHOOK_ROUTE: &str =
+    "[[route]]\nmatch = \"POST /webhooks/*\"\nkey_header = \"webhook-id\"\nconcurrent = \"wait\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_header_and_repeat_without_and_behind_the_gateway() {
+    // The test upstream has no check at all: every request executes, and
+    // every execution answers a body of its own.
+    let up = support::Upstream::start().await;
+    let path = "/webhooks/hook?delay_ms=50";
+    let direct = format!("{}{path}", up.url());
+    let args = ["-n", "20", "--key-header", "webhook-id", "--repeat", "3"];
+    let (exit, v) = race_json(&direct, &args, None).await;
+    assert_eq!(exit, 1, "{v}");
+    assert_eq!(v["duplicated"], 3, "{v}");
+    assert_eq!(up.total(), 60);
+
+    let gw = support::gateway(&up.url(), WEBHOOK_ROUTE).await;
+    let url = format!("http://{}{path}", gw.local_addr());
+    let (exit, v) = race_json(&url, &args, None).await;
+    assert_eq!(exit, 0, "behind idem, no run duplicates: {v}");
+    assert_eq!(
+        (v["duplicated"].as_u64(), v["completed"].as_u64()),
+        (Some(0), Some(3)),
+        "{v}"
+    );
+    assert!(
+        v["verdict"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("NO DUPLICATES in 3 of 3")),
+        "{v}"
+    );
+    for r in v["reports"].as_array().expect("reports") {
+        // Every request got the one success of its run: the key travelled
+        // in webhook-id (without it the route answers 400).
+        assert_eq!(r["statuses"]["201"], 20, "{r}");
+        assert_eq!(r["replayed"], 19, "{r}");
+    }
+    assert_eq!(
+        up.total(),
+        63,
+        "one execution per run, a fresh webhook-id each"
+    );
+
+    // The text report: one line per run, then the verdict.
+    let out = idem(&[
+        "race",
+        &url,
+        "-n",
+        "5",
+        "--key-header",
+        "webhook-id",
+        "--repeat",
+        "2",
+    ])
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(code(&out), 0, "{text}{}", stderr(&out));
+    assert!(text.contains("in webhook-id"), "{text}");
+    assert!(
+        text.contains("run 1/2: ") && text.contains("run 2/2: "),
+        "{text}"
+    );
+    assert!(text.contains("NO DUPLICATES in 2 of 2 runs"), "{text}");
+    gw.shutdown().await.expect("shutdown");
+}

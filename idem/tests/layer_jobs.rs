@@ -73,8 +73,14 @@ async fn a_route_s_key_header_is_the_key_in_every_respect() {
     // Replay: one execution, the same answer.
     let first = call(&app, hook("msg_1", "{\"a\":1}")).await;
     let again = call(&app, hook("msg_1", "{\"a\":1}")).await;
-    assert_eq!((first.0, &first.2[..]), (StatusCode::CREATED, &b"run 1"[..]));
-    assert_eq!((again.0, &again.2[..]), (StatusCode::CREATED, &b"run 1"[..]));
+    assert_eq!(
+        (first.0, &first.2[..]),
+        (StatusCode::CREATED, &b"run 1"[..])
+    );
+    assert_eq!(
+        (again.0, &again.2[..]),
+        (StatusCode::CREATED, &b"run 1"[..])
+    );
     assert_eq!(again.1["idempotent-replayed"], "true");
     assert_eq!(count.load(Ordering::SeqCst), 1);
 
@@ -100,7 +106,10 @@ async fn a_route_s_key_header_is_the_key_in_every_respect() {
         let (code, detail) = problem(&body);
         assert_eq!(code, "idempotency_key_invalid", "{headers:?}");
         if headers.len() == 2 {
-            assert!(detail.contains("more than one webhook-id header"), "{detail}");
+            assert!(
+                detail.contains("more than one webhook-id header"),
+                "{detail}"
+            );
         }
     }
 
@@ -198,7 +207,11 @@ async fn one_line_per_request_with_its_id_and_a_hash_never_a_secret() {
         let text = logs.text();
         let lines: Vec<&str> = text.lines().filter(|l| l.contains("req-42")).collect();
         let info: Vec<&&str> = lines.iter().filter(|l| l.contains(" INFO ")).collect();
-        assert_eq!(info.len(), 1, "one info line per request, at {level}:\n{text}");
+        assert_eq!(
+            info.len(),
+            1,
+            "one info line per request, at {level}:\n{text}"
+        );
         // The store key is `hex(scope):key`; its log id is the first 12 hex
         // digits of its BLAKE3 hash.
         let scope = idem::Scope::from_headers(
@@ -221,7 +234,10 @@ async fn one_line_per_request_with_its_id_and_a_hash_never_a_secret() {
         }
         assert!(line.contains(&format!("key={hash}")), "{line}");
         for secret in ["SECRETKEY", "SECRETTOKEN", "sk_live", "tok_"] {
-            assert!(!text.contains(secret), "`{secret}` leaked at {level}:\n{text}");
+            assert!(
+                !text.contains(secret),
+                "`{secret}` leaked at {level}:\n{text}"
+            );
         }
     }
 }
@@ -245,7 +261,10 @@ async fn a_refused_request_gets_its_line_too() {
         .filter(|l| l.contains("req-43") && l.contains(" INFO "))
         .collect();
     assert_eq!(info.len(), 1, "{text}");
-    assert!(info[0].contains("outcome=\"idempotency_key_invalid\""), "{text}");
+    assert!(
+        info[0].contains("outcome=\"idempotency_key_invalid\""),
+        "{text}"
+    );
     assert!(info[0].contains("status=400"), "{text}");
     assert!(!text.contains("SECRET"), "{text}");
 }

@@ -574,7 +574,10 @@ match = "POST /payments/*"
     let [hook, pay] = c.routes.routes() else {
         panic!("two routes expected");
     };
-    assert_eq!(hook.policy.key_header, HeaderName::from_static("webhook-id"));
+    assert_eq!(
+        hook.policy.key_header,
+        HeaderName::from_static("webhook-id")
+    );
     assert_eq!(
         pay.policy.key_header,
         HeaderName::from_static("x-idempotency-key"),
@@ -586,7 +589,10 @@ match = "POST /payments/*"
     );
     let text = c.describe();
     assert!(text.contains("key_header            webhook-id"), "{text}");
-    assert!(text.contains("key_header            x-idempotency-key"), "{text}");
+    assert!(
+        text.contains("key_header            x-idempotency-key"),
+        "{text}"
+    );
 
     assert_err(
         "[defaults]\nkey_header = \"bad header\"\n",

@@ -18,8 +18,13 @@
 //! Load mode (`--duration 10s --concurrency C`) instead keeps C connections
 //! busy for the duration and adds requests/s.
 //!
-//! Exit codes are decided in one place, [`exit_code`]: 0 no duplicate, 1
-//! duplicates found, 2 usage or connection errors.
+//! `--repeat N` runs the burst N times, each run with a fresh key, and
+//! counts the runs that duplicated ([`Repeated`]): a race is a sample, and
+//! a rare duplicate shows up in one run out of many.
+//!
+//! Exit codes are decided in one place, [`exit_code`] (and
+//! [`Repeated::exit_code`]): 0 no duplicate, 1 duplicates found, 2 usage
+//! or connection errors.
 
 mod progress;
 pub(crate) mod report;
@@ -89,6 +94,20 @@ pub struct RaceArgs {
     /// Send no Idempotency-Key at all.
     #[arg(long)]
     pub no_key: bool,
+    /// The header that carries the key, e.g. `X-Idempotency-Key` or
+    /// `webhook-id` (a route's `key_header`).
+    #[arg(long, value_name = "NAME", default_value = "Idempotency-Key")]
+    pub key_header: String,
+    /// Run the burst N times, each run with a fresh key, and report how
+    /// many runs duplicated (exit 1 if any did).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=10_000),
+        conflicts_with_all = ["duration", "key"]
+    )]
+    pub repeat: u16,
     /// GET this before and after the burst: `{"count": n}` or a bare number of executions.
     #[arg(long, value_name = "URL")]
     pub count_url: Option<String>,
@@ -142,6 +161,14 @@ pub enum RaceError {
     /// `-X` is not a valid method.
     #[error("bad method `{0}`: not an HTTP method token")]
     Method(String),
+    /// `--key-header` is not a header name, or one that cannot carry a key.
+    #[error("bad key header `{name}`: {reason}")]
+    KeyHeader {
+        /// The name as given.
+        name: String,
+        /// Why it was refused.
+        reason: String,
+    },
     /// `--key` cannot be sent as a header value.
     #[error("bad key `{0}`: a key must be 1 to 255 visible ASCII characters")]
     Key(String),
@@ -314,6 +341,17 @@ impl Keys {
             prefix: random_name("race"),
         }
     }
+
+    /// The same kind of keys, fresh (for the next run of `--repeat`): a new
+    /// random key, a new prefix, or still none.
+    #[must_use]
+    pub fn fresh(&self) -> Self {
+        match self {
+            Self::One(_) => Self::random(),
+            Self::Unique { .. } => Self::unique(),
+            Self::None => Self::None,
+        }
+    }
 }
 
 fn random_name(prefix: &str) -> String {
@@ -346,6 +384,7 @@ pub struct Plan {
     headers: HeaderMap,
     body: Bytes,
     keys: Keys,
+    key_header: HeaderName,
     count_url: Option<Target>,
     progress: bool,
     request_timeout: Duration,
@@ -364,6 +403,7 @@ impl Plan {
             headers: HeaderMap::new(),
             body: Bytes::new(),
             keys: Keys::random(),
+            key_header: idem::layer::IDEMPOTENCY_KEY,
             count_url: None,
             progress: false,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -397,6 +437,21 @@ impl Plan {
     pub fn keys(mut self, keys: Keys) -> Self {
         self.keys = keys;
         self
+    }
+
+    /// Sets the header that carries the key (default `Idempotency-Key`).
+    #[must_use]
+    pub fn key_header(mut self, name: HeaderName) -> Self {
+        self.key_header = name;
+        self
+    }
+
+    /// The same plan with fresh keys (see [`Keys::fresh`]).
+    #[must_use]
+    pub fn fresh_keys(&self) -> Self {
+        let mut next = self.clone();
+        next.keys = self.keys.fresh();
+        next
     }
 
     /// Reads executions from this URL before and after.
@@ -433,6 +488,11 @@ impl Plan {
             Keys::One(k) => format!("one key ({k})"),
             Keys::Unique { prefix } => format!("a unique key each ({prefix}-…)"),
             Keys::None => "no key".to_owned(),
+        };
+        let keys = if self.key_header == idem::layer::IDEMPOTENCY_KEY || self.keys == Keys::None {
+            keys
+        } else {
+            format!("{keys} in {}", self.key_header)
         };
         match self.mode {
             Mode::Burst { requests } => format!(
@@ -477,11 +537,19 @@ impl RaceArgs {
         } else {
             Keys::random()
         };
+        let key_header = parse_key_header(&self.key_header)?;
         let mut plan = Plan::new(target, mode).method(method).keys(keys);
         for raw in &self.headers {
             let (name, value) = parse_header(raw)?;
+            if name == key_header {
+                return Err(RaceError::Header {
+                    header: raw.clone(),
+                    reason: "set the key with --key K (or --unique-keys, --no-key)".to_owned(),
+                });
+            }
             plan = plan.header(name, value);
         }
+        plan = plan.key_header(key_header);
         if let Some(data) = &self.data {
             plan = plan.body(read_body(data)?);
         }
@@ -490,6 +558,20 @@ impl RaceArgs {
         }
         Ok(plan.progress(std::io::stderr().is_terminal()))
     }
+}
+
+/// `--key-header NAME`: a header name, and not one that frames the body.
+fn parse_key_header(name: &str) -> Result<HeaderName, RaceError> {
+    let bad = |reason: &str| RaceError::KeyHeader {
+        name: name.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let header =
+        HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad("not a valid header name"))?;
+    if header == CONTENT_LENGTH || header == TRANSFER_ENCODING || header == http::header::HOST {
+        return Err(bad("idem race sets this header itself"));
+    }
+    Ok(header)
 }
 
 fn check_key(key: &str) -> Result<(), RaceError> {
@@ -537,9 +619,6 @@ pub fn parse_header(raw: &str) -> Result<(HeaderName, HeaderValue), RaceError> {
     if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
         return Err(bad("idem race sets the body framing itself; use -d"));
     }
-    if name == idem::layer::IDEMPOTENCY_KEY {
-        return Err(bad("set the key with --key K (or --unique-keys, --no-key)"));
-    }
     Ok((name, value))
 }
 
@@ -563,8 +642,130 @@ pub fn exit_code(outcome: &Result<Report, RaceError>) -> u8 {
     }
 }
 
+/// The runs of `idem race --repeat N`, each a burst with fresh keys.
+#[derive(Debug, Clone, Default)]
+pub struct Repeated {
+    /// The report of every run that completed, in order.
+    pub reports: Vec<Report>,
+    /// The error that ended the runs early, if one did.
+    pub error: Option<String>,
+    /// Runs asked for.
+    pub runs: usize,
+}
+
+impl Repeated {
+    /// Runs that found duplicates.
+    #[must_use]
+    pub fn duplicated(&self) -> usize {
+        self.count(Verdict::Duplicates)
+    }
+
+    /// Runs with requests that got no answer (and no duplicate).
+    #[must_use]
+    pub fn inconclusive(&self) -> usize {
+        self.count(Verdict::Inconclusive)
+    }
+
+    fn count(&self, verdict: Verdict) -> usize {
+        self.reports
+            .iter()
+            .filter(|r| r.verdict() == verdict)
+            .count()
+    }
+
+    /// 1 if any run duplicated (a duplicate is a finding, even if a later
+    /// run failed); else 2 if a run failed or was inconclusive; else 0.
+    #[must_use]
+    pub fn exit_code(&self) -> u8 {
+        if self.duplicated() > 0 {
+            1
+        } else if self.error.is_some() || self.inconclusive() > 0 {
+            2
+        } else {
+            0
+        }
+    }
+
+    /// One line saying what the runs found.
+    #[must_use]
+    pub fn verdict(&self) -> String {
+        let done = self.reports.len();
+        let mut line = match self.duplicated() {
+            0 => format!("NO DUPLICATES in {done} of {} runs", self.runs),
+            d => format!("DUPLICATES in {d} of {done} runs"),
+        };
+        if self.inconclusive() > 0 {
+            line.push_str(&format!(
+                " ({} inconclusive: requests without an answer)",
+                self.inconclusive()
+            ));
+        }
+        if let Some(e) = &self.error {
+            line.push_str(&format!("; stopped after run {done}: {e}"));
+        }
+        line
+    }
+
+    /// `--json`: the counts, the verdict and every run's report.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        let reports: Vec<serde_json::Value> = self
+            .reports
+            .iter()
+            .map(|r| serde_json::from_str(&r.to_json()).unwrap_or_default())
+            .collect();
+        serde_json::json!({
+            "runs": self.runs,
+            "completed": self.reports.len(),
+            "duplicated": self.duplicated(),
+            "inconclusive": self.inconclusive(),
+            "duplicates": self.duplicated() > 0,
+            "error": self.error,
+            "verdict": self.verdict(),
+            "reports": reports,
+        })
+        .to_string()
+    }
+}
+
+/// `--repeat N`: `runs` bursts one after the other, each with fresh keys;
+/// one line per run on stdout unless `quiet`. Stops at the first error.
+pub async fn run_repeated(plan: &Plan, runs: usize, quiet: bool) -> Repeated {
+    let mut out = Repeated {
+        runs,
+        ..Repeated::default()
+    };
+    for i in 1..=runs {
+        let this = if i == 1 {
+            plan.clone()
+        } else {
+            plan.fresh_keys()
+        };
+        match run(&this).await {
+            Ok(report) => {
+                if !quiet {
+                    println!(
+                        "run {i}/{runs}: {}; {}",
+                        report.status_summary(),
+                        report.verdict
+                    );
+                }
+                out.reports.push(report);
+            }
+            Err(e) => {
+                out.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// `idem race`: plan, run, print (text or `--json`), and the exit code.
 pub async fn command(args: RaceArgs) -> ExitCode {
+    if args.repeat > 1 {
+        return repeat_command(&args).await;
+    }
     let outcome = match args.plan() {
         Ok(plan) => {
             if !args.json {
@@ -585,6 +786,34 @@ pub async fn command(args: RaceArgs) -> ExitCode {
         }
     }
     ExitCode::from(exit_code(&outcome))
+}
+
+/// `idem race --repeat N`.
+async fn repeat_command(args: &RaceArgs) -> ExitCode {
+    let plan = match args.plan() {
+        Ok(plan) => plan.progress(false),
+        Err(e) => {
+            if args.json {
+                println!("{}", serde_json::json!({ "error": e.to_string() }));
+            }
+            eprintln!("idem race: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runs = usize::from(args.repeat);
+    if !args.json {
+        println!("idem race: {runs} runs of {}", plan.describe());
+    }
+    let repeated = run_repeated(&plan, runs, args.json).await;
+    if args.json {
+        println!("{}", repeated.to_json());
+    } else {
+        println!("{}", repeated.verdict());
+    }
+    if let Some(e) = &repeated.error {
+        eprintln!("idem race: {e}");
+    }
+    ExitCode::from(repeated.exit_code())
 }
 
 #[cfg(test)]
@@ -646,10 +875,55 @@ mod tests {
             "X: a\u{7f}b",
             "Content-Length: 3",
             "Transfer-Encoding: chunked",
-            "Idempotency-Key: k",
         ] {
             assert!(parse_header(bad).is_err(), "{bad} must be refused");
         }
+    }
+
+    #[test]
+    fn key_header_and_repeat() {
+        let plan = |argv: &[&str]| args(argv).expect("parses").plan();
+        let p = plan(&["http://h/"]).expect("plans");
+        assert_eq!(p.key_header, idem::layer::IDEMPOTENCY_KEY);
+        let p = plan(&["http://h/", "--key-header", "Webhook-Id"]).expect("plans");
+        assert_eq!(p.key_header.as_str(), "webhook-id");
+        assert!(p.describe().contains("in webhook-id"), "{}", p.describe());
+        // The key header is set by --key; any other header by -H.
+        let e = plan(&["http://h/", "-H", "Idempotency-Key: k"]).expect_err("refused");
+        assert!(e.to_string().contains("--key"), "{e}");
+        let e = plan(&[
+            "http://h/",
+            "--key-header",
+            "webhook-id",
+            "-H",
+            "webhook-id: k",
+        ]);
+        assert!(e.is_err());
+        let p = plan(&[
+            "http://h/",
+            "--key-header",
+            "webhook-id",
+            "-H",
+            "Idempotency-Key: k",
+        ]);
+        assert_eq!(p.expect("plans").headers["idempotency-key"], "k");
+        for bad in ["bad name", "content-length", "Host", ""] {
+            let e = plan(&["http://h/", "--key-header", bad]).expect_err(bad);
+            assert!(e.to_string().contains("bad key header"), "{e}");
+        }
+
+        let a = args(&["http://h/", "--repeat", "5"]).expect("parses");
+        assert_eq!(a.repeat, 5);
+        let p = a.plan().expect("plans");
+        let (one, two) = (p.fresh_keys(), p.fresh_keys());
+        assert!(matches!(&one.keys, Keys::One(k) if k.starts_with("race-")));
+        assert_ne!(one.keys, two.keys, "a fresh key per run");
+        assert_eq!(args(&["http://h/"]).expect("parses").repeat, 1);
+        assert!(args(&["http://h/", "--repeat", "0"]).is_err());
+        assert!(args(&["http://h/", "--repeat", "2", "--key", "k"]).is_err());
+        assert!(args(&["http://h/", "--repeat", "2", "--duration", "1s"]).is_err());
+        let p = plan(&["http://h/", "--repeat", "2", "--no-key"]).expect("plans");
+        assert_eq!(p.fresh_keys().keys, Keys::None);
     }
 
     #[test]

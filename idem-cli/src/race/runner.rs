@@ -220,7 +220,7 @@ fn build(
     }
     if let Some(key) = key {
         let value = HeaderValue::from_str(key).map_err(|_| RaceError::Key(key.to_owned()))?;
-        headers.insert(idem::layer::IDEMPOTENCY_KEY, value);
+        headers.insert(plan.key_header.clone(), value);
     }
     Ok(request)
 }

@@ -23,8 +23,8 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower_service::Service;
 
 use super::execute;
-use super::log;
 use super::future::ResponseFuture;
+use super::log;
 use super::operations::{self, AsyncMode};
 use super::response::respond;
 use super::route::{route, RouteMatch};
@@ -217,7 +217,12 @@ where
         Ok(bytes) => bytes,
         Err(problem) => {
             let res = problem.to_response();
-            log::request(id.as_ref(), None, problem.code().as_str(), res.status().as_u16());
+            log::request(
+                id.as_ref(),
+                None,
+                problem.code().as_str(),
+                res.status().as_u16(),
+            );
             return Ok(res);
         }
     };
@@ -226,7 +231,12 @@ where
     if let (Mode::Async, Some(mode)) = (guard.policy.mode, &async_mode) {
         // Phase 4 of async mode: accept, and let a dispatcher run it.
         let res = operations::accept(mode, &parts, bytes, &identity).await;
-        log::request(id.as_ref(), Some(key), log::async_outcome(&res), res.status().as_u16());
+        log::request(
+            id.as_ref(),
+            Some(key),
+            log::async_outcome(&res),
+            res.status().as_u16(),
+        );
         return Ok(res);
     }
     let req = Request::from_parts(parts, bytes);
