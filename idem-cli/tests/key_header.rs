@@ -181,3 +181,26 @@ async fn the_gateway_logs_one_line_per_request_and_no_secret() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_async_route_takes_its_key_from_webhook_id_too() {
+    let up = Upstream::start().await;
+    let gw = gateway(
+        &up.url(),
+        "[[route]]\nmatch = \"POST /events/*\"\nkey_header = \"webhook-id\"\nmode = \"async\"\n",
+    )
+    .await;
+    let (c, a) = (client(), gw.local_addr());
+    let h = [("webhook-id", "evt_1")];
+    let first = send(&c, a, "POST", "/events/x?delay_ms=300", &h, "{}").await;
+    assert_eq!(first.status, 202, "{:?}", first.body);
+    let other = send(&c, a, "POST", "/events/x?delay_ms=300", &h, "{\"b\":1}").await;
+    other.assert_problem(422, "idempotency_key_reused");
+    assert!(other.json()["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("webhook-id")));
+    send(&c, a, "POST", "/events/x", &[], "{}")
+        .await
+        .assert_problem(400, "idempotency_key_missing");
+    gw.shutdown().await.expect("shutdown");
+}

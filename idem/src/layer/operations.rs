@@ -339,12 +339,15 @@ fn operation_request(parts: &Parts, body: Bytes) -> OperationRequest {
 }
 
 /// The *accept* phase of an async route (instead of *run*).
+/// `key_header` is the route's, named in the details.
 pub(super) async fn accept<B: From<Bytes>>(
     mode: &AsyncMode,
     parts: &Parts,
     body: Bytes,
     identity: &Identity,
+    key_header: &HeaderName,
 ) -> Response<B> {
+    let name = crate::key::header_display_name(key_header);
     let request = operation_request(parts, body);
     let m = &mode.metrics;
     let answer = mode
@@ -383,8 +386,10 @@ pub(super) async fn accept<B: From<Bytes>>(
             inc(&m.mismatch);
             Problem::new(
                 ProblemCode::KeyReused,
-                "this Idempotency-Key was already used with a different request \
-                 (method, path, selected headers or body differ); use a new key",
+                format!(
+                    "this {name} was already used with a different request \
+                     (method, path, selected headers or body differ); use a new key"
+                ),
             )
             .to_response()
         }
@@ -392,7 +397,7 @@ pub(super) async fn accept<B: From<Bytes>>(
             inc(&m.conflict);
             Problem::new(
                 ProblemCode::KeyInProgress,
-                "a request with this Idempotency-Key is still being processed; retry later",
+                format!("a request with this {name} is still being processed; retry later"),
             )
             .retry_after(lease_remaining)
             .to_response()

@@ -230,7 +230,8 @@ where
     let key = identity.key.log_id();
     if let (Mode::Async, Some(mode)) = (guard.policy.mode, &async_mode) {
         // Phase 4 of async mode: accept, and let a dispatcher run it.
-        let res = operations::accept(mode, &parts, bytes, &identity).await;
+        let res =
+            operations::accept(mode, &parts, bytes, &identity, &guard.policy.key_header).await;
         log::request(
             id.as_ref(),
             Some(key),
