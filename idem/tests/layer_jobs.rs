@@ -183,7 +183,11 @@ fn capture(level: Level) -> (Logs, tracing::subscriber::DefaultGuard) {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    (logs, tracing::subscriber::set_default(subscriber))
+    let guard = tracing::subscriber::set_default(subscriber);
+    // Other tests in this binary run on other threads with no subscriber;
+    // a call site one of them registered first may have cached "never".
+    tracing::callsite::rebuild_interest_cache();
+    (logs, guard)
 }
 
 const SECRET_KEY: &str = "sk_live_SECRETKEY_4f9a1c";

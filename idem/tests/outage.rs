@@ -171,7 +171,11 @@ fn capture_logs() -> (LogBuffer, tracing::subscriber::DefaultGuard) {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    (buffer, tracing::subscriber::set_default(subscriber))
+    let guard = tracing::subscriber::set_default(subscriber);
+    // Other tests in this binary run on other threads with no subscriber;
+    // a call site one of them registered first may have cached "never".
+    tracing::callsite::rebuild_interest_cache();
+    (buffer, guard)
 }
 
 #[tokio::test(start_paused = true)]
