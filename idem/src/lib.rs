@@ -115,6 +115,7 @@ pub mod engine;
 pub mod error;
 pub mod fingerprint;
 mod hash;
+pub mod job;
 pub mod key;
 #[cfg(feature = "tower")]
 pub mod layer;
@@ -129,6 +130,7 @@ mod value;
 pub use engine::{Action, Engine, EngineConfig, Finish, Outcome};
 pub use error::StoreError;
 pub use fingerprint::Fingerprint;
+pub use job::{JobError, JobFailure, JobStatus};
 pub use key::{IdempotencyKey, LogId, Scope, StoreKey};
 #[cfg(feature = "tower")]
 pub use layer::IdempotencyLayer;

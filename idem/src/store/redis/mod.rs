@@ -162,6 +162,7 @@ use queue::Follow;
 use reply::{encode_headers, epoch_ms, token_hex, ttl_ms, Reply};
 use subscriber::Subscriber;
 
+mod job;
 mod queue;
 mod reply;
 mod subscriber;
@@ -182,6 +183,7 @@ struct Scripts {
     get: Script,
     purge: Script,
     queue: queue::Scripts,
+    job: job::Scripts,
 }
 
 impl Scripts {
@@ -194,6 +196,7 @@ impl Scripts {
             get: Script::new(include_str!("lua/get.lua")),
             purge: Script::new(include_str!("lua/purge.lua")),
             queue: queue::Scripts::load(),
+            job: job::Scripts::load(),
         }
     }
 }
@@ -659,6 +662,24 @@ impl Store for RedisStore {
         // In-process only: the store's one subscriber connection feeds the
         // notifier, so a waiter holds no Redis connection of its own.
         Ok(self.inner.notifier.subscribe(key))
+    }
+
+    async fn begin_attempt(&self, key: &StoreKey, keep: Duration) -> Result<u32, StoreError> {
+        self.job_begin(key, keep).await
+    }
+
+    async fn end_attempt(
+        &self,
+        key: &StoreKey,
+        attempt: u32,
+        error: Option<&str>,
+        keep: Duration,
+    ) -> Result<Fence, StoreError> {
+        self.job_end(key, attempt, error, keep).await
+    }
+
+    async fn attempts(&self, key: &StoreKey) -> Result<Option<super::Attempts>, StoreError> {
+        self.job_get(key).await
     }
 }
 
