@@ -81,7 +81,10 @@ pub async fn transient_failure_releases_and_counts<S: Store>(s: Arc<S>) {
             Err::<u32, _>(JobError::Transient("upstream 503"))
         })
         .await;
-    assert!(matches!(first, Err(OnceError::Failed("upstream 503"))), "{first:?}");
+    assert!(
+        matches!(first, Err(OnceError::Failed("upstream 503"))),
+        "{first:?}"
+    );
     assert_eq!(
         e.status(&k).await.expect("status"),
         JobStatus::Released {
@@ -92,7 +95,9 @@ pub async fn transient_failure_releases_and_counts<S: Store>(s: Arc<S>) {
 
     // `once` (no classification): its error is transient, and counted.
     let second = e
-        .once(&k, fp, &rules, || async { Err::<u32, _>(std::io::Error::other("reset")) })
+        .once(&k, fp, &rules, || async {
+            Err::<u32, _>(std::io::Error::other("reset"))
+        })
         .await;
     assert!(matches!(second, Err(OnceError::Failed(_))), "{second:?}");
     assert_eq!(
@@ -180,8 +185,13 @@ pub async fn permanent_failure_is_replayed<S: Store>(s: Arc<S>) {
     let barrier = Arc::new(Barrier::new(50));
     let tasks: Vec<_> = (0..50)
         .map(|_| {
-            let (e, k, runs, barrier, rules) =
-                (e.clone(), k.clone(), runs.clone(), barrier.clone(), rules.clone());
+            let (e, k, runs, barrier, rules) = (
+                e.clone(),
+                k.clone(),
+                runs.clone(),
+                barrier.clone(),
+                rules.clone(),
+            );
             tokio::spawn(async move {
                 barrier.wait().await;
                 e.once_job(&k, fp, &rules, |_| async move {
@@ -195,7 +205,9 @@ pub async fn permanent_failure_is_replayed<S: Store>(s: Arc<S>) {
     for t in tasks {
         match t.await.expect("join") {
             Err(OnceError::Permanent(f)) => assert_eq!(f, failure),
-            other => panic!("a redelivery of a failed job: expected the stored failure, got {other:?}"),
+            other => {
+                panic!("a redelivery of a failed job: expected the stored failure, got {other:?}")
+            }
         }
     }
     assert_eq!(
@@ -205,7 +217,10 @@ pub async fn permanent_failure_is_replayed<S: Store>(s: Arc<S>) {
     );
     // A plain `once` of the same key gets the failure too.
     let plain = e.once(&k, fp, &rules, || async { Ok::<u32, ()>(1) }).await;
-    assert!(matches!(plain, Err(OnceError::Permanent(JobFailure { attempts: 2, .. }))));
+    assert!(matches!(
+        plain,
+        Err(OnceError::Permanent(JobFailure { attempts: 2, .. }))
+    ));
 }
 
 /// How far along a status is; it must never decrease.
@@ -274,7 +289,10 @@ pub async fn deliveries_race<S: Store>(s: Arc<S>, deliveries: usize) {
         })
         .collect();
     for t in tasks {
-        let once = t.await.expect("join").expect("every delivery gets the answer");
+        let once = t
+            .await
+            .expect("join")
+            .expect("every delivery gets the answer");
         assert_eq!(once.value, 42);
     }
     assert_eq!(
@@ -292,5 +310,8 @@ pub async fn deliveries_race<S: Store>(s: Arc<S>, deliveries: usize) {
             pair[1]
         );
     }
-    assert!(matches!(seen.last(), Some(JobStatus::Done { .. })), "{seen:?}");
+    assert!(
+        matches!(seen.last(), Some(JobStatus::Done { .. })),
+        "{seen:?}"
+    );
 }
