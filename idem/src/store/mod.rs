@@ -179,7 +179,8 @@ pub trait Store: Send + Sync + 'static {
         key: &StoreKey,
     ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
 
-    /// Deletes whatever is under `key`. `true` when something was there.
+    /// Deletes whatever is under `key`: the record and the job trace
+    /// (`job.rs`). `true` when something was there.
     fn purge(&self, key: &StoreKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// A subscription that fires when `key` may have changed. Take it

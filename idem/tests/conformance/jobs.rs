@@ -315,3 +315,35 @@ pub async fn deliveries_race<S: Store>(s: Arc<S>, deliveries: usize) {
         "{seen:?}"
     );
 }
+
+/// `purge` forgets a job's trace with its record: the job reads
+/// `NotSeen`, and its next run is attempt 1. A released job (a trace, no
+/// record) counts as something purged.
+pub async fn purge_forgets_the_trace<S: Store>(s: Arc<S>) {
+    let e = engine(s);
+    let rules = wait_rules();
+    let k = fresh_key("job-purge");
+    let fp = Fingerprint::of_bytes(b"job");
+    let _ = e
+        .once_job(&k, fp, &rules, |_| async {
+            Err::<u32, _>(JobError::Transient("later"))
+        })
+        .await;
+    assert!(matches!(
+        e.status(&k).await.expect("status"),
+        JobStatus::Released { attempts: 1, .. }
+    ));
+    assert!(
+        e.purge(&k).await.expect("purge"),
+        "a released job's trace is something to purge"
+    );
+    assert_eq!(e.status(&k).await.expect("status"), JobStatus::NotSeen);
+    assert!(!e.purge(&k).await.expect("purge"));
+    let again = e
+        .once_job(&k, fp, &rules, |attempt| async move {
+            Ok::<u32, JobError<String>>(attempt)
+        })
+        .await
+        .expect("runs");
+    assert_eq!(again.value, 1, "after a purge the count starts again");
+}

@@ -111,6 +111,11 @@ macro_rules! jobs_conformance {
                 let Some(s) = $factory.await else { return };
                 jobs::deliveries_race(s, 100).await;
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn purge_forgets_the_trace() {
+                let Some(s) = $factory.await else { return };
+                jobs::purge_forgets_the_trace(s).await;
+            }
         }
     };
 }

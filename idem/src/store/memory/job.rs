@@ -104,11 +104,15 @@ impl Traces {
         self.lock().live(key, now).map(|t| t.attempts.clone())
     }
 
-    pub(super) fn forget(&self, key: &StoreKey) {
+    /// Deletes `key`'s trace; whether a live one was there.
+    pub(super) fn forget(&self, key: &StoreKey) -> bool {
+        let now = Instant::now();
         let mut s = self.lock();
-        if let Some(t) = s.map.remove(key) {
-            s.expirations.remove(&(t.expires, t.seq, key.clone()));
-        }
+        let Some(t) = s.map.remove(key) else {
+            return false;
+        };
+        s.expirations.remove(&(t.expires, t.seq, key.clone()));
+        t.expires > now
     }
 }
 

@@ -656,11 +656,11 @@ impl Store for MemoryStore {
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
         let removed = self.shard(key).remove(key, &self.shared).is_some();
-        self.shared.jobs.forget(key);
+        let traced = self.shared.jobs.forget(key);
         if removed {
             self.shared.notifier.notify(key);
         }
-        Ok(removed)
+        Ok(removed || traced)
     }
 
     async fn subscribe(&self, key: &StoreKey) -> Result<Subscription, StoreError> {

@@ -641,6 +641,7 @@ impl Store for RedisStore {
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
         let mut inv = self.inner.scripts.purge.prepare_invoke();
         inv.key(self.record_key(key))
+            .key(self.job_key(key))
             .arg(&self.inner.channel)
             .arg(key.as_str());
         match self.eval(inv).await? {
