@@ -38,6 +38,10 @@
 //! | `due_at` | `timestamptz`, partial index on states 3, 4 | when a live operation is next claimable: due (pending) or lease end (running) |
 //! | `last_error` | `text` | why an operation's last attempt failed |
 //!
+//! A second table, `"<schema>".idem_jobs`, holds job traces (protocol §13,
+//! `job.rs`): attempts counted by `Engine::once` / `once_job`, beside the
+//! records and never read or written by `reserve` or `complete`.
+//!
 //! The migration is re-runnable (`IF NOT EXISTS` throughout) and takes a
 //! transaction-scoped advisory lock, so any number of instances may start at
 //! once. Turn it off with [`PostgresStoreBuilder::migrate`] when a DBA runs

@@ -20,6 +20,10 @@
 //! | `body` | — | the body's raw bytes (Redis strings are binary safe: no base64) |
 //! | `completed_at`, `expires_at` | — | milliseconds since the Unix epoch |
 //!
+//! A job's attempt trace (protocol §13) is a hash of its own beside the
+//! record, at `{prefix}{<store key>}:job` (see `job.rs`); `reserve` and
+//! `complete` never touch it.
+//!
 //! Redis keeps the time: the lease is the key's TTL while in flight
 //! (`PEXPIRE`, renewed by [`Store::extend`]), the retention once completed.
 //! A lease that ran out is an expired key, which Redis treats as absent, so
