@@ -84,10 +84,7 @@ impl Traces {
     ) -> Fence {
         let now = Instant::now();
         let mut s = self.lock();
-        if !s
-            .live(key, now)
-            .is_some_and(|t| t.attempts.count == attempt)
-        {
+        if s.live(key, now).is_none_or(|t| t.attempts.count != attempt) {
             return Fence::Lost;
         }
         let attempts = Attempts {
