@@ -220,6 +220,8 @@ impl<S: Store> Engine<S> {
     /// (and one more after a transient failure). Counting is bookkeeping,
     /// not the guarantee: if that call fails, `f` still runs (under the
     /// reservation, which is what makes it run once) and is told attempt 0.
+    /// (Under `fail = open` with the store down, `f` runs unprotected and
+    /// only after the counting call has failed too.)
     ///
     /// ```
     /// use idem::{Engine, Fingerprint, JobError, MemoryStore, OnceError, Rules, Scope, StoreKey};

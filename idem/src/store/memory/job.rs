@@ -3,10 +3,12 @@
 //! the few instructions of one step (never across an `.await`), so each
 //! step is atomic. Only job runs write here, never the HTTP path.
 //!
-//! Bounded by the store's `max_entries`: when full, expired traces go
-//! first, then the one that expires soonest (a lost trace only makes a
-//! job's next run count from 1 again; the record, which is what guarantees
-//! one execution, is never touched). Lost on restart, like the records.
+//! Bounded by the store's `max_entries` traces and a quarter of its
+//! `max_bytes` (keys and failure texts), apart from the records' own
+//! bounds: when full, the trace that expires soonest goes first (expired
+//! ones are the soonest of all). A lost trace only makes a job's next run
+//! count from 1 again; the record, which is what guarantees one execution,
+//! is never touched. Lost on restart, like the records.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -20,16 +22,18 @@ use crate::store::{Attempts, Fence};
 #[derive(Debug)]
 pub(super) struct Traces {
     state: Mutex<State>,
-    max: usize,
+    max_entries: usize,
+    max_bytes: u64,
 }
 
 #[derive(Debug, Default)]
 struct State {
     map: HashMap<StoreKey, Trace>,
-    /// (expiry, seq, key), soonest first; the seq ties an entry to one
-    /// version of the trace, so a stale entry never removes a newer one.
+    /// (expiry, seq, key), soonest first; the seq makes entries unique.
     expirations: BTreeSet<(Instant, u64, StoreKey)>,
     next_seq: u64,
+    /// Bytes held, by [`weight`].
+    bytes: u64,
 }
 
 #[derive(Debug)]
@@ -40,10 +44,11 @@ struct Trace {
 }
 
 impl Traces {
-    pub(super) fn new(max: usize) -> Self {
+    pub(super) fn new(max_entries: usize, max_bytes: u64) -> Self {
         Self {
             state: Mutex::new(State::default()),
-            max: max.max(1),
+            max_entries: max_entries.max(1),
+            max_bytes,
         }
     }
 
@@ -58,20 +63,16 @@ impl Traces {
         let (count, last_error) = match s.live(key, now) {
             Some(t) => (
                 t.attempts.count.saturating_add(1),
-                t.attempts.last_error.take(),
+                t.attempts.last_error.clone(),
             ),
             None => (1, None),
         };
-        s.put(
-            key,
-            Attempts {
-                count,
-                running: true,
-                last_error,
-            },
-            now + keep,
-            self.max,
-        );
+        let attempts = Attempts {
+            count,
+            running: true,
+            last_error,
+        };
+        s.put(key, attempts, now + keep, self);
         count
     }
 
@@ -92,7 +93,7 @@ impl Traces {
             running: false,
             last_error: error.map(str::to_owned),
         };
-        s.put(key, attempts, now + keep, self.max);
+        s.put(key, attempts, now + keep, self);
         Fence::Held
     }
 
@@ -104,12 +105,7 @@ impl Traces {
     /// Deletes `key`'s trace; whether a live one was there.
     pub(super) fn forget(&self, key: &StoreKey) -> bool {
         let now = Instant::now();
-        let mut s = self.lock();
-        let Some(t) = s.map.remove(key) else {
-            return false;
-        };
-        s.expirations.remove(&(t.expires, t.seq, key.clone()));
-        t.expires > now
+        self.lock().remove(key).is_some_and(|t| t.expires > now)
     }
 }
 
@@ -117,30 +113,31 @@ impl State {
     /// The trace of `key` unless it has expired (an expired one is removed).
     fn live(&mut self, key: &StoreKey, now: Instant) -> Option<&mut Trace> {
         if self.map.get(key).is_some_and(|t| t.expires <= now) {
-            if let Some(t) = self.map.remove(key) {
-                self.expirations.remove(&(t.expires, t.seq, key.clone()));
-            }
+            self.remove(key);
         }
         self.map.get_mut(key)
     }
 
-    fn put(&mut self, key: &StoreKey, attempts: Attempts, expires: Instant, max: usize) {
-        if let Some(old) = self.map.remove(key) {
-            self.expirations
-                .remove(&(old.expires, old.seq, key.clone()));
-        }
-        // Room: the soonest to expire goes first (expired ones are the
-        // soonest of all).
-        while self.map.len() >= max {
-            let Some((_, seq, victim)) = self.expirations.pop_first() else {
+    fn remove(&mut self, key: &StoreKey) -> Option<Trace> {
+        let t = self.map.remove(key)?;
+        self.expirations.remove(&(t.expires, t.seq, key.clone()));
+        self.bytes = self.bytes.saturating_sub(weight(key, &t.attempts));
+        Some(t)
+    }
+
+    fn put(&mut self, key: &StoreKey, attempts: Attempts, expires: Instant, bounds: &Traces) {
+        self.remove(key);
+        let w = weight(key, &attempts);
+        // Room: the soonest to expire goes first.
+        while self.map.len() >= bounds.max_entries || self.bytes + w > bounds.max_bytes {
+            let Some((_, _, victim)) = self.expirations.first().cloned() else {
                 break;
             };
-            if self.map.get(&victim).is_some_and(|t| t.seq == seq) {
-                self.map.remove(&victim);
-            }
+            self.remove(&victim);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.bytes += w;
         self.expirations.insert((expires, seq, key.clone()));
         self.map.insert(
             key.clone(),
@@ -150,5 +147,42 @@ impl State {
                 seq,
             },
         );
+    }
+}
+
+/// Approximate bytes a trace holds.
+fn weight(key: &StoreKey, attempts: &Attempts) -> u64 {
+    let text = attempts.last_error.as_ref().map_or(0, String::len);
+    u64::try_from(64 + key.as_str().len() + text).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Scope;
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_by_entries_and_bytes_soonest_expiry_first() {
+        let k = |i: u32| StoreKey::new(&Scope::named("t"), &format!("job-{i}"));
+        let traces = Traces::new(3, 1 << 20);
+        for i in 0..4 {
+            traces.begin(&k(i), Duration::from_secs(10 + u64::from(i)));
+        }
+        assert!(traces.get(&k(0)).is_none(), "the soonest to expire went");
+        assert!((1..4).all(|i| traces.get(&k(i)).is_some()));
+
+        let traces = Traces::new(100, 2_000);
+        let long = "e".repeat(900);
+        for i in 0..4 {
+            let n = traces.begin(&k(i), Duration::from_secs(10 + u64::from(i)));
+            traces.end(&k(i), n, Some(&long), Duration::from_secs(10 + u64::from(i)));
+        }
+        assert!(traces.lock().bytes <= 2_000);
+        assert!(traces.get(&k(3)).is_some() && traces.get(&k(0)).is_none());
+
+        // Expiry: gone after `keep`, and the count starts again.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(traces.get(&k(3)).is_none());
+        assert_eq!(traces.begin(&k(3), Duration::from_secs(1)), 1);
     }
 }

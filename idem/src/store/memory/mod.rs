@@ -219,7 +219,7 @@ impl MemoryStore {
             },
             evict_cursor: AtomicUsize::new(0),
             operations: Operations::new(n),
-            jobs: Traces::new(limits.max_entries),
+            jobs: Traces::new(limits.max_entries, limits.max_bytes / 4),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweep(Arc::downgrade(&shared)));
