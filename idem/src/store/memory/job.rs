@@ -175,7 +175,12 @@ mod tests {
         let long = "e".repeat(900);
         for i in 0..4 {
             let n = traces.begin(&k(i), Duration::from_secs(10 + u64::from(i)));
-            traces.end(&k(i), n, Some(&long), Duration::from_secs(10 + u64::from(i)));
+            traces.end(
+                &k(i),
+                n,
+                Some(&long),
+                Duration::from_secs(10 + u64::from(i)),
+            );
         }
         assert!(traces.lock().bytes <= 2_000);
         assert!(traces.get(&k(3)).is_some() && traces.get(&k(0)).is_none());
