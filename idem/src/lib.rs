@@ -11,7 +11,7 @@
 //!
 //! # Layout
 //!
-//! Imports run downward only: [`layer`], [`once`] and [`asyncop`] →
+//! Imports run downward only: [`layer`], [`once`], [`job`] and [`asyncop`] →
 //! [`engine`] → [`store`] → everything below it. A backend never imports
 //! the engine.
 //!
@@ -22,6 +22,10 @@
 //!   it calls and the retry schedule in `asyncop/upstream.rs`, its
 //!   counters in `asyncop/metrics.rs`.
 //! - [`once`]: the function-level API, [`Engine::once`] (protocol §8).
+//! - [`job`]: jobs (protocol §13): [`Engine::once_job`] with the caller's
+//!   transient/permanent [`JobError`], and [`Engine::status`] →
+//!   [`JobStatus`]; the attempt traces behind them are in `store/job.rs`
+//!   and each backend's `job.rs`.
 //! - [`engine`]: the algorithm (protocol §3, §5, §6): [`Engine::run`] and waiting
 //!   in `engine/mod.rs`, single-flight waiters in `engine/flight.rs`, the
 //!   lease guard, heartbeat and fenced completion in `engine/lease.rs`,
@@ -115,6 +119,7 @@ pub mod engine;
 pub mod error;
 pub mod fingerprint;
 mod hash;
+pub mod job;
 pub mod key;
 #[cfg(feature = "tower")]
 pub mod layer;
@@ -129,6 +134,7 @@ mod value;
 pub use engine::{Action, Engine, EngineConfig, Finish, Outcome};
 pub use error::StoreError;
 pub use fingerprint::Fingerprint;
+pub use job::{JobError, JobFailure, JobStatus};
 pub use key::{IdempotencyKey, LogId, Scope, StoreKey};
 #[cfg(feature = "tower")]
 pub use layer::IdempotencyLayer;

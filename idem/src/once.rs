@@ -12,12 +12,12 @@ use std::future::Future;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::engine::{Action, Engine, Finish, Outcome};
+use crate::engine::Engine;
 use crate::fingerprint::Fingerprint;
+use crate::job::JobError;
 use crate::key::StoreKey;
 use crate::policy::Rules;
 use crate::store::Store;
-use crate::value::{decode_value, encode_value};
 
 pub use crate::value::{Once, OnceError};
 
@@ -26,7 +26,9 @@ impl<S: Store> Engine<S> {
     /// `fingerprint` and returns its stored result on every repeat.
     ///
     /// `Ok` results are stored (as JSON) for `rules.retention`; an `Err`
-    /// releases the key so a retry runs `f` again.
+    /// releases the key so a retry runs `f` again. Every run is counted as
+    /// a job attempt ([`Engine::status`]); to store a permanent failure
+    /// instead of releasing, use [`Engine::once_job`].
     ///
     /// `rules.concurrent` decides what a call racing a run in progress
     /// gets: under [`Rules::wait`] (what queue consumers want) it waits for
@@ -80,42 +82,16 @@ impl<S: Store> Engine<S> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let outcome = self
-            .run(key, fingerprint, rules, || async {
-                match f().await {
-                    Ok(value) => match encode_value(&value) {
-                        Ok(response) => Finish {
-                            action: Action::Store(response),
-                            output: Ok(value),
-                        },
-                        Err(e) => Finish {
-                            output: Err(OnceError::Encode(e)),
-                            action: Action::Release,
-                        },
-                    },
-                    Err(e) => Finish {
-                        output: Err(OnceError::Failed(e)),
-                        action: Action::Release,
-                    },
-                }
-            })
-            .await;
-        let name = match &outcome {
-            Outcome::Executed(Err(_)) | Outcome::Bypassed(Err(_)) => "failed",
-            other => other.name(),
-        };
-        // The job's one line (protocol §13): the key as a short hash, never
-        // itself; the caller's span carries its job id.
-        tracing::info!(key = %key.log_id(), outcome = name, "job");
-        match outcome {
-            Outcome::Executed(r) | Outcome::Bypassed(r) => r.map(|value| Once {
-                value,
-                replayed: false,
-            }),
-            Outcome::Replayed(record) => decode_value(&record),
-            Outcome::InProgress { retry_after } => Err(OnceError::InProgress { retry_after }),
-            Outcome::Mismatch => Err(OnceError::Mismatch),
-            Outcome::StoreUnavailable { error } => Err(OnceError::Store(error)),
-        }
+        self.run_job(
+            key,
+            fingerprint,
+            rules,
+            |_: &E| None,
+            move |_attempt| {
+                let run = f();
+                async move { run.await.map_err(JobError::Transient) }
+            },
+        )
+        .await
     }
 }

@@ -9,8 +9,9 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
 use crate::record::{CompletedRecord, StoredResponse};
@@ -47,6 +48,59 @@ pub enum OnceError<E> {
     /// The value could not be encoded or the stored one decoded.
     #[error("cannot encode or decode the stored value: {0}")]
     Encode(#[source] serde_json::Error),
+    /// The job failed permanently, in this run or an earlier delivery's
+    /// (the caller said so with `JobError::Permanent`): the failure is
+    /// stored as the key's answer, and every delivery of the key gets this
+    /// same error without running the closure (protocol §13).
+    #[error(transparent)]
+    Permanent(JobFailure),
+}
+
+/// A permanent job failure as stored (protocol §13): what every
+/// redelivery of the job's key gets back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("the job failed permanently after {attempts} attempt(s): {last_error}")]
+pub struct JobFailure {
+    /// Runs of the closure, the failing one included (0 when the store
+    /// keeps no count).
+    pub attempts: u32,
+    /// The error's text as the closure's error displayed it, at most
+    /// [`MAX_ERROR_BYTES`](crate::store::MAX_ERROR_BYTES).
+    pub last_error: String,
+}
+
+/// The header that marks a stored permanent failure.
+const FAILURE_HEADER: &str = "idem-job";
+const FAILURE_MARK: &[u8] = b"failed";
+
+/// How a permanent failure is stored: its JSON, as a 500 response marked
+/// with `idem-job: failed` (a value is a 200 without headers, so the two
+/// never read as each other).
+pub(crate) fn encode_failure(failure: &JobFailure) -> Result<StoredResponse, serde_json::Error> {
+    Ok(StoredResponse {
+        status: 500,
+        headers: vec![(FAILURE_HEADER.to_owned(), Bytes::from_static(FAILURE_MARK))],
+        body: serde_json::to_vec(failure)?.into(),
+    })
+}
+
+/// The permanent failure stored in `record`, if it holds one.
+#[must_use]
+pub(crate) fn decode_failure(record: &CompletedRecord) -> Option<JobFailure> {
+    let r = &record.response;
+    let marked = r.status == 500
+        && r.headers
+            .iter()
+            .any(|(n, v)| n == FAILURE_HEADER && v.as_ref() == FAILURE_MARK);
+    if !marked {
+        return None;
+    }
+    Some(
+        serde_json::from_slice(&r.body).unwrap_or_else(|_| JobFailure {
+            attempts: 0,
+            last_error: String::from("(the stored failure could not be decoded)"),
+        }),
+    )
 }
 
 /// How the function-level APIs store a value: JSON, as a 200 response.
@@ -62,6 +116,9 @@ pub(crate) fn encode_value<T: Serialize>(value: &T) -> Result<StoredResponse, se
 pub(crate) fn decode_value<T: DeserializeOwned, E>(
     record: &CompletedRecord,
 ) -> Result<Once<T>, OnceError<E>> {
+    if let Some(failure) = decode_failure(record) {
+        return Err(OnceError::Permanent(failure));
+    }
     serde_json::from_slice(&record.response.body)
         .map(|value| Once {
             value,

@@ -6,7 +6,7 @@
 //! | `GET /healthz` | none | 200 while the process serves |
 //! | `GET /readyz` | none | 200 when the store answers, else 503 |
 //! | `GET /metrics` | bearer | Prometheus text |
-//! | `GET /records/{store_key}` | bearer | the record as JSON, 404 if none |
+//! | `GET /records/{store_key}` | bearer | the record as JSON (with a `job` object for a job run by `Engine::once`/`once_job`: status, attempts, since, last error), 404 if none |
 //! | `DELETE /records/{store_key}` | bearer | 204 purged, 404 if none |
 //! | `GET /operations/{id}` | bearer | an async operation's key, state and attempts as JSON, 404 if none |
 //!
@@ -30,7 +30,7 @@ use axum::Router;
 
 use idem::record::Record;
 use idem::store::{OperationId, OperationState};
-use idem::{Engine, Store, StoreKey};
+use idem::{Engine, JobStatus, Store, StoreKey};
 
 use super::dispatch::AsyncStats;
 
@@ -383,23 +383,38 @@ async fn inspect<S: Store>(
     State(admin): State<Arc<Admin<S>>>,
     RecordKey(key): RecordKey,
 ) -> Response {
-    let json = match admin.engine.inspect(&key).await {
+    let record = match admin.engine.inspect(&key).await {
         Err(error) => {
             tracing::warn!(%error, "admin inspect failed");
             return (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response();
         }
-        Ok(None) => return (StatusCode::NOT_FOUND, "no record\n").into_response(),
-        Ok(Some(Record::InFlight {
+        Ok(record) => record,
+    };
+    // A job's trace (protocol §13): kept beside the record by
+    // `Engine::once`/`once_job` only, and outliving a release.
+    let trace = match admin.engine.store().attempts(&key).await {
+        Ok(trace) => trace,
+        Err(error) => {
+            tracing::warn!(%error, "admin inspect: cannot read the job trace");
+            None
+        }
+    };
+    let status = JobStatus::from_parts(record.as_ref(), trace.as_ref());
+    let is_job = trace.is_some() || matches!(status, JobStatus::Failed { .. });
+    let mut json = match record {
+        None if is_job => serde_json::json!({ "state": "released" }),
+        None => return (StatusCode::NOT_FOUND, "no record\n").into_response(),
+        Some(Record::InFlight {
             fingerprint,
             lease_remaining,
             started_at,
-        })) => serde_json::json!({
+        }) => serde_json::json!({
             "state": "in_flight",
             "fingerprint": fingerprint.to_hex(),
             "lease_remaining_ms": lease_remaining.as_millis(),
             "started_at_ms": millis_since_epoch(started_at),
         }),
-        Ok(Some(Record::Completed(r))) => {
+        Some(Record::Completed(r)) => {
             let preview = &r.response.body[..r.response.body.len().min(1024)];
             serde_json::json!({
                 "state": "completed",
@@ -415,11 +430,47 @@ async fn inspect<S: Store>(
             })
         }
     };
+    if is_job {
+        json["job"] = job_json(&status);
+    }
     (
         [(header::CONTENT_TYPE, "application/json")],
         json.to_string(),
     )
         .into_response()
+}
+
+/// A job's status (protocol §13) as `/records/` shows it: the same fields
+/// as `idem::JobStatus`.
+fn job_json(status: &JobStatus) -> serde_json::Value {
+    match status {
+        JobStatus::Running { attempt, since } => serde_json::json!({
+            "status": "running",
+            "attempt": attempt,
+            "since_ms": millis_since_epoch(*since),
+        }),
+        JobStatus::Released {
+            attempts,
+            last_error,
+        } => serde_json::json!({
+            "status": "released",
+            "attempts": attempts,
+            "last_error": last_error,
+        }),
+        JobStatus::Done { at } => serde_json::json!({
+            "status": "done",
+            "at_ms": millis_since_epoch(*at),
+        }),
+        JobStatus::Failed {
+            attempts,
+            last_error,
+        } => serde_json::json!({
+            "status": "failed",
+            "attempts": attempts,
+            "last_error": last_error,
+        }),
+        _ => serde_json::json!({ "status": "not_seen" }),
+    }
 }
 
 async fn purge<S: Store>(

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Claimed, ConfigError, Enqueued, Fence, Operation, OperationId, OperationRequest, Queue,
-    QueueStats, Reservation, Store, StoreError, Subscription,
+    Attempts, Claimed, ConfigError, Enqueued, Fence, Operation, OperationId, OperationRequest,
+    Queue, QueueStats, Reservation, Store, StoreError, Subscription,
 };
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -176,6 +176,24 @@ impl Store for AnyStore {
 
     async fn subscribe(&self, key: &StoreKey) -> Result<Subscription, StoreError> {
         delegate!(self, s => s.subscribe(key).await)
+    }
+
+    async fn begin_attempt(&self, key: &StoreKey, keep: Duration) -> Result<u32, StoreError> {
+        delegate!(self, s => s.begin_attempt(key, keep).await)
+    }
+
+    async fn end_attempt(
+        &self,
+        key: &StoreKey,
+        attempt: u32,
+        error: Option<&str>,
+        keep: Duration,
+    ) -> Result<Fence, StoreError> {
+        delegate!(self, s => s.end_attempt(key, attempt, error, keep).await)
+    }
+
+    async fn attempts(&self, key: &StoreKey) -> Result<Option<Attempts>, StoreError> {
+        delegate!(self, s => s.attempts(key).await)
     }
 }
 

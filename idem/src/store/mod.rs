@@ -26,6 +26,7 @@ use crate::record::{CompletedRecord, Record, Token};
 
 pub use crate::error::{BoxError, ConfigError, Corruption, StoreError};
 pub use any::{AnyStore, ConnectOptions, StoreUrl};
+pub use job::{Attempts, MAX_ERROR_BYTES};
 pub use queue::{
     Claimed, Enqueued, InvalidOperationId, Operation, OperationId, OperationRequest,
     OperationState, Queue, QueueStats,
@@ -34,6 +35,7 @@ pub use queue::{
 mod any;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod background;
+pub mod job;
 #[cfg(feature = "memory")]
 pub mod memory;
 #[cfg(feature = "postgres")]
@@ -177,7 +179,8 @@ pub trait Store: Send + Sync + 'static {
         key: &StoreKey,
     ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
 
-    /// Deletes whatever is under `key`. `true` when something was there.
+    /// Deletes whatever is under `key`: the record and the job trace
+    /// (`job.rs`). `true` when something was there.
     fn purge(&self, key: &StoreKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// A subscription that fires when `key` may have changed. Take it
@@ -191,6 +194,49 @@ pub trait Store: Send + Sync + 'static {
         &self,
         key: &StoreKey,
     ) -> impl Future<Output = Result<Subscription, StoreError>> + Send;
+
+    /// Job bookkeeping (protocol §13, `job.rs`): ONE atomic step that
+    /// counts a new run of the job under `key` and marks it running;
+    /// answers its number (1 for the first run; after a release, one more
+    /// than the last). The trace is kept for `keep` from now.
+    ///
+    /// Called by the holder of `key`'s reservation only, so runs are
+    /// counted in the order they start. The default keeps no trace and
+    /// answers 0 ("not counted"); every store of this crate keeps one.
+    fn begin_attempt(
+        &self,
+        key: &StoreKey,
+        keep: Duration,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send {
+        let _ = (key, keep);
+        std::future::ready(Ok(0))
+    }
+
+    /// Job bookkeeping: ONE atomic step that marks run `attempt` of `key`
+    /// ended with `error` (bounded by the caller to
+    /// [`MAX_ERROR_BYTES`]), keeping the trace for `keep`. Fenced on the
+    /// attempt: if a later run has begun, nothing changes and it answers
+    /// [`Fence::Lost`]. The default keeps nothing.
+    fn end_attempt(
+        &self,
+        key: &StoreKey,
+        attempt: u32,
+        error: Option<&str>,
+        keep: Duration,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        let _ = (key, attempt, error, keep);
+        std::future::ready(Ok(Fence::Lost))
+    }
+
+    /// Job bookkeeping: the trace of `key`, if one is kept and has not
+    /// expired. The default keeps none.
+    fn attempts(
+        &self,
+        key: &StoreKey,
+    ) -> impl Future<Output = Result<Option<Attempts>, StoreError>> + Send {
+        let _ = key;
+        std::future::ready(Ok(None))
+    }
 }
 
 impl<T: Store> Store for Arc<T> {
@@ -240,6 +286,28 @@ impl<T: Store> Store for Arc<T> {
         key: &StoreKey,
     ) -> impl Future<Output = Result<Subscription, StoreError>> + Send {
         (**self).subscribe(key)
+    }
+    fn begin_attempt(
+        &self,
+        key: &StoreKey,
+        keep: Duration,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send {
+        (**self).begin_attempt(key, keep)
+    }
+    fn end_attempt(
+        &self,
+        key: &StoreKey,
+        attempt: u32,
+        error: Option<&str>,
+        keep: Duration,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        (**self).end_attempt(key, attempt, error, keep)
+    }
+    fn attempts(
+        &self,
+        key: &StoreKey,
+    ) -> impl Future<Output = Result<Option<Attempts>, StoreError>> + Send {
+        (**self).attempts(key)
     }
 }
 

@@ -5,12 +5,16 @@
 //! `Option<Arc<Store>>` (`None`: the service is unreachable and the test is
 //! skipped loudly, unless `IDEM_REQUIRE_SERVICES=1`).
 //!
+//! `jobs_conformance!(name, factory)` runs `jobs.rs` (job status, protocol
+//! §13) through an engine over the store.
+//!
 //! `queue_conformance!(name, factory)` does the same with `queue.rs` for a
 //! store that implements async mode's `Queue` (protocol §9.7); its factory
 //! must yield a store of the test's own (an empty queue).
 
 #[cfg(feature = "redis")]
 mod cluster;
+mod jobs;
 #[cfg(feature = "postgres")]
 mod pg;
 mod queue;
@@ -80,6 +84,51 @@ macro_rules! conformance {
 
 conformance!(memory, async {
     Some(Arc::new(idem::store::memory::MemoryStore::new()))
+});
+
+macro_rules! jobs_conformance {
+    ($name:ident, $factory:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn status_follows_a_run() {
+                let Some(s) = $factory.await else { return };
+                jobs::status_follows_a_run(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn transient_failure_releases_and_counts() {
+                let Some(s) = $factory.await else { return };
+                jobs::transient_failure_releases_and_counts(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn permanent_failure_is_replayed_to_50_redeliveries() {
+                let Some(s) = $factory.await else { return };
+                jobs::permanent_failure_is_replayed(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn one_execution_of_100_racing_deliveries() {
+                let Some(s) = $factory.await else { return };
+                jobs::deliveries_race(s, 100).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn purge_forgets_the_trace() {
+                let Some(s) = $factory.await else { return };
+                jobs::purge_forgets_the_trace(s).await;
+            }
+        }
+    };
+}
+
+jobs_conformance!(memory_jobs, async {
+    Some(Arc::new(idem::store::memory::MemoryStore::new()))
+});
+// The same through `AnyStore`, which every backend's calls go through in
+// the gateway.
+jobs_conformance!(any_memory_jobs, async {
+    Some(Arc::new(idem::store::AnyStore::Memory(
+        idem::store::memory::MemoryStore::new(),
+    )))
 });
 
 macro_rules! queue_conformance {
@@ -230,5 +279,31 @@ queue_conformance!(redis_cluster_queue, async {
 // earlier runs are dropped by later ones.
 #[cfg(feature = "postgres")]
 conformance!(postgres, async { pg::store().await.map(Arc::new) });
+#[cfg(feature = "redis")]
+jobs_conformance!(redis_jobs, async {
+    let url = services::redis_url();
+    match idem::store::redis::RedisStore::builder()
+        .prefix(redis_test_prefix())
+        .connect(&url)
+        .await
+    {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => services::unavailable("Redis", &url, &e),
+    }
+});
+#[cfg(feature = "redis")]
+jobs_conformance!(redis_cluster_jobs, async {
+    let cluster = cluster::Cluster::get().await?;
+    match idem::store::redis::RedisStore::builder()
+        .prefix(redis_test_prefix())
+        .connect_cluster(cluster.urls())
+        .await
+    {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => cluster.unreachable(&e),
+    }
+});
+#[cfg(feature = "postgres")]
+jobs_conformance!(postgres_jobs, async { pg::store().await.map(Arc::new) });
 #[cfg(feature = "postgres")]
 queue_conformance!(postgres_queue, async { pg::store().await.map(Arc::new) });

@@ -248,6 +248,9 @@ async fn the_migration_upgrades_a_layout_1_table_in_place() {
         Enqueued::Accepted(_)
     ));
     assert_eq!(store.claim(LEASE, 10).await.unwrap().len(), 1);
+    // Layout 3: job traces, in a table of their own (protocol §13).
+    assert_eq!(store.begin_attempt(&key("v3-job"), LEASE).await.unwrap(), 1);
+    assert_eq!(store.begin_attempt(&key("v3-job"), LEASE).await.unwrap(), 2);
 
     let constraints: Vec<String> = sqlx::query_scalar(
         "SELECT conname::text FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'c'",
@@ -275,6 +278,7 @@ async fn the_migration_upgrades_a_layout_1_table_in_place() {
     assert_eq!(
         indexes,
         [
+            "idem_jobs_pkey",
             "idem_records_due",
             "idem_records_expires_at",
             "idem_records_op_id",

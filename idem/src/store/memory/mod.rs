@@ -31,13 +31,17 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::{Fence, Lease, Notifier, OperationId, Reservation, Store, StoreError, Subscription};
+use super::{
+    Attempts, Fence, Lease, Notifier, OperationId, Reservation, Store, StoreError, Subscription,
+};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
 
+use job::Traces;
 use queue::{Op, Operations};
 
+mod job;
 mod queue;
 
 /// Bounds of a [`MemoryStore`], for the whole store (not per shard).
@@ -77,6 +81,8 @@ struct Shared {
     evict_cursor: AtomicUsize,
     /// Async mode's books: the id index and the count of live operations.
     operations: Operations,
+    /// Job traces (`job.rs`, protocol §13), beside the records.
+    jobs: Traces,
 }
 
 /// What the whole store holds, charged *before* a record is added, so the
@@ -213,6 +219,7 @@ impl MemoryStore {
             },
             evict_cursor: AtomicUsize::new(0),
             operations: Operations::new(n),
+            jobs: Traces::new(limits.max_entries, limits.max_bytes / 4),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweep(Arc::downgrade(&shared)));
@@ -649,13 +656,32 @@ impl Store for MemoryStore {
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
         let removed = self.shard(key).remove(key, &self.shared).is_some();
+        let traced = self.shared.jobs.forget(key);
         if removed {
             self.shared.notifier.notify(key);
         }
-        Ok(removed)
+        Ok(removed || traced)
     }
 
     async fn subscribe(&self, key: &StoreKey) -> Result<Subscription, StoreError> {
         Ok(self.shared.notifier.subscribe(key))
+    }
+
+    async fn begin_attempt(&self, key: &StoreKey, keep: Duration) -> Result<u32, StoreError> {
+        Ok(self.shared.jobs.begin(key, keep))
+    }
+
+    async fn end_attempt(
+        &self,
+        key: &StoreKey,
+        attempt: u32,
+        error: Option<&str>,
+        keep: Duration,
+    ) -> Result<Fence, StoreError> {
+        Ok(self.shared.jobs.end(key, attempt, error, keep))
+    }
+
+    async fn attempts(&self, key: &StoreKey) -> Result<Option<Attempts>, StoreError> {
+        Ok(self.shared.jobs.get(key))
     }
 }

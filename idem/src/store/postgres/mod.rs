@@ -38,6 +38,10 @@
 //! | `due_at` | `timestamptz`, partial index on states 3, 4 | when a live operation is next claimable: due (pending) or lease end (running) |
 //! | `last_error` | `text` | why an operation's last attempt failed |
 //!
+//! A second table, `"<schema>".idem_jobs`, holds job traces (protocol §13,
+//! `job.rs`): attempts counted by `Engine::once` / `once_job`, beside the
+//! records and never read or written by `reserve` or `complete`.
+//!
 //! The migration is re-runnable (`IF NOT EXISTS` throughout) and takes a
 //! transaction-scoped advisory lock, so any number of instances may start at
 //! once. Turn it off with [`PostgresStoreBuilder::migrate`] when a DBA runs
@@ -169,6 +173,7 @@ use listener::Feed;
 use row::{completed, fingerprint, flag, remaining, reservation, state, time, COMPLETED};
 use wait::Watchers;
 
+mod job;
 mod listener;
 mod queue;
 mod request;
@@ -385,7 +390,7 @@ impl PostgresStoreBuilder {
         if let Some(every) = self.cleanup_interval {
             let cleaner = Cleaner {
                 pool: pool.clone(),
-                sql: sql.cleanup.clone(),
+                sql: vec![sql.cleanup.clone(), sql.jobs.cleanup.clone()],
                 batch: i64::from(self.cleanup_batch),
                 timeout,
             };
@@ -454,6 +459,8 @@ struct Statements {
     operation: String,
     queue_stats: String,
     channel: String,
+    /// Job traces (`job.rs`).
+    jobs: job::Statements,
 }
 
 impl Statements {
@@ -462,7 +469,12 @@ impl Statements {
         // it is enough to make it an identifier.
         let quoted = format!("\"{schema}\"");
         let table = format!("{quoted}.idem_records");
-        let fill = |sql: &str| sql.replace("{schema}", &quoted).replace("{table}", &table);
+        let jobs = format!("{quoted}.idem_jobs");
+        let fill = |sql: &str| {
+            sql.replace("{schema}", &quoted)
+                .replace("{table}", &table)
+                .replace("{jobs}", &jobs)
+        };
         Self {
             migrate: fill(MIGRATE),
             reserve: fill(RESERVE),
@@ -478,6 +490,7 @@ impl Statements {
             operation: fill(OPERATION),
             queue_stats: fill(QUEUE_STATS),
             channel: format!("{schema}_idem_changed"),
+            jobs: job::Statements::new(fill),
         }
     }
 }
@@ -569,7 +582,10 @@ impl PostgresStore {
     pub async fn delete_expired(&self) -> Result<u64, StoreError> {
         Cleaner {
             pool: self.shared.pool.clone(),
-            sql: self.shared.sql.cleanup.clone(),
+            sql: vec![
+                self.shared.sql.cleanup.clone(),
+                self.shared.sql.jobs.cleanup.clone(),
+            ],
             batch: self.shared.cleanup_batch,
             timeout: self.shared.timeout,
         }
@@ -743,6 +759,24 @@ impl Store for PostgresStore {
         // pooled connection.
         Ok(self.shared.notifier.subscribe(key))
     }
+
+    async fn begin_attempt(&self, key: &StoreKey, keep: Duration) -> Result<u32, StoreError> {
+        self.job_begin(key, keep).await
+    }
+
+    async fn end_attempt(
+        &self,
+        key: &StoreKey,
+        attempt: u32,
+        error: Option<&str>,
+        keep: Duration,
+    ) -> Result<Fence, StoreError> {
+        self.job_end(key, attempt, error, keep).await
+    }
+
+    async fn attempts(&self, key: &StoreKey) -> Result<Option<super::Attempts>, StoreError> {
+        self.job_get(key).await
+    }
 }
 
 /// Awaits `fut` for at most `timeout`, mapping sqlx's errors.
@@ -781,10 +815,10 @@ fn fence(held: bool) -> Result<Fence, StoreError> {
     Ok(if held { Fence::Held } else { Fence::Lost })
 }
 
-/// Deletes expired rows in batches.
+/// Deletes expired rows in batches: records, then job traces.
 struct Cleaner {
     pool: PgPool,
-    sql: String,
+    sql: Vec<String>,
     batch: i64,
     timeout: Duration,
 }
@@ -806,20 +840,23 @@ impl Cleaner {
     /// Batches until one comes back short.
     async fn pass(&self) -> Result<u64, StoreError> {
         let mut total = 0;
-        loop {
-            let rows = bounded(
-                self.timeout,
-                sqlx::query(&self.sql).bind(self.batch).execute(&self.pool),
-            )
-            .await?
-            .rows_affected();
-            total += rows;
-            if rows < u64::try_from(self.batch).unwrap_or(u64::MAX) {
-                return Ok(total);
+        for sql in &self.sql {
+            loop {
+                let rows = bounded(
+                    self.timeout,
+                    sqlx::query(sql).bind(self.batch).execute(&self.pool),
+                )
+                .await?
+                .rows_affected();
+                total += rows;
+                if rows < u64::try_from(self.batch).unwrap_or(u64::MAX) {
+                    break;
+                }
+                // Let the calls have the pool between batches.
+                tokio::task::yield_now().await;
             }
-            // Let the calls have the pool between batches.
-            tokio::task::yield_now().await;
         }
+        Ok(total)
     }
 }
 
@@ -857,7 +894,10 @@ mod tests {
             &s.retry,
             &s.operation,
             &s.queue_stats,
-        ] {
+        ]
+        .into_iter()
+        .chain(s.jobs.all())
+        {
             assert!(!sql.contains('{'), "unfilled placeholder in {sql}");
             assert!(sql.contains("-- Atomicity:"), "no atomicity note in {sql}");
         }

@@ -15,7 +15,8 @@ use crate::error::StoreError;
 const STATUS: &str = include_str!("sql/status.sql");
 
 /// Whether what the migration creates (`sql/migrate.sql`: the schema, the
-/// records table with its current columns, the clean-up index) is in
+/// records table with its current columns, the clean-up index, the job
+/// traces table) is in
 /// place. See [`PostgresStoreBuilder::check`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -26,7 +27,8 @@ pub enum SchemaStatus {
     /// The schema exists, the records table does not.
     NoTable,
     /// The table exists but lacks part of what this version's migration
-    /// creates (a column added since, the clean-up index); store calls may
+    /// creates (a column added since, the clean-up index, the job traces
+    /// table); store calls may
     /// fail until the migration runs.
     Outdated,
     /// Everything the migration creates is there.
@@ -116,7 +118,7 @@ fn decode(row: &PgRow) -> Result<SchemaStatus, StoreError> {
         SchemaStatus::NoSchema
     } else if !flag(row, "has_table")? {
         SchemaStatus::NoTable
-    } else if !(flag(row, "has_waiters")? && flag(row, "has_index")?) {
+    } else if !(flag(row, "has_waiters")? && flag(row, "has_index")? && flag(row, "has_jobs")?) {
         SchemaStatus::Outdated
     } else {
         SchemaStatus::Ready

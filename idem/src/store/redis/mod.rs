@@ -20,6 +20,10 @@
 //! | `body` | — | the body's raw bytes (Redis strings are binary safe: no base64) |
 //! | `completed_at`, `expires_at` | — | milliseconds since the Unix epoch |
 //!
+//! A job's attempt trace (protocol §13) is a hash of its own beside the
+//! record, at `{prefix}{<store key>}:job` (see `job.rs`); `reserve` and
+//! `complete` never touch it.
+//!
 //! Redis keeps the time: the lease is the key's TTL while in flight
 //! (`PEXPIRE`, renewed by [`Store::extend`]), the retention once completed.
 //! A lease that ran out is an expired key, which Redis treats as absent, so
@@ -162,6 +166,7 @@ use queue::Follow;
 use reply::{encode_headers, epoch_ms, token_hex, ttl_ms, Reply};
 use subscriber::Subscriber;
 
+mod job;
 mod queue;
 mod reply;
 mod subscriber;
@@ -182,6 +187,7 @@ struct Scripts {
     get: Script,
     purge: Script,
     queue: queue::Scripts,
+    job: job::Scripts,
 }
 
 impl Scripts {
@@ -194,6 +200,7 @@ impl Scripts {
             get: Script::new(include_str!("lua/get.lua")),
             purge: Script::new(include_str!("lua/purge.lua")),
             queue: queue::Scripts::load(),
+            job: job::Scripts::load(),
         }
     }
 }
@@ -638,6 +645,7 @@ impl Store for RedisStore {
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
         let mut inv = self.inner.scripts.purge.prepare_invoke();
         inv.key(self.record_key(key))
+            .key(self.job_key(key))
             .arg(&self.inner.channel)
             .arg(key.as_str());
         match self.eval(inv).await? {
@@ -659,6 +667,24 @@ impl Store for RedisStore {
         // In-process only: the store's one subscriber connection feeds the
         // notifier, so a waiter holds no Redis connection of its own.
         Ok(self.inner.notifier.subscribe(key))
+    }
+
+    async fn begin_attempt(&self, key: &StoreKey, keep: Duration) -> Result<u32, StoreError> {
+        self.job_begin(key, keep).await
+    }
+
+    async fn end_attempt(
+        &self,
+        key: &StoreKey,
+        attempt: u32,
+        error: Option<&str>,
+        keep: Duration,
+    ) -> Result<Fence, StoreError> {
+        self.job_end(key, attempt, error, keep).await
+    }
+
+    async fn attempts(&self, key: &StoreKey) -> Result<Option<super::Attempts>, StoreError> {
+        self.job_get(key).await
     }
 }
 

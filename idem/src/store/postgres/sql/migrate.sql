@@ -108,3 +108,21 @@ CREATE UNIQUE INDEX IF NOT EXISTS idem_records_op_id ON {table} (op_id) WHERE op
 CREATE INDEX IF NOT EXISTS idem_records_expires_at ON {table} (expires_at);
 
 COMMENT ON TABLE {table} IS 'idem idempotency records, layout version 2';
+
+-- Layout version 3: job traces (protocol §13), a table of their own so the
+-- records table, and with it reserve and complete, is unchanged; a table
+-- from an earlier version gains it here. One row per job key that
+-- Engine::once / once_job has run:
+--   attempts     runs of the job's closure so far, the running one included
+--   running      a run has begun and not ended
+--   last_error   the last ended run's failure text, if any (bounded, for
+--                operators)
+--   expires_at   the retention's end, renewed by every step; every
+--                comparison is with the DATABASE clock
+CREATE TABLE IF NOT EXISTS {jobs} (
+    key         text COLLATE "C" PRIMARY KEY,
+    attempts    integer     NOT NULL,
+    running     boolean     NOT NULL,
+    last_error  text,
+    expires_at  timestamptz NOT NULL
+);

@@ -1,6 +1,7 @@
 -- status: $1 schema name. Returns one row: has_schema, has_table,
 -- has_waiters (the column added after layout version 1), has_index (the
--- clean-up index): what migrate.sql would create, and what is there.
+-- clean-up index), has_jobs (the job traces table, layout version 3): what
+-- migrate.sql would create, and what is there.
 -- Creates nothing, and reads only the catalogs (no privilege needed on the
 -- schema or the table).
 --
@@ -13,7 +14,10 @@ SELECT
             WHERE a.attrelid = c.oid AND a.attname = 'waiters' AND NOT a.attisdropped) AS has_waiters,
     EXISTS (SELECT 1 FROM pg_class AS i
             WHERE i.relnamespace = n.oid AND i.relname = 'idem_records_expires_at'
-              AND i.relkind = 'i') AS has_index
+              AND i.relkind = 'i') AS has_index,
+    EXISTS (SELECT 1 FROM pg_class AS j
+            WHERE j.relnamespace = n.oid AND j.relname = 'idem_jobs'
+              AND j.relkind IN ('r', 'p')) AS has_jobs
 FROM (VALUES (1)) AS one (x)
 LEFT JOIN pg_namespace AS n ON n.nspname = $1
 LEFT JOIN pg_class AS c
