@@ -22,19 +22,27 @@ use crate::store::{Claimed, Enqueued, Fence, OperationRequest, Queue, StoreError
 
 /// A pool of dispatcher tasks over one store (protocol §9.4).
 ///
-/// [`spawn`](Self::spawn) starts [`AsyncConfig::workers`] tasks. Each
-/// claims one due operation at a time, calls the [`Upstream`] while
+/// [`spawn`](Self::spawn) starts ONE poller task. The poller claims due
+/// operations for the free workers only (at most
+/// [`AsyncConfig::workers`] run at once) in one store call, and starts a
+/// worker task per claimed operation: it calls the [`Upstream`] while
 /// heartbeating its lease, then stores the answer, or schedules another
 /// attempt, or — after the route's `max_attempts` — stores a 502
-/// `upstream_unavailable`. Idle, a worker sleeps `poll_interval`, or less
-/// when [`accept`](Self::accept) (or a [`WakeHandle`]) wakes it.
+/// `upstream_unavailable`. When a claim finds less due work than there
+/// are free workers, the poller sleeps `poll_interval`, or less when
+/// [`accept`](Self::accept) (or a [`WakeHandle`]) wakes it. So an idle
+/// dispatcher costs the store one claim per `poll_interval`, whatever
+/// `workers` is, and holds no store connection in between; and no claim
+/// is made while every worker is busy.
 ///
 /// Dropping the dispatcher aborts its tasks at once, like a crash: the
 /// operations they held are claimed again when their leases run out.
 /// [`shutdown`](Self::shutdown) lets the running calls finish first.
 pub struct Dispatcher<S, U> {
     inner: Arc<Inner<S, U>>,
-    workers: JoinSet<()>,
+    /// The poller (none on an accept-only instance). It owns the worker
+    /// tasks: aborting it aborts them.
+    poller: JoinSet<()>,
     stop: watch::Sender<bool>,
 }
 
@@ -62,14 +70,14 @@ impl<S, U> std::fmt::Debug for Dispatcher<S, U> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher")
             .field("config", &self.inner.config)
-            .field("workers", &self.workers.len())
+            .field("running", &self.inner.metrics.in_flight.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
 
 impl<S: Queue, U: Upstream> Dispatcher<S, U> {
-    /// Starts `config.workers` dispatcher tasks on the current Tokio
-    /// runtime (none for an accept-only instance).
+    /// Starts the poller on the current Tokio runtime (none for an
+    /// accept-only instance, `config.workers == 0`).
     ///
     /// # Panics
     ///
@@ -85,13 +93,13 @@ impl<S: Queue, U: Upstream> Dispatcher<S, U> {
             wake: Arc::default(),
         });
         let (stop, stopped) = watch::channel(false);
-        let mut set = JoinSet::new();
-        for _ in 0..workers {
-            set.spawn(Arc::clone(&inner).work(stopped.clone()));
+        let mut poller = JoinSet::new();
+        if workers > 0 {
+            poller.spawn(Arc::clone(&inner).poll(stopped));
         }
         Self {
             inner,
-            workers: set,
+            poller,
             stop,
         }
     }
@@ -147,10 +155,10 @@ impl<S: Queue, U: Upstream> Dispatcher<S, U> {
     /// after their leases).
     pub async fn shutdown(mut self, grace: Duration) {
         self.stop.send_replace(true);
-        let all = async { while self.workers.join_next().await.is_some() {} };
+        let all = async { while self.poller.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!(
-                running = self.workers.len(),
+                running = self.inner.metrics.in_flight.load(Ordering::Relaxed),
                 "dispatchers still calling the upstream at the end of the grace period were \
                  aborted; their operations are dispatched again after their leases"
             );
@@ -169,20 +177,34 @@ struct Failure {
 }
 
 impl<S: Queue, U: Upstream> Inner<S, U> {
-    /// One worker: claim, dispatch, repeat; idle, wait for a wake-up, the
-    /// poll interval or the stop signal.
-    async fn work(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// The poller: claims due operations for the free workers, one worker
+    /// task per operation; idle (less due work than free workers, or a
+    /// failed claim), waits for a wake-up, the poll interval or the stop
+    /// signal. Stopped, it lets the running workers finish.
+    async fn poll(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut running = JoinSet::new();
         loop {
             if *stop.borrow() {
-                return;
+                break;
             }
-            let idle = match self.store.claim(self.config.lease, 1).await {
+            while running.try_join_next().is_some() {}
+            let free = self.config.workers.saturating_sub(running.len());
+            if free == 0 {
+                // Every worker is busy: claim again when one is free.
+                tokio::select! {
+                    _ = running.join_next() => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            let drained = match self.store.claim(self.config.lease, free).await {
                 Ok(claimed) => {
-                    let idle = claimed.is_empty();
+                    let drained = claimed.len() < free;
                     for c in claimed {
-                        self.dispatch(c).await;
+                        let inner = Arc::clone(&self);
+                        running.spawn(async move { inner.dispatch(c).await });
                     }
-                    idle
+                    drained
                 }
                 Err(error) => {
                     DispatchMetrics::inc(&self.metrics.store_errors);
@@ -190,7 +212,7 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
                     true
                 }
             };
-            if idle {
+            if drained {
                 tokio::select! {
                     () = self.wake.notified() => {}
                     () = tokio::time::sleep(self.config.poll_interval) => {}
@@ -198,6 +220,7 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
                 }
             }
         }
+        while running.join_next().await.is_some() {}
     }
 
     /// One attempt of a claimed operation, finished in the store.

@@ -11,6 +11,7 @@
 
 #[cfg(feature = "redis")]
 mod cluster;
+mod counting;
 #[cfg(feature = "postgres")]
 mod pg;
 mod queue;
@@ -146,6 +147,11 @@ macro_rules! queue_conformance {
             async fn queue_stats_count_pending_and_running() {
                 let Some(s) = $factory.await else { return };
                 queue::queue_stats_count_pending_and_running(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn idle_dispatcher_claims_rarely_and_picks_up_promptly() {
+                let Some(s) = $factory.await else { return };
+                queue::idle_dispatcher_claims_rarely_and_picks_up_promptly(s).await;
             }
         }
     };

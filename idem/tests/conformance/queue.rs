@@ -16,9 +16,12 @@ use idem::store::{
     Claimed, Enqueued, Fence, Operation, OperationId, OperationRequest, OperationState, Queue,
     QueueStats, Reservation,
 };
-use idem::{CompletedRecord, Fingerprint, StoreKey, StoredResponse, Token};
+use idem::asyncop::{self, AsyncConfig, DispatchError, Dispatcher};
+use idem::{CompletedRecord, Fingerprint, Scope, StoreKey, StoredResponse, Token};
 use tokio::sync::Barrier;
+use tokio::time::Instant;
 
+use crate::counting::Counting;
 use crate::suite::fresh_key;
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -637,4 +640,76 @@ pub async fn queue_stats_count_pending_and_running<S: Queue>(store: Arc<S>) {
         .await
         .expect("complete");
     assert_eq!(stats(&*store).await.pending, 2);
+}
+
+/// The idle cost of a [`Dispatcher`] of 64 workers (protocol §9.4): ONE
+/// poller claims once per poll interval, not each worker on its own; an
+/// accept on this instance still wakes it at once, and an accept made
+/// elsewhere (another instance) is picked up within a poll interval.
+pub async fn idle_dispatcher_claims_rarely_and_picks_up_promptly<S: Queue>(store: Arc<S>) {
+    const POLL: Duration = Duration::from_millis(200);
+    let counted = Arc::new(Counting::new(Arc::clone(&store)));
+    let calls = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let log = Arc::clone(&calls);
+    let upstream = move |req: Arc<OperationRequest>| {
+        let log = Arc::clone(&log);
+        async move {
+            log.lock().expect("calls").push(Instant::now());
+            Ok::<_, DispatchError>(StoredResponse {
+                status: 201,
+                headers: vec![],
+                body: req.body.clone(),
+            })
+        }
+    };
+    let config = AsyncConfig::default().workers(64).poll_interval(POLL);
+    let d = Dispatcher::spawn(Arc::clone(&counted), upstream, config);
+
+    // Idle for a second: about 1 s / 200 ms claims. Before the poller,
+    // each of the 64 workers claimed on its own: ~320.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let idle = counted.claims();
+    assert!(
+        (1..=8).contains(&idle),
+        "an idle dispatcher of 64 workers claimed {idle} times in 1 s"
+    );
+
+    // An accept on this instance wakes the poller at once.
+    let scope = Scope::named(&format!("idle-{:016x}", rand::random::<u64>()));
+    let k = StoreKey::new(&scope, "idle-local");
+    let accepted = Instant::now();
+    let Enqueued::Accepted(id) = d
+        .accept(&k, fp("a"), &request(&k), ROOMY)
+        .await
+        .expect("accept")
+    else {
+        panic!("a fresh key is accepted");
+    };
+    let done = asyncop::status_wait(&*store, id, &scope, Duration::from_secs(5))
+        .await
+        .expect("status");
+    assert!(matches!(done.map(|op| op.state), Some(OperationState::Done(_))));
+    let first = calls.lock().expect("calls")[0];
+    assert!(
+        first - accepted < Duration::from_millis(100),
+        "a local accept waited {:?} for the poller",
+        first - accepted
+    );
+
+    // An accept made by another instance (straight into the store): found
+    // by the next poll.
+    let k = StoreKey::new(&scope, "idle-remote");
+    let accepted = Instant::now();
+    let id = accept(&*store, &k, fp("b")).await;
+    let done = asyncop::status_wait(&*store, id, &scope, Duration::from_secs(5))
+        .await
+        .expect("status");
+    assert!(matches!(done.map(|op| op.state), Some(OperationState::Done(_))));
+    let second = calls.lock().expect("calls")[1];
+    assert!(
+        second - accepted < POLL + Duration::from_millis(150),
+        "a remote accept waited {:?} (poll interval {POLL:?})",
+        second - accepted
+    );
+    d.shutdown(Duration::from_secs(1)).await;
 }
