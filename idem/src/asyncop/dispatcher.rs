@@ -169,9 +169,11 @@ impl<S: Queue, U: Upstream> Dispatcher<S, U> {
 
 /// How an attempt ended without an answer to store.
 struct Failure {
-    /// For the operator (logs, the store's `last_error`).
+    /// For the operator's logs (may name upstream addresses).
     log: String,
-    /// For the client (the stored 502's `detail`).
+    /// For the client (the stored 502's `detail`) and the store's
+    /// `last_error` (what admin inspect shows): the status or the kind of
+    /// transport error, never the upstream's addresses or error texts.
     summary: String,
     retry_after: Option<Duration>,
 }
@@ -231,7 +233,7 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
             // outcome: no call beyond `max_attempts`.
             let failure = Failure {
                 log: "the last attempt's dispatcher stopped before storing its outcome".into(),
-                summary: "the outcome of the last attempt was lost".into(),
+                summary: "its outcome was lost".into(),
                 retry_after: None,
             };
             let lease_ends = Instant::now() + self.config.lease;
@@ -260,7 +262,7 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
             }
             Ok(response) => Failure {
                 log: format!("the upstream answered {}", response.status),
-                summary: format!("the last answer was HTTP {}", response.status),
+                summary: format!("HTTP {}", response.status),
                 retry_after: retry_after(&response),
             },
             Err(e) => Failure {
@@ -276,7 +278,8 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
         }
         let delay = retry_delay(policy.retry_backoff, c.attempt, failure.retry_after);
         tracing::info!(id = %c.id, attempt = c.attempt, ?delay, error = %failure.log, "attempt failed; retrying");
-        match self.store.retry(&c.key, c.token, delay, &failure.log).await {
+        let last_error = format!("attempt {}: {}", c.attempt, failure.summary);
+        match self.store.retry(&c.key, c.token, delay, &last_error).await {
             Ok(Fence::Held) => DispatchMetrics::inc(&m.retries),
             Ok(Fence::Lost) => self.lost(&c, "retry"),
             Err(error) => {
@@ -338,7 +341,8 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
         let problem = Problem::new(
             ProblemCode::UpstreamUnavailable,
             format!(
-                "the upstream gave no answer to keep after {attempts} attempt{plural}; {}",
+                "the upstream gave no answer to keep after {attempts} attempt{plural}; \
+                 the last: {}",
                 why.summary
             ),
         );

@@ -681,6 +681,7 @@ mod tests {
                 attempts: 2,
                 next_attempt_in: Duration::from_millis(1500),
             },
+            last_error: Some("HTTP 503".into()),
         };
         let res: Response<Bytes> = render(&op);
         assert_eq!(res.status(), StatusCode::ACCEPTED);

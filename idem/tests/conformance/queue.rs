@@ -110,6 +110,7 @@ pub async fn enqueue_then_repeat<S: Queue>(store: Arc<S>) {
             id: got,
             key,
             state: OperationState::Pending { attempts: 0, .. },
+            ..
         } => assert_eq!((got, key), (id, k.clone())),
         other => panic!("expected pending, attempts 0: {other:?}"),
     }
@@ -712,4 +713,69 @@ pub async fn idle_dispatcher_claims_rarely_and_picks_up_promptly<S: Queue>(store
         second - accepted
     );
     d.shutdown(Duration::from_secs(1)).await;
+}
+
+/// `last_error` (admin inspect): none until an attempt fails; then the text
+/// of the latest [`Queue::retry`], shown while pending and while running
+/// the next attempt, to `operation` and to a repeat's `Existing`; gone once
+/// done. A fenced-out retry changes nothing.
+pub async fn last_error_is_the_latest_failed_attempt<S: Queue>(store: Arc<S>) {
+    let k = fresh_key("last-error");
+    let id = accept(&*store, &k, fp("a")).await;
+    assert_eq!(operation(&*store, id).await.last_error, None);
+    let c = claim_one(&*store, LEASE).await;
+    assert_eq!(operation(&*store, id).await.last_error, None, "running");
+    let first = "attempt 1: HTTP 503";
+    assert_eq!(
+        store
+            .retry(&k, c.token, Duration::ZERO, first)
+            .await
+            .expect("retry"),
+        Fence::Held
+    );
+    let op = operation(&*store, id).await;
+    assert!(matches!(op.state, OperationState::Pending { attempts: 1, .. }));
+    assert_eq!(op.last_error.as_deref(), Some(first));
+    match store
+        .enqueue(&k, fp("a"), OperationId::generate(), &request(&k), ROOMY)
+        .await
+        .expect("enqueue")
+    {
+        Enqueued::Existing(op) => assert_eq!(op.last_error.as_deref(), Some(first)),
+        other => panic!("expected Existing, got {other:?}"),
+    }
+    let c = claim_one(&*store, LEASE).await;
+    let op = operation(&*store, id).await;
+    assert!(matches!(op.state, OperationState::Running { attempts: 2 }));
+    assert_eq!(
+        op.last_error.as_deref(),
+        Some(first),
+        "kept while the next attempt runs"
+    );
+    assert_eq!(
+        store
+            .retry(&k, Token::generate(), Duration::ZERO, "stranger")
+            .await
+            .expect("retry"),
+        Fence::Lost
+    );
+    assert_eq!(operation(&*store, id).await.last_error.as_deref(), Some(first));
+    let second = "attempt 2: the connection was refused";
+    store
+        .retry(&k, c.token, Duration::ZERO, second)
+        .await
+        .expect("retry");
+    assert_eq!(
+        operation(&*store, id).await.last_error.as_deref(),
+        Some(second),
+        "the latest replaces the one before"
+    );
+    let c = claim_one(&*store, LEASE).await;
+    store
+        .complete(&k, c.token, record(fp("a"), 201, "x"), RETAIN)
+        .await
+        .expect("complete");
+    let op = operation(&*store, id).await;
+    assert!(matches!(op.state, OperationState::Done(_)));
+    assert_eq!(op.last_error, None, "a done operation's answer says how it ended");
 }
