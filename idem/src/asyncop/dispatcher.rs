@@ -54,13 +54,14 @@ struct Inner<S, U> {
     wake: Arc<Notify>,
 }
 
-/// Wakes an idle worker of a [`Dispatcher`] (after an accept made outside
-/// [`Dispatcher::accept`]). Cheap to clone.
+/// Wakes the poller of a [`Dispatcher`] (after an accept made outside
+/// [`Dispatcher::accept`]), so it claims at once rather than at its next
+/// poll. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct WakeHandle(Arc<Notify>);
 
 impl WakeHandle {
-    /// Wakes one idle worker, or the next to go idle.
+    /// Wakes the poller now if it is idle, else as soon as it goes idle.
     pub fn wake(&self) {
         self.0.notify_one();
     }
@@ -104,8 +105,8 @@ impl<S: Queue, U: Upstream> Dispatcher<S, U> {
         }
     }
 
-    /// [`accept`](super::accept), then wakes an idle worker if the
-    /// operation is new.
+    /// [`accept`](super::accept), then wakes the poller if the operation
+    /// is new.
     ///
     /// # Errors
     ///
@@ -125,7 +126,7 @@ impl<S: Queue, U: Upstream> Dispatcher<S, U> {
         Ok(answer)
     }
 
-    /// A handle that wakes an idle worker.
+    /// A handle that wakes the poller.
     #[must_use]
     pub fn wake_handle(&self) -> WakeHandle {
         WakeHandle(Arc::clone(&self.inner.wake))

@@ -205,7 +205,7 @@ impl AsyncConfig {
 /// Accepts an operation (protocol §9.1–2, §9.6): ONE atomic store step under a
 /// fresh [`OperationId`]. `Accepted` means it is durable in the store;
 /// answer 202. See [`Enqueued`] for the other answers.
-/// [`Dispatcher::accept`] does the same and wakes an idle worker of this
+/// [`Dispatcher::accept`] does the same and wakes the dispatcher of this
 /// instance.
 ///
 /// # Errors
