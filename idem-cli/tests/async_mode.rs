@@ -311,7 +311,9 @@ async fn fresh_database(url: &str) -> Result<(String, String), sqlx::Error> {
         .execute(&mut c)
         .await?;
     // The same URL with the database (its path) replaced.
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
     let authority_end = base
         .find("://")
         .map(|i| i + 3)

@@ -264,7 +264,11 @@ async fn the_latest_failure_is_kept_as_last_error_in_short() {
     );
     let id = accept(&d, "e").await;
     let last_error = |store: Arc<MemoryStore>| async move {
-        let op = store.operation(id).await.expect("operation").expect("known");
+        let op = store
+            .operation(id)
+            .await
+            .expect("operation")
+            .expect("known");
         assert!(matches!(op.state, OperationState::Pending { .. }), "{op:?}");
         op.last_error
     };
@@ -283,7 +287,11 @@ async fn the_latest_failure_is_kept_as_last_error_in_short() {
         Some("attempt 2: HTTP 503")
     );
     assert_eq!(final_answer(&*store, id).await.status, 201);
-    let op = store.operation(id).await.expect("operation").expect("known");
+    let op = store
+        .operation(id)
+        .await
+        .expect("operation")
+        .expect("known");
     assert_eq!(op.last_error, None, "done: the answer says how it ended");
 }
 

@@ -135,9 +135,8 @@ pub fn app() -> App {
     // Only POST /reports is async; everything else passes through.
     let mut report = RoutePolicy::default();
     report.mode = Mode::Async;
-    let routes = RouteTable::default().route(
-        Route::parse_match("POST /reports", Arc::new(report)).expect("a valid pattern"),
-    );
+    let routes = RouteTable::default()
+        .route(Route::parse_match("POST /reports", Arc::new(report)).expect("a valid pattern"));
     let layer = IdempotencyLayer::new(Engine::new(store), routes)
         .async_mode(AsyncMode::from_dispatcher(&dispatcher));
     App {

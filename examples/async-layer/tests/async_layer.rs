@@ -76,7 +76,10 @@ async fn accepted_then_long_polled_then_replayed() {
 
     // Done: the POST replays it; the handler ran once.
     let replay = send(&app.router, post("r-1")).await;
-    assert_eq!((replay.status, replay.replayed), (StatusCode::CREATED, true));
+    assert_eq!(
+        (replay.status, replay.replayed),
+        (StatusCode::CREATED, true)
+    );
     assert_eq!(replay.body, done.body);
     assert_eq!(app.executions.load(Ordering::SeqCst), 1);
     let count = send(&app.router, get("/count")).await;

@@ -71,7 +71,10 @@ impl<S, U> std::fmt::Debug for Dispatcher<S, U> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher")
             .field("config", &self.inner.config)
-            .field("running", &self.inner.metrics.in_flight.load(Ordering::Relaxed))
+            .field(
+                "running",
+                &self.inner.metrics.in_flight.load(Ordering::Relaxed),
+            )
             .finish_non_exhaustive()
     }
 }

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use idem::asyncop::{self, AsyncConfig, DispatchError, Dispatcher};
 use idem::record::Record;
 use idem::store::{
     Claimed, Enqueued, Fence, Operation, OperationId, OperationRequest, OperationState, Queue,
     QueueStats, Reservation,
 };
-use idem::asyncop::{self, AsyncConfig, DispatchError, Dispatcher};
 use idem::{CompletedRecord, Fingerprint, Scope, StoreKey, StoredResponse, Token};
 use tokio::sync::Barrier;
 use tokio::time::Instant;
@@ -689,7 +689,10 @@ pub async fn idle_dispatcher_claims_rarely_and_picks_up_promptly<S: Queue>(store
     let done = asyncop::status_wait(&*store, id, &scope, Duration::from_secs(5))
         .await
         .expect("status");
-    assert!(matches!(done.map(|op| op.state), Some(OperationState::Done(_))));
+    assert!(matches!(
+        done.map(|op| op.state),
+        Some(OperationState::Done(_))
+    ));
     let first = calls.lock().expect("calls")[0];
     assert!(
         first - accepted < Duration::from_millis(100),
@@ -705,7 +708,10 @@ pub async fn idle_dispatcher_claims_rarely_and_picks_up_promptly<S: Queue>(store
     let done = asyncop::status_wait(&*store, id, &scope, Duration::from_secs(5))
         .await
         .expect("status");
-    assert!(matches!(done.map(|op| op.state), Some(OperationState::Done(_))));
+    assert!(matches!(
+        done.map(|op| op.state),
+        Some(OperationState::Done(_))
+    ));
     let second = calls.lock().expect("calls")[1];
     assert!(
         second - accepted < POLL + Duration::from_millis(150),
@@ -734,7 +740,10 @@ pub async fn last_error_is_the_latest_failed_attempt<S: Queue>(store: Arc<S>) {
         Fence::Held
     );
     let op = operation(&*store, id).await;
-    assert!(matches!(op.state, OperationState::Pending { attempts: 1, .. }));
+    assert!(matches!(
+        op.state,
+        OperationState::Pending { attempts: 1, .. }
+    ));
     assert_eq!(op.last_error.as_deref(), Some(first));
     match store
         .enqueue(&k, fp("a"), OperationId::generate(), &request(&k), ROOMY)
@@ -759,7 +768,10 @@ pub async fn last_error_is_the_latest_failed_attempt<S: Queue>(store: Arc<S>) {
             .expect("retry"),
         Fence::Lost
     );
-    assert_eq!(operation(&*store, id).await.last_error.as_deref(), Some(first));
+    assert_eq!(
+        operation(&*store, id).await.last_error.as_deref(),
+        Some(first)
+    );
     let second = "attempt 2: the connection was refused";
     store
         .retry(&k, c.token, Duration::ZERO, second)
@@ -777,5 +789,8 @@ pub async fn last_error_is_the_latest_failed_attempt<S: Queue>(store: Arc<S>) {
         .expect("complete");
     let op = operation(&*store, id).await;
     assert!(matches!(op.state, OperationState::Done(_)));
-    assert_eq!(op.last_error, None, "a done operation's answer says how it ended");
+    assert_eq!(
+        op.last_error, None,
+        "a done operation's answer says how it ended"
+    );
 }
