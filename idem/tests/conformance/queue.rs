@@ -26,6 +26,8 @@ use crate::suite::fresh_key;
 
 const LEASE: Duration = Duration::from_secs(30);
 const RETAIN: Duration = Duration::from_secs(3600);
+/// The lease of `claim_is_exclusive`'s claims: longer than the test runs.
+const RACE_LEASE: Duration = Duration::from_secs(3600);
 /// `max_pending` when the test is not about it.
 const ROOMY: u64 = 100_000;
 
@@ -542,7 +544,10 @@ pub async fn claim_is_exclusive<S: Queue>(store: Arc<S>, rounds: usize) {
                     let mut got = Vec::new();
                     loop {
                         // Batches of 1 to 3, so single and batch claims race.
-                        let batch = store.claim(LEASE, 1 + t % 3).await.expect("claim");
+                        // A lease longer than the whole test: on a slow
+                        // machine the 25 rounds outlast a 30 s lease, and an
+                        // earlier round's operations would be due again.
+                        let batch = store.claim(RACE_LEASE, 1 + t % 3).await.expect("claim");
                         if batch.is_empty() {
                             return got;
                         }
