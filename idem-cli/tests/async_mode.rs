@@ -727,6 +727,7 @@ async fn max_pending_refuses_with_nothing_stored(store: &str) {
     .await;
     assert_eq!(rec.json()["state"], "in_flight");
 
+    up.called(&keys[0], 1).await;
     up.called(&keys[1], 1).await;
     let s = status(&c, a, &id, "").await;
     assert_eq!(s.status, 202);
@@ -780,17 +781,7 @@ async fn dispatch_figures_on_metrics(store: &str) {
     let id = accepted_id(&post(&c, a, "/jobs/m?plan=503,200", &key, "").await);
     assert_eq!(final_answer(&c, a, &id).await.status, 200);
     let bearer = format!("Bearer {TOKEN}");
-    let text = send(
-        &c,
-        admin,
-        "GET",
-        "/metrics",
-        &[("authorization", bearer.as_str())],
-        "",
-    )
-    .await;
-    let text = String::from_utf8_lossy(&text.body).into_owned();
-    for line in [
+    let lines = [
         "idem_async_attempts_total 2",
         "idem_async_retries_total 1",
         "idem_async_completed_total 1",
@@ -799,7 +790,28 @@ async fn dispatch_figures_on_metrics(store: &str) {
         "idem_async_pending 0",
         "idem_requests_total{outcome=\"cancelled\"}",
         "idem_watchers ",
-    ] {
+    ];
+    // The answer is readable as soon as the store has it; the dispatcher
+    // counts it just after (and on Redis the queue entry leaves a step
+    // later): give the figures a moment to settle.
+    let mut text = String::new();
+    for _ in 0..100 {
+        let r = send(
+            &c,
+            admin,
+            "GET",
+            "/metrics",
+            &[("authorization", bearer.as_str())],
+            "",
+        )
+        .await;
+        text = String::from_utf8_lossy(&r.body).into_owned();
+        if lines.iter().all(|l| text.contains(l)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for line in lines {
         assert!(text.contains(line), "/metrics lacks `{line}`:\n{text}");
     }
     let op = send(
