@@ -254,6 +254,48 @@ async fn connection_errors_and_time_outs_are_attempts() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_latest_failure_is_kept_as_last_error_in_short() {
+    let store = Arc::new(MemoryStore::new());
+    let (calls, upstream) = scripted(&[Answer::Refused, Answer::Status(503), Answer::Status(201)]);
+    let d = Dispatcher::spawn(
+        Arc::clone(&store),
+        upstream,
+        config(1, policy(5, Duration::from_secs(10))),
+    );
+    let id = accept(&d, "e").await;
+    let last_error = |store: Arc<MemoryStore>| async move {
+        let op = store
+            .operation(id)
+            .await
+            .expect("operation")
+            .expect("known");
+        assert!(matches!(op.state, OperationState::Pending { .. }), "{op:?}");
+        op.last_error
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(calls.count(), 1);
+    // The kind only: the error's own text ("connection refused") and any
+    // upstream address stay in the log.
+    assert_eq!(
+        last_error(Arc::clone(&store)).await.as_deref(),
+        Some("attempt 1: the connection was refused")
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(calls.count(), 2);
+    assert_eq!(
+        last_error(Arc::clone(&store)).await.as_deref(),
+        Some("attempt 2: HTTP 503")
+    );
+    assert_eq!(final_answer(&*store, id).await.status, 201);
+    let op = store
+        .operation(id)
+        .await
+        .expect("operation")
+        .expect("known");
+    assert_eq!(op.last_error, None, "done: the answer says how it ended");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_upstream_retry_after_is_honoured() {
     let store = Arc::new(MemoryStore::new());
     let (calls, upstream) = scripted(&[Answer::RetryAfter(503, 7), Answer::Status(200)]);

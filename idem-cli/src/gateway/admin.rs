@@ -8,7 +8,7 @@
 //! | `GET /metrics` | bearer | Prometheus text |
 //! | `GET /records/{store_key}` | bearer | the record as JSON (with a `job` object for a job run by `Engine::once`/`once_job`: status, attempts, since, last error), 404 if none |
 //! | `DELETE /records/{store_key}` | bearer | 204 purged, 404 if none |
-//! | `GET /operations/{id}` | bearer | an async operation's key, state and attempts as JSON, 404 if none |
+//! | `GET /operations/{id}` | bearer | an async operation's key, state, attempts and `last_error` as JSON, 404 if none |
 //!
 //! A `store_key` is `<32 hex scope hash>:<key>`; logs name it by its log id
 //! ([`idem::StoreKey::log_id`]), never in full. A pending or running
@@ -338,6 +338,9 @@ async fn operation<S: Store>(
                 .unwrap_or(u64::MAX)
                 .into();
         }
+    }
+    if let Some(why) = op.last_error {
+        json["last_error"] = why.into();
     }
     (
         [(header::CONTENT_TYPE, "application/json")],

@@ -22,19 +22,27 @@ use crate::store::{Claimed, Enqueued, Fence, OperationRequest, Queue, StoreError
 
 /// A pool of dispatcher tasks over one store (protocol §9.4).
 ///
-/// [`spawn`](Self::spawn) starts [`AsyncConfig::workers`] tasks. Each
-/// claims one due operation at a time, calls the [`Upstream`] while
+/// [`spawn`](Self::spawn) starts ONE poller task. The poller claims due
+/// operations for the free workers only (at most
+/// [`AsyncConfig::workers`] run at once) in one store call, and starts a
+/// worker task per claimed operation: it calls the [`Upstream`] while
 /// heartbeating its lease, then stores the answer, or schedules another
 /// attempt, or — after the route's `max_attempts` — stores a 502
-/// `upstream_unavailable`. Idle, a worker sleeps `poll_interval`, or less
-/// when [`accept`](Self::accept) (or a [`WakeHandle`]) wakes it.
+/// `upstream_unavailable`. When a claim finds less due work than there
+/// are free workers, the poller sleeps `poll_interval`, or less when
+/// [`accept`](Self::accept) (or a [`WakeHandle`]) wakes it. So an idle
+/// dispatcher costs the store one claim per `poll_interval`, whatever
+/// `workers` is, and holds no store connection in between; and no claim
+/// is made while every worker is busy.
 ///
 /// Dropping the dispatcher aborts its tasks at once, like a crash: the
 /// operations they held are claimed again when their leases run out.
 /// [`shutdown`](Self::shutdown) lets the running calls finish first.
 pub struct Dispatcher<S, U> {
     inner: Arc<Inner<S, U>>,
-    workers: JoinSet<()>,
+    /// The poller (none on an accept-only instance). It owns the worker
+    /// tasks: aborting it aborts them.
+    poller: JoinSet<()>,
     stop: watch::Sender<bool>,
 }
 
@@ -46,13 +54,14 @@ struct Inner<S, U> {
     wake: Arc<Notify>,
 }
 
-/// Wakes an idle worker of a [`Dispatcher`] (after an accept made outside
-/// [`Dispatcher::accept`]). Cheap to clone.
+/// Wakes the poller of a [`Dispatcher`] (after an accept made outside
+/// [`Dispatcher::accept`]), so it claims at once rather than at its next
+/// poll. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct WakeHandle(Arc<Notify>);
 
 impl WakeHandle {
-    /// Wakes one idle worker, or the next to go idle.
+    /// Wakes the poller now if it is idle, else as soon as it goes idle.
     pub fn wake(&self) {
         self.0.notify_one();
     }
@@ -62,14 +71,17 @@ impl<S, U> std::fmt::Debug for Dispatcher<S, U> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher")
             .field("config", &self.inner.config)
-            .field("workers", &self.workers.len())
+            .field(
+                "running",
+                &self.inner.metrics.in_flight.load(Ordering::Relaxed),
+            )
             .finish_non_exhaustive()
     }
 }
 
 impl<S: Queue, U: Upstream> Dispatcher<S, U> {
-    /// Starts `config.workers` dispatcher tasks on the current Tokio
-    /// runtime (none for an accept-only instance).
+    /// Starts the poller on the current Tokio runtime (none for an
+    /// accept-only instance, `config.workers == 0`).
     ///
     /// # Panics
     ///
@@ -85,19 +97,19 @@ impl<S: Queue, U: Upstream> Dispatcher<S, U> {
             wake: Arc::default(),
         });
         let (stop, stopped) = watch::channel(false);
-        let mut set = JoinSet::new();
-        for _ in 0..workers {
-            set.spawn(Arc::clone(&inner).work(stopped.clone()));
+        let mut poller = JoinSet::new();
+        if workers > 0 {
+            poller.spawn(Arc::clone(&inner).poll(stopped));
         }
         Self {
             inner,
-            workers: set,
+            poller,
             stop,
         }
     }
 
-    /// [`accept`](super::accept), then wakes an idle worker if the
-    /// operation is new.
+    /// [`accept`](super::accept), then wakes the poller if the operation
+    /// is new.
     ///
     /// # Errors
     ///
@@ -117,7 +129,7 @@ impl<S: Queue, U: Upstream> Dispatcher<S, U> {
         Ok(answer)
     }
 
-    /// A handle that wakes an idle worker.
+    /// A handle that wakes the poller.
     #[must_use]
     pub fn wake_handle(&self) -> WakeHandle {
         WakeHandle(Arc::clone(&self.inner.wake))
@@ -147,10 +159,10 @@ impl<S: Queue, U: Upstream> Dispatcher<S, U> {
     /// after their leases).
     pub async fn shutdown(mut self, grace: Duration) {
         self.stop.send_replace(true);
-        let all = async { while self.workers.join_next().await.is_some() {} };
+        let all = async { while self.poller.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!(
-                running = self.workers.len(),
+                running = self.inner.metrics.in_flight.load(Ordering::Relaxed),
                 "dispatchers still calling the upstream at the end of the grace period were \
                  aborted; their operations are dispatched again after their leases"
             );
@@ -161,28 +173,44 @@ impl<S: Queue, U: Upstream> Dispatcher<S, U> {
 
 /// How an attempt ended without an answer to store.
 struct Failure {
-    /// For the operator (logs, the store's `last_error`).
+    /// For the operator's logs (may name upstream addresses).
     log: String,
-    /// For the client (the stored 502's `detail`).
+    /// For the client (the stored 502's `detail`) and the store's
+    /// `last_error` (what admin inspect shows): the status or the kind of
+    /// transport error, never the upstream's addresses or error texts.
     summary: String,
     retry_after: Option<Duration>,
 }
 
 impl<S: Queue, U: Upstream> Inner<S, U> {
-    /// One worker: claim, dispatch, repeat; idle, wait for a wake-up, the
-    /// poll interval or the stop signal.
-    async fn work(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// The poller: claims due operations for the free workers, one worker
+    /// task per operation; idle (less due work than free workers, or a
+    /// failed claim), waits for a wake-up, the poll interval or the stop
+    /// signal. Stopped, it lets the running workers finish.
+    async fn poll(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut running = JoinSet::new();
         loop {
             if *stop.borrow() {
-                return;
+                break;
             }
-            let idle = match self.store.claim(self.config.lease, 1).await {
+            while running.try_join_next().is_some() {}
+            let free = self.config.workers.saturating_sub(running.len());
+            if free == 0 {
+                // Every worker is busy: claim again when one is free.
+                tokio::select! {
+                    _ = running.join_next() => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            let drained = match self.store.claim(self.config.lease, free).await {
                 Ok(claimed) => {
-                    let idle = claimed.is_empty();
+                    let drained = claimed.len() < free;
                     for c in claimed {
-                        self.dispatch(c).await;
+                        let inner = Arc::clone(&self);
+                        running.spawn(async move { inner.dispatch(c).await });
                     }
-                    idle
+                    drained
                 }
                 Err(error) => {
                     DispatchMetrics::inc(&self.metrics.store_errors);
@@ -190,7 +218,7 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
                     true
                 }
             };
-            if idle {
+            if drained {
                 tokio::select! {
                     () = self.wake.notified() => {}
                     () = tokio::time::sleep(self.config.poll_interval) => {}
@@ -198,6 +226,7 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
                 }
             }
         }
+        while running.join_next().await.is_some() {}
     }
 
     /// One attempt of a claimed operation, finished in the store.
@@ -208,7 +237,7 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
             // outcome: no call beyond `max_attempts`.
             let failure = Failure {
                 log: "the last attempt's dispatcher stopped before storing its outcome".into(),
-                summary: "the outcome of the last attempt was lost".into(),
+                summary: "its outcome was lost".into(),
                 retry_after: None,
             };
             let lease_ends = Instant::now() + self.config.lease;
@@ -237,7 +266,7 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
             }
             Ok(response) => Failure {
                 log: format!("the upstream answered {}", response.status),
-                summary: format!("the last answer was HTTP {}", response.status),
+                summary: format!("HTTP {}", response.status),
                 retry_after: retry_after(&response),
             },
             Err(e) => Failure {
@@ -253,7 +282,8 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
         }
         let delay = retry_delay(policy.retry_backoff, c.attempt, failure.retry_after);
         tracing::info!(id = %c.id, attempt = c.attempt, ?delay, error = %failure.log, "attempt failed; retrying");
-        match self.store.retry(&c.key, c.token, delay, &failure.log).await {
+        let last_error = format!("attempt {}: {}", c.attempt, failure.summary);
+        match self.store.retry(&c.key, c.token, delay, &last_error).await {
             Ok(Fence::Held) => DispatchMetrics::inc(&m.retries),
             Ok(Fence::Lost) => self.lost(&c, "retry"),
             Err(error) => {
@@ -315,7 +345,8 @@ impl<S: Queue, U: Upstream> Inner<S, U> {
         let problem = Problem::new(
             ProblemCode::UpstreamUnavailable,
             format!(
-                "the upstream gave no answer to keep after {attempts} attempt{plural}; {}",
+                "the upstream gave no answer to keep after {attempts} attempt{plural}; \
+                 the last: {}",
                 why.summary
             ),
         );

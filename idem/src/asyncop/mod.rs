@@ -119,15 +119,18 @@ type PolicyFn = dyn Fn(&OperationRequest) -> DispatchPolicy + Send + Sync;
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct AsyncConfig {
-    /// Dispatcher tasks on this instance (`[limits] async_workers`,
-    /// default 64); 0 makes an accept-only instance.
+    /// Most operations this instance dispatches at once (`[limits]
+    /// async_workers`, default 64); 0 makes an accept-only instance.
     pub workers: usize,
     /// The lease a dispatcher holds an operation under, kept by heartbeat
     /// (every third of it) while the upstream works (default 30 s). A dead
     /// dispatcher's operations are claimed again once it runs out.
     pub lease: Duration,
-    /// How often an idle worker looks for due operations (default
-    /// 200 ms); an accept on this instance wakes one at once.
+    /// How often an idle dispatcher looks for due operations (default
+    /// 200 ms): ONE claim per interval for the whole pool, whatever
+    /// `workers` is. An accept on this instance wakes it at once; work
+    /// accepted by another instance, or due again after a backoff or a
+    /// lost lease, is found within an interval.
     pub poll_interval: Duration,
     policy: Arc<PolicyFn>,
 }
@@ -202,7 +205,7 @@ impl AsyncConfig {
 /// Accepts an operation (protocol §9.1–2, §9.6): ONE atomic store step under a
 /// fresh [`OperationId`]. `Accepted` means it is durable in the store;
 /// answer 202. See [`Enqueued`] for the other answers.
-/// [`Dispatcher::accept`] does the same and wakes an idle worker of this
+/// [`Dispatcher::accept`] does the same and wakes the dispatcher of this
 /// instance.
 ///
 /// # Errors

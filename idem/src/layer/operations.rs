@@ -247,14 +247,14 @@ impl AsyncMode {
         }
     }
 
-    /// Accepts into the dispatcher's store, and wakes one of its idle
-    /// workers after each accept.
+    /// Accepts into the dispatcher's store, and wakes its poller after
+    /// each accept.
     #[must_use]
     pub fn from_dispatcher<S: Queue + Clone, U: Upstream>(dispatcher: &Dispatcher<S, U>) -> Self {
         Self::new(dispatcher.store().clone()).wake(dispatcher.wake_handle())
     }
 
-    /// Wakes an idle dispatcher worker of this process after each accept
+    /// Wakes the dispatcher of this process after each accept
     /// (others find the operation at their next poll).
     #[must_use]
     pub fn wake(mut self, handle: WakeHandle) -> Self {
@@ -686,6 +686,7 @@ mod tests {
                 attempts: 2,
                 next_attempt_in: Duration::from_millis(1500),
             },
+            last_error: Some("HTTP 503".into()),
         };
         let res: Response<Bytes> = render(&op);
         assert_eq!(res.status(), StatusCode::ACCEPTED);

@@ -170,6 +170,12 @@ pub struct Operation {
     pub key: StoreKey,
     /// Where it is.
     pub state: OperationState,
+    /// Why its latest failed attempt failed (`HTTP 503`, `the connection
+    /// was refused`, ...), as the dispatcher passed it to
+    /// [`Queue::retry`]: a short text with no upstream address or error
+    /// text. `None` before any attempt failed, and once it is done (the
+    /// final answer, a stored 502 included, says how it ended).
+    pub last_error: Option<String>,
 }
 
 /// The outcome of [`Queue::enqueue`] (ONE atomic store step). Protocol
@@ -264,7 +270,9 @@ pub trait Queue: Store {
     ) -> impl Future<Output = Result<Vec<Claimed>, StoreError>> + Send;
 
     /// Fenced by `token`: the running operation goes back to pending, due
-    /// `delay` from now, with `last_error` kept for inspection. `Lost` if
+    /// `delay` from now, with `last_error` kept for inspection
+    /// ([`Operation::last_error`], until the next retry replaces it or the
+    /// operation is done). `Lost` if
     /// another claimer holds it (or it is gone).
     fn retry(
         &self,

@@ -11,18 +11,23 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use idem::asyncop::{self, AsyncConfig, DispatchError, Dispatcher};
 use idem::record::Record;
 use idem::store::{
     Claimed, Enqueued, Fence, Operation, OperationId, OperationRequest, OperationState, Queue,
     QueueStats, Reservation,
 };
-use idem::{CompletedRecord, Fingerprint, StoreKey, StoredResponse, Token};
+use idem::{CompletedRecord, Fingerprint, Scope, StoreKey, StoredResponse, Token};
 use tokio::sync::Barrier;
+use tokio::time::Instant;
 
+use crate::counting::Counting;
 use crate::suite::fresh_key;
 
 const LEASE: Duration = Duration::from_secs(30);
 const RETAIN: Duration = Duration::from_secs(3600);
+/// The lease of `claim_is_exclusive`'s claims: longer than the test runs.
+const RACE_LEASE: Duration = Duration::from_secs(3600);
 /// `max_pending` when the test is not about it.
 const ROOMY: u64 = 100_000;
 
@@ -107,6 +112,7 @@ pub async fn enqueue_then_repeat<S: Queue>(store: Arc<S>) {
             id: got,
             key,
             state: OperationState::Pending { attempts: 0, .. },
+            ..
         } => assert_eq!((got, key), (id, k.clone())),
         other => panic!("expected pending, attempts 0: {other:?}"),
     }
@@ -538,7 +544,10 @@ pub async fn claim_is_exclusive<S: Queue>(store: Arc<S>, rounds: usize) {
                     let mut got = Vec::new();
                     loop {
                         // Batches of 1 to 3, so single and batch claims race.
-                        let batch = store.claim(LEASE, 1 + t % 3).await.expect("claim");
+                        // A lease longer than the whole test: on a slow
+                        // machine the 25 rounds outlast a 30 s lease, and an
+                        // earlier round's operations would be due again.
+                        let batch = store.claim(RACE_LEASE, 1 + t % 3).await.expect("claim");
                         if batch.is_empty() {
                             return got;
                         }
@@ -637,4 +646,156 @@ pub async fn queue_stats_count_pending_and_running<S: Queue>(store: Arc<S>) {
         .await
         .expect("complete");
     assert_eq!(stats(&*store).await.pending, 2);
+}
+
+/// The idle cost of a [`Dispatcher`] of 64 workers (protocol §9.4): ONE
+/// poller claims once per poll interval, not each worker on its own; an
+/// accept on this instance still wakes it at once, and an accept made
+/// elsewhere (another instance) is picked up within a poll interval.
+pub async fn idle_dispatcher_claims_rarely_and_picks_up_promptly<S: Queue>(store: Arc<S>) {
+    const POLL: Duration = Duration::from_millis(200);
+    let counted = Arc::new(Counting::new(Arc::clone(&store)));
+    let calls = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let log = Arc::clone(&calls);
+    let upstream = move |req: Arc<OperationRequest>| {
+        let log = Arc::clone(&log);
+        async move {
+            log.lock().expect("calls").push(Instant::now());
+            Ok::<_, DispatchError>(StoredResponse {
+                status: 201,
+                headers: vec![],
+                body: req.body.clone(),
+            })
+        }
+    };
+    let config = AsyncConfig::default().workers(64).poll_interval(POLL);
+    let d = Dispatcher::spawn(Arc::clone(&counted), upstream, config);
+
+    // Idle for a second: about 1 s / 200 ms claims. Before the poller,
+    // each of the 64 workers claimed on its own: ~320.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let idle = counted.claims();
+    assert!(
+        (1..=8).contains(&idle),
+        "an idle dispatcher of 64 workers claimed {idle} times in 1 s"
+    );
+
+    // An accept on this instance wakes the poller at once.
+    let scope = Scope::named(&format!("idle-{:016x}", rand::random::<u64>()));
+    let k = StoreKey::new(&scope, "idle-local");
+    let accepted = Instant::now();
+    let Enqueued::Accepted(id) = d
+        .accept(&k, fp("a"), &request(&k), ROOMY)
+        .await
+        .expect("accept")
+    else {
+        panic!("a fresh key is accepted");
+    };
+    let done = asyncop::status_wait(&*store, id, &scope, Duration::from_secs(5))
+        .await
+        .expect("status");
+    assert!(matches!(
+        done.map(|op| op.state),
+        Some(OperationState::Done(_))
+    ));
+    let first = calls.lock().expect("calls")[0];
+    assert!(
+        first - accepted < Duration::from_millis(100),
+        "a local accept waited {:?} for the poller",
+        first - accepted
+    );
+
+    // An accept made by another instance (straight into the store): found
+    // by the next poll.
+    let k = StoreKey::new(&scope, "idle-remote");
+    let accepted = Instant::now();
+    let id = accept(&*store, &k, fp("b")).await;
+    let done = asyncop::status_wait(&*store, id, &scope, Duration::from_secs(5))
+        .await
+        .expect("status");
+    assert!(matches!(
+        done.map(|op| op.state),
+        Some(OperationState::Done(_))
+    ));
+    let second = calls.lock().expect("calls")[1];
+    assert!(
+        second - accepted < POLL + Duration::from_millis(150),
+        "a remote accept waited {:?} (poll interval {POLL:?})",
+        second - accepted
+    );
+    d.shutdown(Duration::from_secs(1)).await;
+}
+
+/// `last_error` (admin inspect): none until an attempt fails; then the text
+/// of the latest [`Queue::retry`], shown while pending and while running
+/// the next attempt, to `operation` and to a repeat's `Existing`; gone once
+/// done. A fenced-out retry changes nothing.
+pub async fn last_error_is_the_latest_failed_attempt<S: Queue>(store: Arc<S>) {
+    let k = fresh_key("last-error");
+    let id = accept(&*store, &k, fp("a")).await;
+    assert_eq!(operation(&*store, id).await.last_error, None);
+    let c = claim_one(&*store, LEASE).await;
+    assert_eq!(operation(&*store, id).await.last_error, None, "running");
+    let first = "attempt 1: HTTP 503";
+    assert_eq!(
+        store
+            .retry(&k, c.token, Duration::ZERO, first)
+            .await
+            .expect("retry"),
+        Fence::Held
+    );
+    let op = operation(&*store, id).await;
+    assert!(matches!(
+        op.state,
+        OperationState::Pending { attempts: 1, .. }
+    ));
+    assert_eq!(op.last_error.as_deref(), Some(first));
+    match store
+        .enqueue(&k, fp("a"), OperationId::generate(), &request(&k), ROOMY)
+        .await
+        .expect("enqueue")
+    {
+        Enqueued::Existing(op) => assert_eq!(op.last_error.as_deref(), Some(first)),
+        other => panic!("expected Existing, got {other:?}"),
+    }
+    let c = claim_one(&*store, LEASE).await;
+    let op = operation(&*store, id).await;
+    assert!(matches!(op.state, OperationState::Running { attempts: 2 }));
+    assert_eq!(
+        op.last_error.as_deref(),
+        Some(first),
+        "kept while the next attempt runs"
+    );
+    assert_eq!(
+        store
+            .retry(&k, Token::generate(), Duration::ZERO, "stranger")
+            .await
+            .expect("retry"),
+        Fence::Lost
+    );
+    assert_eq!(
+        operation(&*store, id).await.last_error.as_deref(),
+        Some(first)
+    );
+    let second = "attempt 2: the connection was refused";
+    store
+        .retry(&k, c.token, Duration::ZERO, second)
+        .await
+        .expect("retry");
+    assert_eq!(
+        operation(&*store, id).await.last_error.as_deref(),
+        Some(second),
+        "the latest replaces the one before"
+    );
+    let c = claim_one(&*store, LEASE).await;
+    store
+        .complete(&k, c.token, record(fp("a"), 201, "x"), RETAIN)
+        .await
+        .expect("complete");
+    let op = operation(&*store, id).await;
+    assert!(matches!(op.state, OperationState::Done(_)));
+    assert_eq!(
+        op.last_error, None,
+        "a done operation's answer says how it ended"
+    );
 }

@@ -48,6 +48,8 @@ pub(super) struct Op {
     attempts: u32,
     /// The token of the dispatcher that holds it; `None` while pending.
     pub(super) running: Option<Token>,
+    /// Why the latest failed attempt failed ([`Queue::retry`]).
+    last_error: Option<Box<str>>,
 }
 
 /// The least `lease_remaining` an operation shows to `get` and `reserve`:
@@ -114,6 +116,10 @@ impl Operations {
 }
 
 impl Op {
+    fn last_error(&self) -> Option<String> {
+        self.last_error.as_deref().map(str::to_owned)
+    }
+
     fn state(&self, deadline: Instant, now: Instant) -> OperationState {
         match self.running {
             Some(_) => OperationState::Running {
@@ -131,10 +137,10 @@ impl Entry {
     /// This record as operation `id`, if it is that operation (pending,
     /// running or done).
     fn operation(&self, id: OperationId, key: &StoreKey, now: Instant) -> Option<Operation> {
-        let state = match &self.state {
-            State::Operation(op) if op.id == id => op.state(self.deadline, now),
+        let (state, last_error) = match &self.state {
+            State::Operation(op) if op.id == id => (op.state(self.deadline, now), op.last_error()),
             State::Completed(record, _, Some(done)) if *done == id => {
-                OperationState::Done(Arc::clone(record))
+                (OperationState::Done(Arc::clone(record)), None)
             }
             _ => return None,
         };
@@ -142,6 +148,7 @@ impl Entry {
             id,
             key: key.clone(),
             state,
+            last_error,
         })
     }
 }
@@ -227,6 +234,7 @@ impl Queue for MemoryStore {
                         id: op.id,
                         key: key.clone(),
                         state: op.state(entry.deadline, now),
+                        last_error: op.last_error(),
                     }),
                     State::Completed(r, ..) if r.fingerprint != fingerprint => Enqueued::Mismatch,
                     State::Completed(r, ..) => Enqueued::Completed(Arc::clone(r)),
@@ -267,6 +275,7 @@ impl Queue for MemoryStore {
                     request: Arc::new(request.clone()),
                     attempts: 0,
                     running: None,
+                    last_error: None,
                 })),
             );
             // Lock order: record shard, then id shard.
@@ -307,9 +316,7 @@ impl Queue for MemoryStore {
         key: &StoreKey,
         token: Token,
         delay: Duration,
-        // Durable stores keep it where an operator reads the backend; this
-        // store has no such view, and the dispatcher logs it anyway.
-        _last_error: &str,
+        last_error: &str,
     ) -> Result<Fence, StoreError> {
         let mut shard = self.shard(key);
         let Some(entry) = shard.held(key, token) else {
@@ -320,6 +327,7 @@ impl Queue for MemoryStore {
             return Ok(Fence::Lost);
         };
         op.running = None;
+        op.last_error = Some(last_error.into());
         shard.set_deadline(key, Instant::now() + delay);
         Ok(Fence::Held)
     }

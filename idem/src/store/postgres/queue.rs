@@ -72,6 +72,7 @@ impl Queue for PostgresStore {
                 id: op_id(&row)?,
                 key: key.clone(),
                 state: live_state(&row, s)?,
+                last_error: column(&row, "last_error")?,
             }),
         })
     }
@@ -152,17 +153,23 @@ impl Queue for PostgresStore {
         let Some(row) = row else {
             return Ok(None);
         };
-        let state = match state(&row)? {
-            COMPLETED => OperationState::Done(Arc::new(completed(&row, fingerprint(&row)?)?)),
+        let (state, last_error) = match state(&row)? {
+            // The column outlives completion; a done operation's answer
+            // says how it ended.
+            COMPLETED => (
+                OperationState::Done(Arc::new(completed(&row, fingerprint(&row)?)?)),
+                None,
+            ),
             // A synchronous reservation carries no id (reserve clears it
             // when it takes a row over); read one that does as unknown.
             IN_FLIGHT => return Ok(None),
-            s => live_state(&row, s)?,
+            s => (live_state(&row, s)?, column(&row, "last_error")?),
         };
         Ok(Some(Operation {
             id,
             key: stored_key(&row)?,
             state,
+            last_error,
         }))
     }
 

@@ -432,6 +432,7 @@ impl Queue for RedisStore {
                 let attempts = attempts(&mut reply)?;
                 let at = reply.ms("claimable_at")?;
                 let now = reply.ms("now")?;
+                let last_error = reply.optional_text("last error")?;
                 // A repeat also mends the entry of an enqueue that died
                 // between its record and its scheduling.
                 healing(op, self.schedule(op, key, at, Move::Earlier).await);
@@ -447,6 +448,7 @@ impl Queue for RedisStore {
                     id: op,
                     key: key.clone(),
                     state,
+                    last_error,
                 }))
             }
             "in_flight" => Ok(Enqueued::InFlight {
@@ -538,7 +540,16 @@ impl Queue for RedisStore {
             "completed" => OperationState::Done(Arc::new(reply.completed()?)),
             other => return Err(reply.unexpected(other)),
         };
-        Ok(Some(Operation { id, key, state }))
+        let last_error = match state {
+            OperationState::Done(_) => None,
+            _ => reply.optional_text("last error")?,
+        };
+        Ok(Some(Operation {
+            id,
+            key,
+            state,
+            last_error,
+        }))
     }
 
     async fn queue_stats(&self) -> Result<QueueStats, StoreError> {

@@ -129,6 +129,21 @@ impl Reply {
             .map_err(|_| StoreError::Corrupt(format!("{what}: not UTF-8").into()))
     }
 
+    /// A string that may be absent (a Lua `false`, or the end of the
+    /// reply).
+    pub(super) fn optional_text(&mut self, what: &str) -> Result<Option<String>, StoreError> {
+        match self.0.next() {
+            None | Some(Value::Nil) => Ok(None),
+            Some(Value::BulkString(b)) => String::from_utf8(b)
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt(format!("{what}: not UTF-8").into())),
+            Some(Value::SimpleString(s)) => Ok(Some(s)),
+            other => Err(StoreError::Corrupt(
+                format!("{what}: expected a string, got {other:?}").into(),
+            )),
+        }
+    }
+
     pub(super) fn tag(&mut self) -> Result<String, StoreError> {
         self.text("reply tag")
     }

@@ -4,7 +4,7 @@
 --   accepted (bool: the row now carries $3), state, fingerprint, op_id,
 --   attempts, remaining_us (time left: on a synchronous lease, on a
 --   completed record's retention, or until a pending operation is due),
---   completed_at_us, status, header_names, header_values, body.
+--   completed_at_us, status, header_names, header_values, body, last_error.
 -- No row: max_pending operations are live and the key is free (Full):
 -- nothing was written.
 --
@@ -82,5 +82,6 @@ SELECT
     status,
     header_names,
     header_values,
-    body
+    body,
+    last_error
 FROM put

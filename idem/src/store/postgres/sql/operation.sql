@@ -1,7 +1,7 @@
 -- operation (async mode, protocol §9.3): $1 operation id (16 bytes).
 -- Zero or one row: key, state, fingerprint, attempts, remaining_us (until
 -- a pending operation is due; a done one's retention left),
--- completed_at_us, status, header_names, header_values, body.
+-- completed_at_us, status, header_names, header_values, body, last_error.
 --
 -- Atomicity: ONE read of ONE row version, found through the unique partial
 -- index on op_id. A done operation past its retention (not yet cleaned up)
@@ -17,6 +17,7 @@ SELECT
     status,
     header_names,
     header_values,
-    body
+    body,
+    last_error
 FROM {table}
 WHERE op_id = $1 AND expires_at > statement_timestamp()

@@ -37,7 +37,7 @@
 -- bits, so no other caller offers it.
 local k = KEYS[1]
 local rec = redis.call('HMGET', k, 'state', 'fp', 'op', 'attempts', 'due',
-  'lease_until')
+  'lease_until', 'last_error')
 local state, fp, op = rec[1], rec[2], rec[3]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -64,7 +64,7 @@ if fp ~= ARGV[1] then
   return {'mismatch'}
 end
 if live then
-  return {'existing', op, state, tonumber(rec[4]) or 0, claimable_at, now}
+  return {'existing', op, state, tonumber(rec[4]) or 0, claimable_at, now, rec[7]}
 end
 if state == 'in_flight' then
   return {'in_flight', redis.call('PTTL', k)}
