@@ -1,0 +1,300 @@
+//! TLS to the upstream and to the stores (protocol §14), with throwaway
+//! certificates from a private CA made by each test.
+
+#[path = "support/process.rs"]
+mod process;
+#[path = "../../idem/tests/conformance/services.rs"]
+mod services;
+mod support;
+
+mod certs;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use certs::Pki;
+use support::{client, gateway, send, Upstream};
+
+/// A TLS front for a plain server: terminates TLS with `pki`'s
+/// certificate and copies the bytes to `target`.
+async fn tls_front(pki: &Pki, target: SocketAddr) -> SocketAddr {
+    let acceptor = pki.acceptor(&[b"http/1.1"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Log lines written while the returned guard lives (this thread only: the
+/// test runs on a current-thread runtime, so the gateway's tasks do too).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+fn key(tag: &str) -> String {
+    format!("{tag}-{:016x}", rand::random::<u64>())
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_https_upstream_with_a_private_ca_posts_and_replays_and_a_wrong_ca_is_a_502() {
+    let (logs, _guard) = capture_logs();
+    let pki = Pki::new("upstream");
+    let up = Upstream::start().await;
+    let front = tls_front(&pki, up.addr.expect("started")).await;
+    let upstream = format!("https://127.0.0.1:{}", front.port());
+
+    let gw = gateway(
+        &upstream,
+        &format!("upstream_ca = {:?}", pki.ca.display().to_string()),
+    )
+    .await;
+    let (c, a) = (client(), gw.local_addr());
+    let k = key("https");
+    let h = [("idempotency-key", k.as_str())];
+    let first = send(&c, a, "POST", "/orders", &h, "{}").await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let again = send(&c, a, "POST", "/orders", &h, "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, first.body, "the replay is the stored answer");
+    assert_eq!(up.count("POST", "/orders", &k), 1, "one execution");
+    gw.shutdown().await.expect("shutdown");
+
+    // Another CA: the upstream's certificate is not trusted.
+    let other = Pki::new("other");
+    let gw = gateway(
+        &upstream,
+        &format!("upstream_ca = {:?}", other.ca.display().to_string()),
+    )
+    .await;
+    let a = gw.local_addr();
+    let k = key("wrong-ca");
+    let h = [("idempotency-key", k.as_str())];
+    let refused = send(&c, a, "POST", "/orders", &h, "{}").await;
+    refused.assert_problem(502, "upstream_unavailable");
+    assert_eq!(up.count("POST", "/orders", &k), 0, "nothing was sent");
+    let log = logs.text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("upstream refused the connection"))
+        .unwrap_or_else(|| panic!("no log line for the refused upstream:\n{log}"));
+    assert!(
+        line.contains("certificate") && line.contains("UnknownIssuer"),
+        "the log line says why: {line}"
+    );
+    gw.shutdown().await.expect("shutdown");
+}
+
+/// A `redis-server` with TLS only (`--port 0 --tls-port`), killed on drop.
+struct TlsRedis {
+    child: Child,
+    port: u16,
+}
+
+impl TlsRedis {
+    async fn start(pki: &Pki) -> Result<Self, String> {
+        let [port] = process::free_ports::<1>();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--tls-cert-file")
+            .arg(&pki.cert)
+            .arg("--tls-key-file")
+            .arg(&pki.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&pki.ca)
+            .args(["--tls-auth-clients", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run redis-server: {e}"))?;
+        let mut me = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if let Ok(Some(status)) = me.child.try_wait() {
+                return Err(format!("redis-server --tls-port exited ({status})"));
+            }
+            if Instant::now() > deadline {
+                return Err("redis-server --tls-port did not start".to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Ok(Some(status)) = me.child.try_wait() {
+            return Err(format!(
+                "redis-server --tls-port exited ({status}); built without TLS?"
+            ));
+        }
+        me.port = port;
+        Ok(me)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Through a gateway on `store`: reserve and complete (a first POST),
+/// replay (the same again), and a waiter woken when the holder completes.
+async fn store_round_trip(store: &str, extra: &str) {
+    let up = Upstream::start().await;
+    let gw = gateway(
+        &up.url(),
+        &format!("store = {store:?}\n{extra}\n[defaults]\nconcurrent = \"wait\"\n"),
+    )
+    .await;
+    let (c, a) = (client(), gw.local_addr());
+    let k = key("store-tls");
+    let h = [("idempotency-key", k.as_str())];
+    let first = send(&c, a, "POST", "/orders", &h, "{}").await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let again = send(&c, a, "POST", "/orders", &h, "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, first.body);
+
+    // The waiter: the second request arrives while the first holds the
+    // key, waits, and gets the first one's answer when it completes.
+    let k = key("store-tls-wait");
+    let holder = {
+        let (c, k) = (c.clone(), k.clone());
+        tokio::spawn(async move {
+            let h = [("idempotency-key", k.as_str())];
+            send(&c, a, "POST", "/slow?slow_first_ms=800", &h, "{}").await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let h = [("idempotency-key", k.as_str())];
+    let waiter = send(&c, a, "POST", "/slow?slow_first_ms=800", &h, "{}").await;
+    let holder = holder.await.expect("holder");
+    assert_eq!(holder.status, 201);
+    assert_eq!(waiter.status, 201, "{:?}", waiter.body);
+    assert_eq!(waiter.body, holder.body, "the waiter gets the holder's answer");
+    assert_eq!(up.count("POST", "/slow", &k), 1, "one execution");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the waiter was woken, not left to time out: {:?}",
+        started.elapsed()
+    );
+    gw.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_rediss_store_with_store_ca_reserves_completes_replays_and_wakes_waiters() {
+    let pki = Pki::new("redis");
+    let redis = match TlsRedis::start(&pki).await {
+        Ok(r) => r,
+        Err(e) => {
+            return services::unavailable("redis-server with TLS", "redis-server", &e)
+                .unwrap_or(())
+        }
+    };
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let ca = format!("store_ca = {:?}", pki.ca.display().to_string());
+    store_round_trip(&url, &ca).await;
+
+    // The same server as a one-node Cluster is not possible (not in
+    // cluster mode); but a `rediss://` URL without the CA is refused at
+    // start-up, by the system roots.
+    let cfg = idem_cli::config::load_str(
+        "test.toml",
+        &format!("listen = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:9\"\nstore = {url:?}\n"),
+        &|_| None,
+        &idem_cli::config::Overrides::default(),
+    )
+    .expect("valid");
+    let e = idem_cli::gateway::Gateway::start(cfg)
+        .await
+        .expect_err("an untrusted store certificate");
+    assert!(
+        matches!(e, idem_cli::gateway::GatewayError::Store { .. }),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn postgres_with_sslmode_require_reserves_completes_replays_and_wakes_waiters() {
+    let base = services::database_url();
+    if let Err(e) = sqlx::PgPool::connect(&base).await {
+        return services::unavailable("PostgreSQL", &base, &e).unwrap_or(());
+    }
+    let sep = if base.contains('?') { '&' } else { '?' };
+    store_round_trip(&format!("{base}{sep}sslmode=require"), "").await;
+}
+
+#[tokio::test]
+async fn postgres_connections_under_sslmode_require_are_encrypted() {
+    let base = services::database_url();
+    let pool = match sqlx::PgPool::connect(&base).await {
+        Ok(p) => p,
+        Err(e) => return services::unavailable("PostgreSQL", &base, &e).unwrap_or(()),
+    };
+    let app = key("idem-tls-ssl");
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}sslmode=require&application_name={app}");
+    let up = Upstream::start().await;
+    let gw = gateway(&up.url(), &format!("store = {url:?}")).await;
+    let (c, a) = (client(), gw.local_addr());
+    let k = key("pg-ssl");
+    let first = send(&c, a, "POST", "/x", &[("idempotency-key", k.as_str())], "").await;
+    assert_eq!(first.status, 201);
+    let (n, all_ssl): (i64, Option<bool>) = sqlx::query_as(
+        "SELECT count(*), bool_and(s.ssl) FROM pg_stat_activity a \
+         JOIN pg_stat_ssl s ON s.pid = a.pid WHERE a.application_name = $1",
+    )
+    .bind(&app)
+    .fetch_one(&pool)
+    .await
+    .expect("pg_stat_ssl");
+    assert!(n >= 1, "the gateway's connections are found by application_name");
+    assert_eq!(all_ssl, Some(true), "every connection of the store is TLS");
+    gw.shutdown().await.expect("shutdown");
+}
