@@ -146,6 +146,10 @@ impl Proxy {
         let mut req = Request::from_parts(head, body);
         let policy = Arc::clone(found.policy());
         let buffered = found.participates();
+        // An HTTP/2 request names its host in `:authority`, not `Host`;
+        // the upstream speaks HTTP/1.1 and sees it as `Host`, as it would
+        // from an HTTP/1.1 client.
+        http1_to_upstream(&mut req);
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(inner.scheme.clone());
         parts.authority = Some(inner.authority.clone());
@@ -229,6 +233,24 @@ impl Proxy {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Makes a request from an HTTP/2 client one for the HTTP/1.1 upstream:
+/// the version, and `Host` from `:authority` when the client sent none.
+fn http1_to_upstream<B>(req: &mut Request<B>) {
+    if req.version() != http::Version::HTTP_2 {
+        return;
+    }
+    *req.version_mut() = http::Version::HTTP_11;
+    if !req.headers().contains_key(http::header::HOST) {
+        if let Some(host) = req
+            .uri()
+            .authority()
+            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(http::header::HOST, host);
+        }
+    }
+}
 
 /// `outer: cause: cause…`, each once.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
