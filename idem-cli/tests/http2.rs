@@ -136,12 +136,20 @@ fn key(tag: &str) -> String {
     format!("{tag}-{:016x}", rand::random::<u64>())
 }
 
+/// A request the layer answers itself: path, headers, body, status, code.
+type Case<'a> = (&'a str, Vec<(&'a str, String)>, &'a str, u16, &'a str);
+
 /// The same requests over HTTP/1.1 and over HTTP/2 get the same answers:
 /// a replay, and each §4 answer the layer gives itself.
 async fn same_answers_as_http1(gw_addr: SocketAddr, transport: Transport, pki: Option<&Pki>) {
     let (h1, base) = connect(gw_addr, transport, false, pki).await;
     let (h2, _) = connect(gw_addr, transport, true, pki).await;
-    let with = |k: &str| [("idempotency-key", k.to_owned()), ("x-request-id", "req-1".to_owned())];
+    let with = |k: &str| {
+        [
+            ("idempotency-key", k.to_owned()),
+            ("x-request-id", "req-1".to_owned()),
+        ]
+    };
 
     // A first POST over HTTP/1.1, then its replay over both.
     let k = key("replay");
@@ -165,8 +173,14 @@ async fn same_answers_as_http1(gw_addr: SocketAddr, transport: Transport, pki: O
 
     // §4: the same key with another body (422), no key (400), a key too
     // long (400), a key in progress (409).
-    let cases: Vec<(&str, Vec<(&str, String)>, &str, u16, &str)> = vec![
-        ("/orders", with(&k).to_vec(), "{\"a\":2}", 422, "idempotency_key_reused"),
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "/orders",
+            with(&k).to_vec(),
+            "{\"a\":2}",
+            422,
+            "idempotency_key_reused",
+        ),
         (
             "/orders",
             vec![("x-request-id", "req-1".to_owned())],
@@ -174,7 +188,13 @@ async fn same_answers_as_http1(gw_addr: SocketAddr, transport: Transport, pki: O
             400,
             "idempotency_key_missing",
         ),
-        ("/orders", with(&"k".repeat(300)).to_vec(), "{}", 400, "idempotency_key_invalid"),
+        (
+            "/orders",
+            with(&"k".repeat(300)).to_vec(),
+            "{}",
+            400,
+            "idempotency_key_invalid",
+        ),
     ];
     for (path, headers, body, status, code) in cases {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
@@ -196,14 +216,19 @@ async fn same_answers_as_http1(gw_addr: SocketAddr, transport: Transport, pki: O
         );
         tokio::spawn(async move {
             let hk: Vec<(&str, &str)> = hk.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-            h1.send(&base, "POST", "/slow?slow_first_ms=1500", &hk, "").await
+            h1.send(&base, "POST", "/slow?slow_first_ms=1500", &hk, "")
+                .await
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The holder keeps the HTTP/1.1 connection busy: a second one.
     let (h1b, _) = connect(gw_addr, transport, false, pki).await;
-    let a = h1b.send(&base, "POST", "/slow?slow_first_ms=1500", &hk, "").await;
-    let b = h2.send(&base, "POST", "/slow?slow_first_ms=1500", &hk, "").await;
+    let a = h1b
+        .send(&base, "POST", "/slow?slow_first_ms=1500", &hk, "")
+        .await;
+    let b = h2
+        .send(&base, "POST", "/slow?slow_first_ms=1500", &hk, "")
+        .await;
     a.assert_problem(409, "idempotency_key_in_progress");
     assert_eq!(bytes_of(&a), bytes_of(&b), "409 over {transport:?}");
     assert_eq!(holder.await.expect("holder").status, 201);

@@ -217,7 +217,10 @@ async fn store_round_trip(store: &str, extra: &str) {
     let holder = holder.await.expect("holder");
     assert_eq!(holder.status, 201);
     assert_eq!(waiter.status, 201, "{:?}", waiter.body);
-    assert_eq!(waiter.body, holder.body, "the waiter gets the holder's answer");
+    assert_eq!(
+        waiter.body, holder.body,
+        "the waiter gets the holder's answer"
+    );
     assert_eq!(up.count("POST", "/slow", &k), 1, "one execution");
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -233,8 +236,7 @@ async fn a_rediss_store_with_store_ca_reserves_completes_replays_and_wakes_waite
     let redis = match TlsRedis::start(&pki).await {
         Ok(r) => r,
         Err(e) => {
-            return services::unavailable("redis-server with TLS", "redis-server", &e)
-                .unwrap_or(())
+            return services::unavailable("redis-server with TLS", "redis-server", &e).unwrap_or(())
         }
     };
     let url = format!("rediss://127.0.0.1:{}", redis.port);
@@ -294,7 +296,10 @@ async fn postgres_connections_under_sslmode_require_are_encrypted() {
     .fetch_one(&pool)
     .await
     .expect("pg_stat_ssl");
-    assert!(n >= 1, "the gateway's connections are found by application_name");
+    assert!(
+        n >= 1,
+        "the gateway's connections are found by application_name"
+    );
     assert_eq!(all_ssl, Some(true), "every connection of the store is TLS");
     gw.shutdown().await.expect("shutdown");
 }

@@ -128,7 +128,11 @@ impl Config {
                 .as_ref()
                 .map_or_else(|| "(none)".to_owned(), |p| p.display().to_string())
         ));
-        out.push(format!("listen:        {} ({})", self.listen, self.listener_protocols()));
+        out.push(format!(
+            "listen:        {} ({})",
+            self.listen,
+            self.listener_protocols()
+        ));
         out.push(match &self.tls.upstream_ca {
             Some(ca) if self.upstream.scheme_str() == Some("https") => format!(
                 "upstream:      {} (TLS: system roots + {}; HTTP/1.1)",
@@ -177,7 +181,10 @@ impl Config {
                 format_size(u64::try_from(l.max_header_bytes).unwrap_or(u64::MAX)),
             ),
             ("max_connections", l.max_connections.to_string()),
-            ("max_concurrent_streams", l.max_concurrent_streams.to_string()),
+            (
+                "max_concurrent_streams",
+                l.max_concurrent_streams.to_string(),
+            ),
             ("idle_timeout", format_duration(l.idle_timeout)),
             ("local_cache_bytes", cache),
             ("memory_max_entries", l.memory_max_entries.to_string()),

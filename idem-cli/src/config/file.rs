@@ -313,8 +313,9 @@ impl LimitsTable {
             l.max_connections = positive_count(src, v, "max_connections")?;
         }
         if let Some(v) = &self.max_concurrent_streams {
-            l.max_concurrent_streams = u32::try_from(positive_count(src, v, "max_concurrent_streams")?)
-                .map_err(|_| src.at(&v.span(), "max_concurrent_streams is too large"))?;
+            l.max_concurrent_streams =
+                u32::try_from(positive_count(src, v, "max_concurrent_streams")?)
+                    .map_err(|_| src.at(&v.span(), "max_concurrent_streams is too large"))?;
         }
         if let Some(v) = &self.memory_max_entries {
             l.memory_max_entries = positive_count(src, v, "memory_max_entries")?;

@@ -233,7 +233,11 @@ impl ListenerTls {
     /// As [`new`](Self::new).
     pub fn reload(&self) -> Result<(), TlsError> {
         let fresh = certified_key(&self.cert, &self.key)?;
-        *self.current.0.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        *self
+            .current
+            .0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = fresh;
         Ok(())
     }
 
@@ -459,17 +463,26 @@ mod tests {
 
         let (c2, k2) = files(&dir, &good.pem(), "not a key\n");
         let e = ListenerTls::new(&c2, &k2).expect_err("no key");
-        assert!(e.to_string().contains("key.pem: no private key found"), "{e}");
+        assert!(
+            e.to_string().contains("key.pem: no private key found"),
+            "{e}"
+        );
 
         let (c3, k3) = files(&dir, "nothing here\n", &good_key.serialize_pem());
         let e = ListenerTls::new(&c3, &k3).expect_err("no certificate");
-        assert!(e.to_string().contains("cert.pem: no certificate found"), "{e}");
+        assert!(
+            e.to_string().contains("cert.pem: no certificate found"),
+            "{e}"
+        );
 
         let (_, other_key) = pair((2020, 1, 1), (2090, 1, 1));
         let (c4, k4) = files(&dir, &good.pem(), &other_key.serialize_pem());
         let e = ListenerTls::new(&c4, &k4).expect_err("mismatch");
         assert!(matches!(e, TlsError::Mismatch { .. }), "{e:?}");
-        assert!(e.to_string().contains("does not match the private key"), "{e}");
+        assert!(
+            e.to_string().contains("does not match the private key"),
+            "{e}"
+        );
 
         let (old, old_key) = pair((2000, 1, 1), (2001, 1, 1));
         let (c5, k5) = files(&dir, &old.pem(), &old_key.serialize_pem());

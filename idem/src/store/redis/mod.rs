@@ -317,7 +317,10 @@ impl RedisStoreBuilder {
     fn client(&self, url: &str) -> Result<Client, StoreError> {
         #[cfg(feature = "tls")]
         if let Some(pem) = &self.tls_ca {
-            if url.get(..9).is_some_and(|s| s.eq_ignore_ascii_case("rediss://")) {
+            if url
+                .get(..9)
+                .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"))
+            {
                 let certs = ::redis::TlsCertificates {
                     client_tls: None,
                     root_cert: Some(pem.clone()),
