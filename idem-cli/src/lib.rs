@@ -191,6 +191,13 @@ async fn check(config: &Config, connect_to_store: bool) -> ExitCode {
     for note in gateway::dispatch::describe(config) {
         println!("note: {}", note.text);
     }
+    match gateway::tls::check_files(&config.tls) {
+        Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+        Err(e) => {
+            eprintln!("idem: configuration refused: TLS: {e}");
+            return ExitCode::from(2);
+        }
+    }
     if !connect_to_store {
         println!("store check: skipped (--no-store-check)");
     } else if config.store != StoreSpec::Memory {

@@ -303,3 +303,36 @@ async fn postgres_connections_under_sslmode_require_are_encrypted() {
     assert_eq!(all_ssl, Some(true), "every connection of the store is TLS");
     gw.shutdown().await.expect("shutdown");
 }
+
+#[test]
+fn check_reads_the_tls_files_and_names_a_bad_one() {
+    let pki = Pki::new("check");
+    let run = |key: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_idem"))
+            .args(["serve", "--check", "--upstream", "https://127.0.0.1:3000"])
+            .arg("--tls-cert")
+            .arg(&pki.cert)
+            .arg("--tls-key")
+            .arg(key)
+            .arg("--upstream-ca")
+            .arg(&pki.ca)
+            .env_remove("IDEM_CONFIG")
+            .output()
+            .expect("run idem")
+    };
+    let out = run(&pki.key);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("h2 and HTTP/1.1 by ALPN"), "{stdout}");
+    assert!(stdout.contains("match, valid until"), "{stdout}");
+    assert!(stdout.contains("system roots + "), "{stdout}");
+
+    let other = Pki::new("check-other");
+    let out = run(&other.key);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("does not match the private key") && stderr.contains("key.pem"),
+        "{stderr}"
+    );
+}

@@ -166,6 +166,36 @@ fn check_validity(path: &Path, cert: &CertificateDer<'_>, now: i64) -> Result<()
     })
 }
 
+/// What `idem serve --check` says of the TLS files, once each is read and
+/// checked as start-up would.
+///
+/// # Errors
+///
+/// The first [`TlsError`], naming the file and the reason.
+pub fn check_files(files: &crate::config::TlsFiles) -> Result<Vec<String>, TlsError> {
+    let mut lines = Vec::new();
+    if let (Some(cert), Some(key)) = (&files.cert, &files.key) {
+        let certified = certified_key(cert, key)?;
+        let until = certified
+            .cert
+            .first()
+            .and_then(|c| der::validity(c.as_ref()))
+            .map_or_else(String::new, |(_, after)| {
+                format!(", valid until {}", der::format_utc(after))
+            });
+        lines.push(format!(
+            "tls check: {} and {} match{until}",
+            cert.display(),
+            key.display()
+        ));
+    }
+    for ca in [&files.upstream_ca, &files.store_ca].into_iter().flatten() {
+        let n = read_certs(ca)?.len();
+        lines.push(format!("tls check: {} holds {n} certificate(s)", ca.display()));
+    }
+    Ok(lines)
+}
+
 /// The listener's certificate, swapped whole by [`ListenerTls::reload`]:
 /// each handshake reads the current one, so a reload reaches new
 /// connections and leaves open ones alone.
