@@ -315,3 +315,35 @@ async fn a_hundred_same_key_streams_on_one_h2c_connection_execute_once() {
 async fn a_hundred_same_key_streams_on_one_tls_h2_connection_execute_once() {
     hundred_streams_execute_once(Transport::Tls).await;
 }
+
+#[tokio::test]
+async fn an_h2_head_over_max_header_bytes_is_refused_before_the_upstream() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up.url(), "[limits]\nmax_header_bytes = \"8KiB\"").await;
+    let (conn, base) = connect(gw.local_addr(), Transport::Plain, true, None).await;
+    let Conn::H2(send) = conn else {
+        panic!("an HTTP/2 connection")
+    };
+    let big = "x".repeat(20 * 1024);
+    let k = key("big-head");
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("{base}/orders"))
+        .header("idempotency-key", &k)
+        .header("x-big", &big)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let mut send = send.clone();
+    let answer = async {
+        send.ready().await?;
+        send.send_request(req).await
+    }
+    .await;
+    match answer {
+        Ok(res) => assert_eq!(res.status(), 431, "an oversized head"),
+        // The h2 layer may also reset the stream or the connection.
+        Err(e) => eprintln!("refused by the HTTP/2 layer: {e}"),
+    }
+    assert_eq!(up.total(), 0, "nothing reached the upstream");
+    gw.shutdown().await.expect("shutdown");
+}
