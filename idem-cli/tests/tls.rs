@@ -135,6 +135,10 @@ struct TlsRedis {
 impl TlsRedis {
     async fn start(pki: &Pki) -> Result<Self, String> {
         let [port] = process::free_ports::<1>();
+        Self::start_on(pki, port, &[]).await
+    }
+
+    async fn start_on(pki: &Pki, port: u16, extra: &[String]) -> Result<Self, String> {
         let child = Command::new("redis-server")
             .args(["--port", "0", "--tls-port", &port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -145,6 +149,7 @@ impl TlsRedis {
             .arg("--tls-ca-cert-file")
             .arg(&pki.ca)
             .args(["--tls-auth-clients", "no"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -260,6 +265,86 @@ async fn a_rediss_store_with_store_ca_reserves_completes_replays_and_wakes_waite
         matches!(e, idem_cli::gateway::GatewayError::Store { .. }),
         "{e:?}"
     );
+}
+
+/// `redis-cli` over TLS to `port`, trusting `pki`'s CA.
+fn redis_cli(pki: &Pki, port: u16, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("redis-cli")
+        .args(["--tls", "--cacert"])
+        .arg(&pki.ca)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run redis-cli: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Three TLS-only masters formed into a Cluster (`tls-cluster yes`: the
+/// bus is TLS too), in a scratch directory.
+async fn tls_cluster(pki: &Pki) -> Result<(Vec<TlsRedis>, Vec<u16>), String> {
+    let ports = process::free_ports::<3>();
+    let mut nodes = Vec::new();
+    for port in ports {
+        let extra: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            "--tls-cluster",
+            "yes",
+            "--cluster-node-timeout",
+            "5000",
+            "--cluster-config-file",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain([pki
+            .path(&format!("nodes-{port}.conf"))
+            .display()
+            .to_string()])
+        .chain(["--dir".to_owned(), pki.dir.display().to_string()])
+        .collect();
+        nodes.push(TlsRedis::start_on(pki, port, &extra).await?);
+    }
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut args = vec!["--cluster", "create"];
+    args.extend(hosts.iter().map(String::as_str));
+    args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+    redis_cli(pki, ports[0], &args)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = ports.iter().all(|p| {
+            redis_cli(pki, *p, &["cluster", "info"])
+                .is_ok_and(|info| info.contains("cluster_state:ok"))
+        });
+        if ok {
+            return Ok((nodes, ports.to_vec()));
+        }
+        if Instant::now() > deadline {
+            return Err("the TLS cluster did not reach cluster_state:ok".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_rediss_cluster_with_store_ca_reserves_completes_replays_and_wakes_waiters() {
+    let pki = Pki::new("redis-cluster");
+    let (_nodes, ports) = match tls_cluster(&pki).await {
+        Ok(c) => c,
+        Err(e) => {
+            return services::unavailable("a Redis Cluster with TLS", "redis-server", &e)
+                .unwrap_or(())
+        }
+    };
+    let url = format!(
+        "rediss://127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let ca = format!("store_ca = {:?}", pki.ca.display().to_string());
+    store_round_trip(&url, &ca).await;
 }
 
 #[tokio::test]

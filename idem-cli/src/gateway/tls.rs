@@ -191,7 +191,10 @@ pub fn check_files(files: &crate::config::TlsFiles) -> Result<Vec<String>, TlsEr
     }
     for ca in [&files.upstream_ca, &files.store_ca].into_iter().flatten() {
         let n = read_certs(ca)?.len();
-        lines.push(format!("tls check: {} holds {n} certificate(s)", ca.display()));
+        lines.push(format!(
+            "tls check: {} holds {n} certificate(s)",
+            ca.display()
+        ));
     }
     Ok(lines)
 }
