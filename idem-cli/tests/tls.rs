@@ -421,3 +421,107 @@ fn check_reads_the_tls_files_and_names_a_bad_one() {
         "{stderr}"
     );
 }
+
+/// An HTTP/1.1 connection in TLS to `addr`, trusting only `ca`.
+async fn tls_h1(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+) -> Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let tls = certs::client_trusting(ca, &[b"http/1.1"])
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+async fn post_on(
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    key: &str,
+) -> Result<u16, String> {
+    let req = http::Request::post("/orders")
+        .header("host", "localhost")
+        .header("idempotency-key", key)
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+        .map_err(|e| e.to_string())?;
+    send.ready().await.map_err(|e| e.to_string())?;
+    let res = send.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(res.status().as_u16())
+}
+
+#[tokio::test]
+async fn sighup_swaps_the_certificate_for_new_connections_and_keeps_open_ones() {
+    let (a, b) = (Pki::new("reload-a"), Pki::new("reload-b"));
+    let scratch = process::Scratch::new("tls-reload");
+    let (cert_file, key_file) = (scratch.path().join("gw.pem"), scratch.path().join("gw.key"));
+    std::fs::copy(&a.cert, &cert_file).expect("copy");
+    std::fs::copy(&a.key, &key_file).expect("copy");
+    let up = Upstream::start().await;
+    let toml = format!(
+        "tls_cert = {:?}\ntls_key = {:?}\n",
+        cert_file.display().to_string(),
+        key_file.display().to_string()
+    );
+    let gw =
+        process::GatewayProcess::start(scratch.path(), "reload", &up.url(), "memory", &toml).await;
+    let mut open = tls_h1(gw.addr(), &a.ca).await.expect("CA a is trusted");
+    assert_eq!(post_on(&mut open, &key("before")).await, Ok(201));
+
+    std::fs::copy(&b.cert, &cert_file).expect("copy");
+    std::fs::copy(&b.key, &key_file).expect("copy");
+    let status = Command::new("kill")
+        .args(["-HUP", &gw.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tls_h1(gw.addr(), &b.ca).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate is not served after SIGHUP:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        tls_h1(gw.addr(), &a.ca).await.is_err(),
+        "new connections get the new certificate"
+    );
+    assert_eq!(
+        post_on(&mut open, &key("after")).await,
+        Ok(201),
+        "the connection opened before the reload still serves"
+    );
+    assert!(
+        gw.log().contains("TLS certificate reloaded"),
+        "{}",
+        gw.log()
+    );
+
+    // A bad pair on the next SIGHUP: refused, logged, the old one stays.
+    std::fs::write(&key_file, "not a key").expect("write");
+    Command::new("kill")
+        .args(["-HUP", &gw.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gw.log().contains("TLS certificate not reloaded") {
+        assert!(Instant::now() < deadline, "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        gw.log().contains("gw.key: no private key found"),
+        "{}",
+        gw.log()
+    );
+    tls_h1(gw.addr(), &b.ca)
+        .await
+        .expect("the previous certificate stays in use");
+}
