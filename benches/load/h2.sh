@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# Load run for BENCHMARKS.md: fresh POSTs (a unique URI each, the key derived
-# from it) to `idem serve` on the memory store over HTTP/1.1, h2c, HTTP/1.1
-# in TLS and HTTP/2 in TLS (ALPN), interleaved rounds, all in one run and
-# with one client (h2load), so only the protocol differs.
+# Load run for BENCHMARKS.md: fresh POSTs to `idem serve` (memory store)
+# over HTTP/1.1, h2c, HTTP/1.1 in TLS and HTTP/2 in TLS (ALPN), and HTTP/2
+# with 16 streams per connection; interleaved rounds, all in one run, one
+# client tool (h2load), so only the protocol differs.
+#
+# h2load sends the same headers on every request and each of its clients
+# walks the URI list from the top, so: the key is derived from the request
+# (`key = "derived"`: method, path and body), every URI is unique, and each
+# connection is its own h2load process with its own URI list (`-c 1`).
+# requests/s = all requests / wall time of the round; mean = the mean of
+# the processes' mean request times.
+#
 # Needs: h2load (nghttp2-client), nginx, openssl (the CLI, for a throwaway
 # certificate only), a release build (cargo build --release -p idem-cli).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-idem="$root/target/release/idem"
-rounds=${ROUNDS:-3}; n=${REQUESTS:-40000}; conns=${CONNECTIONS:-64}
-mkdir -p /tmp/idem-bench
+idem=${IDEM_BIN:-"$root/target/release/idem"}
+rounds=${ROUNDS:-3}; per=${REQUESTS_PER_CONNECTION:-2000}; conns=${CONNECTIONS:-16}
+work=/tmp/idem-bench/h2
+mkdir -p "$work"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   nginx -c "$here/upstream.conf" -s stop 2>/dev/null || true; }
@@ -24,23 +33,31 @@ pids+=($!)
 IDEM_LOG=warn "$idem" serve --config "$here/idem-memory-tls.toml" 2>/tmp/idem-bench/idem-tls.log &
 pids+=($!)
 sleep 2
-# name, base URL, extra h2load flags
-targets=("http1 http://127.0.0.1:8085 --h1" "h2c http://127.0.0.1:8085 "
-  "tls-http1 https://127.0.0.1:8086 --h1" "tls-h2 https://127.0.0.1:8086 ")
-echo "round target requests/s mean-ms max-ms failed"
+# name, base URL, connections, streams per connection, extra h2load flag
+targets=("http1 http://127.0.0.1:8085 $conns 1 --h1" "h2c http://127.0.0.1:8085 $conns 1"
+  "tls-http1 https://127.0.0.1:8086 $conns 1 --h1" "tls-h2 https://127.0.0.1:8086 $conns 1"
+  "tls-h2-x16 https://127.0.0.1:8086 $((conns / 4)) 16")
+echo "round target connections streams requests/s mean-ms 2xx non-2xx"
 for r in $(seq 1 "$rounds"); do
   for t in "${targets[@]}"; do
     set -- $t
-    uris=/tmp/idem-bench/uris.txt
-    nonce="$r-$1-$RANDOM$RANDOM"
-    seq 1 "$n" | sed "s|^|$2/orders/$nonce-|" > "$uris"
-    out=$(h2load -n "$n" -c "$conns" -m 1 -t 2 ${3:-} -d "$here/order.json" \
-      -H 'content-type: application/json' -i "$uris" 2>&1)
-    rps=$(echo "$out" | awk '/^finished in/ {print $4}')
-    mean=$(echo "$out" | awk '/^time for request:/ {print $6}')
-    max=$(echo "$out" | awk '/^time for request:/ {print $5}')
-    failed=$(echo "$out" | awk '/^requests:/ {print $8, $10}')
-    codes=$(echo "$out" | awk '/^status codes:/ {print $3, $5, $7, $9}')
-    echo "$r $1 $rps $mean $max failed/errored=$failed 2xx,3xx,4xx,5xx=$codes"
+    name=$1 base=$2 c=$3 m=$4 flag=${5:-}
+    n=$((per * conns / c))
+    for i in $(seq 1 "$c"); do
+      seq 1 "$n" | sed "s|^|$base/orders/$r-$name-$i-$RANDOM$RANDOM-|" > "$work/uris-$i"
+    done
+    start=$(date +%s.%N)
+    for i in $(seq 1 "$c"); do
+      h2load -n "$n" -c 1 -m "$m" $flag -d "$here/order.json" \
+        -H 'content-type: application/json' -i "$work/uris-$i" > "$work/out-$i" 2>&1 &
+    done
+    wait $(jobs -p | grep -v -F -x -f <(printf '%s\n' "${pids[@]}")) 2>/dev/null || true
+    end=$(date +%s.%N)
+    cat "$work"/out-* | awk -v total=$((n * c)) -v secs="$(echo "$end - $start" | bc)" \
+      -v label="$r $name $c $m" '
+      /^time for request:/ { v = $6; if (v ~ /ms$/) { sub(/ms$/, "", v) } else if (v ~ /us$/) { sub(/us$/, "", v); v /= 1000 } else { sub(/s$/, "", v); v *= 1000 }; sum += v; k++ }
+      /^status codes:/ { ok += $3; bad += $5 + $7 + $9 }
+      END { printf "%s %.0f %.2f %d %d\n", label, total / secs, sum / k, ok, bad }'
+    rm -f "$work"/out-*
   done
 done
