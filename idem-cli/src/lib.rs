@@ -75,6 +75,18 @@ pub struct ServeArgs {
     /// Address of the admin listener (token from IDEM_ADMIN_TOKEN) [env: IDEM_ADMIN_LISTEN]
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<String>,
+    /// The listener's certificate chain (PEM); with --tls-key, the listener speaks TLS [env: IDEM_TLS_CERT]
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// The listener's private key (PEM) [env: IDEM_TLS_KEY]
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<String>,
+    /// CA certificates (PEM) trusted for an https:// upstream, besides the system's [env: IDEM_UPSTREAM_CA]
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca: Option<String>,
+    /// CA certificates (PEM) trusted for a rediss:// or PostgreSQL store [env: IDEM_STORE_CA]
+    #[arg(long, value_name = "FILE")]
+    pub store_ca: Option<String>,
     /// Validate the configuration, connect to the store (then let it go),
     /// print what would run, and exit: 0 if `idem serve` would start, 2 for
     /// a bad configuration, 1 for a store that does not answer.
@@ -140,6 +152,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
         upstream: args.upstream,
         store: args.store,
         admin_listen: args.admin_listen,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        upstream_ca: args.upstream_ca,
+        store_ca: args.store_ca,
     };
     let env = |name: &str| std::env::var(name).ok();
     let config = match config::load(args.config.as_deref(), &env, &flags) {
@@ -174,6 +190,13 @@ async fn check(config: &Config, connect_to_store: bool) -> ExitCode {
     println!("{}", config.describe());
     for note in gateway::dispatch::describe(config) {
         println!("note: {}", note.text);
+    }
+    match gateway::tls::check_files(&config.tls) {
+        Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+        Err(e) => {
+            eprintln!("idem: configuration refused: TLS: {e}");
+            return ExitCode::from(2);
+        }
     }
     if !connect_to_store {
         println!("store check: skipped (--no-store-check)");

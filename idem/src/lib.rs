@@ -99,10 +99,15 @@
 //! - `redis`: [`RedisStore`](store::redis::RedisStore), for many instances
 //!   sharing one Redis or Redis Cluster (needs Rust 1.88, the `redis` crate's
 //!   minimum).
-//! - `postgres`: `store::postgres::PostgresStore` (sqlx, Tokio; no TLS):
+//! - `postgres`: `store::postgres::PostgresStore` (sqlx, Tokio):
 //!   records in PostgreSQL, LISTEN/NOTIFY for waiters, and
 //!   `PostgresStore::transaction`, which commits a business effect and its
 //!   idempotency record in ONE transaction. See `docs/postgres.md`.
+//! - `tls`: TLS to the stores with rustls (ring; never OpenSSL):
+//!   `rediss://` URLs (standalone and Cluster) and PostgreSQL's `sslmode` /
+//!   `sslrootcert` URL parameters, checked against the system's roots or a
+//!   CA given with `ConnectOptions::tls_ca`. Without it, `rediss://` and
+//!   `sslmode=require` fail to connect.
 //!
 //! # Guarantees
 //!

@@ -29,6 +29,7 @@ impl fmt::Debug for Config {
             .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
             .field("routes", &self.routes)
             .field("limits", &self.limits)
+            .field("tls", &self.tls)
             .field("source", &self.source)
             .finish()
     }
@@ -103,6 +104,18 @@ fn describe_policy(out: &mut Vec<String>, p: &RoutePolicy, named_method: Option<
 }
 
 impl Config {
+    /// What the listener speaks: `TLS <cert>, h2 + HTTP/1.1 by ALPN` or
+    /// `plain HTTP/1.1 + h2c`. Also in the start-up banner.
+    #[must_use]
+    pub fn listener_protocols(&self) -> String {
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(cert), Some(_)) => {
+                format!("TLS {}; h2 and HTTP/1.1 by ALPN", cert.display())
+            }
+            _ => "plain HTTP/1.1 and h2c".to_owned(),
+        }
+    }
+
     /// Human-readable summary printed by `idem serve --check`: listen,
     /// upstream, store (any password in the URL shown as `***`), admin (whether
     /// a token is set, never the token), limits, the defaults policy and each
@@ -116,13 +129,31 @@ impl Config {
                 .as_ref()
                 .map_or_else(|| "(none)".to_owned(), |p| p.display().to_string())
         ));
-        out.push(format!("listen:        {}", self.listen));
-        out.push(format!("upstream:      {}", self.upstream));
+        out.push(format!(
+            "listen:        {} ({})",
+            self.listen,
+            self.listener_protocols()
+        ));
+        out.push(match &self.tls.upstream_ca {
+            Some(ca) if self.upstream.scheme_str() == Some("https") => format!(
+                "upstream:      {} (TLS: system roots + {}; HTTP/1.1)",
+                self.upstream,
+                ca.display()
+            ),
+            _ if self.upstream.scheme_str() == Some("https") => format!(
+                "upstream:      {} (TLS: system roots; HTTP/1.1)",
+                self.upstream
+            ),
+            _ => format!("upstream:      {}", self.upstream),
+        });
         out.push(match &self.store {
             StoreSpec::Memory => {
                 "store:         memory (this process only; records are lost on restart)".to_owned()
             }
-            other => format!("store:         {other}"),
+            other => match &self.tls.store_ca {
+                Some(ca) => format!("store:         {other} (store_ca {})", ca.display()),
+                None => format!("store:         {other}"),
+            },
         });
         let token = if self.admin_token.is_some() {
             "yes"
@@ -151,6 +182,10 @@ impl Config {
                 format_size(u64::try_from(l.max_header_bytes).unwrap_or(u64::MAX)),
             ),
             ("max_connections", l.max_connections.to_string()),
+            (
+                "max_concurrent_streams",
+                l.max_concurrent_streams.to_string(),
+            ),
             ("idle_timeout", format_duration(l.idle_timeout)),
             ("local_cache_bytes", cache),
             ("memory_max_entries", l.memory_max_entries.to_string()),

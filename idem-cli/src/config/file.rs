@@ -7,6 +7,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +32,10 @@ pub(super) struct FileConfig {
     pub(super) upstream: Option<Spanned<Text<Uri>>>,
     pub(super) store: Option<Spanned<Text<StoreSpec>>>,
     pub(super) admin_listen: Option<Spanned<Text<SocketAddr>>>,
+    pub(super) tls_cert: Option<Spanned<Text<PathBuf>>>,
+    pub(super) tls_key: Option<Spanned<Text<PathBuf>>>,
+    pub(super) upstream_ca: Option<Spanned<Text<PathBuf>>>,
+    pub(super) store_ca: Option<Spanned<Text<PathBuf>>>,
     /// Present only to refuse it with a clear message.
     #[allow(dead_code)]
     admin_token: Option<TokenInFile>,
@@ -79,6 +84,7 @@ pub(super) struct LimitsTable {
     request_read_timeout: Option<NonZeroDuration>,
     max_header_bytes: Option<Spanned<SizeValue>>,
     max_connections: Option<Spanned<u64>>,
+    max_concurrent_streams: Option<Spanned<u64>>,
     idle_timeout: Option<Spanned<NonZeroDuration>>,
     local_cache_bytes: Option<SizeValue>,
     memory_max_entries: Option<Spanned<u64>>,
@@ -311,6 +317,11 @@ impl LimitsTable {
         if let Some(v) = &self.max_connections {
             l.max_connections = positive_count(src, v, "max_connections")?;
         }
+        if let Some(v) = &self.max_concurrent_streams {
+            l.max_concurrent_streams =
+                u32::try_from(positive_count(src, v, "max_concurrent_streams")?)
+                    .map_err(|_| src.at(&v.span(), "max_concurrent_streams is too large"))?;
+        }
         if let Some(v) = &self.memory_max_entries {
             l.memory_max_entries = positive_count(src, v, "memory_max_entries")?;
         }
@@ -375,6 +386,12 @@ fn positive_count(src: &Src<'_>, v: &Spanned<u64>, key: &str) -> Result<usize, C
 /// A type read from a TOML string by one of the value parsers.
 pub(super) trait FromText: Sized {
     fn from_text(s: &str) -> Result<Self, String>;
+}
+
+impl FromText for PathBuf {
+    fn from_text(s: &str) -> Result<Self, String> {
+        parse::path(s)
+    }
 }
 
 impl FromText for SocketAddr {

@@ -125,6 +125,14 @@ pub struct Overrides {
     pub store: Option<String>,
     /// `--admin-listen ADDR`.
     pub admin_listen: Option<String>,
+    /// `--tls-cert FILE`.
+    pub tls_cert: Option<String>,
+    /// `--tls-key FILE`.
+    pub tls_key: Option<String>,
+    /// `--upstream-ca FILE`.
+    pub upstream_ca: Option<String>,
+    /// `--store-ca FILE`.
+    pub store_ca: Option<String>,
 }
 
 /// The fully validated configuration: from [`load`], or built in code with
@@ -147,8 +155,37 @@ pub struct Config {
     pub routes: RouteTable,
     /// Resource limits and timeouts (`[limits]`).
     pub limits: Limits,
+    /// TLS files (protocol §14): the listener's certificate and key, and
+    /// the CAs trusted for the upstream and the store.
+    pub tls: TlsFiles,
     /// The config file used, if any.
     pub source: Option<PathBuf>,
+}
+
+/// TLS files (protocol §14). Paths in the file are relative to the file's
+/// directory; from a flag or a variable, to the working directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `tls_cert`: the listener's certificate chain (PEM, leaf first).
+    /// With `key`, the listener speaks TLS (ALPN `h2`, `http/1.1`).
+    pub cert: Option<PathBuf>,
+    /// `tls_key`: the listener's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// `upstream_ca`: CA certificates (PEM) trusted for an `https://`
+    /// upstream, besides the system's roots.
+    pub upstream_ca: Option<PathBuf>,
+    /// `store_ca`: CA certificates (PEM) trusted for a `rediss://` store
+    /// (in place of the system's roots) or PostgreSQL (when the URL names
+    /// no `sslrootcert`).
+    pub store_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Whether the listener terminates TLS.
+    #[must_use]
+    pub fn listener(&self) -> bool {
+        self.cert.is_some() && self.key.is_some()
+    }
 }
 
 impl Config {
@@ -166,8 +203,16 @@ impl Config {
             admin_token: None,
             routes: RouteTable::new(RoutePolicy::default()),
             limits: Limits::default(),
+            tls: TlsFiles::default(),
             source: None,
         }
+    }
+
+    /// Uses the TLS files `tls` (see [`TlsFiles`]).
+    #[must_use]
+    pub fn tls(mut self, tls: TlsFiles) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Listens on `addr` (port 0: any free port, see `Gateway::local_addr`).
@@ -241,6 +286,9 @@ impl Config {
                 reason: ACCEPT_ONLY_ON_MEMORY.to_owned(),
             });
         }
+        if let Some(reason) = half_a_pair(&self.tls) {
+            return Err(ConfigError::Invalid { reason });
+        }
         Ok(())
     }
 
@@ -251,6 +299,19 @@ impl Config {
             .chain(self.routes.routes().iter().map(|r| &r.policy))
             .any(|p| p.mode == idem::policy::Mode::Async);
         any_async && self.limits.async_workers == 0 && self.store == StoreSpec::Memory
+    }
+}
+
+/// Why `tls_cert` without `tls_key` (or the reverse) is refused, if so.
+fn half_a_pair(tls: &TlsFiles) -> Option<String> {
+    match (&tls.cert, &tls.key) {
+        (Some(_), None) => Some(
+            "tls_cert is set but tls_key is not: the listener needs both to speak TLS".to_owned(),
+        ),
+        (None, Some(_)) => Some(
+            "tls_key is set but tls_cert is not: the listener needs both to speak TLS".to_owned(),
+        ),
+        _ => None,
     }
 }
 
@@ -312,6 +373,8 @@ pub struct Limits {
     pub request_read_timeout: Duration,
     /// Total request header size (default 64KiB; at least 8KiB).
     pub max_header_bytes: usize,
+    /// Concurrent streams (requests) on one HTTP/2 connection (default 256).
+    pub max_concurrent_streams: u32,
     /// Concurrent client connections (default 10 000). A connection takes
     /// one only once its first byte arrives; as many again may wait for
     /// their first byte, and past that the oldest waiting is closed.
@@ -347,6 +410,7 @@ impl Default for Limits {
             store_timeout: Duration::from_secs(2),
             request_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
+            max_concurrent_streams: 256,
             max_connections: 10_000,
             idle_timeout: Duration::from_secs(5),
             local_cache_bytes: 64 * MIB,

@@ -22,20 +22,26 @@ pub(super) fn addr(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
-/// `http://host:port`, nothing else: each request's own path and query are
+/// A file path (TLS certificates, keys, CAs): not empty.
+pub(super) fn path(s: &str) -> Result<std::path::PathBuf, String> {
+    if s.trim().is_empty() {
+        return Err("the path is empty; name a PEM file".to_owned());
+    }
+    Ok(std::path::PathBuf::from(s))
+}
+
+/// `http://host:port` or `https://host:port`, nothing else: each request's own path and query are
 /// forwarded unchanged, so a path here would be silently ignored.
 pub(super) fn upstream(s: &str) -> Result<Uri, String> {
     let uri: Uri = s
         .parse()
         .map_err(|e| format!("`{s}` is not a URL ({e}); write e.g. http://127.0.0.1:3000"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some(scheme) if scheme.eq_ignore_ascii_case("https") => {
-            return Err("https upstreams are not supported yet; use http://host:port".to_owned())
-        }
+        Some("http" | "https") => {}
         Some(scheme) => {
             return Err(format!(
-                "`{s}`: scheme `{scheme}` is not supported; write http://host:port"
+                "`{s}`: scheme `{scheme}` is not supported; write http://host:port \
+                 or https://host:port"
             ))
         }
         None => {

@@ -34,9 +34,22 @@ const LISTEN: Setting = setting("listen", "--listen", "IDEM_LISTEN");
 const UPSTREAM: Setting = setting("upstream", "--upstream", "IDEM_UPSTREAM");
 const STORE: Setting = setting("store", "--store", "IDEM_STORE");
 const ADMIN_LISTEN: Setting = setting("admin_listen", "--admin-listen", "IDEM_ADMIN_LISTEN");
+const TLS_CERT: Setting = setting("tls_cert", "--tls-cert", "IDEM_TLS_CERT");
+const TLS_KEY: Setting = setting("tls_key", "--tls-key", "IDEM_TLS_KEY");
+const UPSTREAM_CA: Setting = setting("upstream_ca", "--upstream-ca", "IDEM_UPSTREAM_CA");
+const STORE_CA: Setting = setting("store_ca", "--store-ca", "IDEM_STORE_CA");
 
 /// Every setting with a flag and a variable (`--help` names them all).
-pub const SETTINGS: [Setting; 4] = [LISTEN, UPSTREAM, STORE, ADMIN_LISTEN];
+pub const SETTINGS: [Setting; 8] = [
+    LISTEN,
+    UPSTREAM,
+    STORE,
+    ADMIN_LISTEN,
+    TLS_CERT,
+    TLS_KEY,
+    UPSTREAM_CA,
+    STORE_CA,
+];
 
 /// Reads the file (if any), then IDEM_* environment (via `env` lookup fn, so
 /// tests don't touch the real process env), then flags. Precedence: flags >
@@ -196,6 +209,27 @@ fn build(
         parse::addr,
     )?;
     let admin_token = admin_token(env)?;
+    let tls = {
+        let dir = source.as_deref().and_then(Path::parent);
+        let path = |setting, flag: Option<&String>, file| {
+            layers
+                .get(setting, flag, file, parse::path)
+                .map(|got| got.map(|(p, origin)| relative_to_file(p, &origin, dir)))
+        };
+        super::TlsFiles {
+            cert: path(TLS_CERT, flags.tls_cert.as_ref(), file.tls_cert)?,
+            key: path(TLS_KEY, flags.tls_key.as_ref(), file.tls_key)?,
+            upstream_ca: path(UPSTREAM_CA, flags.upstream_ca.as_ref(), file.upstream_ca)?,
+            store_ca: path(STORE_CA, flags.store_ca.as_ref(), file.store_ca)?,
+        }
+    };
+    if let Some(reason) = super::half_a_pair(&tls) {
+        return Err(ConfigError::File {
+            file: src.name.to_owned(),
+            line: None,
+            reason,
+        });
+    }
 
     // Checks that need more than one value.
     if let Some((admin, origin)) = &admin {
@@ -238,12 +272,24 @@ fn build(
         admin_token,
         routes,
         limits,
+        tls,
         source,
     };
     if config.accepts_what_nothing_dispatches() {
         return Err(store_origin.error(src, super::ACCEPT_ONLY_ON_MEMORY.to_owned()));
     }
     Ok(config)
+}
+
+/// A path from the file is relative to the file's directory; from a flag
+/// or a variable, to the working directory.
+fn relative_to_file(path: PathBuf, origin: &Origin, dir: Option<&Path>) -> PathBuf {
+    match (origin, dir) {
+        (Origin::File(_), Some(dir)) if path.is_relative() && !dir.as_os_str().is_empty() => {
+            dir.join(path)
+        }
+        _ => path,
+    }
 }
 
 /// `IDEM_ADMIN_TOKEN` (never the file, never a flag).
@@ -420,10 +466,11 @@ mod tests {
         assert!(!load_err("store = \"mysql://u:hunter2@db/x\"\n").contains("hunter2"));
         assert_err("store = \"redis://\"\n", 2, &["no host"]);
         assert_err(
-            "upstream = \"https://api.example\"\n",
+            "upstream = \"ftp://api.example\"\n",
             1,
-            &["https upstreams are not supported yet"],
+            &["scheme `ftp` is not supported"],
         );
+        assert_err("tls_cert = \"\"\n", 2, &["tls_cert", "the path is empty"]);
         assert_err("upstream = \"http://127.0.0.1:3000/api\"\n", 1, &["path"]);
         assert_err("upstream = \"http://127.0.0.1:3000/?a=1\"\n", 1, &["query"]);
         assert_err(

@@ -236,6 +236,7 @@ store_timeout = "500ms"
 request_read_timeout = "5s"
 max_header_bytes = "16KiB"
 max_connections = 100
+max_concurrent_streams = 50
 idle_timeout = "2s"
 local_cache_bytes = 0
 memory_max_entries = 10
@@ -253,6 +254,7 @@ max_pending = 500
             request_read_timeout: Duration::from_secs(5),
             max_header_bytes: 16 * 1024,
             max_connections: 100,
+            max_concurrent_streams: 50,
             idle_timeout: Duration::from_secs(2),
             local_cache_bytes: 0,
             memory_max_entries: 10,
@@ -396,6 +398,7 @@ admin_listen = "127.0.0.1:3001"
         upstream: Some("http://127.0.0.1:2003".to_owned()),
         store: Some("postgresql://idem@db:5432/idem".to_owned()),
         admin_listen: Some("127.0.0.1:3003".to_owned()),
+        ..Overrides::default()
     };
     let c = load_str("idem.toml", file, &env, &flags).expect("valid");
     assert_eq!(c.listen, "127.0.0.1:1003".parse().unwrap());
@@ -435,13 +438,23 @@ fn bad_env_and_flags_are_named() {
     assert!(!e.to_string().contains("two words"));
 
     let flags = Overrides {
-        upstream: Some("https://x".to_owned()),
+        upstream: Some("ftp://x".to_owned()),
         ..Overrides::default()
     };
     let e = load_str("idem.toml", file, &no_env, &flags).expect_err("bad flag");
     assert_eq!(
         e.to_string(),
-        "--upstream: https upstreams are not supported yet; use http://host:port"
+        "--upstream: `ftp://x`: scheme `ftp` is not supported; write http://host:port \
+         or https://host:port"
+    );
+    let flags = Overrides {
+        tls_cert: Some("cert.pem".to_owned()),
+        ..Overrides::default()
+    };
+    let e = load_str("idem.toml", file, &no_env, &flags).expect_err("half a pair");
+    assert!(
+        e.to_string().contains("tls_cert is set but tls_key is not"),
+        "{e}"
     );
     let flags = Overrides {
         admin_listen: Some("127.0.0.1:8080".to_owned()),
@@ -611,4 +624,24 @@ match = "POST /payments/*"
     );
     assert_err("[defaults]\nkey_header = \"\"\n", 3, &["key_header"]);
     assert_err("[defaults]\nkey_header = 5\n", 3, &["key_header"]);
+fn tls_paths_from_the_file_are_relative_to_it() {
+    let file = "upstream = \"https://api.example:8443\"\n\
+                tls_cert = \"certs/gw.pem\"\n\
+                tls_key = \"/etc/idem/gw.key\"\n";
+    let env = env_of(&[("IDEM_UPSTREAM_CA", "ca.pem")]);
+    let flags = Overrides {
+        store_ca: Some("store-ca.pem".to_owned()),
+        ..Overrides::default()
+    };
+    let c = load_str("conf/idem.toml", file, &env, &flags).expect("valid");
+    assert_eq!(c.tls.cert, Some(PathBuf::from("conf/certs/gw.pem")));
+    assert_eq!(c.tls.key, Some(PathBuf::from("/etc/idem/gw.key")));
+    assert_eq!(c.tls.upstream_ca, Some(PathBuf::from("ca.pem")));
+    assert_eq!(c.tls.store_ca, Some(PathBuf::from("store-ca.pem")));
+    let plan = c.describe();
+    assert!(
+        plan.contains("TLS conf/certs/gw.pem; h2 and HTTP/1.1 by ALPN"),
+        "{plan}"
+    );
+    assert!(plan.contains("system roots + ca.pem"), "{plan}");
 }

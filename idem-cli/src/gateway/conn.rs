@@ -8,6 +8,14 @@
 //! An attacker's idle sockets so push out each other, not a client that
 //! has just connected and is about to send its request.
 //!
+//! Each connection speaks HTTP/1.1 or HTTP/2 (hyper-util's auto builder
+//! reads the first bytes: the HTTP/2 preface is prior knowledge, h2c), in
+//! TLS when `tls_cert` and `tls_key` are set (ALPN offers `h2`, then
+//! `http/1.1`). Both get the same limits: `max_header_bytes` (HTTP/2:
+//! the header list size), `request_read_timeout` (HTTP/1.1: the head; the
+//! TLS handshake; the body, on both, in [`super::body`]),
+//! `max_connections`, and `max_concurrent_streams` per HTTP/2 connection.
+//!
 //! Shutdown stops accepting, closes the silent connections, lets the others
 //! finish their requests (hyper's graceful shutdown), then waits for the
 //! request tasks that outlived their client (see [`super`]), all within
@@ -18,9 +26,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use hyper::server::conn::http1;
+use hyper::rt::{Read, Write};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
@@ -31,6 +40,7 @@ use idem::layer::Idempotency;
 use idem::Store;
 
 use super::proxy::Proxy;
+use super::tls::ListenerTls;
 use super::{handle, Edge};
 use crate::config::Limits;
 
@@ -121,7 +131,11 @@ struct Shared<S: Store> {
     service: Idempotency<Proxy, S>,
     routes: Arc<idem::RouteTable>,
     edge: Arc<Edge>,
-    http: http1::Builder,
+    http: auto::Builder<TokioExecutor>,
+    /// TLS termination, when `tls_cert` and `tls_key` are set.
+    tls: Option<ListenerTls>,
+    /// Bound on the TLS handshake (`request_read_timeout`).
+    handshake_timeout: Duration,
     slots: Arc<Semaphore>,
     silent: Arc<Silent>,
     idle_timeout: Duration,
@@ -139,20 +153,31 @@ pub(super) async fn serve<S: Store>(
     routes: Arc<idem::RouteTable>,
     edge: Arc<Edge>,
     limits: &Limits,
+    tls: Option<ListenerTls>,
     stop: CancellationToken,
 ) {
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
         .header_read_timeout(limits.request_read_timeout)
         // hyper refuses buffers under 8 KiB.
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(max_headers(limits.max_header_bytes))
         .keep_alive(true);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // A peer that stops answering pings is gone: free its slot.
+        .keep_alive_interval(limits.idle_timeout)
+        .keep_alive_timeout(limits.request_read_timeout);
     let shared = Arc::new(Shared {
         service,
         routes,
         edge: Arc::clone(&edge),
         http,
+        tls,
+        handshake_timeout: limits.request_read_timeout,
         slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
         silent: Silent::new(limits.max_connections),
         idle_timeout: limits.idle_timeout.min(limits.request_read_timeout),
@@ -208,7 +233,7 @@ pub(super) async fn serve<S: Store>(
 }
 
 /// One connection: wait for its first byte (silent), then for a slot, then
-/// serve it with hyper.
+/// the TLS handshake if any, then serve it with hyper.
 async fn connection<S: Store>(
     shared: Arc<Shared<S>>,
     stream: TcpStream,
@@ -235,11 +260,33 @@ async fn connection<S: Store>(
         },
         () = shared.stop.cancelled() => return,
     };
+    let Some(tls) = &shared.tls else {
+        serve_io(&shared, TokioIo::new(stream), peer).await;
+        drop(permit);
+        return;
+    };
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(shared.handshake_timeout, tls.acceptor().accept(stream)) => r,
+        () = shared.stop.cancelled() => return,
+    };
+    match handshake {
+        Ok(Ok(stream)) => serve_io(&shared, TokioIo::new(stream), peer).await,
+        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+    drop(permit);
+}
+
+/// Serves one connection, HTTP/1.1 or HTTP/2, until it ends or shutdown.
+async fn serve_io<S: Store, I>(shared: &Shared<S>, io: I, peer: SocketAddr)
+where
+    I: Read + Write + Unpin + Send + 'static,
+{
     let service = shared.service.clone();
     let routes = Arc::clone(&shared.routes);
     let edge = Arc::clone(&shared.edge);
     let conn = shared.http.serve_connection(
-        TokioIo::new(stream),
+        io,
         service_fn(move |req| handle(service.clone(), Arc::clone(&routes), Arc::clone(&edge), req)),
     );
     tokio::pin!(conn);
@@ -260,7 +307,6 @@ async fn connection<S: Store>(
     if let Some(Err(error)) = ended {
         tracing::debug!(%peer, %error, "connection ended with an error");
     }
-    drop(permit);
 }
 
 #[cfg(test)]

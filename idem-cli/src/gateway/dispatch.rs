@@ -194,7 +194,11 @@ impl Async {
         }
         // A client pool of its own: background dispatch does not compete
         // with clients' requests for pooled connections.
-        let proxy = Proxy::new(&config.upstream, Arc::clone(&routes))?;
+        let proxy = Proxy::with_upstream_ca(
+            &config.upstream,
+            Arc::clone(&routes),
+            config.tls.upstream_ca.as_deref(),
+        )?;
         let workers = if any_async(&routes) {
             config.limits.async_workers
         } else {

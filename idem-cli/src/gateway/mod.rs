@@ -26,6 +26,7 @@ pub mod body;
 pub mod conn;
 pub mod dispatch;
 pub mod proxy;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -73,6 +74,10 @@ pub enum GatewayError {
     /// The upstream cannot be proxied to.
     #[error(transparent)]
     Upstream(#[from] ProxyError),
+    /// A TLS file (`tls_cert`, `tls_key`, `store_ca`) cannot be used: the
+    /// message names the file and the reason.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     /// The store did not answer at start-up.
     #[error("cannot use the store {store}: {source}")]
     Store {
@@ -103,6 +108,10 @@ impl Gateway {
     /// Binds `config.listen` and starts serving in the background.
     pub async fn start(config: Config) -> Result<Self, GatewayError> {
         config.validate()?;
+        let listener_tls = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => Some(tls::ListenerTls::new(cert, key)?),
+            _ => None,
+        };
         let listener = bind(config.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
             addr: config.listen,
@@ -135,10 +144,22 @@ impl Gateway {
         }
         let asynchronous = dispatch::Async::start(&store, &config).await?;
         let engine = Engine::with_config(store, engine_config);
-        let tasks = spawn_serve(listener, admin, engine, config, stop.clone(), asynchronous)?;
-        tracing::info!(%local_addr, "idem gateway listening");
+        let protocols = config.listener_protocols();
+        if let Some(tls) = &listener_tls {
+            tls.clone().reload_on_sighup(stop.clone());
+        }
+        let serve = Serve {
+            listener,
+            tls: listener_tls,
+            admin,
+        };
+        let tasks = spawn_serve(serve, engine, config, stop.clone(), asynchronous)?;
+        tracing::info!(%local_addr, %protocols, "idem gateway listening");
         if let Some(addr) = admin_addr {
-            tracing::info!(%addr, "admin listener (healthz, readyz, metrics, records)");
+            tracing::info!(
+                %addr,
+                "admin listener (healthz, readyz, metrics, records; plain HTTP/1.1)"
+            );
         }
         Ok(Self {
             local_addr,
@@ -193,17 +214,27 @@ pub async fn check_store(config: &Config) -> Result<String, GatewayError> {
         StoreSpec::Memory => Ok("in this process".to_owned()),
         // PostgreSQL is only looked at: connecting would create the schema
         // and table, and a check must change nothing.
-        StoreSpec::Postgres(url) => idem::store::postgres::PostgresStore::builder(url.as_str())
-            .timeout(config.limits.store_timeout)
-            .check()
+        StoreSpec::Postgres(url) => postgres_check(config, url)
             .await
-            .map(|status| format!("answered; {status}"))
-            .map_err(|source| GatewayError::Store {
-                store: config.store.to_string(),
-                source,
-            }),
+            .map(|status| format!("answered; {status}")),
         StoreSpec::Redis(_) => open_store(config).await.map(|_| "answered".to_owned()),
     }
+}
+
+/// The PostgreSQL half of [`check_store`].
+async fn postgres_check(
+    config: &Config,
+    url: &idem::store::StoreUrl,
+) -> Result<idem::store::postgres::SchemaStatus, GatewayError> {
+    let mut builder = idem::store::postgres::PostgresStore::builder(url.as_str())
+        .timeout(config.limits.store_timeout);
+    if let Some(ca) = &config.tls.store_ca {
+        builder = builder.tls_ca(tls::read_ca_pem(ca)?);
+    }
+    builder.check().await.map_err(|source| GatewayError::Store {
+        store: config.store.to_string(),
+        source,
+    })
 }
 
 /// Opens the configured store. A remote store must answer at start-up:
@@ -222,7 +253,10 @@ async fn open_store(config: &Config) -> Result<AnyStore, GatewayError> {
             AnyStore::Memory(MemoryStore::with_limits(limits))
         }
         StoreSpec::Redis(url) | StoreSpec::Postgres(url) => {
-            let options = ConnectOptions::new().timeout(config.limits.store_timeout);
+            let mut options = ConnectOptions::new().timeout(config.limits.store_timeout);
+            if let Some(ca) = &config.tls.store_ca {
+                options = options.tls_ca(tls::read_ca_pem(ca)?);
+            }
             AnyStore::connect_to(url, options)
                 .await
                 .map_err(|source| GatewayError::Store {
@@ -241,16 +275,30 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
         .map_err(|source| GatewayError::Bind { addr, source })
 }
 
-fn spawn_serve<S: Store>(
+/// The listeners [`spawn_serve`] serves.
+struct Serve {
     listener: TcpListener,
+    tls: Option<tls::ListenerTls>,
     admin: Option<TcpListener>,
+}
+
+fn spawn_serve<S: Store>(
+    Serve {
+        listener,
+        tls,
+        admin,
+    }: Serve,
     engine: Engine<S>,
     config: Config,
     stop: CancellationToken,
     asynchronous: dispatch::Async,
 ) -> Result<Vec<JoinHandle<()>>, GatewayError> {
     let routes = Arc::new(config.routes.clone());
-    let proxy = Proxy::new(&config.upstream, Arc::clone(&routes))?;
+    let proxy = Proxy::with_upstream_ca(
+        &config.upstream,
+        Arc::clone(&routes),
+        config.tls.upstream_ca.as_deref(),
+    )?;
     let mut tasks = Vec::with_capacity(3);
     if let (Some(listener), Some(token)) = (admin, config.admin_token.clone()) {
         let app = admin::router(engine.clone(), token, Some(Arc::clone(&asynchronous.stats)));
@@ -279,7 +327,7 @@ fn spawn_serve<S: Store>(
         requests: TaskTracker::new(),
     });
     tasks.push(tokio::spawn(async move {
-        conn::serve(listener, service, routes, edge, &config.limits, stop).await;
+        conn::serve(listener, service, routes, edge, &config.limits, tls, stop).await;
     }));
     Ok(tasks)
 }
@@ -449,14 +497,14 @@ mod tests {
 
     #[tokio::test]
     async fn an_upstream_the_proxy_cannot_reach_is_refused_at_start() {
-        let e = Gateway::start(config("https://127.0.0.1:3000"))
+        let e = Gateway::start(config("ftp://127.0.0.1:3000"))
             .await
-            .expect_err("https upstream");
+            .expect_err("ftp upstream");
         assert!(
             matches!(e, GatewayError::Upstream(ProxyError::Scheme(_))),
             "{e:?}"
         );
-        assert!(e.to_string().contains("only http://"), "{e}");
+        assert!(e.to_string().contains("only http:// and https://"), "{e}");
     }
 
     #[tokio::test]

@@ -5,6 +5,11 @@
 //! refused before sending → `Unreachable` (502, released);
 //! no answer in time → `Timeout` (504, ambiguous);
 //! broken after sending → `Reset` (502, ambiguous).
+//!
+//! `https://` upstreams are reached with rustls (system roots plus
+//! `upstream_ca`); a failed handshake is a refused connection. The gateway
+//! speaks HTTP/1.1 to its upstream, in TLS or not: keep-alive connections
+//! are pooled, and a request never waits behind another's stream.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,6 +22,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -43,9 +49,13 @@ pub enum ProxyError {
     /// The upstream URL names no host.
     #[error("upstream `{0}` has no host")]
     NoHost(Uri),
-    /// Not `http://`: the gateway speaks plain HTTP/1.1 to its upstream.
-    #[error("upstream `{0}`: only http:// upstreams are supported; use http://host:port")]
+    /// Neither `http://` nor `https://`.
+    #[error("upstream `{0}`: only http:// and https:// upstreams are supported")]
     Scheme(Uri),
+    /// The TLS settings for an `https://` upstream cannot be built
+    /// (`upstream_ca` unreadable or holding no certificate).
+    #[error("upstream TLS: {0}")]
+    Tls(String),
 }
 
 /// Forwards requests to one upstream. Cheap to clone.
@@ -56,7 +66,7 @@ pub struct Proxy {
 
 #[derive(Debug)]
 struct ProxyInner {
-    client: Client<HttpConnector, GatewayBody>,
+    client: Client<HttpsConnector<HttpConnector>, GatewayBody>,
     scheme: Scheme,
     authority: Authority,
     routes: Arc<RouteTable>,
@@ -75,16 +85,44 @@ impl Proxy {
     ///
     /// [`Config`]: crate::config::Config
     pub fn new(upstream: &Uri, routes: Arc<RouteTable>) -> Result<Self, ProxyError> {
+        Self::with_upstream_ca(upstream, routes, None)
+    }
+
+    /// As [`new`](Self::new), for `http://` or `https://` upstreams; an
+    /// `https://` one is checked against the system's roots plus the
+    /// certificates in `upstream_ca` (PEM).
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new), and [`ProxyError::Tls`] when `upstream_ca`
+    /// cannot be used.
+    pub fn with_upstream_ca(
+        upstream: &Uri,
+        routes: Arc<RouteTable>,
+        upstream_ca: Option<&std::path::Path>,
+    ) -> Result<Self, ProxyError> {
         let authority = upstream
             .authority()
             .cloned()
             .ok_or_else(|| ProxyError::NoHost(upstream.clone()))?;
-        if upstream.scheme().is_some_and(|s| *s != Scheme::HTTP) {
+        if upstream
+            .scheme()
+            .is_some_and(|s| *s != Scheme::HTTP && *s != Scheme::HTTPS)
+        {
             return Err(ProxyError::Scheme(upstream.clone()));
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+        // `https://` needs the connector to pass the scheme through.
+        connector.enforce_http(false);
+        let tls = super::tls::upstream_client_config(upstream_ca)
+            .map_err(|e| ProxyError::Tls(e.to_string()))?;
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1024)
             .pool_idle_timeout(std::time::Duration::from_secs(30))
@@ -108,6 +146,10 @@ impl Proxy {
         let mut req = Request::from_parts(head, body);
         let policy = Arc::clone(found.policy());
         let buffered = found.participates();
+        // An HTTP/2 request names its host in `:authority`, not `Host`;
+        // the upstream speaks HTTP/1.1 and sees it as `Host`, as it would
+        // from an HTTP/1.1 client.
+        http1_to_upstream(&mut req);
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(inner.scheme.clone());
         parts.authority = Some(inner.authority.clone());
@@ -159,7 +201,10 @@ impl Proxy {
                     .downcast_ref::<hyper_util::client::legacy::Error>()
                     .is_some_and(hyper_util::client::legacy::Error::is_connect);
                 if connect {
-                    tracing::warn!(error = %e, "upstream refused the connection");
+                    // The cause (refused, a certificate it does not trust…)
+                    // is in the source chain, not in the outer message.
+                    let error = error_chain(&*e);
+                    tracing::warn!(%error, "upstream refused the connection");
                     failure(
                         UpstreamFailure::Unreachable,
                         "the upstream refused the connection; the request was not sent",
@@ -188,6 +233,39 @@ impl Proxy {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Makes a request from an HTTP/2 client one for the HTTP/1.1 upstream:
+/// the version, and `Host` from `:authority` when the client sent none.
+fn http1_to_upstream<B>(req: &mut Request<B>) {
+    if req.version() != http::Version::HTTP_2 {
+        return;
+    }
+    *req.version_mut() = http::Version::HTTP_11;
+    if !req.headers().contains_key(http::header::HOST) {
+        if let Some(host) = req
+            .uri()
+            .authority()
+            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(http::header::HOST, host);
+        }
+    }
+}
+
+/// `outer: cause: cause…`, each once.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
 
 fn failure(kind: UpstreamFailure, detail: &str) -> Response<ProxyBody> {
     let code = match kind {
@@ -224,10 +302,11 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_http_upstreams_with_a_host() {
+    fn only_http_and_https_upstreams_with_a_host() {
         assert!(proxy("http://127.0.0.1:3000").is_ok());
+        assert!(proxy("https://api.example").is_ok());
         assert!(matches!(
-            proxy("https://api.example"),
+            proxy("ftp://api.example"),
             Err(ProxyError::Scheme(_))
         ));
         assert!(matches!(proxy("/just/a/path"), Err(ProxyError::NoHost(_))));

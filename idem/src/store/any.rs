@@ -72,18 +72,12 @@ impl AnyStore {
             ))),
             #[cfg(feature = "redis")]
             Target::Redis => {
-                let mut builder = super::redis::RedisStore::builder();
-                if let Some(timeout) = options.timeout {
-                    builder = builder.timeout(timeout);
-                }
+                let builder = redis_builder(&options);
                 Ok(Self::Redis(builder.connect(&url.url).await?))
             }
             #[cfg(feature = "redis")]
             Target::RedisCluster(nodes) => {
-                let mut builder = super::redis::RedisStore::builder();
-                if let Some(timeout) = options.timeout {
-                    builder = builder.timeout(timeout);
-                }
+                let builder = redis_builder(&options);
                 Ok(Self::Redis(builder.connect_cluster(nodes).await?))
             }
             #[cfg(feature = "postgres")]
@@ -91,6 +85,10 @@ impl AnyStore {
                 let mut builder = super::postgres::PostgresStore::builder(url.url.as_str());
                 if let Some(timeout) = options.timeout {
                     builder = builder.timeout(timeout);
+                }
+                #[cfg(feature = "tls")]
+                if let Some(pem) = &options.tls_ca {
+                    builder = builder.tls_ca(pem.clone());
                 }
                 Ok(Self::Postgres(builder.connect().await?))
             }
@@ -117,6 +115,20 @@ impl AnyStore {
             Self::Postgres(_) => "postgres",
         }
     }
+}
+
+/// The Redis settings `options` give.
+#[cfg(feature = "redis")]
+fn redis_builder(options: &ConnectOptions) -> super::redis::RedisStoreBuilder {
+    let mut builder = super::redis::RedisStore::builder();
+    if let Some(timeout) = options.timeout {
+        builder = builder.timeout(timeout);
+    }
+    #[cfg(feature = "tls")]
+    if let Some(pem) = &options.tls_ca {
+        builder = builder.tls_ca(pem.clone());
+    }
+    builder
 }
 
 /// Calls `$method` on whichever backend `$self` holds.
@@ -243,6 +255,9 @@ pub struct ConnectOptions {
     timeout: Option<Duration>,
     #[cfg(feature = "memory")]
     memory_limits: super::memory::MemoryLimits,
+    /// PEM roots for TLS to the store (feature `tls`).
+    #[cfg(feature = "tls")]
+    tls_ca: Option<Vec<u8>>,
 }
 
 impl ConnectOptions {
@@ -255,6 +270,16 @@ impl ConnectOptions {
     /// default: the backend's own (2 s). The memory store ignores it.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Trusts the certificates in `pem` (PEM `CERTIFICATE` blocks) for TLS
+    /// to the store: `rediss://` (every Cluster node) in place of the
+    /// system's roots, and PostgreSQL when its URL names no `sslrootcert`
+    /// (feature `tls`; the memory store ignores it).
+    #[cfg(feature = "tls")]
+    pub fn tls_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(pem.into());
         self
     }
 

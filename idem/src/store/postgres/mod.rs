@@ -224,6 +224,9 @@ pub struct PostgresStoreBuilder {
     migrate: bool,
     cleanup_interval: Option<Duration>,
     cleanup_batch: u32,
+    /// PEM roots when the URL names no `sslrootcert` (feature `tls`).
+    #[cfg(feature = "tls")]
+    tls_ca: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for PostgresStoreBuilder {
@@ -253,7 +256,19 @@ impl PostgresStoreBuilder {
             migrate: true,
             cleanup_interval: Some(Duration::from_secs(60)),
             cleanup_batch: 1000,
+            #[cfg(feature = "tls")]
+            tls_ca: None,
         }
+    }
+
+    /// Trusts the certificates in `pem` (PEM `CERTIFICATE` blocks) when
+    /// the URL names no `sslrootcert`. TLS itself is the URL's
+    /// `sslmode` (`disable`, `prefer`, the default, `require`,
+    /// `verify-ca`, `verify-full`), as with libpq. Feature `tls`.
+    #[cfg(feature = "tls")]
+    pub fn tls_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(pem.into());
+        self
     }
 
     /// The schema holding the table: 1–40 characters of `a-z`, `0-9` and
@@ -321,13 +336,19 @@ impl PostgresStoreBuilder {
             }
             .into());
         }
-        PgConnectOptions::from_str(&self.url).map_err(|e| {
-            ConfigError::Url {
+        let options = PgConnectOptions::from_str(&self.url).map_err(|e| {
+            StoreError::from(ConfigError::Url {
                 what: URL,
                 source: Box::new(e),
+            })
+        })?;
+        #[cfg(feature = "tls")]
+        if let Some(pem) = &self.tls_ca {
+            if !self.url.to_ascii_lowercase().contains("sslrootcert=") {
+                return Ok(options.ssl_root_cert_from_pem(pem.clone()));
             }
-            .into()
-        })
+        }
+        Ok(options)
     }
 
     /// Connects, migrates (unless [disabled](Self::migrate)), and starts

@@ -270,6 +270,9 @@ pub struct RedisStoreBuilder {
     prefix: String,
     timeout: Duration,
     connect_timeout: Duration,
+    /// PEM roots for `rediss://` in place of the system's (feature `tls`).
+    #[cfg(feature = "tls")]
+    tls_ca: Option<Vec<u8>>,
 }
 
 impl Default for RedisStoreBuilder {
@@ -278,6 +281,8 @@ impl Default for RedisStoreBuilder {
             prefix: DEFAULT_PREFIX.to_owned(),
             timeout: DEFAULT_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            #[cfg(feature = "tls")]
+            tls_ca: None,
         }
     }
 }
@@ -305,7 +310,36 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Connects to a standalone Redis at `url` (`redis://host:port[/db]`).
+    /// Trusts the certificates in `pem` (one or more PEM `CERTIFICATE`
+    /// blocks) for `rediss://` URLs, in place of the system's roots: a
+    /// managed Redis with a private CA. Without it, `rediss://` checks the
+    /// server against the system's roots. Cluster nodes too.
+    #[cfg(feature = "tls")]
+    pub fn tls_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(pem.into());
+        self
+    }
+
+    /// A client for `url`, with the configured roots when it is `rediss://`.
+    fn client(&self, url: &str) -> Result<Client, StoreError> {
+        #[cfg(feature = "tls")]
+        if let Some(pem) = &self.tls_ca {
+            if url
+                .get(..9)
+                .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"))
+            {
+                let certs = ::redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                };
+                return Client::build_with_tls(url, certs).map_err(config_error);
+            }
+        }
+        Client::open(url).map_err(config_error)
+    }
+
+    /// Connects to a standalone Redis at `url` (`redis://host:port[/db]`,
+    /// or `rediss://…` over TLS with feature `tls`).
     ///
     /// # Errors
     ///
@@ -314,7 +348,7 @@ impl RedisStoreBuilder {
     /// cannot be reached.
     pub async fn connect(self, url: &str) -> Result<RedisStore, StoreError> {
         self.validate()?;
-        let client = Client::open(url).map_err(config_error)?;
+        let client = self.client(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.timeout))
@@ -350,15 +384,21 @@ impl RedisStoreBuilder {
         let urls: Vec<&str> = urls.iter().map(AsRef::as_ref).collect();
         let nodes = urls
             .iter()
-            .map(|u| Client::open(*u))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(config_error)?;
-        let client = ClusterClientBuilder::new(urls)
+            .map(|u| self.client(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        let builder = ClusterClientBuilder::new(urls)
             .connection_timeout(self.connect_timeout)
             .response_timeout(self.timeout)
-            .retries(2)
-            .build()
-            .map_err(config_error)?;
+            .retries(2);
+        #[cfg(feature = "tls")]
+        let builder = match &self.tls_ca {
+            Some(pem) => builder.certs(::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            }),
+            None => builder,
+        };
+        let client = builder.build().map_err(config_error)?;
         let conn = bounded(self.connect_timeout, client.get_async_connection()).await?;
         self.finish(Conn::Cluster(conn), nodes).await
     }
