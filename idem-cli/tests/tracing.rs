@@ -8,8 +8,10 @@
 
 mod support;
 
+#[path = "support/serve.rs"]
+mod serve;
+
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 
+use serve::Serve;
 use support::{client, gateway, send};
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -257,99 +260,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// One `idem serve`, memory store, killed on drop.
-struct Serve {
-    child: Child,
-    addr: SocketAddr,
-    log: std::path::PathBuf,
-}
-
-impl Serve {
-    async fn start(upstream: &str, env: &[(&str, String)]) -> Self {
-        let log = std::env::temp_dir().join(format!(
-            "idem-tracing-{}-{:016x}.log",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        for _ in 0..5 {
-            let port = {
-                let l = StdListener::bind("127.0.0.1:0").expect("a free port");
-                l.local_addr().expect("addr").port()
-            };
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let stderr = std::fs::File::create(&log).expect("log file");
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
-            cmd.args(["serve", "--store", "memory", "--upstream", upstream])
-                .args(["--listen", &addr.to_string()])
-                .env("IDEM_LOG", "info")
-                .env_remove("IDEM_CONFIG")
-                .env_remove("IDEM_ADMIN_LISTEN");
-            for (k, _) in std::env::vars() {
-                if k.starts_with("OTEL_") {
-                    cmd.env_remove(k);
-                }
-            }
-            for (k, v) in env {
-                cmd.env(k, v);
-            }
-            let child = cmd
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .spawn()
-                .expect("spawn idem serve");
-            let mut s = Serve {
-                child,
-                addr,
-                log: log.clone(),
-            };
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                if s.child.try_wait().expect("try_wait").is_some() {
-                    break;
-                }
-                // A connection, not a request: a request would reach the
-                // upstream, whose calls the tests count.
-                if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                    return s;
-                }
-                assert!(Instant::now() < deadline, "not up:\n{}", s.log());
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            assert!(
-                s.log().contains("cannot listen on"),
-                "idem serve exited:\n{}",
-                s.log()
-            );
-        }
-        panic!("no free port after 5 attempts");
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM (a clean shutdown, which flushes the spans), then waits.
-    fn terminate(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().expect("try_wait").is_none() {
-            assert!(Instant::now() < deadline, "idem serve did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_store_and_upstream_spans_are_exported_over_otlp() {
     let (col, col_addr) = Collector::start().await;
@@ -359,7 +269,7 @@ async fn request_store_and_upstream_spans_are_exported_over_otlp() {
         ("OTEL_SERVICE_NAME", "idem-under-test".to_owned()),
         ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
     ];
-    let mut gw = Serve::start(&url, &env).await;
+    let mut gw = Serve::start(&url, &env, None).await;
     let c = client();
     let tp = client_traceparent();
     let (key, secret) = ("raw-key-7f3a9c", "Bearer secret-token-5d1e");
@@ -467,7 +377,7 @@ async fn without_the_endpoint_nothing_is_exported() {
         ("OTEL_SERVICE_NAME", "idem-under-test".to_owned()),
         ("OTEL_BSP_SCHEDULE_DELAY", "10".to_owned()),
     ];
-    let mut gw = Serve::start(&url, &env).await;
+    let mut gw = Serve::start(&url, &env, None).await;
     let c = client();
     let tp = client_traceparent();
     for i in 0..5 {
