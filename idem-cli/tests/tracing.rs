@@ -264,12 +264,21 @@ fn hex(bytes: &[u8]) -> String {
 async fn request_store_and_upstream_spans_are_exported_over_otlp() {
     let (col, col_addr) = Collector::start().await;
     let (up, url) = Recorder::start().await;
+    let config =
+        std::env::temp_dir().join(format!("idem-tracing-{:016x}.toml", rand::random::<u64>()));
+    std::fs::write(
+        &config,
+        "[[route]]\nmatch = \"POST /jobs/*\"\nmode = \"async\"\n",
+    )
+    .expect("write config");
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{col_addr}")),
         ("OTEL_SERVICE_NAME", "idem-under-test".to_owned()),
         ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+        ("IDEM_CONFIG", config.display().to_string()),
     ];
     let mut gw = Serve::start(&url, &env, None).await;
+    let _ = std::fs::remove_file(&config);
     let c = client();
     let tp = client_traceparent();
     let (key, secret) = ("raw-key-7f3a9c", "Bearer secret-token-5d1e");
@@ -287,13 +296,34 @@ async fn request_store_and_upstream_spans_are_exported_over_otlp() {
         1,
         "replayed, not re-run"
     );
+    // An async operation: dispatched later, as a child of the accepting
+    // request's span.
+    let job_trace = "0af7651916cd43dd8448eb211c80319c";
+    let job_tp = format!("00-{job_trace}-b7ad6b7169203331-01");
+    let job = [
+        ("idempotency-key", "job-1"),
+        ("traceparent", job_tp.as_str()),
+    ];
+    let accepted = send(&c, gw.addr, "POST", "/jobs/1", &job, "{}").await;
+    assert_eq!(accepted.status, 202, "{:?}", accepted.body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while up.seen.lock().expect("lock").len() < 2 {
+        assert!(Instant::now() < deadline, "never dispatched:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Exported every 100 ms; a clean shutdown flushes the rest.
     let wanted = ["request", "store.reserve", "store.complete", "upstream"];
     let deadline = Instant::now() + Duration::from_secs(30);
+    let job_upstream = |spans: &[(String, Span)]| {
+        spans
+            .iter()
+            .any(|(_, s)| s.name == "upstream" && hex(&s.trace_id) == job_trace)
+    };
     while !wanted
         .iter()
         .all(|w| col.spans().iter().any(|(_, s)| s.name == *w))
+        || !job_upstream(&col.spans())
     {
         assert!(
             Instant::now() < deadline,
@@ -350,6 +380,26 @@ async fn request_store_and_upstream_spans_are_exported_over_otlp() {
     let (trace, parent, _) = split(&up.traceparents()[0]);
     assert_eq!(trace, CLIENT_TRACE);
     assert_eq!(parent, hex(&upstream[0].span_id));
+    // The async dispatch: its upstream span is a child of the accepting
+    // request's span, and is what the upstream was told about.
+    let job_spans: Vec<&Span> = spans
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| hex(&s.trace_id) == job_trace)
+        .collect();
+    let accept = job_spans
+        .iter()
+        .find(|s| s.name == "request")
+        .expect("the accepting request's span");
+    assert_eq!(hex(&accept.parent_span_id), "b7ad6b7169203331");
+    let dispatch = job_spans
+        .iter()
+        .find(|s| s.name == "upstream")
+        .expect("the dispatch's upstream span");
+    assert_eq!(dispatch.parent_span_id, accept.span_id);
+    let (trace, parent, _) = split(&up.traceparents()[1]);
+    assert_eq!(trace, job_trace);
+    assert_eq!(parent, hex(&dispatch.span_id));
     // Neither the key nor a credential is exported, in any form.
     for body in col.raw() {
         for secret in [key.as_bytes(), secret.as_bytes(), b"secret-token-5d1e"] {

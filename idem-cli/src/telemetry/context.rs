@@ -272,4 +272,48 @@ mod tests {
         assert_ne!(new.trace_id, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736);
         assert!(headers.get(TRACESTATE).is_none());
     }
+
+    /// What continuing the trace costs a request without export: run with
+    /// `cargo test --release -p idem-cli --lib trace_context_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn trace_context_cost() {
+        let n = 1_000_000u32;
+        let base = {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h.insert("idempotency-key", HeaderValue::from_static("k-123"));
+            h
+        };
+        for (label, incoming) in [("with a traceparent", true), ("without", false)] {
+            let started = std::time::Instant::now();
+            for _ in 0..n {
+                let mut h = base.clone();
+                if incoming {
+                    h.insert(TRACEPARENT, HeaderValue::from_static(EXAMPLE));
+                }
+                continue_trace(&Span::none(), &mut h);
+                std::hint::black_box(upstream_span(&mut h));
+                std::hint::black_box(h);
+            }
+            let with = started.elapsed();
+            let started = std::time::Instant::now();
+            for _ in 0..n {
+                let mut h = base.clone();
+                if incoming {
+                    h.insert(TRACEPARENT, HeaderValue::from_static(EXAMPLE));
+                }
+                std::hint::black_box(&mut h);
+                std::hint::black_box(h);
+            }
+            let without = started.elapsed();
+            println!(
+                "{label}: {:.0} ns per request for the edge and the proxy together",
+                (with.as_nanos() as f64 - without.as_nanos() as f64) / f64::from(n)
+            );
+        }
+    }
 }
