@@ -9,15 +9,16 @@
 //! - [`gateway`]: `idem serve`, the reverse proxy;
 //! - [`race`]: `idem race`, N requests released together, and what came back;
 //! - [`demo`]: `idem demo`, a naive service raced without and behind the gateway;
+//! - [`telemetry`]: logs, and trace export over OTLP when `OTEL_*` asks for it;
 //! - [`units`]: durations and sizes (`30s`, `1MiB`), read and written.
 
 pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod race;
+pub mod telemetry;
 pub mod units;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -97,15 +98,11 @@ pub struct ServeArgs {
     pub no_store_check: bool,
 }
 
-/// Parses the command line, sets up logging and a runtime, and runs.
+/// Parses the command line, sets up a runtime and logging (and trace
+/// export), and runs.
 #[must_use]
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Only the gateway logs; the race and the demo print their own reports,
-    // and the demo's in-process gateway must not add log lines to them.
-    if matches!(cli.command, Command::Serve(_)) {
-        init_tracing();
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -116,25 +113,25 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli))
-}
-
-/// Logs go to stderr; `IDEM_LOG` sets the filter (default `info`) and
-/// `IDEM_LOG_FORMAT=json` switches to JSON lines. Colours only when stderr
-/// is a terminal: a file or a pipe gets plain text, not escape codes.
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let json = std::env::var("IDEM_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let _ = if json {
-        builder.json().try_init()
+    // Only the gateway logs; the race and the demo print their own reports,
+    // and the demo's in-process gateway must not add log lines to them.
+    let telemetry = if matches!(cli.command, Command::Serve(_)) {
+        match telemetry::Telemetry::init(runtime.handle()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("idem: configuration refused: {e}");
+                return ExitCode::from(2);
+            }
+        }
     } else {
-        builder.try_init()
+        None
     };
+    let code = runtime.block_on(run(cli));
+    // While the runtime still runs: the last spans go out on it.
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    code
 }
 
 /// Runs a parsed command line to completion.

@@ -16,8 +16,6 @@
 //! `/operations/{id}` shows where it is in its life (any scope's: the admin
 //! is trusted).
 
-use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -33,6 +31,8 @@ use idem::store::{OperationId, OperationState};
 use idem::{Engine, JobStatus, Store, StoreKey};
 
 use super::dispatch::AsyncStats;
+
+mod metrics;
 
 struct Admin<S> {
     engine: Engine<S>,
@@ -97,192 +97,12 @@ async fn metrics<S: Store>(State(admin): State<Arc<Admin<S>>>, headers: HeaderMa
     if !authorized(&admin, &headers) {
         return unauthorized();
     }
-    let m = admin.engine.metrics();
-    let mut out = String::with_capacity(2048);
-    out.push_str(
-        "# HELP idem_requests_total Requests by outcome.\n# TYPE idem_requests_total counter\n",
-    );
-    for (outcome, counter) in [
-        ("executed", &m.executed),
-        ("replayed", &m.replayed),
-        ("waited", &m.waited),
-        ("conflict", &m.conflict),
-        ("mismatch", &m.mismatch),
-        ("bypass", &m.bypass),
-        ("store_error", &m.store_error),
-        ("fenced", &m.fenced),
-        ("cancelled", &m.cancelled),
-        ("unstored", &m.unstored),
-    ] {
-        let _ = writeln!(
-            out,
-            "idem_requests_total{{outcome=\"{outcome}\"}} {}",
-            counter.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP idem_in_flight Operations executing now.\n# TYPE idem_in_flight gauge\nidem_in_flight {}",
-        m.in_flight.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP idem_watchers Single-flight watchers running now.\n# TYPE idem_watchers gauge\nidem_watchers {}",
-        m.watchers.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP idem_response_too_large_total Answers larger than max_response_body: \
-         streamed, not stored, key released.\n\
-         # TYPE idem_response_too_large_total counter\n\
-         idem_response_too_large_total {}",
-        m.response_too_large.load(Ordering::Relaxed)
-    );
-    let (hits, misses) = (
-        m.cache_hits.load(Ordering::Relaxed),
-        m.cache_misses.load(Ordering::Relaxed),
-    );
-    let _ = writeln!(
-        out,
-        "# HELP idem_local_cache_lookups_total Local cache lookups by result.\n\
-         # TYPE idem_local_cache_lookups_total counter\n\
-         idem_local_cache_lookups_total{{result=\"hit\"}} {hits}\n\
-         idem_local_cache_lookups_total{{result=\"miss\"}} {misses}"
-    );
-    let (buckets, sum, count) = m.store_latency.snapshot();
-    out.push_str(
-        "# HELP idem_store_latency_seconds Store call latency.\n\
-         # TYPE idem_store_latency_seconds histogram\n",
-    );
-    for (le, n) in buckets {
-        let _ = writeln!(out, "idem_store_latency_seconds_bucket{{le=\"{le}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "idem_store_latency_seconds_bucket{{le=\"+Inf\"}} {count}\n\
-         idem_store_latency_seconds_sum {sum}\n\
-         idem_store_latency_seconds_count {count}"
-    );
-    if let Some(stats) = &admin.asynchronous {
-        async_metrics(&mut out, stats).await;
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
-}
-
-/// Async mode's figures (protocol §9.8): the queue's (shared by every
-/// instance, from the store), then this instance's accepts and dispatches.
-async fn async_metrics(out: &mut String, stats: &AsyncStats) {
-    match stats.queue().await {
-        Ok(q) => {
-            let oldest = q.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64());
-            let _ = writeln!(
-                out,
-                "# HELP idem_async_pending Operations accepted and not yet done, in the whole store.\n\
-                 # TYPE idem_async_pending gauge\nidem_async_pending {}\n\
-                 # HELP idem_async_oldest_pending_seconds Age of the oldest of them (0: none).\n\
-                 # TYPE idem_async_oldest_pending_seconds gauge\n\
-                 idem_async_oldest_pending_seconds {oldest}",
-                q.pending
-            );
-        }
-        Err(error) => tracing::warn!(%error, "metrics: the queue's figures are unavailable"),
-    }
-    let _ = writeln!(
-        out,
-        "# HELP idem_async_max_pending The max_pending bound.\n\
-         # TYPE idem_async_max_pending gauge\nidem_async_max_pending {}\n\
-         # HELP idem_async_workers Dispatcher workers on this instance.\n\
-         # TYPE idem_async_workers gauge\nidem_async_workers {}",
-        stats.max_pending, stats.workers
-    );
-    let a = &stats.accept;
-    out.push_str(
-        "# HELP idem_async_accepts_total Async requests by answer.\n\
-         # TYPE idem_async_accepts_total counter\n",
-    );
-    for (result, counter) in [
-        ("accepted", &a.accepted),
-        ("existing", &a.existing),
-        ("replayed", &a.replayed),
-        ("mismatch", &a.mismatch),
-        ("conflict", &a.conflict),
-        ("full", &a.full),
-        ("store_error", &a.store_error),
-    ] {
-        let _ = writeln!(
-            out,
-            "idem_async_accepts_total{{result=\"{result}\"}} {}",
-            counter.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP idem_async_status_requests_total Requests under /_idem/.\n\
-         # TYPE idem_async_status_requests_total counter\n\
-         idem_async_status_requests_total {}",
-        a.status_requests.load(Ordering::Relaxed)
-    );
-    let d = stats.dispatch.counts();
-    for (name, help, value) in [
-        (
-            "attempts_total",
-            "Upstream calls made by this instance's dispatchers.",
-            d.attempts,
-        ),
-        (
-            "retries_total",
-            "Failed attempts scheduled again.",
-            d.retries,
-        ),
-        (
-            "completed_total",
-            "Operations done with an answer of a stored status.",
-            d.completed,
-        ),
-        (
-            "final_failures_total",
-            "Operations done with the stored 502 after their last attempt.",
-            d.final_failures,
-        ),
-        (
-            "lost_total",
-            "Attempts whose operation another dispatcher took over; outcome dropped.",
-            d.lost,
-        ),
-        (
-            "store_errors_total",
-            "Store calls of the dispatchers that failed.",
-            d.store_errors,
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP idem_async_{name} {help}\n# TYPE idem_async_{name} counter\nidem_async_{name} {value}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP idem_async_in_flight Upstream calls of dispatchers running now.\n\
-         # TYPE idem_async_in_flight gauge\nidem_async_in_flight {}",
-        d.in_flight
-    );
-    let (buckets, sum, count) = stats.dispatch.dispatch_latency.snapshot();
-    out.push_str(
-        "# HELP idem_async_dispatch_latency_seconds Upstream call latency of each attempt.\n\
-         # TYPE idem_async_dispatch_latency_seconds histogram\n",
-    );
-    for (le, n) in buckets {
-        let _ = writeln!(
-            out,
-            "idem_async_dispatch_latency_seconds_bucket{{le=\"{le}\"}} {n}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "idem_async_dispatch_latency_seconds_bucket{{le=\"+Inf\"}} {count}\n\
-         idem_async_dispatch_latency_seconds_sum {sum}\n\
-         idem_async_dispatch_latency_seconds_count {count}"
-    );
+    let asynchronous = match &admin.asynchronous {
+        Some(stats) => Some((stats.as_ref(), stats.queue().await)),
+        None => None,
+    };
+    let text = metrics::render(admin.engine.metrics(), asynchronous);
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 
 /// `GET /operations/{id}`: an operation of any scope, for the operator.

@@ -51,6 +51,7 @@ use idem::store::{AnyStore, ConnectOptions};
 use idem::{Engine, EngineConfig, Store};
 
 use crate::config::{Config, ConfigError, StoreSpec};
+use crate::telemetry::TracedStore;
 use crate::units::MIB;
 use body::GatewayBody;
 use proxy::{Proxy, ProxyBody, ProxyError};
@@ -143,7 +144,8 @@ impl Gateway {
             }
         }
         let asynchronous = dispatch::Async::start(&store, &config).await?;
-        let engine = Engine::with_config(store, engine_config);
+        // Store calls are spans when traces are exported (protocol §14).
+        let engine = Engine::with_config(TracedStore::new(store), engine_config);
         let protocols = config.listener_protocols();
         if let Some(tls) = &listener_tls {
             tls.clone().reload_on_sighup(stop.clone());
@@ -392,6 +394,8 @@ async fn handle<S: Store>(
         method = %parts.method,
         path = %parts.uri.path(),
     );
+    // W3C trace context, continued (protocol §14).
+    crate::telemetry::continue_trace(&span, &mut parts.headers);
     // Normalizes the path and matches it once; the layer and the proxy
     // read the match from the request's extensions.
     let participates = idem::layer::route(&routes, &mut parts).participates();

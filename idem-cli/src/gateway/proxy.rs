@@ -27,6 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower_service::Service;
+use tracing::Instrument;
 
 use idem::layer::{
     buffer, strip_hop_by_hop, Buffered, Prefixed, ResponseTooLarge, UpstreamFailure,
@@ -286,9 +287,15 @@ impl Service<Request<GatewayBody>> for Proxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<GatewayBody>) -> Self::Future {
+        // W3C trace context: a new parent span id (protocol §14).
+        let span = crate::telemetry::upstream_span(req.headers_mut());
         let proxy = self.clone();
-        Box::pin(async move { Ok(proxy.forward(req).await) })
+        Box::pin(async move {
+            let res = proxy.forward(req).instrument(span.clone()).await;
+            crate::telemetry::upstream_answered(&span, res.status());
+            Ok(res)
+        })
     }
 }
 

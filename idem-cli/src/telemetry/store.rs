@@ -1,0 +1,164 @@
+//! One span per store call (protocol §14), at one place: a [`Store`] that
+//! wraps the engine's.
+//!
+//! Each span is named `store.<call>` and carries the key's log id (never the
+//! key) and the call's outcome (`acquired`, `in_flight`, `completed`,
+//! `mismatch`, `held`, `lost`, `found`, `none`, `purged`, `subscribed`, or
+//! `error`). Without export, a call goes straight to the inner store: no
+//! span, no hash.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::field::Empty;
+use tracing::Instrument;
+
+use idem::record::{CompletedRecord, Record, Token};
+use idem::store::{Fence, Reservation, Store, StoreError, Subscription};
+use idem::{Fingerprint, StoreKey};
+
+use super::exporting;
+
+/// A [`Store`] whose calls are spans when traces are exported.
+#[derive(Debug, Clone)]
+pub struct TracedStore<S> {
+    inner: S,
+}
+
+impl<S> TracedStore<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+async fn traced<T>(
+    name: &'static str,
+    key: &StoreKey,
+    call: impl Future<Output = Result<T, StoreError>>,
+    outcome: fn(&T) -> &'static str,
+) -> Result<T, StoreError> {
+    if !exporting() {
+        return call.await;
+    }
+    let span = tracing::info_span!(
+        "store",
+        otel.name = name,
+        key = %key.log_id(),
+        outcome = Empty,
+        otel.status_code = Empty,
+        error = Empty,
+    );
+    let r = call.instrument(span.clone()).await;
+    match &r {
+        Ok(v) => {
+            span.record("outcome", outcome(v));
+        }
+        Err(e) => {
+            span.record("outcome", "error");
+            span.record("otel.status_code", "ERROR");
+            span.record("error", tracing::field::display(e));
+        }
+    }
+    r
+}
+
+fn fence(f: &Fence) -> &'static str {
+    match f {
+        Fence::Held => "held",
+        Fence::Lost => "lost",
+    }
+}
+
+impl<S: Store> Store for TracedStore<S> {
+    fn reserve(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Reservation, StoreError>> + Send {
+        traced(
+            "store.reserve",
+            key,
+            self.inner.reserve(key, fingerprint, lease),
+            |r| match r {
+                Reservation::Acquired(_) => "acquired",
+                Reservation::InFlight { .. } => "in_flight",
+                Reservation::Completed(_) => "completed",
+                Reservation::Mismatch => "mismatch",
+            },
+        )
+    }
+
+    fn complete(
+        &self,
+        key: &StoreKey,
+        token: Token,
+        record: Arc<CompletedRecord>,
+        retention: Duration,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        traced(
+            "store.complete",
+            key,
+            self.inner.complete(key, token, record, retention),
+            fence,
+        )
+    }
+
+    fn release(
+        &self,
+        key: &StoreKey,
+        token: Token,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        traced("store.release", key, self.inner.release(key, token), fence)
+    }
+
+    fn extend(
+        &self,
+        key: &StoreKey,
+        token: Token,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        traced(
+            "store.extend",
+            key,
+            self.inner.extend(key, token, lease),
+            fence,
+        )
+    }
+
+    fn get(
+        &self,
+        key: &StoreKey,
+    ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send {
+        traced("store.get", key, self.inner.get(key), |r| match r {
+            Some(_) => "found",
+            None => "none",
+        })
+    }
+
+    fn purge(&self, key: &StoreKey) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        traced("store.purge", key, self.inner.purge(key), |purged| {
+            if *purged {
+                "purged"
+            } else {
+                "none"
+            }
+        })
+    }
+
+    fn subscribe(
+        &self,
+        key: &StoreKey,
+    ) -> impl Future<Output = Result<Subscription, StoreError>> + Send {
+        traced("store.subscribe", key, self.inner.subscribe(key), |_| {
+            "subscribed"
+        })
+    }
+}
