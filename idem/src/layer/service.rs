@@ -20,6 +20,7 @@ use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
 use super::execute;
@@ -43,6 +44,7 @@ pub struct Idempotency<Svc, St> {
     engine: Engine<St>,
     routes: Arc<RouteTable>,
     async_mode: Option<AsyncMode>,
+    tasks: Option<TaskTracker>,
 }
 
 impl<Svc: Clone, St> Clone for Idempotency<Svc, St> {
@@ -52,6 +54,7 @@ impl<Svc: Clone, St> Clone for Idempotency<Svc, St> {
             engine: self.engine.clone(),
             routes: Arc::clone(&self.routes),
             async_mode: self.async_mode.clone(),
+            tasks: self.tasks.clone(),
         }
     }
 }
@@ -65,6 +68,7 @@ impl<Svc, St> Idempotency<Svc, St> {
             engine,
             routes,
             async_mode: None,
+            tasks: None,
         }
     }
 
@@ -73,6 +77,17 @@ impl<Svc, St> Idempotency<Svc, St> {
     #[must_use]
     pub fn async_mode(mut self, mode: AsyncMode) -> Self {
         self.async_mode = Some(mode);
+        self
+    }
+
+    /// Spawns each guarded request's execution onto `tasks` rather than
+    /// onto a bare Tokio task, so that a server can wait, at shutdown, for
+    /// the executions still running after their client left
+    /// (`tasks.close()`, then `tasks.wait()`); see
+    /// [`IdempotencyLayer::tasks`](super::IdempotencyLayer::tasks).
+    #[must_use]
+    pub fn tasks(mut self, tasks: TaskTracker) -> Self {
+        self.tasks = Some(tasks);
         self
     }
 }
@@ -120,7 +135,10 @@ where
                 let inner = std::mem::replace(&mut self.inner, clone);
                 let engine = self.engine.clone();
                 let async_mode = self.async_mode.clone();
-                ResponseFuture::guarded(Box::pin(guarded(engine, inner, guard, req, async_mode)))
+                let tasks = self.tasks.clone();
+                ResponseFuture::guarded(Box::pin(guarded(
+                    engine, inner, guard, req, async_mode, tasks,
+                )))
             }
         }
     }
@@ -192,6 +210,7 @@ async fn guarded<Svc, St, ReqB, ResB>(
     guard: Guard,
     req: Request<ReqB>,
     async_mode: Option<AsyncMode>,
+    tasks: Option<TaskTracker>,
 ) -> Result<Response<ResponseBody<ResB>>, Svc::Error>
 where
     Svc: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
@@ -214,7 +233,7 @@ where
         return Ok(operations::accept(mode, &parts, bytes, &identity).await);
     }
     let req = Request::from_parts(parts, bytes);
-    respond(execute::run(engine, inner, identity, guard.policy, req).await)
+    respond(execute::run(engine, inner, identity, guard.policy, req, tasks.as_ref()).await)
 }
 
 /// Phase 2: the whole body, refused (413) as soon as it exceeds `max`.
