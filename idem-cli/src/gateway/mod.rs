@@ -326,11 +326,20 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
             !b.is_empty() && b.len() <= 200 && b.iter().all(|c| (0x21..=0x7e).contains(c))
         })
         .cloned()
-        .unwrap_or_else(|| {
-            // A 128-bit random hex id is always a valid header value.
-            HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>()))
-                .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-        })
+        .unwrap_or_else(random_id)
+}
+
+/// A 128-bit random id in 32 lower-case hex digits (always a valid header
+/// value), written without going through `format!`.
+fn random_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = rand::random::<u128>();
+    let mut hex = [0u8; 32];
+    for digit in hex.iter_mut().rev() {
+        *digit = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// One request: its id, its span, its task (if it takes part), and what is

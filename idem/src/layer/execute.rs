@@ -83,7 +83,9 @@ where
         outcome
     };
     // Dropping the handle (the caller went away) detaches the task.
-    let task = task.instrument(tracing::Span::current());
+    // Boxed before it is spawned: the execution's future is several KB,
+    // and the spawn path would otherwise copy it whole more than once.
+    let task = Box::pin(task.instrument(tracing::Span::current()));
     let handle = match tasks {
         Some(tracker) => tracker.spawn(task),
         None => tokio::spawn(task),
