@@ -48,10 +48,10 @@ use tower::{Layer, ServiceExt};
 use tracing::Instrument;
 
 use idem::layer::{Idempotency, IdempotencyLayer, ResponseBody};
+use idem::policy::Mode;
 use idem::problem::{Problem, ProblemCode};
 use idem::store::memory::{MemoryLimits, MemoryStore};
 use idem::store::{AnyStore, ConnectOptions};
-use idem::policy::Mode;
 use idem::{Engine, EngineConfig, Store};
 
 use crate::config::{Config, ConfigError, StoreSpec};

@@ -26,8 +26,8 @@ use http::response::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tower_service::Service;
 use tokio_util::task::TaskTracker;
+use tower_service::Service;
 use tracing::Instrument;
 
 use super::body::{buffer, Buffered, Prefixed};
