@@ -77,7 +77,8 @@ pub fn capture(status: http::StatusCode, headers: &HeaderMap, body: Bytes) -> St
         headers: headers
             .iter()
             .filter(|(n, _)| {
-                !HOP_BY_HOP.contains(n) && !(connection && listed_in_connection(n, headers))
+                let listed = connection && listed_in_connection(n, headers);
+                !(HOP_BY_HOP.contains(n) || listed)
             })
             .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
             .collect(),
