@@ -195,6 +195,12 @@ async fn cross_instance_wake(a: RedisStore, b: RedisStore) {
     for i in 0..12 {
         let k = fresh_key(&format!("cross-{i}"));
         let t = acquire(&b, &k).await;
+        // A waiter first finds the key in flight (that is what makes it
+        // wait); the store publishes a change only when one did.
+        assert!(matches!(
+            a.reserve(&k, fp("a"), LEASE).await.unwrap(),
+            Reservation::InFlight { .. }
+        ));
         let mut sub = a.subscribe(&k).await.unwrap();
         let waiter = tokio::spawn(async move {
             tokio::time::timeout(Duration::from_secs(5), sub.changed()).await
@@ -379,6 +385,12 @@ async fn the_store_survives_a_redis_restart() {
         assert!(Instant::now() < deadline, "subscriber did not reconnect");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A waiter finds the key in flight, then subscribes (the store
+    // publishes a change only when a reserve found it in flight).
+    assert!(matches!(
+        store.reserve(&k, fp("a"), LEASE).await.unwrap(),
+        Reservation::InFlight { .. }
+    ));
     let mut sub = store.subscribe(&k).await.unwrap();
     let waiter =
         tokio::spawn(

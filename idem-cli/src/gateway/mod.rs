@@ -11,9 +11,13 @@
 //!    `upstream_timeout`, and classifies failures by source;
 //! 4. **finish**: the layer stores or releases, *then* the response leaves.
 //!
-//! Each request runs in its own task, so a client that hangs up does not
+//! A protected request's execution (reserve, upstream call, storing the
+//! answer) runs on a task of the layer's, so a client that hangs up does not
 //! cancel an upstream call already under way: its result is still stored,
-//! and the client's retry replays it. Shutdown waits for those tasks too.
+//! and the client's retry replays it. Those tasks are spawned onto the
+//! gateway's tracker ([`IdempotencyLayer::tasks`]), and shutdown waits for
+//! them. (One task per request, not two: the rest of the request, reading
+//! its body and writing the answer, runs in its connection's task.)
 //!
 //! Every log line of a request, at every level, is inside an info-level
 //! `request` span carrying its `X-Request-Id` (and method and path, never a
@@ -45,6 +49,7 @@ use tower::{Layer, ServiceExt};
 use tracing::Instrument;
 
 use idem::layer::{Idempotency, IdempotencyLayer, ResponseBody};
+use idem::policy::Mode;
 use idem::problem::{Problem, ProblemCode};
 use idem::store::memory::{MemoryLimits, MemoryStore};
 use idem::store::{AnyStore, ConnectOptions};
@@ -314,8 +319,10 @@ fn spawn_serve<S: Store>(
             }
         }));
     }
+    let requests = TaskTracker::new();
     let service = IdempotencyLayer::new(engine, config.routes.clone())
         .async_mode(asynchronous.mode.clone())
+        .tasks(requests.clone())
         .layer(proxy);
     // The dispatchers stop with the listener and get the same grace.
     let (stopping, grace) = (stop.clone(), config.limits.shutdown_grace);
@@ -326,7 +333,7 @@ fn spawn_serve<S: Store>(
     let edge = Arc::new(Edge {
         read_timeout: config.limits.request_read_timeout,
         drain_limit: drain_limit(&config.routes),
-        requests: TaskTracker::new(),
+        requests,
     });
     tasks.push(tokio::spawn(async move {
         conn::serve(listener, service, routes, edge, &config.limits, tls, stop).await;
@@ -342,7 +349,8 @@ pub(crate) struct Edge {
     /// Bytes of a refused body read and discarded so its client can read
     /// the answer (see [`body`]).
     drain_limit: u64,
-    /// Request tasks, which shutdown waits for.
+    /// Request executions that outlive their client (the layer's, and the
+    /// accepting of async operations), which shutdown waits for.
     requests: TaskTracker,
 }
 
@@ -368,11 +376,20 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
             !b.is_empty() && b.len() <= 200 && b.iter().all(|c| (0x21..=0x7e).contains(c))
         })
         .cloned()
-        .unwrap_or_else(|| {
-            // A 128-bit random hex id is always a valid header value.
-            HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>()))
-                .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-        })
+        .unwrap_or_else(random_id)
+}
+
+/// A 128-bit random id in 32 lower-case hex digits (always a valid header
+/// value), written without going through `format!`.
+fn random_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = rand::random::<u128>();
+    let mut hex = [0u8; 32];
+    for digit in hex.iter_mut().rev() {
+        *digit = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// One request: its id, its span, its task (if it takes part), and what is
@@ -398,11 +415,11 @@ async fn handle<S: Store>(
     crate::telemetry::continue_trace(&span, &mut parts.headers);
     // Normalizes the path and matches it once; the layer and the proxy
     // read the match from the request's extensions.
-    let participates = idem::layer::route(&routes, &mut parts).participates();
+    let found = idem::layer::route(&routes, &mut parts);
     let expects_continue = parts.headers.contains_key(header::EXPECT);
     let (body, leftover) = GatewayBody::incoming_with_leftover(body, edge.read_timeout);
     let req = Request::from_parts(parts, body);
-    if !participates {
+    if !found.participates() {
         // Pass-through: nothing is stored, so nothing is lost if the client
         // hangs up and the call is dropped; no task needed.
         let res = match service.oneshot(req).instrument(span.clone()).await {
@@ -411,24 +428,82 @@ async fn handle<S: Store>(
         };
         return Ok(finish(res, id, leftover, &edge, expects_continue, span));
     }
-    // Its own task: a client hanging up must not cancel an upstream call
-    // whose result still has to be stored. Tracked: shutdown waits for it.
-    let task = edge
-        .requests
-        .spawn(service.oneshot(req).instrument(span.clone()));
-    let res = match task.await {
-        Ok(Ok(res)) => res,
-        Ok(Err(never)) => match never {},
-        Err(error) => {
-            span.in_scope(|| tracing::error!(%error, "request task failed"));
-            Problem::new(
-                ProblemCode::Internal,
-                "the gateway failed while handling this request",
-            )
-            .to_response()
+    let call = service.oneshot(req).instrument(span.clone());
+    let res = if found.policy().mode == Mode::Async {
+        // Accepting an async operation stores its request: its own task,
+        // so a client hanging up cannot cut that short. Tracked: shutdown
+        // waits for it.
+        match edge.requests.spawn(call).await {
+            Ok(Ok(res)) => Ok(res),
+            Ok(Err(never)) => match never {},
+            Err(error) if error.is_panic() => Err(error.into_panic()),
+            Err(error) => {
+                span.in_scope(|| tracing::error!(%error, "request task failed"));
+                Ok(internal())
+            }
+        }
+    } else {
+        // The execution (reserve, upstream call, storing its answer) runs
+        // on a task of the layer's, spawned onto `edge.requests`
+        // ([`IdempotencyLayer::tasks`]): a client hanging up does not
+        // cancel it and shutdown waits for it. Reading the body before it
+        // and answering after it need no task of their own.
+        match (CatchUnwind { future: call }).await {
+            Ok(Ok(res)) => Ok(res),
+            Ok(Err(never)) => match never {},
+            Err(panic) => Err(panic),
         }
     };
+    let res = res.unwrap_or_else(|panic| {
+        let error = panic_message(&*panic);
+        span.in_scope(|| tracing::error!(error, "request task failed"));
+        internal()
+    });
     Ok(finish(res, id, leftover, &edge, expects_continue, span))
+}
+
+/// The 500 of a request whose handling panicked.
+fn internal<B: From<bytes::Bytes>>() -> Response<B> {
+    Problem::new(
+        ProblemCode::Internal,
+        "the gateway failed while handling this request",
+    )
+    .to_response()
+}
+
+/// What a panic said, for the log.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panicked")
+}
+
+pin_project_lite::pin_project! {
+    /// Polls `future`, catching a panic as `Err(payload)`: a request whose
+    /// handling panics gets a 500, as it did when it ran on a task of its own.
+    struct CatchUnwind<F> {
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let future = self.project().future;
+        // Unwind safety: a future that panicked is never polled again.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(output)) => std::task::Poll::Ready(Ok(output)),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
+    }
 }
 
 /// The response as it leaves: with its `X-Request-Id`, and the rest of a

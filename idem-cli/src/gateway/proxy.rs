@@ -176,8 +176,8 @@ impl Proxy {
             if !buffered {
                 return Ok(res.map(|body| Either::Left(Prefixed::new(Vec::new(), body))));
             }
-            let (mut parts, body) = res.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
+            // Hop-by-hop headers go once the call is done, below.
+            let (parts, body) = res.into_parts();
             match buffer(body, policy.max_response_body).await? {
                 Buffered::Whole(bytes) => {
                     Ok::<_, BoxError>(Response::from_parts(parts, Either::Right(Full::new(bytes))))

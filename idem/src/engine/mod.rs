@@ -310,9 +310,11 @@ impl<S: Store> Engine<S> {
         let reserved = self
             .call(self.inner.store.reserve(key, fingerprint, rules.lease))
             .await;
+        // The rare paths (the store failed, waiting for another holder)
+        // are boxed: inline, their futures would size every call's.
         let reservation = match reserved {
             Ok(r) => r,
-            Err(error) => return self.store_failed(key, rules, error, op).await,
+            Err(error) => return Box::pin(self.store_failed(key, rules, error, op)).await,
         };
         match reservation.decide(rules.concurrent) {
             Decision::Execute(lease) => {
@@ -328,8 +330,7 @@ impl<S: Store> Engine<S> {
                 Outcome::InProgress { retry_after }
             }
             Decision::Wait { lease_remaining } => {
-                self.wait(key, fingerprint, rules, lease_remaining, op)
-                    .await
+                Box::pin(self.wait(key, fingerprint, rules, lease_remaining, op)).await
             }
         }
     }

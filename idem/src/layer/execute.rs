@@ -26,6 +26,7 @@ use http::response::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
+use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -42,14 +43,16 @@ use crate::store::{BoxError, Store};
 /// What the inner service answered, as the caller gets it.
 type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 
-/// Runs `req` through the engine on a task of its own: executed at most
-/// once per key, and never cancelled by the caller going away.
+/// Runs `req` through the engine on a task of its own (tracked by `tasks`
+/// when the server gave one, so its shutdown can wait for it): executed at
+/// most once per key, and never cancelled by the caller going away.
 pub(super) async fn run<Svc, St, ReqB, ResB>(
     engine: Engine<St>,
     mut inner: Svc,
     identity: Identity,
     policy: Arc<RoutePolicy>,
     req: Request<Bytes>,
+    tasks: Option<&TaskTracker>,
 ) -> Outcome<Answer<ResB, Svc::Error>>
 where
     Svc: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
@@ -80,7 +83,14 @@ where
         outcome
     };
     // Dropping the handle (the caller went away) detaches the task.
-    match tokio::spawn(task.instrument(tracing::Span::current())).await {
+    // Boxed before it is spawned: the execution's future is several KB,
+    // and the spawn path would otherwise copy it whole more than once.
+    let task = Box::pin(task.instrument(tracing::Span::current()));
+    let handle = match tasks {
+        Some(tracker) => tracker.spawn(task),
+        None => tokio::spawn(task),
+    };
+    match handle.await {
         Ok(outcome) => outcome,
         // A panic is the caller's, as it would be without the task.
         Err(e) if e.is_panic() => panic::resume_unwind(e.into_panic()),

@@ -1,5 +1,6 @@
 use std::sync::Arc;
 
+use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 
 use super::{AsyncMode, Idempotency};
@@ -12,6 +13,7 @@ pub struct IdempotencyLayer<St> {
     engine: Engine<St>,
     routes: Arc<RouteTable>,
     async_mode: Option<AsyncMode>,
+    tasks: Option<TaskTracker>,
 }
 
 impl<St> Clone for IdempotencyLayer<St> {
@@ -20,6 +22,7 @@ impl<St> Clone for IdempotencyLayer<St> {
             engine: self.engine.clone(),
             routes: Arc::clone(&self.routes),
             async_mode: self.async_mode.clone(),
+            tasks: self.tasks.clone(),
         }
     }
 }
@@ -32,6 +35,7 @@ impl<St> IdempotencyLayer<St> {
             engine,
             routes: Arc::new(routes),
             async_mode: None,
+            tasks: None,
         }
     }
 
@@ -43,16 +47,31 @@ impl<St> IdempotencyLayer<St> {
         self.async_mode = Some(mode);
         self
     }
+
+    /// Spawns each guarded request's execution (reserve, the inner call,
+    /// storing its answer) onto `tasks`, a [`TaskTracker`] the server
+    /// owns, instead of a bare Tokio task. The execution still outlives a
+    /// client that hangs up; the server can now also wait for it at
+    /// shutdown (`tasks.close()`, then `tasks.wait()`), as `idem serve`
+    /// does, without a task of its own around every request.
+    #[must_use]
+    pub fn tasks(mut self, tasks: TaskTracker) -> Self {
+        self.tasks = Some(tasks);
+        self
+    }
 }
 
 impl<Svc, St> Layer<Svc> for IdempotencyLayer<St> {
     type Service = Idempotency<Svc, St>;
 
     fn layer(&self, inner: Svc) -> Self::Service {
-        let service = Idempotency::new(inner, self.engine.clone(), Arc::clone(&self.routes));
-        match &self.async_mode {
-            Some(mode) => service.async_mode(mode.clone()),
-            None => service,
+        let mut service = Idempotency::new(inner, self.engine.clone(), Arc::clone(&self.routes));
+        if let Some(mode) = &self.async_mode {
+            service = service.async_mode(mode.clone());
         }
+        if let Some(tasks) = &self.tasks {
+            service = service.tasks(tasks.clone());
+        }
+        service
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Response;
 
 use super::{ResponseBody, IDEMPOTENT_REPLAYED};
@@ -12,40 +12,54 @@ use crate::engine::Outcome;
 use crate::problem::{Problem, ProblemCode};
 use crate::record::StoredResponse;
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// `Keep-Alive` (not among `http`'s constants).
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), as names: comparing them is cheap,
+/// where a `&str` would be parsed into a name at every lookup.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Whether `name` is hop-by-hop (RFC 9110 §7.6.1), including any header the
 /// `Connection` header lists.
 #[must_use]
 pub fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
-        || headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+    HOP_BY_HOP.contains(name) || listed_in_connection(name, headers)
 }
 
-/// Removes hop-by-hop headers in place.
+/// Whether the `Connection` header lists `name`.
+fn listed_in_connection(name: &HeaderName, headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+}
+
+/// Removes hop-by-hop headers in place. A map with none of them (the usual
+/// case once a proxy has stripped them) is only looked through, once.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        // No `Connection` header either, so nothing it could list.
+        return;
+    }
     let listed: Vec<HeaderName> = headers
-        .get_all(http::header::CONNECTION)
+        .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     for name in listed {
@@ -56,11 +70,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Captures a response for storage, minus hop-by-hop headers.
 #[must_use]
 pub fn capture(status: http::StatusCode, headers: &HeaderMap, body: Bytes) -> StoredResponse {
+    // Only a `Connection` header can name more hop-by-hop headers.
+    let connection = headers.contains_key(header::CONNECTION);
     StoredResponse {
         status: status.as_u16(),
         headers: headers
             .iter()
-            .filter(|(n, _)| !is_hop_by_hop(n, headers))
+            .filter(|(n, _)| {
+                let listed = connection && listed_in_connection(n, headers);
+                !(HOP_BY_HOP.contains(n) || listed)
+            })
             .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
             .collect(),
         body,

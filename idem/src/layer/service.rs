@@ -20,6 +20,7 @@ use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
 use super::execute;
@@ -44,6 +45,7 @@ pub struct Idempotency<Svc, St> {
     engine: Engine<St>,
     routes: Arc<RouteTable>,
     async_mode: Option<AsyncMode>,
+    tasks: Option<TaskTracker>,
 }
 
 impl<Svc: Clone, St> Clone for Idempotency<Svc, St> {
@@ -53,6 +55,7 @@ impl<Svc: Clone, St> Clone for Idempotency<Svc, St> {
             engine: self.engine.clone(),
             routes: Arc::clone(&self.routes),
             async_mode: self.async_mode.clone(),
+            tasks: self.tasks.clone(),
         }
     }
 }
@@ -66,6 +69,7 @@ impl<Svc, St> Idempotency<Svc, St> {
             engine,
             routes,
             async_mode: None,
+            tasks: None,
         }
     }
 
@@ -74,6 +78,17 @@ impl<Svc, St> Idempotency<Svc, St> {
     #[must_use]
     pub fn async_mode(mut self, mode: AsyncMode) -> Self {
         self.async_mode = Some(mode);
+        self
+    }
+
+    /// Spawns each guarded request's execution onto `tasks` rather than
+    /// onto a bare Tokio task, so that a server can wait, at shutdown, for
+    /// the executions still running after their client left
+    /// (`tasks.close()`, then `tasks.wait()`); see
+    /// [`IdempotencyLayer::tasks`](super::IdempotencyLayer::tasks).
+    #[must_use]
+    pub fn tasks(mut self, tasks: TaskTracker) -> Self {
+        self.tasks = Some(tasks);
         self
     }
 }
@@ -125,7 +140,10 @@ where
                 let inner = std::mem::replace(&mut self.inner, clone);
                 let engine = self.engine.clone();
                 let async_mode = self.async_mode.clone();
-                ResponseFuture::guarded(Box::pin(guarded(engine, inner, guard, req, async_mode)))
+                let tasks = self.tasks.clone();
+                ResponseFuture::guarded(Box::pin(guarded(
+                    engine, inner, guard, req, async_mode, tasks,
+                )))
             }
         }
     }
@@ -200,6 +218,7 @@ async fn guarded<Svc, St, ReqB, ResB>(
     guard: Guard,
     req: Request<ReqB>,
     async_mode: Option<AsyncMode>,
+    tasks: Option<TaskTracker>,
 ) -> Result<Response<ResponseBody<ResB>>, Svc::Error>
 where
     Svc: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
@@ -242,7 +261,7 @@ where
     }
     let req = Request::from_parts(parts, bytes);
     let policy = Arc::clone(&guard.policy);
-    let outcome = execute::run(engine, inner, identity, guard.policy, req).await;
+    let outcome = execute::run(engine, inner, identity, guard.policy, req, tasks.as_ref()).await;
     let name = outcome.name();
     let res = respond(outcome, &policy.key_header);
     let status = res.as_ref().map_or(0, |r| r.status().as_u16());

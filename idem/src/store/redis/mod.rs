@@ -15,6 +15,7 @@
 //! | `token` | the holder's fencing token, 32 hex digits | the token that completed it (so a retried `complete` from that holder answers [`Fence::Held`]) |
 //! | `fp` | fingerprint, 64 hex digits | fingerprint, 64 hex digits |
 //! | `started_at` | milliseconds since the Unix epoch | — |
+//! | `waiters` | `1` once a `reserve` found it in flight (then `complete` and `release` publish) | — |
 //! | `status` | — | HTTP status, decimal |
 //! | `headers` | — | binary: version byte `1`, then for each header a big-endian `u32` length and the name, a `u32` length and the value |
 //! | `body` | — | the body's raw bytes (Redis strings are binary safe: no base64) |
@@ -52,10 +53,13 @@
 //! # Notifications
 //!
 //! `complete`, `release` and `purge` `PUBLISH` the store key on the channel
-//! `{prefix}changed`, inside their script, after the write. `reserve`,
-//! `extend` and `get` publish nothing: waiters wait for an answer, and those
-//! give none (a notification per request and per heartbeat would only
-//! double the traffic).
+//! `{prefix}changed`, inside their script, after the write; `complete` and
+//! `release` only when somebody may be waiting: a `reserve` that found the
+//! record in flight marks it (field `waiters`), and a running async
+//! operation always counts as waited on (its status may be long-polled
+//! from any instance). Without that, every fresh request would cost one
+//! message to every subscribed instance. `reserve`, `extend` and `get`
+//! publish nothing: waiters wait for an answer, and those give none.
 //!
 //! Each `RedisStore` keeps ONE subscriber connection of its own (not one
 //! per waiter, and never one of the command connections), subscribed to

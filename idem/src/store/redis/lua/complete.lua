@@ -26,7 +26,7 @@
 -- does not and nothing changes. PUBLISH goes out after the write, so a
 -- woken waiter reads the completed record.
 local k = KEYS[1]
-local rec = redis.call('HMGET', k, 'state', 'token', 'op')
+local rec = redis.call('HMGET', k, 'state', 'token', 'op', 'waiters')
 if rec[2] ~= ARGV[1] then
   return 0
 end
@@ -46,5 +46,10 @@ if op then
   redis.call('HSET', k, 'op', op)
 end
 redis.call('PEXPIRE', k, ARGV[2])
-redis.call('PUBLISH', ARGV[9], ARGV[10])
+-- Only when a reserve found the record in flight (`waiters`), or for an
+-- operation (its status may be long-polled anywhere): a PUBLISH per
+-- request would cost every subscribed instance a message.
+if rec[4] or rec[1] == 'running' then
+  redis.call('PUBLISH', ARGV[9], ARGV[10])
+end
 return op and {op} or 1

@@ -14,10 +14,13 @@
 -- interleaved with another command, so a stale holder can never delete
 -- the reservation of the holder that took its lease over.
 local k = KEYS[1]
-local rec = redis.call('HMGET', k, 'state', 'token', 'op')
+local rec = redis.call('HMGET', k, 'state', 'token', 'op', 'waiters')
 if (rec[1] ~= 'in_flight' and rec[1] ~= 'running') or rec[2] ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', k)
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+-- As in complete.lua: only if somebody may be waiting.
+if rec[4] or rec[1] == 'running' then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
 return rec[3] and {rec[3]} or 1

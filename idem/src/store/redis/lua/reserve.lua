@@ -54,6 +54,8 @@ if fp ~= ARGV[1] then
   return {'mismatch'}
 end
 if state == 'in_flight' then
+  -- Somebody may now wait for this key: complete and release publish.
+  redis.call('HSET', k, 'waiters', '1')
   return {'in_flight', redis.call('PTTL', k)}
 end
 if state == 'pending' or state == 'running' then

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Instruction counts per request of `idem serve`, repeatable on a busy
+# machine (wall-clock figures are not): the gateway runs under
+# `valgrind --tool=callgrind`, instrumentation is switched on after a
+# warm-up, then exactly N requests go through one kept-alive connection
+# (one curl, --next between requests). The runtime gets $WORKERS (default 1)
+# worker threads: valgrind runs one thread at a time anyway. Prints Ir per request per case and
+# keeps the callgrind files (callgrind_annotate them for the top functions).
+#   CASES="get fresh replay" STORE=memory N=500 benches/load/instructions.sh
+# (LIMITS='max_header_bytes = "8KiB"' adds a line to the gateway's [limits].)
+# Needs: valgrind, curl, nginx, a release build; Redis / PostgreSQL for those stores.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+idem="${IDEM_BIN:-$root/target/release/idem}"
+n=${N:-2000}; store=${STORE:-memory}; cases=${CASES:-get fresh replay}
+tmp=${OUT:-/tmp/idem-instr}; mkdir -p "$tmp"
+case $store in
+  memory) url=memory;; redis) url=redis://127.0.0.1:6379;;
+  postgres) url=postgres://postgres@127.0.0.1:5432/test;;
+esac
+started_upstream=; mkdir -p /tmp/idem-bench
+if ! curl -s -o /dev/null -m 1 http://127.0.0.1:3000/; then
+  nginx -c "$here/upstream.conf"; started_upstream=1
+fi
+gw=
+cleanup() { [ -n "$gw" ] && kill "$gw" 2>/dev/null || true
+  [ -n "$started_upstream" ] && nginx -c "$here/upstream.conf" -s stop 2>/dev/null || true; }
+trap cleanup EXIT
+cat > "$tmp/idem.toml" <<TOML
+listen = "127.0.0.1:8095"
+upstream = "http://127.0.0.1:3000"
+store = "$url"
+[defaults]
+retention = "10m"
+[limits]
+${LIMITS:-}
+TOML
+# A curl config of N requests on one kept-alive connection (curl --next).
+reqs() { local i key
+  for i in $(seq 1 "$2"); do
+    case $1 in
+      get) echo 'url = "http://127.0.0.1:8095/orders"';;&
+      fresh|replay)
+        [ "$1" = fresh ] && key="$3-$$-$i" || key="replay-$$-$((i % 16))"
+        printf 'url = "http://127.0.0.1:8095/orders"\nheader = "Content-Type: application/json"\nheader = "Idempotency-Key: %s"\ndata = "{\\"sku\\":\\"tea\\",\\"qty\\":1}"\n' "$key";;&
+      *) printf 'output = "/dev/null"\nwrite-out = "%%{http_code}\\n"\n';;
+    esac
+    if [ "$i" -lt "$2" ]; then echo next; fi
+  done; }
+for c in $cases; do
+  out="$tmp/callgrind.$store.$c.out"
+  IDEM_LOG=warn TOKIO_WORKER_THREADS=${WORKERS:-1} valgrind --tool=callgrind --fair-sched=yes --instr-atstart=no --callgrind-out-file="$out" \
+    "$idem" serve --config "$tmp/idem.toml" 2>"$tmp/valgrind.$c.log" &
+  gw=$!
+  for _ in $(seq 1 300); do curl -s -o /dev/null -m 1 http://127.0.0.1:8095/ && break; sleep 0.2; done
+  reqs "$c" 100 warm > "$tmp/curl.warm"
+  curl -s --config "$tmp/curl.warm" > /dev/null
+  callgrind_control -i on "$gw" >/dev/null 2>&1
+  reqs "$c" "$n" run > "$tmp/curl.run"
+  curl -s --config "$tmp/curl.run" | sort | uniq -c > "$tmp/status.$c.txt"
+  callgrind_control -i off "$gw" >/dev/null 2>&1
+  kill -TERM "$gw"; wait "$gw" || true; gw=
+  total=$(awk '/^totals:/ {print $2; exit}' "$out")
+  echo "$store $c Ir/request=$((total / n)) (N=$n, statuses: $(tr -s ' \n' ' ' < "$tmp/status.$c.txt"); $out)"
+done
