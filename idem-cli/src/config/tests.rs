@@ -624,6 +624,9 @@ match = "POST /payments/*"
     );
     assert_err("[defaults]\nkey_header = \"\"\n", 3, &["key_header"]);
     assert_err("[defaults]\nkey_header = 5\n", 3, &["key_header"]);
+}
+
+#[test]
 fn tls_paths_from_the_file_are_relative_to_it() {
     let file = "upstream = \"https://api.example:8443\"\n\
                 tls_cert = \"certs/gw.pem\"\n\

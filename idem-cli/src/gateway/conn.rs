@@ -45,13 +45,15 @@ use super::{handle, Edge};
 use crate::config::Limits;
 
 /// hyper's parser keeps room for 100 headers unless told otherwise, and
-/// answers 431 past that, well under `max_header_bytes`. Room for one
-/// header per 32 bytes of it (2 048 with the default 64 KiB) accepts any
-/// real request; an allowance per header as small as possible (`a:b`, 5
-/// bytes) would cost the parser ~0.8 MiB per request for no real client.
+/// answers 431 past that. Room for one header line per 256 bytes of
+/// `max_header_bytes`, at least 100 (256 with the default 64 KiB), accepts
+/// any real request (Envoy and Apache stop at 100 lines) while keeping the
+/// parser cheap: hyper fills its header slots on every parse, and 2 048
+/// slots (one per 32 bytes, as before) cost ~20k instructions per request,
+/// 15–24 % of a proxied request (BENCHMARKS.md).
 #[must_use]
 pub fn max_headers(max_header_bytes: usize) -> usize {
-    (max_header_bytes / 32).max(100)
+    (max_header_bytes / 256).max(100)
 }
 
 /// Connections waiting for their first byte, oldest first, at most `cap`.
@@ -339,8 +341,9 @@ mod tests {
 
     #[test]
     fn room_for_headers_follows_the_byte_limit() {
-        assert_eq!(max_headers(8 * 1024), 256);
-        assert_eq!(max_headers(64 * 1024), 2048);
+        assert_eq!(max_headers(8 * 1024), 100);
+        assert_eq!(max_headers(64 * 1024), 256);
+        assert_eq!(max_headers(1024 * 1024), 4096);
         assert_eq!(max_headers(1024), 100);
     }
 }
