@@ -110,6 +110,7 @@
 //! - A live operation keeps its lease by heartbeat; a dead holder's lease
 //!   runs out and the key frees itself.
 
+pub mod apply;
 pub mod asyncop;
 pub mod engine;
 pub mod error;
@@ -125,6 +126,7 @@ pub mod problem;
 pub mod record;
 pub mod store;
 mod value;
+pub mod version;
 
 pub use engine::{Action, Engine, EngineConfig, Finish, Outcome};
 pub use error::StoreError;
@@ -139,4 +141,5 @@ pub use policy::{
 pub use record::{CompletedRecord, Record, StoredResponse, Token};
 #[cfg(feature = "memory")]
 pub use store::memory::MemoryStore;
-pub use store::{Queue, Store};
+pub use store::{Queue, Store, VersionStore};
+pub use version::Version;

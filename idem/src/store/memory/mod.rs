@@ -39,6 +39,7 @@ use crate::record::{CompletedRecord, Record, Token};
 use queue::{Op, Operations};
 
 mod queue;
+mod version;
 
 /// Bounds of a [`MemoryStore`], for the whole store (not per shard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +78,8 @@ struct Shared {
     evict_cursor: AtomicUsize,
     /// Async mode's books: the id index and the count of live operations.
     operations: Operations,
+    /// The stale-event guard's entities (`version.rs`).
+    versions: version::Versions,
 }
 
 /// What the whole store holds, charged *before* a record is added, so the
@@ -213,6 +216,7 @@ impl MemoryStore {
             },
             evict_cursor: AtomicUsize::new(0),
             operations: Operations::new(n),
+            versions: version::Versions::default(),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweep(Arc::downgrade(&shared)));

@@ -175,6 +175,7 @@ mod request;
 mod row;
 mod status;
 mod transaction;
+mod version;
 mod wait;
 
 const MIGRATE: &str = include_str!("sql/migrate.sql");
@@ -464,7 +465,7 @@ impl Statements {
         let table = format!("{quoted}.idem_records");
         let fill = |sql: &str| sql.replace("{schema}", &quoted).replace("{table}", &table);
         Self {
-            migrate: fill(MIGRATE),
+            migrate: format!("{}\n{}", fill(MIGRATE), fill(version::MIGRATE)),
             reserve: fill(RESERVE),
             complete: fill(COMPLETE),
             release: fill(RELEASE),

@@ -165,6 +165,7 @@ use subscriber::Subscriber;
 mod queue;
 mod reply;
 mod subscriber;
+mod version;
 
 /// The prefix of every key (and of the change channel) unless configured.
 pub const DEFAULT_PREFIX: &str = "idem:";
