@@ -43,9 +43,10 @@ use tokio_util::task::TaskTracker;
 use tower::{Layer, ServiceExt};
 use tracing::Instrument;
 
-use idem::layer::{Idempotency, IdempotencyLayer, ResponseBody};
+use idem::layer::{Idempotency, IdempotencyLayer, ResponseBody, StaleGuard};
 use idem::problem::{Problem, ProblemCode};
 use idem::store::memory::{MemoryLimits, MemoryStore};
+use idem::store::VersionStore;
 use idem::store::{AnyStore, ConnectOptions};
 use idem::{Engine, EngineConfig, Store};
 
@@ -241,7 +242,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
         .map_err(|source| GatewayError::Bind { addr, source })
 }
 
-fn spawn_serve<S: Store>(
+fn spawn_serve<S: VersionStore + Clone>(
     listener: TcpListener,
     admin: Option<TcpListener>,
     engine: Engine<S>,
@@ -264,8 +265,12 @@ fn spawn_serve<S: Store>(
             }
         }));
     }
+    // Routes with a stale-event guard keep their versions in the same store.
+    let stale_guard =
+        StaleGuard::new(engine.store().clone()).store_timeout(config.limits.store_timeout);
     let service = IdempotencyLayer::new(engine, config.routes.clone())
         .async_mode(asynchronous.mode.clone())
+        .stale_guard(stale_guard)
         .layer(proxy);
     // The dispatchers stop with the listener and get the same grace.
     let (stopping, grace) = (stop.clone(), config.limits.shutdown_grace);

@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::{AsyncMode, Idempotency};
+use super::{AsyncMode, Idempotency, StaleGuard};
 use crate::engine::Engine;
 use crate::policy::RouteTable;
 
@@ -12,6 +12,7 @@ pub struct IdempotencyLayer<St> {
     engine: Engine<St>,
     routes: Arc<RouteTable>,
     async_mode: Option<AsyncMode>,
+    stale_guard: Option<StaleGuard>,
 }
 
 impl<St> Clone for IdempotencyLayer<St> {
@@ -20,6 +21,7 @@ impl<St> Clone for IdempotencyLayer<St> {
             engine: self.engine.clone(),
             routes: Arc::clone(&self.routes),
             async_mode: self.async_mode.clone(),
+            stale_guard: self.stale_guard.clone(),
         }
     }
 }
@@ -32,7 +34,17 @@ impl<St> IdempotencyLayer<St> {
             engine,
             routes: Arc::new(routes),
             async_mode: None,
+            stale_guard: None,
         }
+    }
+
+    /// Keeps the versions of routes with a stale-event guard
+    /// ([`StalePolicy`](crate::policy::StalePolicy)) in `guard`'s store
+    /// (protocol §13; see [`StaleGuard`]).
+    #[must_use]
+    pub fn stale_guard(mut self, guard: StaleGuard) -> Self {
+        self.stale_guard = Some(guard);
+        self
     }
 
     /// Serves `mode = "async"` routes with `202 Accepted` into `mode`'s
@@ -50,8 +62,12 @@ impl<Svc, St> Layer<Svc> for IdempotencyLayer<St> {
 
     fn layer(&self, inner: Svc) -> Self::Service {
         let service = Idempotency::new(inner, self.engine.clone(), Arc::clone(&self.routes));
-        match &self.async_mode {
+        let service = match &self.async_mode {
             Some(mode) => service.async_mode(mode.clone()),
+            None => service,
+        };
+        match &self.stale_guard {
+            Some(guard) => service.stale_guard(guard.clone()),
             None => service,
         }
     }

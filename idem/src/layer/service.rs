@@ -27,6 +27,7 @@ use super::future::ResponseFuture;
 use super::operations::{self, AsyncMode};
 use super::response::respond;
 use super::route::{route, RouteMatch};
+use super::stale::{self, StaleGuard};
 use super::{ResponseBody, IDEMPOTENCY_KEY};
 use crate::engine::{Engine, Rules};
 use crate::fingerprint::{fingerprint, Fingerprint, FingerprintOptions};
@@ -43,6 +44,7 @@ pub struct Idempotency<Svc, St> {
     engine: Engine<St>,
     routes: Arc<RouteTable>,
     async_mode: Option<AsyncMode>,
+    stale_guard: Option<StaleGuard>,
 }
 
 impl<Svc: Clone, St> Clone for Idempotency<Svc, St> {
@@ -52,6 +54,7 @@ impl<Svc: Clone, St> Clone for Idempotency<Svc, St> {
             engine: self.engine.clone(),
             routes: Arc::clone(&self.routes),
             async_mode: self.async_mode.clone(),
+            stale_guard: self.stale_guard.clone(),
         }
     }
 }
@@ -65,7 +68,16 @@ impl<Svc, St> Idempotency<Svc, St> {
             engine,
             routes,
             async_mode: None,
+            stale_guard: None,
         }
+    }
+
+    /// Keeps the versions of routes with a stale-event guard in `guard`'s
+    /// store (protocol §13; see [`StaleGuard`]).
+    #[must_use]
+    pub fn stale_guard(mut self, guard: StaleGuard) -> Self {
+        self.stale_guard = Some(guard);
+        self
     }
 
     /// Serves `mode = "async"` routes with 202 Accepted, and `/_idem/`
@@ -120,7 +132,15 @@ where
                 let inner = std::mem::replace(&mut self.inner, clone);
                 let engine = self.engine.clone();
                 let async_mode = self.async_mode.clone();
-                ResponseFuture::guarded(Box::pin(guarded(engine, inner, guard, req, async_mode)))
+                let stale_guard = self.stale_guard.clone();
+                ResponseFuture::guarded(Box::pin(guarded(
+                    engine,
+                    inner,
+                    guard,
+                    req,
+                    async_mode,
+                    stale_guard,
+                )))
             }
         }
     }
@@ -192,6 +212,7 @@ async fn guarded<Svc, St, ReqB, ResB>(
     guard: Guard,
     req: Request<ReqB>,
     async_mode: Option<AsyncMode>,
+    stale_guard: Option<StaleGuard>,
 ) -> Result<Response<ResponseBody<ResB>>, Svc::Error>
 where
     Svc: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
@@ -204,11 +225,17 @@ where
     St: Store,
 {
     let (parts, body) = req.into_parts();
+    // The stale guard's headers are checked before anything is read or stored.
+    let event = match stale::read_event(&guard.policy, stale_guard.as_ref(), &parts) {
+        Ok(event) => event,
+        Err(problem) => return Ok(problem.to_response()),
+    };
     let bytes = match read_body(&parts.headers, body, guard.policy.max_body).await {
         Ok(bytes) => bytes,
         Err(problem) => return Ok(problem.to_response()),
     };
-    let identity = identify(&parts, &bytes, &guard);
+    let mut identity = identify(&parts, &bytes, &guard);
+    identity.event = event;
     if let (Mode::Async, Some(mode)) = (guard.policy.mode, &async_mode) {
         // Phase 4 of async mode: accept, and let a dispatcher run it.
         return Ok(operations::accept(mode, &parts, bytes, &identity).await);
@@ -255,6 +282,8 @@ pub(super) struct Identity {
     pub(super) fingerprint: Fingerprint,
     /// The route's rules (retention = `dedupe_window` for derived keys).
     pub(super) rules: Rules,
+    /// The event, on a route with a stale guard (protocol §13).
+    pub(super) event: Option<stale::Event>,
 }
 
 /// Phase 3: fingerprint and scope (protocol §3.3–4); a missing key under
@@ -286,5 +315,6 @@ fn identify(parts: &Parts, body: &[u8], guard: &Guard) -> Identity {
         key,
         fingerprint,
         rules,
+        event: None,
     }
 }
