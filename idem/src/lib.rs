@@ -22,6 +22,8 @@
 //!   it calls and the retry schedule in `asyncop/upstream.rs`, its
 //!   counters in `asyncop/metrics.rs`.
 //! - [`once`]: the function-level API, [`Engine::once`] (protocol §8).
+//! - [`apply`]: the stale-event guard, [`Engine::apply_if_newer`]: an update
+//!   runs only if its version is newer than its entity's (protocol §13).
 //! - [`engine`]: the algorithm (protocol §3, §5, §6): [`Engine::run`] and waiting
 //!   in `engine/mod.rs`, single-flight waiters in `engine/flight.rs`, the
 //!   lease guard, heartbeat and fenced completion in `engine/lease.rs`,
@@ -36,6 +38,7 @@
 //!   per-call [`Rules`] (protocol §12).
 //! - [`record`]: what the store keeps (protocol §2).
 //! - [`key`]: the `Idempotency-Key` header, scopes and storage keys (protocol §3.2–3).
+//! - [`version`]: event versions, integers or RFC 3339 instants (protocol §13).
 //! - [`fingerprint`]: what makes a request *this* request (protocol §3.4).
 //! - [`path`]: the one normal form of a request path (matching, fingerprint, forwarding).
 //! - [`problem`]: the errors idem returns, as `application/problem+json` (protocol §4).
