@@ -26,6 +26,8 @@
 //!   transient/permanent [`JobError`], and [`Engine::status`] →
 //!   [`JobStatus`]; the attempt traces behind them are in `store/job.rs`
 //!   and each backend's `job.rs`.
+//! - [`apply`]: the stale-event guard, [`Engine::apply_if_newer`]: an update
+//!   runs only if its version is newer than its entity's (protocol §13).
 //! - [`engine`]: the algorithm (protocol §3, §5, §6): [`Engine::run`] and waiting
 //!   in `engine/mod.rs`, single-flight waiters in `engine/flight.rs`, the
 //!   lease guard, heartbeat and fenced completion in `engine/lease.rs`,
@@ -40,6 +42,7 @@
 //!   per-call [`Rules`] (protocol §12).
 //! - [`record`]: what the store keeps (protocol §2).
 //! - [`key`]: the `Idempotency-Key` header, scopes and storage keys (protocol §3.2–3).
+//! - [`version`]: event versions, integers or RFC 3339 instants (protocol §13).
 //! - [`fingerprint`]: what makes a request *this* request (protocol §3.4).
 //! - [`path`]: the one normal form of a request path (matching, fingerprint, forwarding).
 //! - [`problem`]: the errors idem returns, as `application/problem+json` (protocol §4).
@@ -119,6 +122,7 @@
 //! - A live operation keeps its lease by heartbeat; a dead holder's lease
 //!   runs out and the key frees itself.
 
+pub mod apply;
 pub mod asyncop;
 pub mod engine;
 pub mod error;
@@ -135,6 +139,7 @@ pub mod problem;
 pub mod record;
 pub mod store;
 mod value;
+pub mod version;
 
 pub use engine::{Action, Engine, EngineConfig, Finish, Outcome};
 pub use error::StoreError;
@@ -150,4 +155,5 @@ pub use policy::{
 pub use record::{CompletedRecord, Record, StoredResponse, Token};
 #[cfg(feature = "memory")]
 pub use store::memory::MemoryStore;
-pub use store::{Queue, Store};
+pub use store::{Queue, Store, VersionStore};
+pub use version::Version;

@@ -33,7 +33,9 @@ use http::{HeaderName, Method};
 use crate::path::{self, PathError};
 
 mod builder;
+mod stale;
 pub use builder::RoutePolicyBuilder;
+pub use stale::{StaleAnswer, StalePolicy};
 
 /// The default key header, `Idempotency-Key`, in the lower case of a
 /// [`HeaderName`].
@@ -232,6 +234,8 @@ pub struct RoutePolicy {
     pub canonical_json: bool,
     /// JSON pointers (RFC 6901) removed from JSON bodies before fingerprinting.
     pub ignore_json_pointers: Vec<String>,
+    /// The stale-event guard (protocol §13); `None` (the default): none.
+    pub stale_guard: Option<StalePolicy>,
 }
 
 impl Default for RoutePolicy {
@@ -259,6 +263,7 @@ impl Default for RoutePolicy {
             retry_backoff: Duration::from_secs(1),
             canonical_json: false,
             ignore_json_pointers: Vec::new(),
+            stale_guard: None,
         }
     }
 }

@@ -2,8 +2,9 @@
 //! `application/problem+json` documents.
 //!
 //! Every problem carries a stable `code`, and `retryable`: `true` for 409,
-//! 502, 503 and 504 (retrying with the same key is safe), `false` for the
-//! rest (the request must be corrected). No problem ever carries another
+//! 502, 503 and 504 (retrying with the same key is safe) except the 409
+//! `stale_version` (a stale event stays stale), `false` for the rest (the
+//! request must be corrected). No problem ever carries another
 //! scope's data, a stack trace or store internals.
 
 use std::time::Duration;
@@ -55,11 +56,18 @@ pub enum ProblemCode {
     /// 503: async mode: `max_pending` operations are already waiting;
     /// nothing was stored (protocol §9.6).
     QueueFull,
+    /// 409: the event's version is not newer than its entity's highest
+    /// completed one; it did not run (protocol §13). Not retryable.
+    StaleVersion,
+    /// 400: a route with a stale guard got a missing or malformed version
+    /// header, or a missing entity header, or a version of the other kind
+    /// than the entity's (protocol §13).
+    EventHeaderInvalid,
 }
 
 impl ProblemCode {
     /// Every code, in the order of protocol §4.
-    pub const ALL: [ProblemCode; 13] = [
+    pub const ALL: [ProblemCode; 15] = [
         ProblemCode::KeyMissing,
         ProblemCode::KeyInvalid,
         ProblemCode::KeyInProgress,
@@ -73,6 +81,8 @@ impl ProblemCode {
         ProblemCode::Internal,
         ProblemCode::OperationNotFound,
         ProblemCode::QueueFull,
+        ProblemCode::StaleVersion,
+        ProblemCode::EventHeaderInvalid,
     ];
 
     /// The stable machine-readable code.
@@ -92,6 +102,8 @@ impl ProblemCode {
             Self::Internal => "internal_error",
             Self::OperationNotFound => "operation_not_found",
             Self::QueueFull => "idempotency_queue_full",
+            Self::StaleVersion => "stale_version",
+            Self::EventHeaderInvalid => "event_header_invalid",
         }
     }
 
@@ -100,7 +112,8 @@ impl ProblemCode {
     pub fn status(self) -> u16 {
         match self {
             Self::KeyMissing | Self::KeyInvalid | Self::BodyUnreadable | Self::PathInvalid => 400,
-            Self::KeyInProgress => 409,
+            Self::EventHeaderInvalid => 400,
+            Self::KeyInProgress | Self::StaleVersion => 409,
             Self::BodyTooLarge => 413,
             Self::KeyReused => 422,
             Self::StoreUnavailable | Self::QueueFull => 503,
@@ -128,13 +141,15 @@ impl ProblemCode {
             Self::Internal => "Internal error in idem",
             Self::OperationNotFound => "Operation not found",
             Self::QueueFull => "Too many operations are pending",
+            Self::StaleVersion => "The event is older than the entity's current version",
+            Self::EventHeaderInvalid => "Event version or entity header is invalid",
         }
     }
 
     /// Whether retrying the same request with the same key is safe and useful.
     #[must_use]
     pub fn retryable(self) -> bool {
-        matches!(self.status(), 409 | 502 | 503 | 504)
+        self != Self::StaleVersion && matches!(self.status(), 409 | 502 | 503 | 504)
     }
 }
 
@@ -237,7 +252,7 @@ mod tests {
             assert_eq!(v["status"], code.status());
             assert_eq!(
                 v["retryable"],
-                matches!(code.status(), 409 | 502 | 503 | 504)
+                matches!(code.status(), 409 | 502 | 503 | 504) && code != ProblemCode::StaleVersion
             );
             assert!(v["type"]
                 .as_str()

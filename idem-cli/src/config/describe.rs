@@ -101,6 +101,24 @@ fn describe_policy(out: &mut Vec<String>, p: &RoutePolicy, named_method: Option<
         ),
     ];
     out.extend(rows.iter().map(|(k, v)| format!("  {k:<22}{v}")));
+    // The stale-event guard (protocol §13), on routes that have one.
+    if let Some(g) = &p.stale_guard {
+        let entity = g
+            .entity_header
+            .as_ref()
+            .map_or_else(|| "(the path)".to_owned(), ToString::to_string);
+        let stale = match g.stale {
+            idem::policy::StaleAnswer::Reject => "reject",
+            idem::policy::StaleAnswer::Ack => "ack",
+        };
+        for (k, v) in [
+            ("version_header", g.version_header.to_string()),
+            ("entity_header", entity),
+            ("stale", stale.to_owned()),
+        ] {
+            out.push(format!("  {k:<22}{v}"));
+        }
+    }
 }
 
 impl Config {

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use http::{Method, Uri};
 use idem::policy::{
-    Ambiguous, Concurrent, FailMode, KeyPolicy, Mode, Route, RoutePolicy, RouteTable, StatusSet,
+    Ambiguous, Concurrent, FailMode, KeyPolicy, Mode, Route, RoutePolicy, RouteTable, StaleAnswer,
+    StalePolicy, StatusSet,
 };
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
 use serde::Deserialize;
@@ -74,6 +75,9 @@ pub(super) struct PolicyTable {
     retry_backoff: Option<NonZeroDuration>,
     canonical_json: Option<bool>,
     ignore_json_pointers: Option<Vec<Spanned<String>>>,
+    version_header: Option<Spanned<String>>,
+    entity_header: Option<Spanned<String>>,
+    stale: Option<Spanned<String>>,
 }
 
 /// `[limits]`.
@@ -132,7 +136,9 @@ pub(super) fn route_table(
             ));
         }
         lease_span = table.lease.as_ref().map(Spanned::span);
+        let guard_span = table.version_header.as_ref().map(Spanned::span);
         table.apply(&mut base, src)?;
+        check_stale_guard(src, &base, guard_span.unwrap_or(0..0))?;
     }
     // The defaults' lease (set or not); a route that sets none inherits it.
     check_lease(src, base.lease, lease_span.as_ref(), store_timeout)?;
@@ -168,7 +174,9 @@ pub(super) fn route_table(
         if let Some(lease) = &table.lease {
             check_lease(src, lease.get_ref().0, Some(&lease.span()), store_timeout)?;
         }
+        let guard_span = table.version_header.as_ref().map(Spanned::span);
         table.apply(&mut policy, src)?;
+        check_stale_guard(src, &policy, guard_span.unwrap_or(span))?;
         out = out.route(Route {
             method: route.method,
             path: route.path,
@@ -236,7 +244,85 @@ impl PolicyTable {
             ambiguous, max_body, max_response_body, max_key_length, upstream_timeout, mode,
             max_attempts, retry_backoff,
         );
-        Ok(())
+        stale_guard(p, src, self.version_header, self.entity_header, self.stale)
+    }
+}
+
+/// `version_header`, `entity_header` and `stale` (protocol §13): the last
+/// two only where a version header is set (here or inherited).
+fn stale_guard(
+    p: &mut RoutePolicy,
+    src: &Src<'_>,
+    version_header: Option<Spanned<String>>,
+    entity_header: Option<Spanned<String>>,
+    stale: Option<Spanned<String>>,
+) -> Result<(), ConfigError> {
+    let header = |v: &Spanned<String>, key: &str| {
+        parse::header(v.get_ref()).map_err(|e| src.at(&v.span(), format!("{key}: {e}")))
+    };
+    if let Some(v) = &version_header {
+        let name = header(v, "version_header")?;
+        match &mut p.stale_guard {
+            Some(guard) => guard.version_header = name,
+            None => p.stale_guard = Some(StalePolicy::new(name)),
+        }
+    }
+    let needs = |v: &Spanned<String>, key: &str| {
+        src.at(
+            &v.span(),
+            format!(
+                "{key} applies to the stale-event guard, which this route does not have: \
+                 set version_header (e.g. version_header = \"X-Event-Version\") here or in [defaults]"
+            ),
+        )
+    };
+    if let Some(v) = &entity_header {
+        let name = header(v, "entity_header")?;
+        let guard = p
+            .stale_guard
+            .as_mut()
+            .ok_or_else(|| needs(v, "entity_header"))?;
+        guard.entity_header = Some(name);
+    }
+    if let Some(v) = &stale {
+        let answer = match v.get_ref().as_str() {
+            "reject" => StaleAnswer::Reject,
+            "ack" => StaleAnswer::Ack,
+            other => {
+                return Err(src.at(
+                    &v.span(),
+                    format!("stale: `{other}` is not one of \"reject\", \"ack\""),
+                ))
+            }
+        };
+        let guard = p.stale_guard.as_mut().ok_or_else(|| needs(v, "stale"))?;
+        guard.stale = answer;
+    }
+    Ok(())
+}
+
+/// A stale guard runs around a synchronous execution: an async route
+/// (202) has none, so the two are refused together, blaming `span` (the
+/// version header's, or the route's when it is inherited).
+fn check_stale_guard(
+    src: &Src<'_>,
+    p: &RoutePolicy,
+    span: Range<usize>,
+) -> Result<(), ConfigError> {
+    match &p.stale_guard {
+        Some(guard) if p.mode == Mode::Async => Err(src.at(
+            &span,
+            format!(
+                "version_header = \"{}\": the stale-event guard works on synchronous routes \
+                 only; this route has mode = \"async\"",
+                guard.version_header
+            ),
+        )),
+        Some(guard) if guard.entity_header.as_ref() == Some(&guard.version_header) => Err(src.at(
+            &span,
+            "entity_header and version_header name the same header",
+        )),
+        _ => Ok(()),
     }
 }
 

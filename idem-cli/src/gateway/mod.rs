@@ -48,10 +48,11 @@ use tokio_util::task::TaskTracker;
 use tower::{Layer, ServiceExt};
 use tracing::Instrument;
 
-use idem::layer::{Idempotency, IdempotencyLayer, ResponseBody};
+use idem::layer::{Idempotency, IdempotencyLayer, ResponseBody, StaleGuard};
 use idem::policy::Mode;
 use idem::problem::{Problem, ProblemCode};
 use idem::store::memory::{MemoryLimits, MemoryStore};
+use idem::store::VersionStore;
 use idem::store::{AnyStore, ConnectOptions};
 use idem::{Engine, EngineConfig, Store};
 
@@ -289,7 +290,7 @@ struct Serve {
     admin: Option<TcpListener>,
 }
 
-fn spawn_serve<S: Store>(
+fn spawn_serve<S: Store + VersionStore + Clone>(
     Serve {
         listener,
         tls,
@@ -319,9 +320,13 @@ fn spawn_serve<S: Store>(
             }
         }));
     }
+    // Routes with a stale-event guard keep their versions in the same store.
+    let stale_guard =
+        StaleGuard::new(engine.store().clone()).store_timeout(config.limits.store_timeout);
     let requests = TaskTracker::new();
     let service = IdempotencyLayer::new(engine, config.routes.clone())
         .async_mode(asynchronous.mode.clone())
+        .stale_guard(stale_guard)
         .tasks(requests.clone())
         .layer(proxy);
     // The dispatchers stop with the listener and get the same grace.

@@ -15,8 +15,10 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use idem::record::{CompletedRecord, Record, Token};
-use idem::store::{Fence, Reservation, Store, StoreError, Subscription};
-use idem::{Fingerprint, StoreKey};
+use idem::store::{
+    Attempts, Fence, Reservation, Store, StoreError, Subscription, VersionBegin, VersionStore,
+};
+use idem::{Fingerprint, StoreKey, Version};
 
 use super::exporting;
 
@@ -160,5 +162,122 @@ impl<S: Store> Store for TracedStore<S> {
         traced("store.subscribe", key, self.inner.subscribe(key), |_| {
             "subscribed"
         })
+    }
+
+    // The job bookkeeping has defaults that keep nothing: a wrapper must
+    // forward it, or the admin listener would show no job's status.
+    fn begin_attempt(
+        &self,
+        key: &StoreKey,
+        keep: Duration,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send {
+        traced(
+            "store.begin_attempt",
+            key,
+            self.inner.begin_attempt(key, keep),
+            |_| "counted",
+        )
+    }
+
+    fn end_attempt(
+        &self,
+        key: &StoreKey,
+        attempt: u32,
+        error: Option<&str>,
+        keep: Duration,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        traced(
+            "store.end_attempt",
+            key,
+            self.inner.end_attempt(key, attempt, error, keep),
+            fence,
+        )
+    }
+
+    fn attempts(
+        &self,
+        key: &StoreKey,
+    ) -> impl Future<Output = Result<Option<Attempts>, StoreError>> + Send {
+        traced("store.attempts", key, self.inner.attempts(key), |a| {
+            if a.is_some() {
+                "found"
+            } else {
+                "none"
+            }
+        })
+    }
+}
+
+impl<S: VersionStore> VersionStore for TracedStore<S> {
+    fn begin_version(
+        &self,
+        entity: &StoreKey,
+        version: Version,
+        lease: Duration,
+    ) -> impl Future<Output = Result<VersionBegin, StoreError>> + Send {
+        traced(
+            "store.begin_version",
+            entity,
+            self.inner.begin_version(entity, version, lease),
+            |b| match b {
+                VersionBegin::Acquired(_) => "acquired",
+                VersionBegin::Stale { .. } => "stale",
+                VersionBegin::InFlight { .. } => "in_flight",
+                VersionBegin::Mixed { .. } => "mixed",
+            },
+        )
+    }
+
+    fn commit_version(
+        &self,
+        entity: &StoreKey,
+        token: Token,
+        version: Version,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        traced(
+            "store.commit_version",
+            entity,
+            self.inner.commit_version(entity, token, version),
+            fence,
+        )
+    }
+
+    fn abort_version(
+        &self,
+        entity: &StoreKey,
+        token: Token,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        traced(
+            "store.abort_version",
+            entity,
+            self.inner.abort_version(entity, token),
+            fence,
+        )
+    }
+
+    fn extend_version(
+        &self,
+        entity: &StoreKey,
+        token: Token,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        traced(
+            "store.extend_version",
+            entity,
+            self.inner.extend_version(entity, token, lease),
+            fence,
+        )
+    }
+
+    fn current_version(
+        &self,
+        entity: &StoreKey,
+    ) -> impl Future<Output = Result<Option<Version>, StoreError>> + Send {
+        traced(
+            "store.current_version",
+            entity,
+            self.inner.current_version(entity),
+            |v| if v.is_some() { "found" } else { "none" },
+        )
     }
 }

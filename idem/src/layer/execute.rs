@@ -33,6 +33,7 @@ use tracing::Instrument;
 use super::body::{buffer, Buffered, Prefixed};
 use super::response::{capture, problem, stored_problem};
 use super::service::Identity;
+use super::stale;
 use super::{ResponseBody, ResponseTooLarge, UpstreamFailure};
 use crate::engine::{Action, Engine, Finish, Metrics, Outcome};
 use crate::policy::{Ambiguous, RoutePolicy};
@@ -68,12 +69,15 @@ where
             key,
             fingerprint,
             rules,
+            event,
         } = identity;
+        let event_rules = rules.clone();
         let mut panicked = None;
         let slot = &mut panicked;
         let metrics = engine.metrics();
         let op = || async move {
-            execute_catching(&mut inner, req.map(ReqB::from), &policy, metrics, slot).await
+            let call = execute_catching(&mut inner, req.map(ReqB::from), &policy, metrics, slot);
+            stale::around(event, &event_rules, call).await
         };
         let outcome = engine.run(&key, fingerprint, &rules, op).await;
         // The key is settled; now the panic goes on as if uncaught.

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 
-use super::{AsyncMode, Idempotency};
+use super::{AsyncMode, Idempotency, StaleGuard};
 use crate::engine::Engine;
 use crate::policy::RouteTable;
 
@@ -14,6 +14,7 @@ pub struct IdempotencyLayer<St> {
     routes: Arc<RouteTable>,
     async_mode: Option<AsyncMode>,
     tasks: Option<TaskTracker>,
+    stale_guard: Option<StaleGuard>,
 }
 
 impl<St> Clone for IdempotencyLayer<St> {
@@ -23,6 +24,7 @@ impl<St> Clone for IdempotencyLayer<St> {
             routes: Arc::clone(&self.routes),
             async_mode: self.async_mode.clone(),
             tasks: self.tasks.clone(),
+            stale_guard: self.stale_guard.clone(),
         }
     }
 }
@@ -36,7 +38,17 @@ impl<St> IdempotencyLayer<St> {
             routes: Arc::new(routes),
             async_mode: None,
             tasks: None,
+            stale_guard: None,
         }
+    }
+
+    /// Keeps the versions of routes with a stale-event guard
+    /// ([`StalePolicy`](crate::policy::StalePolicy)) in `guard`'s store
+    /// (protocol §13; see [`StaleGuard`]).
+    #[must_use]
+    pub fn stale_guard(mut self, guard: StaleGuard) -> Self {
+        self.stale_guard = Some(guard);
+        self
     }
 
     /// Serves `mode = "async"` routes with `202 Accepted` into `mode`'s
@@ -68,6 +80,9 @@ impl<Svc, St> Layer<Svc> for IdempotencyLayer<St> {
         let mut service = Idempotency::new(inner, self.engine.clone(), Arc::clone(&self.routes));
         if let Some(mode) = &self.async_mode {
             service = service.async_mode(mode.clone());
+        }
+        if let Some(guard) = &self.stale_guard {
+            service = service.stale_guard(guard.clone());
         }
         if let Some(tasks) = &self.tasks {
             service = service.tasks(tasks.clone());

@@ -137,6 +137,7 @@ mod operations;
 mod response;
 mod route;
 mod service;
+mod stale;
 
 pub use body::{buffer, Buffered, Prefixed, ResponseBody};
 pub use future::ResponseFuture;
@@ -147,6 +148,7 @@ pub use operations::{
 pub use response::{capture, is_hop_by_hop, replay, strip_hop_by_hop};
 pub use route::{route, RouteMatch};
 pub use service::Idempotency;
+pub use stale::{StaleGuard, IDEMPOTENCY_STATUS};
 
 use http::header::HeaderName;
 

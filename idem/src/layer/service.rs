@@ -29,6 +29,7 @@ use super::log;
 use super::operations::{self, AsyncMode};
 use super::response::respond;
 use super::route::{route, RouteMatch};
+use super::stale::{self, StaleGuard};
 use super::ResponseBody;
 use crate::engine::{Engine, Rules};
 use crate::fingerprint::{fingerprint, Fingerprint, FingerprintOptions};
@@ -46,6 +47,7 @@ pub struct Idempotency<Svc, St> {
     routes: Arc<RouteTable>,
     async_mode: Option<AsyncMode>,
     tasks: Option<TaskTracker>,
+    stale_guard: Option<StaleGuard>,
 }
 
 impl<Svc: Clone, St> Clone for Idempotency<Svc, St> {
@@ -56,6 +58,7 @@ impl<Svc: Clone, St> Clone for Idempotency<Svc, St> {
             routes: Arc::clone(&self.routes),
             async_mode: self.async_mode.clone(),
             tasks: self.tasks.clone(),
+            stale_guard: self.stale_guard.clone(),
         }
     }
 }
@@ -70,7 +73,16 @@ impl<Svc, St> Idempotency<Svc, St> {
             routes,
             async_mode: None,
             tasks: None,
+            stale_guard: None,
         }
+    }
+
+    /// Keeps the versions of routes with a stale-event guard in `guard`'s
+    /// store (protocol §13; see [`StaleGuard`]).
+    #[must_use]
+    pub fn stale_guard(mut self, guard: StaleGuard) -> Self {
+        self.stale_guard = Some(guard);
+        self
     }
 
     /// Serves `mode = "async"` routes with 202 Accepted, and `/_idem/`
@@ -141,8 +153,15 @@ where
                 let engine = self.engine.clone();
                 let async_mode = self.async_mode.clone();
                 let tasks = self.tasks.clone();
+                let stale_guard = self.stale_guard.clone();
                 ResponseFuture::guarded(Box::pin(guarded(
-                    engine, inner, guard, req, async_mode, tasks,
+                    engine,
+                    inner,
+                    guard,
+                    req,
+                    async_mode,
+                    tasks,
+                    stale_guard,
                 )))
             }
         }
@@ -219,6 +238,7 @@ async fn guarded<Svc, St, ReqB, ResB>(
     req: Request<ReqB>,
     async_mode: Option<AsyncMode>,
     tasks: Option<TaskTracker>,
+    stale_guard: Option<StaleGuard>,
 ) -> Result<Response<ResponseBody<ResB>>, Svc::Error>
 where
     Svc: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
@@ -232,6 +252,20 @@ where
 {
     let (parts, body) = req.into_parts();
     let id = log::request_id(&parts.headers);
+    // The stale guard's headers are checked before anything is read or stored.
+    let event = match stale::read_event(&guard.policy, stale_guard.as_ref(), &parts) {
+        Ok(event) => event,
+        Err(problem) => {
+            let res = problem.to_response();
+            log::request(
+                id.as_ref(),
+                None,
+                problem.code().as_str(),
+                res.status().as_u16(),
+            );
+            return Ok(res);
+        }
+    };
     let bytes = match read_body(&parts.headers, body, guard.policy.max_body).await {
         Ok(bytes) => bytes,
         Err(problem) => {
@@ -245,7 +279,8 @@ where
             return Ok(res);
         }
     };
-    let identity = identify(&parts, &bytes, &guard);
+    let mut identity = identify(&parts, &bytes, &guard);
+    identity.event = event;
     let key = identity.key.log_id();
     if let (Mode::Async, Some(mode)) = (guard.policy.mode, &async_mode) {
         // Phase 4 of async mode: accept, and let a dispatcher run it.
@@ -307,6 +342,8 @@ pub(super) struct Identity {
     pub(super) fingerprint: Fingerprint,
     /// The route's rules (retention = `dedupe_window` for derived keys).
     pub(super) rules: Rules,
+    /// The event, on a route with a stale guard (protocol §13).
+    pub(super) event: Option<stale::Event>,
 }
 
 /// Phase 3: fingerprint and scope (protocol §3.3–4); a missing key under
@@ -338,5 +375,6 @@ fn identify(parts: &Parts, body: &[u8], guard: &Guard) -> Identity {
         key,
         fingerprint,
         rules,
+        event: None,
     }
 }

@@ -117,6 +117,12 @@ impl RoutePolicyBuilder {
         self
     }
 
+    /// The stale-event guard (protocol §13); `None` turns it off.
+    pub fn stale_guard(mut self, guard: Option<super::StalePolicy>) -> Self {
+        self.policy.stale_guard = guard;
+        self
+    }
+
     /// The policy.
     #[must_use]
     pub fn build(self) -> RoutePolicy {

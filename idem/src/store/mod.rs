@@ -31,6 +31,7 @@ pub use queue::{
     Claimed, Enqueued, InvalidOperationId, Operation, OperationId, OperationRequest,
     OperationState, Queue, QueueStats,
 };
+pub use version::{VersionBegin, VersionStore};
 
 mod any;
 #[cfg(any(feature = "redis", feature = "postgres"))]
@@ -43,6 +44,7 @@ pub mod postgres;
 pub mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod version;
 
 /// The outcome of [`Store::reserve`] (protocol §3.6).
 ///

@@ -21,6 +21,7 @@ mod pg;
 mod queue;
 mod services;
 mod suite;
+mod version;
 
 use std::sync::Arc;
 
@@ -318,3 +319,63 @@ jobs_conformance!(redis_cluster_jobs, async {
 jobs_conformance!(postgres_jobs, async { pg::store().await.map(Arc::new) });
 #[cfg(feature = "postgres")]
 queue_conformance!(postgres_queue, async { pg::store().await.map(Arc::new) });
+
+// The stale-event guard (protocol §13), on every store.
+macro_rules! version_conformance {
+    ($name:ident, $factory:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn begin_commit_abort() {
+                let Some(s) = $factory.await else { return };
+                version::begin_commit_abort(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn kinds_precision_and_isolation() {
+                let Some(s) = $factory.await else { return };
+                version::kinds_precision_and_isolation(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn lease_expiry_and_fencing() {
+                let Some(s) = $factory.await else { return };
+                version::lease_expiry_and_fencing(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn applies_in_increasing_order_under_200_concurrent_tasks() {
+                let Some(s) = $factory.await else { return };
+                version::applies_in_increasing_order(s, 200).await;
+            }
+        }
+    };
+}
+
+version_conformance!(memory_version, async {
+    Some(Arc::new(idem::store::memory::MemoryStore::new()))
+});
+#[cfg(feature = "redis")]
+version_conformance!(redis_version, async {
+    let url = services::redis_url();
+    match idem::store::redis::RedisStore::builder()
+        .prefix(redis_test_prefix())
+        .connect(&url)
+        .await
+    {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => services::unavailable("Redis", &url, &e),
+    }
+});
+#[cfg(feature = "redis")]
+version_conformance!(redis_cluster_version, async {
+    let cluster = cluster::Cluster::get().await?;
+    match idem::store::redis::RedisStore::builder()
+        .prefix(redis_test_prefix())
+        .connect_cluster(cluster.urls())
+        .await
+    {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => cluster.unreachable(&e),
+    }
+});
+#[cfg(feature = "postgres")]
+version_conformance!(postgres_version, async { pg::store().await.map(Arc::new) });

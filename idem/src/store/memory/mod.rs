@@ -43,6 +43,7 @@ use queue::{Op, Operations};
 
 mod job;
 mod queue;
+mod version;
 
 /// Bounds of a [`MemoryStore`], for the whole store (not per shard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +84,8 @@ struct Shared {
     operations: Operations,
     /// Job traces (`job.rs`, protocol §13), beside the records.
     jobs: Traces,
+    /// The stale-event guard's entities (`version.rs`).
+    versions: version::Versions,
 }
 
 /// What the whole store holds, charged *before* a record is added, so the
@@ -220,6 +223,7 @@ impl MemoryStore {
             evict_cursor: AtomicUsize::new(0),
             operations: Operations::new(n),
             jobs: Traces::new(limits.max_entries, limits.max_bytes / 4),
+            versions: version::Versions::default(),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweep(Arc::downgrade(&shared)));

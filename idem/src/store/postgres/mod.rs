@@ -180,6 +180,7 @@ mod request;
 mod row;
 mod status;
 mod transaction;
+mod version;
 mod wait;
 
 const MIGRATE: &str = include_str!("sql/migrate.sql");
@@ -497,7 +498,7 @@ impl Statements {
                 .replace("{jobs}", &jobs)
         };
         Self {
-            migrate: fill(MIGRATE),
+            migrate: format!("{}\n{}", fill(MIGRATE), fill(version::MIGRATE)),
             reserve: fill(RESERVE),
             complete: fill(COMPLETE),
             release: fill(RELEASE),

@@ -174,6 +174,7 @@ mod job;
 mod queue;
 mod reply;
 mod subscriber;
+mod version;
 
 /// The prefix of every key (and of the change channel) unless configured.
 pub const DEFAULT_PREFIX: &str = "idem:";
