@@ -282,7 +282,8 @@ async fn the_migration_upgrades_a_layout_1_table_in_place() {
             "idem_records_due",
             "idem_records_expires_at",
             "idem_records_op_id",
-            "idem_records_pkey"
+            "idem_records_pkey",
+            "idem_versions_pkey"
         ]
     );
     let comment: String = sqlx::query_scalar("SELECT obj_description($1::regclass, 'pg_class')")

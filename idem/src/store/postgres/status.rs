@@ -118,7 +118,11 @@ fn decode(row: &PgRow) -> Result<SchemaStatus, StoreError> {
         SchemaStatus::NoSchema
     } else if !flag(row, "has_table")? {
         SchemaStatus::NoTable
-    } else if !(flag(row, "has_waiters")? && flag(row, "has_index")? && flag(row, "has_jobs")?) {
+    } else if !(flag(row, "has_waiters")?
+        && flag(row, "has_index")?
+        && flag(row, "has_jobs")?
+        && flag(row, "has_versions")?)
+    {
         SchemaStatus::Outdated
     } else {
         SchemaStatus::Ready

@@ -1,7 +1,8 @@
 -- status: $1 schema name. Returns one row: has_schema, has_table,
 -- has_waiters (the column added after layout version 1), has_index (the
--- clean-up index), has_jobs (the job traces table, layout version 3): what
--- migrate.sql would create, and what is there.
+-- clean-up index), has_jobs (the job traces table, layout version 3),
+-- has_versions (the stale-event guard's table): what migrate.sql would
+-- create, and what is there.
 -- Creates nothing, and reads only the catalogs (no privilege needed on the
 -- schema or the table).
 --
@@ -17,7 +18,10 @@ SELECT
               AND i.relkind = 'i') AS has_index,
     EXISTS (SELECT 1 FROM pg_class AS j
             WHERE j.relnamespace = n.oid AND j.relname = 'idem_jobs'
-              AND j.relkind IN ('r', 'p')) AS has_jobs
+              AND j.relkind IN ('r', 'p')) AS has_jobs,
+    EXISTS (SELECT 1 FROM pg_class AS v
+            WHERE v.relnamespace = n.oid AND v.relname = 'idem_versions'
+              AND v.relkind IN ('r', 'p')) AS has_versions
 FROM (VALUES (1)) AS one (x)
 LEFT JOIN pg_namespace AS n ON n.nspname = $1
 LEFT JOIN pg_class AS c
