@@ -17,6 +17,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
 use crate::error::StoreError;
 
 /// Nanoseconds per second.
@@ -172,153 +175,52 @@ impl fmt::Display for Version {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let nanos = i128::from(self.0);
-        let secs = nanos.div_euclid(NANOS);
-        let frac = nanos.rem_euclid(NANOS);
-        let days = secs.div_euclid(86_400);
-        let sod = secs.rem_euclid(86_400);
-        let (y, m, d) = civil_from_days(days);
-        write!(
-            f,
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-            sod / 3600,
-            sod / 60 % 60,
-            sod % 60
-        )?;
-        if frac != 0 {
-            let digits = format!("{frac:09}");
-            write!(f, ".{}", digits.trim_end_matches('0'))?;
-        }
-        f.write_str("Z")
+        // Every i64 of nanoseconds lies within `time`'s years 1..=9999, so
+        // neither step fails; RFC 3339 in UTC prints `Z` and only the
+        // fraction digits it needs.
+        let text = OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0))
+            .ok()
+            .and_then(|t| t.format(&Rfc3339).ok())
+            .ok_or(fmt::Error)?;
+        f.write_str(&text)
     }
 }
 
-/// Parses an RFC 3339 `date-time` into an instant.
+/// Parses an RFC 3339 `date-time` into an instant, with the `time` crate.
+///
+/// Two things differ from `time`'s own reading, on purpose: the date and
+/// the time must be separated by `T`, `t` or a space (`time` takes any
+/// byte there), and a leap second (`:60`) is read as the next second's
+/// start on any day (`time` reads it as 23:59:59.999999999 and only at a
+/// month's end, which would make two events within a leap second equal).
 fn parse_rfc3339(s: &str) -> Result<Timestamp, InvalidVersion> {
     let shape = || {
         InvalidVersion::new(
             "neither an integer nor an RFC 3339 timestamp (YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM))",
         )
     };
-    let b = s.as_bytes();
-    if b.len() < 20 {
+    if !matches!(s.as_bytes().get(10), Some(b'T' | b't' | b' ')) {
         return Err(shape());
     }
-    let num = |from: usize, len: usize| -> Result<i128, InvalidVersion> {
-        let part = b.get(from..from + len).ok_or_else(shape)?;
-        if !part.iter().all(u8::is_ascii_digit) {
-            return Err(shape());
-        }
-        Ok(part
-            .iter()
-            .fold(0i128, |acc, d| acc * 10 + i128::from(d - b'0')))
+    let leap = s.get(17..19) == Some("60");
+    let parsed = if leap {
+        OffsetDateTime::parse(&format!("{}59{}", &s[..17], &s[19..]), &Rfc3339)
+    } else {
+        OffsetDateTime::parse(s, &Rfc3339)
     };
-    let sep = |at: usize, ok: &[u8]| -> Result<(), InvalidVersion> {
-        if ok.contains(&b[at]) {
-            Ok(())
-        } else {
-            Err(shape())
+    let instant = parsed.map_err(|e| match e {
+        time::error::Parse::TryFromParsed(time::error::TryFromParsed::ComponentRange(r))
+            if r.name().starts_with("offset") =>
+        {
+            InvalidVersion::new("time zone offset out of range")
         }
-    };
-    let year = num(0, 4)?;
-    sep(4, b"-")?;
-    let month = num(5, 2)?;
-    sep(7, b"-")?;
-    let day = num(8, 2)?;
-    sep(10, b"Tt ")?;
-    let hour = num(11, 2)?;
-    sep(13, b":")?;
-    let minute = num(14, 2)?;
-    sep(16, b":")?;
-    let second = num(17, 2)?;
-    let mut i = 19;
-    let mut frac: i128 = 0;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            if i - start < 9 {
-                frac = frac * 10 + i128::from(b[i] - b'0');
-            }
-            i += 1;
-        }
-        let n = i - start;
-        if n == 0 {
-            return Err(shape());
-        }
-        if n < 9 {
-            frac *= 10i128.pow(9 - u32::try_from(n).map_err(|_| shape())?);
-        }
-    }
-    let offset_secs = match b.get(i) {
-        Some(b'Z' | b'z') if i + 1 == b.len() => 0,
-        Some(&c @ (b'+' | b'-')) if i + 6 == b.len() => {
-            let oh = num(i + 1, 2)?;
-            sep(i + 3, b":")?;
-            let om = num(i + 4, 2)?;
-            if oh > 23 || om > 59 {
-                return Err(InvalidVersion::new("time zone offset out of range"));
-            }
-            let o = oh * 3600 + om * 60;
-            if c == b'-' {
-                -o
-            } else {
-                o
-            }
-        }
-        _ => return Err(shape()),
-    };
-    if !(1..=12).contains(&month)
-        || day < 1
-        || day > days_in_month(year, month)
-        || hour > 23
-        || minute > 59
-        // 60: a leap second, read as the next second's start.
-        || second > 60
-    {
-        return Err(InvalidVersion::new("date or time out of range"));
-    }
-    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
-        - offset_secs;
-    let nanos = secs * NANOS + frac;
+        time::error::Parse::TryFromParsed(_) => InvalidVersion::new("date or time out of range"),
+        _ => shape(),
+    })?;
+    let nanos = instant.unix_timestamp_nanos() + if leap { NANOS } else { 0 };
     i64::try_from(nanos)
         .map(Timestamp)
         .map_err(|_| InvalidVersion::new("timestamp outside 1677-09-21 .. 2262-04-11"))
-}
-
-fn days_in_month(year: i128, month: i128) -> i128 {
-    match month {
-        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
-/// `days_from_civil`).
-fn days_from_civil(y: i128, m: i128, d: i128) -> i128 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The inverse of [`days_from_civil`].
-fn civil_from_days(z: i128) -> (i128, i128, i128) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i128::from(m <= 2);
-    (y, m, d)
 }
 
 /// What `Engine::apply_if_newer` did.
@@ -394,6 +296,17 @@ mod tests {
             v("2024-02-29T00:00:00Z").to_string(),
             "2024-02-29T00:00:00Z"
         );
+        // A leap second is the next second's start, on any day.
+        assert_eq!(v("2026-12-02T05:00:60Z"), v("2026-12-02T05:01:00Z"));
+        assert_eq!(
+            v("2026-12-31T23:59:60.5+01:00"),
+            v("2026-12-31T23:00:00.5Z")
+        );
+        // Fraction digits past the ninth are dropped.
+        assert_eq!(
+            v("1970-01-01T00:00:00.0000000019Z"),
+            Version::Timestamp(Timestamp(1))
+        );
     }
 
     #[test]
@@ -408,6 +321,12 @@ mod tests {
             "abc",
             "2026-12-02",
             "2026-12-02T05:00:00",
+            "2026-12-02X05:00:00Z",
+            "2026-12-02\u{e9}05:00:00Z",
+            "2026-12-02T05:00:61Z",
+            "2026-12-02T05:60:00Z",
+            "2026-12-02T05:00:00+01:60",
+            "2026-12-02T05:00:00.5",
             "2026-13-02T05:00:00Z",
             "2026-02-30T05:00:00Z",
             "2023-02-29T05:00:00Z",

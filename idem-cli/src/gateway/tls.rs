@@ -9,7 +9,6 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::crypto::ring;
 use rustls::pki_types::pem::PemObject;
@@ -17,6 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use time::OffsetDateTime;
 
 /// Why a certificate, a key or a CA file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -137,26 +137,24 @@ pub fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsEr
         }
     }
     if let Some(first) = certified.cert.first() {
-        check_validity(cert, first, now_unix())?;
+        check_validity(cert, first, OffsetDateTime::now_utc())?;
     }
     Ok(Arc::new(certified))
 }
 
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-fn check_validity(path: &Path, cert: &CertificateDer<'_>, now: i64) -> Result<(), TlsError> {
+fn check_validity(
+    path: &Path,
+    cert: &CertificateDer<'_>,
+    now: OffsetDateTime,
+) -> Result<(), TlsError> {
     // A certificate whose dates cannot be read is left to the clients.
-    let Some((not_before, not_after)) = der::validity(cert.as_ref()) else {
+    let Some((not_before, not_after)) = validity(cert.as_ref()) else {
         return Ok(());
     };
     let reason = if now > not_after {
-        format!("expired on {}", der::format_utc(not_after))
+        format!("expired on {}", format_utc(not_after))
     } else if now < not_before {
-        format!("is not valid before {}", der::format_utc(not_before))
+        format!("is not valid before {}", format_utc(not_before))
     } else {
         return Ok(());
     };
@@ -179,9 +177,9 @@ pub fn check_files(files: &crate::config::TlsFiles) -> Result<Vec<String>, TlsEr
         let until = certified
             .cert
             .first()
-            .and_then(|c| der::validity(c.as_ref()))
+            .and_then(|c| validity(c.as_ref()))
             .map_or_else(String::new, |(_, after)| {
-                format!(", valid until {}", der::format_utc(after))
+                format!(", valid until {}", format_utc(after))
             });
         lines.push(format!(
             "tls check: {} and {} match{until}",
@@ -340,114 +338,21 @@ pub fn upstream_client_config(ca: Option<&Path>) -> Result<ClientConfig, TlsErro
     )
 }
 
-/// Just enough DER to read a certificate's validity period.
-mod der {
-    /// One TLV: (tag, contents, rest).
-    fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-            (len, &rest[n..])
-        };
-        if rest.len() < len {
-            return None;
-        }
-        Some((tag, &rest[..len], &rest[len..]))
-    }
+/// A certificate's validity period (notBefore, notAfter), read with
+/// x509-parser; `None` when the certificate cannot be parsed.
+fn validity(cert: &[u8]) -> Option<(OffsetDateTime, OffsetDateTime)> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let v = parsed.validity();
+    Some((v.not_before.to_datetime(), v.not_after.to_datetime()))
+}
 
-    /// (notBefore, notAfter) as Unix seconds.
-    pub(super) fn validity(cert: &[u8]) -> Option<(i64, i64)> {
-        let (_, certificate, _) = tlv(cert)?;
-        let (_, mut tbs, _) = tlv(certificate)?;
-        // [0] version (optional), serialNumber, signature, issuer, validity.
-        let (tag, _, rest) = tlv(tbs)?;
-        if tag == 0xa0 {
-            tbs = rest;
-            let (_, _, rest) = tlv(tbs)?; // serial
-            tbs = rest;
-        } else {
-            tbs = rest; // that was the serial
-        }
-        let (_, _, rest) = tlv(tbs)?; // signature algorithm
-        let (_, _, rest) = tlv(rest)?; // issuer
-        let (_, validity, _) = tlv(rest)?;
-        let (t1, before, rest) = tlv(validity)?;
-        let (t2, after, _) = tlv(rest)?;
-        Some((time(t1, before)?, time(t2, after)?))
-    }
-
-    /// UTCTime (`YYMMDDHHMMSSZ`) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
-    fn time(tag: u8, s: &[u8]) -> Option<i64> {
-        let s = std::str::from_utf8(s).ok()?.strip_suffix('Z')?;
-        let (year, rest) = match tag {
-            0x17 if s.len() == 12 => {
-                let yy: i64 = s.get(..2)?.parse().ok()?;
-                (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &s[2..])
-            }
-            0x18 if s.len() == 14 => (s.get(..4)?.parse().ok()?, &s[4..]),
-            _ => return None,
-        };
-        let n = |i: usize| rest.get(i..i + 2)?.parse::<i64>().ok();
-        let days = days_from_civil(year, n(0)?, n(2)?);
-        Some(days * 86_400 + n(4)? * 3600 + n(6)? * 60 + n(8)?)
-    }
-
-    /// Days since 1970-01-01 of a proleptic Gregorian date.
-    fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let mp = (m + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + d - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        era * 146_097 + doe - 719_468
-    }
-
-    /// `2026-12-02 05:13:19 UTC`.
-    pub(super) fn format_utc(t: i64) -> String {
-        let days = t.div_euclid(86_400);
-        let secs = t.rem_euclid(86_400);
-        // Inverse of days_from_civil.
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        let y = yoe + era * 400 + i64::from(m <= 2);
-        format!(
-            "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-            secs / 3600,
-            secs % 3600 / 60,
-            secs % 60
-        )
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn dates_round_trip() {
-            assert_eq!(days_from_civil(1970, 1, 1), 0);
-            assert_eq!(format_utc(0), "1970-01-01 00:00:00 UTC");
-            assert_eq!(time(0x17, b"261202051319Z"), Some(1_796_188_399));
-            assert_eq!(format_utc(1_796_188_399), "2026-12-02 05:13:19 UTC");
-            assert_eq!(time(0x18, b"20500101000000Z"), Some(2_524_608_000));
-            assert_eq!(time(0x17, b"bad"), None);
-        }
-    }
+/// `2026-12-02 05:13:19 UTC`.
+fn format_utc(t: OffsetDateTime) -> String {
+    let format =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    t.to_offset(time::UtcOffset::UTC)
+        .format(format)
+        .unwrap_or_else(|_| t.to_string())
 }
 
 #[cfg(test)]
@@ -526,6 +431,31 @@ mod tests {
             "{e}"
         );
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn validity_dates_are_read_and_printed() {
+        let (cert, _) = pair((2026, 12, 2), (2050, 1, 1));
+        let (before, after) = validity(cert.der()).expect("dates");
+        assert_eq!(format_utc(before), "2026-12-02 00:00:00 UTC");
+        assert_eq!(format_utc(after), "2050-01-01 00:00:00 UTC");
+        assert_eq!(after.unix_timestamp(), 2_524_608_000);
+        assert!(validity(b"bad").is_none());
+        let t = OffsetDateTime::from_unix_timestamp(1_796_188_399).expect("a date");
+        assert_eq!(format_utc(t), "2026-12-02 05:13:19 UTC");
+
+        let e = check_validity(
+            Path::new("c.pem"),
+            cert.der(),
+            before - time::Duration::SECOND,
+        )
+        .expect_err("not yet valid");
+        assert!(
+            e.to_string()
+                .contains("c.pem: the certificate is not valid before 2026-12-02 00:00:00 UTC"),
+            "{e}"
+        );
+        check_validity(Path::new("c.pem"), cert.der(), before).expect("valid");
     }
 
     #[test]
