@@ -7,7 +7,9 @@
 # worker threads: valgrind runs one thread at a time anyway. Prints Ir per request per case and
 # keeps the callgrind files (callgrind_annotate them for the top functions).
 #   CASES="get fresh replay" STORE=memory N=500 benches/load/instructions.sh
-# (LIMITS='max_header_bytes = "8KiB"' adds a line to the gateway's [limits].)
+# (LIMITS='max_header_bytes = "8KiB"' adds a line to the gateway's [limits];
+# IDEM_LOG=info measures with the default log filter: the request span and
+# the one `info` line per guarded request; the default here is warn.)
 # Needs: valgrind, curl, nginx, a release build; Redis / PostgreSQL for those stores.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -50,7 +52,7 @@ reqs() { local i key
   done; }
 for c in $cases; do
   out="$tmp/callgrind.$store.$c.out"
-  IDEM_LOG=warn TOKIO_WORKER_THREADS=${WORKERS:-1} valgrind --tool=callgrind --fair-sched=yes --instr-atstart=no --callgrind-out-file="$out" \
+  IDEM_LOG=${IDEM_LOG:-warn} TOKIO_WORKER_THREADS=${WORKERS:-1} valgrind --tool=callgrind --fair-sched=yes --instr-atstart=no --callgrind-out-file="$out" \
     "$idem" serve --config "$tmp/idem.toml" 2>"$tmp/valgrind.$c.log" &
   gw=$!
   for _ in $(seq 1 300); do curl -s -o /dev/null -m 1 http://127.0.0.1:8095/ && break; sleep 0.2; done

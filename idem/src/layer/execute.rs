@@ -87,9 +87,10 @@ where
         outcome
     };
     // Dropping the handle (the caller went away) detaches the task.
-    // Boxed before it is spawned: the execution's future is several KB,
-    // and the spawn path would otherwise copy it whole more than once.
-    let task = Box::pin(task.instrument(tracing::Span::current()));
+    // Boxed before it is spawned, and before it is instrumented: the
+    // execution's future is several KB, and every move copies it whole
+    // (instrumenting it first was one more copy, ~10 % of a fresh request).
+    let task = Box::pin(task).instrument(tracing::Span::current());
     let handle = match tasks {
         Some(tracker) => tracker.spawn(task),
         None => tokio::spawn(task),
