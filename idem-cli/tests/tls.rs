@@ -17,6 +17,12 @@ use std::time::{Duration, Instant};
 use certs::Pki;
 use support::{client, gateway, send, Upstream};
 
+/// The async tests of this binary run one at a time: one of them captures
+/// the log of its own thread, and tracing caches each call site's interest
+/// when it is first hit: a site first hit on another test's thread at the
+/// wrong moment could be cached as "never" for the capturing one.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A TLS front for a plain server: terminates TLS with `pki`'s
 /// certificate and copies the bytes to `target`.
 async fn tls_front(pki: &Pki, target: SocketAddr) -> SocketAddr {
@@ -79,6 +85,7 @@ fn key(tag: &str) -> String {
 
 #[tokio::test(flavor = "current_thread")]
 async fn an_https_upstream_with_a_private_ca_posts_and_replays_and_a_wrong_ca_is_a_502() {
+    let _serial = SERIAL.lock().await;
     let (logs, _guard) = capture_logs();
     let pki = Pki::new("upstream");
     let up = Upstream::start().await;
@@ -237,6 +244,7 @@ async fn store_round_trip(store: &str, extra: &str) {
 
 #[tokio::test]
 async fn a_rediss_store_with_store_ca_reserves_completes_replays_and_wakes_waiters() {
+    let _serial = SERIAL.lock().await;
     let pki = Pki::new("redis");
     let redis = match TlsRedis::start(&pki).await {
         Ok(r) => r,
@@ -331,6 +339,7 @@ async fn tls_cluster(pki: &Pki) -> Result<(Vec<TlsRedis>, Vec<u16>), String> {
 
 #[tokio::test]
 async fn a_rediss_cluster_with_store_ca_reserves_completes_replays_and_wakes_waiters() {
+    let _serial = SERIAL.lock().await;
     let pki = Pki::new("redis-cluster");
     let (_nodes, ports) = match tls_cluster(&pki).await {
         Ok(c) => c,
@@ -349,6 +358,7 @@ async fn a_rediss_cluster_with_store_ca_reserves_completes_replays_and_wakes_wai
 
 #[tokio::test]
 async fn postgres_with_sslmode_require_reserves_completes_replays_and_wakes_waiters() {
+    let _serial = SERIAL.lock().await;
     let base = services::database_url();
     if let Err(e) = sqlx::PgPool::connect(&base).await {
         return services::unavailable("PostgreSQL", &base, &e).unwrap_or(());
@@ -359,6 +369,7 @@ async fn postgres_with_sslmode_require_reserves_completes_replays_and_wakes_wait
 
 #[tokio::test]
 async fn postgres_connections_under_sslmode_require_are_encrypted() {
+    let _serial = SERIAL.lock().await;
     let base = services::database_url();
     let pool = match sqlx::PgPool::connect(&base).await {
         Ok(p) => p,
@@ -458,6 +469,7 @@ async fn post_on(
 
 #[tokio::test]
 async fn sighup_swaps_the_certificate_for_new_connections_and_keeps_open_ones() {
+    let _serial = SERIAL.lock().await;
     let (a, b) = (Pki::new("reload-a"), Pki::new("reload-b"));
     let scratch = process::Scratch::new("tls-reload");
     let (cert_file, key_file) = (scratch.path().join("gw.pem"), scratch.path().join("gw.key"));

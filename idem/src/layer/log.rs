@@ -10,6 +10,7 @@
 use http::{HeaderMap, HeaderValue};
 
 use crate::key::LogId;
+use crate::problem::Problem;
 
 /// `X-Request-Id`, as a client or a gateway in front set it.
 const X_REQUEST_ID: &str = "x-request-id";
@@ -18,6 +19,16 @@ const X_REQUEST_ID: &str = "x-request-id";
 /// kept for its line.
 pub(super) fn request_id(headers: &HeaderMap) -> Option<HeaderValue> {
     headers.get(X_REQUEST_ID).cloned()
+}
+
+/// Writes the line of a request refused with `problem` before any key
+/// was read or stored, and answers it.
+pub(super) fn refused<B: From<bytes::Bytes>>(
+    id: Option<&HeaderValue>,
+    problem: &Problem,
+) -> http::Response<B> {
+    request(id, None, problem.code().as_str(), problem.status());
+    problem.to_response()
 }
 
 /// Writes the request's line. `outcome` is an engine outcome's

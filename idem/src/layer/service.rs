@@ -143,8 +143,7 @@ where
             Resolved::PassThrough => ResponseFuture::pass_through(self.inner.call(req)),
             Resolved::Refused(problem) => {
                 let id = log::request_id(req.headers());
-                log::request(id.as_ref(), None, problem.code().as_str(), problem.status());
-                ResponseFuture::ready(problem.to_response())
+                ResponseFuture::ready(log::refused(id.as_ref(), &problem))
             }
             Resolved::Guarded(guard) => {
                 // Take the service that was driven to readiness; leave a clone.
@@ -255,29 +254,11 @@ where
     // The stale guard's headers are checked before anything is read or stored.
     let event = match stale::read_event(&guard.policy, stale_guard.as_ref(), &parts) {
         Ok(event) => event,
-        Err(problem) => {
-            let res = problem.to_response();
-            log::request(
-                id.as_ref(),
-                None,
-                problem.code().as_str(),
-                res.status().as_u16(),
-            );
-            return Ok(res);
-        }
+        Err(problem) => return Ok(log::refused(id.as_ref(), &problem)),
     };
     let bytes = match read_body(&parts.headers, body, guard.policy.max_body).await {
         Ok(bytes) => bytes,
-        Err(problem) => {
-            let res = problem.to_response();
-            log::request(
-                id.as_ref(),
-                None,
-                problem.code().as_str(),
-                res.status().as_u16(),
-            );
-            return Ok(res);
-        }
+        Err(problem) => return Ok(log::refused(id.as_ref(), &problem)),
     };
     let mut identity = identify(&parts, &bytes, &guard);
     identity.event = event;
