@@ -58,7 +58,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Args)]
 #[command(group(ArgGroup::new("keying").args(["key", "unique_keys", "no_key"])))]
 pub struct RaceArgs {
-    /// The URL to race: http://host[:port]/path (plain HTTP/1.1).
+    /// The URL to race, as http://host:port/path (plain HTTP/1.1; the port may be left out).
     #[arg(value_name = "URL")]
     pub url: String,
     /// Number of requests, each on its own connection, released together (1 to 10000).
