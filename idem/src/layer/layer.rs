@@ -3,6 +3,7 @@ use std::sync::Arc;
 use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 
+use super::service::Extras;
 use super::{AsyncMode, Idempotency, StaleGuard};
 use crate::engine::Engine;
 use crate::policy::RouteTable;
@@ -12,9 +13,7 @@ use crate::policy::RouteTable;
 pub struct IdempotencyLayer<St> {
     engine: Engine<St>,
     routes: Arc<RouteTable>,
-    async_mode: Option<AsyncMode>,
-    tasks: Option<TaskTracker>,
-    stale_guard: Option<StaleGuard>,
+    extras: Extras,
 }
 
 impl<St> Clone for IdempotencyLayer<St> {
@@ -22,9 +21,7 @@ impl<St> Clone for IdempotencyLayer<St> {
         Self {
             engine: self.engine.clone(),
             routes: Arc::clone(&self.routes),
-            async_mode: self.async_mode.clone(),
-            tasks: self.tasks.clone(),
-            stale_guard: self.stale_guard.clone(),
+            extras: self.extras.clone(),
         }
     }
 }
@@ -36,9 +33,7 @@ impl<St> IdempotencyLayer<St> {
         Self {
             engine,
             routes: Arc::new(routes),
-            async_mode: None,
-            tasks: None,
-            stale_guard: None,
+            extras: Extras::default(),
         }
     }
 
@@ -47,7 +42,7 @@ impl<St> IdempotencyLayer<St> {
     /// (protocol §13; see [`StaleGuard`]).
     #[must_use]
     pub fn stale_guard(mut self, guard: StaleGuard) -> Self {
-        self.stale_guard = Some(guard);
+        self.extras.stale_guard = Some(guard);
         self
     }
 
@@ -56,7 +51,7 @@ impl<St> IdempotencyLayer<St> {
     /// [`AsyncMode`]). Without it, async routes are served synchronously.
     #[must_use]
     pub fn async_mode(mut self, mode: AsyncMode) -> Self {
-        self.async_mode = Some(mode);
+        self.extras.async_mode = Some(mode);
         self
     }
 
@@ -68,7 +63,7 @@ impl<St> IdempotencyLayer<St> {
     /// does, without a task of its own around every request.
     #[must_use]
     pub fn tasks(mut self, tasks: TaskTracker) -> Self {
-        self.tasks = Some(tasks);
+        self.extras.tasks = Some(tasks);
         self
     }
 }
@@ -77,16 +72,7 @@ impl<Svc, St> Layer<Svc> for IdempotencyLayer<St> {
     type Service = Idempotency<Svc, St>;
 
     fn layer(&self, inner: Svc) -> Self::Service {
-        let mut service = Idempotency::new(inner, self.engine.clone(), Arc::clone(&self.routes));
-        if let Some(mode) = &self.async_mode {
-            service = service.async_mode(mode.clone());
-        }
-        if let Some(guard) = &self.stale_guard {
-            service = service.stale_guard(guard.clone());
-        }
-        if let Some(tasks) = &self.tasks {
-            service = service.tasks(tasks.clone());
-        }
-        service
+        Idempotency::new(inner, self.engine.clone(), Arc::clone(&self.routes))
+            .with_extras(self.extras.clone())
     }
 }

@@ -45,9 +45,17 @@ pub struct Idempotency<Svc, St> {
     inner: Svc,
     engine: Engine<St>,
     routes: Arc<RouteTable>,
-    async_mode: Option<AsyncMode>,
-    tasks: Option<TaskTracker>,
-    stale_guard: Option<StaleGuard>,
+    extras: Extras,
+}
+
+/// What a service holds beyond its engine and routes, set by the builder
+/// methods of [`Idempotency`] and of the layer, which hands its own to
+/// every service it builds.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Extras {
+    pub(super) async_mode: Option<AsyncMode>,
+    pub(super) tasks: Option<TaskTracker>,
+    pub(super) stale_guard: Option<StaleGuard>,
 }
 
 impl<Svc: Clone, St> Clone for Idempotency<Svc, St> {
@@ -56,9 +64,7 @@ impl<Svc: Clone, St> Clone for Idempotency<Svc, St> {
             inner: self.inner.clone(),
             engine: self.engine.clone(),
             routes: Arc::clone(&self.routes),
-            async_mode: self.async_mode.clone(),
-            tasks: self.tasks.clone(),
-            stale_guard: self.stale_guard.clone(),
+            extras: self.extras.clone(),
         }
     }
 }
@@ -71,17 +77,21 @@ impl<Svc, St> Idempotency<Svc, St> {
             inner,
             engine,
             routes,
-            async_mode: None,
-            tasks: None,
-            stale_guard: None,
+            extras: Extras::default(),
         }
+    }
+
+    /// The layer's extras, for every service it builds.
+    pub(super) fn with_extras(mut self, extras: Extras) -> Self {
+        self.extras = extras;
+        self
     }
 
     /// Keeps the versions of routes with a stale-event guard in `guard`'s
     /// store (protocol §13; see [`StaleGuard`]).
     #[must_use]
     pub fn stale_guard(mut self, guard: StaleGuard) -> Self {
-        self.stale_guard = Some(guard);
+        self.extras.stale_guard = Some(guard);
         self
     }
 
@@ -89,7 +99,7 @@ impl<Svc, St> Idempotency<Svc, St> {
     /// (see [`AsyncMode`]).
     #[must_use]
     pub fn async_mode(mut self, mode: AsyncMode) -> Self {
-        self.async_mode = Some(mode);
+        self.extras.async_mode = Some(mode);
         self
     }
 
@@ -100,7 +110,7 @@ impl<Svc, St> Idempotency<Svc, St> {
     /// [`IdempotencyLayer::tasks`](super::IdempotencyLayer::tasks).
     #[must_use]
     pub fn tasks(mut self, tasks: TaskTracker) -> Self {
-        self.tasks = Some(tasks);
+        self.extras.tasks = Some(tasks);
         self
     }
 }
@@ -126,7 +136,7 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
-        if let Some(mode) = &self.async_mode {
+        if let Some(mode) = &self.extras.async_mode {
             // Before the route: `/_idem/` belongs to the layer whatever the
             // method, and the check normalizes the path itself.
             if operations::is_reserved(parts.uri.path()) {
@@ -150,18 +160,8 @@ where
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
                 let engine = self.engine.clone();
-                let async_mode = self.async_mode.clone();
-                let tasks = self.tasks.clone();
-                let stale_guard = self.stale_guard.clone();
-                ResponseFuture::guarded(Box::pin(guarded(
-                    engine,
-                    inner,
-                    guard,
-                    req,
-                    async_mode,
-                    tasks,
-                    stale_guard,
-                )))
+                let extras = self.extras.clone();
+                ResponseFuture::guarded(Box::pin(guarded(engine, inner, guard, req, extras)))
             }
         }
     }
@@ -235,9 +235,7 @@ async fn guarded<Svc, St, ReqB, ResB>(
     inner: Svc,
     guard: Guard,
     req: Request<ReqB>,
-    async_mode: Option<AsyncMode>,
-    tasks: Option<TaskTracker>,
-    stale_guard: Option<StaleGuard>,
+    extras: Extras,
 ) -> Result<Response<ResponseBody<ResB>>, Svc::Error>
 where
     Svc: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
@@ -252,7 +250,7 @@ where
     let (parts, body) = req.into_parts();
     let id = log::request_id(&parts.headers);
     // The stale guard's headers are checked before anything is read or stored.
-    let event = match stale::read_event(&guard.policy, stale_guard.as_ref(), &parts) {
+    let event = match stale::read_event(&guard.policy, extras.stale_guard.as_ref(), &parts) {
         Ok(event) => event,
         Err(problem) => return Ok(log::refused(id.as_ref(), &problem)),
     };
@@ -263,7 +261,7 @@ where
     let mut identity = identify(&parts, &bytes, &guard);
     identity.event = event;
     let key = identity.key.log_id();
-    if let (Mode::Async, Some(mode)) = (guard.policy.mode, &async_mode) {
+    if let (Mode::Async, Some(mode)) = (guard.policy.mode, &extras.async_mode) {
         // Phase 4 of async mode: accept, and let a dispatcher run it.
         let res =
             operations::accept(mode, &parts, bytes, &identity, &guard.policy.key_header).await;
@@ -277,7 +275,15 @@ where
     }
     let req = Request::from_parts(parts, bytes);
     let policy = Arc::clone(&guard.policy);
-    let outcome = execute::run(engine, inner, identity, guard.policy, req, tasks.as_ref()).await;
+    let outcome = execute::run(
+        engine,
+        inner,
+        identity,
+        guard.policy,
+        req,
+        extras.tasks.as_ref(),
+    )
+    .await;
     let name = outcome.name();
     let res = respond(outcome, &policy.key_header);
     let status = res.as_ref().map_or(0, |r| r.status().as_u16());
