@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::either::Either;
 use tracing::field::Empty;
 use tracing::Instrument;
 
@@ -40,14 +41,17 @@ impl<S> TracedStore<S> {
     }
 }
 
-async fn traced<T>(
+/// `call`, inside a span when traces are exported. Not an `async fn`:
+/// one would hold `call` twice (the argument, then the awaited copy),
+/// doubling the size of every store call's future on the hot path.
+fn traced<T>(
     name: &'static str,
     key: &StoreKey,
-    call: impl Future<Output = Result<T, StoreError>>,
+    call: impl Future<Output = Result<T, StoreError>> + Send,
     outcome: fn(&T) -> &'static str,
-) -> Result<T, StoreError> {
+) -> impl Future<Output = Result<T, StoreError>> + Send {
     if !exporting() {
-        return call.await;
+        return Either::Left(call);
     }
     let span = tracing::info_span!(
         "store",
@@ -57,18 +61,20 @@ async fn traced<T>(
         otel.status_code = Empty,
         error = Empty,
     );
-    let r = call.instrument(span.clone()).await;
-    match &r {
-        Ok(v) => {
-            span.record("outcome", outcome(v));
+    Either::Right(Box::pin(async move {
+        let r = call.instrument(span.clone()).await;
+        match &r {
+            Ok(v) => {
+                span.record("outcome", outcome(v));
+            }
+            Err(e) => {
+                span.record("outcome", "error");
+                span.record("otel.status_code", "ERROR");
+                span.record("error", tracing::field::display(e));
+            }
         }
-        Err(e) => {
-            span.record("outcome", "error");
-            span.record("otel.status_code", "ERROR");
-            span.record("error", tracing::field::display(e));
-        }
-    }
-    r
+        r
+    }))
 }
 
 fn fence(f: &Fence) -> &'static str {

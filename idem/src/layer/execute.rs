@@ -75,9 +75,11 @@ where
         let mut panicked = None;
         let slot = &mut panicked;
         let metrics = engine.metrics();
-        let op = || async move {
+        // A closure returning the future, not an `async` block awaiting
+        // it: that would hold the execution's future twice.
+        let op = || {
             let call = execute_catching(&mut inner, req.map(ReqB::from), &policy, metrics, slot);
-            stale::around(event, &event_rules, call).await
+            stale::around(event, &event_rules, call)
         };
         let outcome = engine.run(&key, fingerprint, &rules, op).await;
         // The key is settled; now the panic goes on as if uncaught.

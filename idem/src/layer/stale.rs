@@ -29,6 +29,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, Response};
 use tokio::time::Instant;
+use tokio_util::either::Either;
 
 use super::ResponseBody;
 use crate::engine::{Action, Finish, Rules};
@@ -247,18 +248,34 @@ fn answer<B, E>(res: Response<ResponseBody<B>>) -> Finish<Result<Response<Respon
 }
 
 /// Runs `run` (the inner service's execution) under the event's guard;
-/// without an event, just runs it.
-pub(super) async fn around<B, E, Fut>(
+/// without an event, just runs it. Not an `async fn`: one would hold `run`
+/// twice (the argument, then the awaited copy) on every request; the
+/// guarded path is boxed, so only stale-guarded requests pay for its size.
+pub(super) fn around<'a, B, E, Fut>(
     event: Option<Event>,
+    rules: &'a Rules,
+    run: Fut,
+) -> impl Future<Output = Finish<Result<Response<ResponseBody<B>>, E>>> + 'a
+where
+    Fut: Future<Output = Finish<Result<Response<ResponseBody<B>>, E>>> + 'a,
+    B: 'a,
+    E: 'a,
+{
+    match event {
+        None => Either::Left(run),
+        Some(event) => Either::Right(Box::pin(guarded(event, rules, run))),
+    }
+}
+
+/// [`around`] with an event: hold the entity's version while `run` runs.
+async fn guarded<B, E, Fut>(
+    event: Event,
     rules: &Rules,
     run: Fut,
 ) -> Finish<Result<Response<ResponseBody<B>>, E>>
 where
     Fut: Future<Output = Finish<Result<Response<ResponseBody<B>>, E>>>,
 {
-    let Some(event) = event else {
-        return run.await;
-    };
     let lease = match take(&event, rules).await {
         Taken::Held(lease) => lease,
         Taken::Unguarded => return run.await,

@@ -132,18 +132,24 @@ fn redis_builder(options: &ConnectOptions) -> super::redis::RedisStoreBuilder {
 }
 
 /// Calls `$method` on whichever backend `$self` holds.
+///
+/// The network stores' futures are boxed: inline, the largest of them
+/// (sqlx's) would size every call's future, the memory store's included,
+/// and every caller up to the request's task would copy it whole on each
+/// move (one allocation is nothing next to a round trip).
 macro_rules! delegate {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {
             #[cfg(feature = "memory")]
-            AnyStore::Memory($s) => $call,
+            AnyStore::Memory($s) => $call.await,
             #[cfg(feature = "redis")]
-            AnyStore::Redis($s) => $call,
+            AnyStore::Redis($s) => Box::pin($call).await,
             #[cfg(feature = "postgres")]
-            AnyStore::Postgres($s) => $call,
+            AnyStore::Postgres($s) => Box::pin($call).await,
         }
     };
 }
+pub(super) use delegate;
 
 impl Store for AnyStore {
     async fn reserve(
@@ -152,7 +158,7 @@ impl Store for AnyStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Reservation, StoreError> {
-        delegate!(self, s => s.reserve(key, fingerprint, lease).await)
+        delegate!(self, s => s.reserve(key, fingerprint, lease))
     }
 
     async fn complete(
@@ -162,11 +168,11 @@ impl Store for AnyStore {
         record: Arc<CompletedRecord>,
         retention: Duration,
     ) -> Result<Fence, StoreError> {
-        delegate!(self, s => s.complete(key, token, record, retention).await)
+        delegate!(self, s => s.complete(key, token, record, retention))
     }
 
     async fn release(&self, key: &StoreKey, token: Token) -> Result<Fence, StoreError> {
-        delegate!(self, s => s.release(key, token).await)
+        delegate!(self, s => s.release(key, token))
     }
 
     async fn extend(
@@ -175,23 +181,23 @@ impl Store for AnyStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        delegate!(self, s => s.extend(key, token, lease).await)
+        delegate!(self, s => s.extend(key, token, lease))
     }
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
-        delegate!(self, s => s.get(key).await)
+        delegate!(self, s => s.get(key))
     }
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        delegate!(self, s => s.purge(key).await)
+        delegate!(self, s => s.purge(key))
     }
 
     async fn subscribe(&self, key: &StoreKey) -> Result<Subscription, StoreError> {
-        delegate!(self, s => s.subscribe(key).await)
+        delegate!(self, s => s.subscribe(key))
     }
 
     async fn begin_attempt(&self, key: &StoreKey, keep: Duration) -> Result<u32, StoreError> {
-        delegate!(self, s => s.begin_attempt(key, keep).await)
+        delegate!(self, s => s.begin_attempt(key, keep))
     }
 
     async fn end_attempt(
@@ -201,11 +207,11 @@ impl Store for AnyStore {
         error: Option<&str>,
         keep: Duration,
     ) -> Result<Fence, StoreError> {
-        delegate!(self, s => s.end_attempt(key, attempt, error, keep).await)
+        delegate!(self, s => s.end_attempt(key, attempt, error, keep))
     }
 
     async fn attempts(&self, key: &StoreKey) -> Result<Option<Attempts>, StoreError> {
-        delegate!(self, s => s.attempts(key).await)
+        delegate!(self, s => s.attempts(key))
     }
 }
 
@@ -218,11 +224,11 @@ impl Queue for AnyStore {
         request: &OperationRequest,
         max_pending: u64,
     ) -> Result<Enqueued, StoreError> {
-        delegate!(self, s => s.enqueue(key, fingerprint, id, request, max_pending).await)
+        delegate!(self, s => s.enqueue(key, fingerprint, id, request, max_pending))
     }
 
     async fn claim(&self, lease: Duration, max: usize) -> Result<Vec<Claimed>, StoreError> {
-        delegate!(self, s => s.claim(lease, max).await)
+        delegate!(self, s => s.claim(lease, max))
     }
 
     async fn retry(
@@ -232,15 +238,15 @@ impl Queue for AnyStore {
         delay: Duration,
         last_error: &str,
     ) -> Result<Fence, StoreError> {
-        delegate!(self, s => s.retry(key, token, delay, last_error).await)
+        delegate!(self, s => s.retry(key, token, delay, last_error))
     }
 
     async fn operation(&self, id: OperationId) -> Result<Option<Operation>, StoreError> {
-        delegate!(self, s => s.operation(id).await)
+        delegate!(self, s => s.operation(id))
     }
 
     async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
-        delegate!(self, s => s.queue_stats().await)
+        delegate!(self, s => s.queue_stats())
     }
 }
 

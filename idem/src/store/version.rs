@@ -31,6 +31,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::any::delegate;
 use super::{AnyStore, Fence, Lease, Store, StoreError};
 use crate::key::StoreKey;
 use crate::record::Token;
@@ -149,20 +150,6 @@ impl<T: VersionStore> VersionStore for Arc<T> {
     }
 }
 
-/// Calls `$call` on whichever backend `$self` holds.
-macro_rules! each {
-    ($self:ident, $s:ident => $call:expr) => {
-        match $self {
-            #[cfg(feature = "memory")]
-            AnyStore::Memory($s) => $call,
-            #[cfg(feature = "redis")]
-            AnyStore::Redis($s) => $call,
-            #[cfg(feature = "postgres")]
-            AnyStore::Postgres($s) => $call,
-        }
-    };
-}
-
 impl VersionStore for AnyStore {
     async fn begin_version(
         &self,
@@ -170,7 +157,7 @@ impl VersionStore for AnyStore {
         version: Version,
         lease: Duration,
     ) -> Result<VersionBegin, StoreError> {
-        each!(self, s => s.begin_version(entity, version, lease).await)
+        delegate!(self, s => s.begin_version(entity, version, lease))
     }
     async fn commit_version(
         &self,
@@ -178,10 +165,10 @@ impl VersionStore for AnyStore {
         token: Token,
         version: Version,
     ) -> Result<Fence, StoreError> {
-        each!(self, s => s.commit_version(entity, token, version).await)
+        delegate!(self, s => s.commit_version(entity, token, version))
     }
     async fn abort_version(&self, entity: &StoreKey, token: Token) -> Result<Fence, StoreError> {
-        each!(self, s => s.abort_version(entity, token).await)
+        delegate!(self, s => s.abort_version(entity, token))
     }
     async fn extend_version(
         &self,
@@ -189,9 +176,9 @@ impl VersionStore for AnyStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        each!(self, s => s.extend_version(entity, token, lease).await)
+        delegate!(self, s => s.extend_version(entity, token, lease))
     }
     async fn current_version(&self, entity: &StoreKey) -> Result<Option<Version>, StoreError> {
-        each!(self, s => s.current_version(entity).await)
+        delegate!(self, s => s.current_version(entity))
     }
 }
