@@ -10,7 +10,9 @@
 //!    the connects) and parks one task per connection on a
 //!    [`tokio::sync::Barrier`] with every request already built;
 //! 3. the barrier releases them together; each task times its own request,
-//!    from send to the last byte of the body;
+//!    from send to the last byte of the body; the connections are closed
+//!    together once the last answer is in (so the closes of the first are
+//!    not timed in the last);
 //! 4. the count URL is read again and everything is folded into a
 //!    [`Report`]: status histogram, nearest-rank latency percentiles,
 //!    distinct bodies, replays, executions and a verdict.

@@ -74,7 +74,8 @@ pub(super) async fn run(plan: &Plan) -> Result<super::Report, RaceError> {
     ))
 }
 
-/// N requests, one fresh connection each, released by one barrier.
+/// N requests, one fresh connection each, released by one barrier; the
+/// connections are closed once the last answer is in.
 async fn burst(
     plan: &Plan,
     addr: SocketAddr,
@@ -102,18 +103,29 @@ async fn burst(
             barrier.wait().await;
             let sample = send(&mut sender, request, key_id, timeout).await;
             progress.inc();
-            sample
+            // The sender goes back with the sample: its connection stays
+            // open until every request has its answer.
+            (sample, sender)
         }));
     }
     progress.phase("racing", n);
     barrier.wait().await;
     let mut samples = Vec::with_capacity(n);
+    let mut open = Vec::with_capacity(n);
     for task in tasks {
-        samples.push(
-            task.await
-                .unwrap_or_else(|e| Sample::Failed(format!("request task failed: {e}"))),
-        );
+        match task.await {
+            Ok((sample, sender)) => {
+                samples.push(sample);
+                open.push(sender);
+            }
+            Err(e) => samples.push(Sample::Failed(format!("request task failed: {e}"))),
+        }
     }
+    // Closed only now, all together: closing the connections of the first
+    // answers (here and on the server) does not delay the last ones, so the
+    // latencies are the requests' and not the closes' (as the connects are
+    // done before the start).
+    drop(open);
     Ok((samples, None))
 }
 
