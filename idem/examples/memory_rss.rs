@@ -57,7 +57,9 @@ fn client_key(round: u64, n: u64) -> String {
 /// (hop-by-hop ones stripped) and its body, each copied out of the
 /// connection's buffers.
 fn record(n: u64, fingerprint: Fingerprint) -> Arc<CompletedRecord> {
-    let mut body = format!("{{\"id\":\"ord_{n:012}\",\"status\":\"accepted\",\"sku\":\"tea\",\"qty\":1,\"note\":\"");
+    let mut body = format!(
+        "{{\"id\":\"ord_{n:012}\",\"status\":\"accepted\",\"sku\":\"tea\",\"qty\":1,\"note\":\""
+    );
     while body.len() < BODY_LEN - 2 {
         body.push('x');
     }

@@ -31,17 +31,17 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::{
-    Attempts, Fence, Lease, Notifier, OperationId, Reservation, Store, StoreError, Subscription,
-};
+use super::{Attempts, Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
 
 use job::Traces;
+use packed::Packed;
 use queue::{Op, Operations};
 
 mod job;
+mod packed;
 mod queue;
 mod version;
 
@@ -181,18 +181,25 @@ impl Entry {
 
 #[derive(Debug)]
 enum State {
-    InFlight {
-        token: Token,
-        fingerprint: Fingerprint,
-        started_at: SystemTime,
-    },
+    /// Boxed: in-flight records are few at any time, completed ones many,
+    /// and every entry is as large as the largest state.
+    InFlight(Box<Held>),
     /// An async operation, pending or running (`queue.rs`).
     Operation(Box<Op>),
-    /// The token of the holder that completed it: a retried `complete`
-    /// from that holder (its first answer lost in transit) is acknowledged;
-    /// and the id of the operation it finished, if it was one, which stays
-    /// resolvable for as long as the record lives.
-    Completed(Arc<CompletedRecord>, Token, Option<OperationId>),
+    /// The record packed in one buffer (`packed.rs`), with the token of
+    /// the holder that completed it: a retried `complete` from that holder
+    /// (its first answer lost in transit) is acknowledged; and the id of
+    /// the operation it finished, if it was one, which stays resolvable for
+    /// as long as the record lives.
+    Completed(Packed),
+}
+
+/// A reservation's holder.
+#[derive(Debug)]
+struct Held {
+    token: Token,
+    fingerprint: Fingerprint,
+    started_at: SystemTime,
 }
 
 impl MemoryStore {
@@ -322,6 +329,12 @@ fn key_weight(key: &StoreKey) -> u64 {
     (key.as_str().len() + 96) as u64
 }
 
+/// What a completed record adds to its key's weight: its packed buffer and
+/// the allocator's due on it.
+fn record_weight(record: &Packed) -> u64 {
+    (record.len() + 16) as u64
+}
+
 impl Shard {
     /// The time index an entry belongs in: operations are claimable at
     /// their deadline, everything else expires at it.
@@ -343,8 +356,12 @@ impl Shard {
                 self.operations.remove(&entry.seq);
                 shared.operations.forget(op.id, true);
             }
-            State::Completed(_, _, Some(id)) => shared.operations.forget(*id, false),
-            State::Completed(..) | State::InFlight { .. } => {}
+            State::Completed(packed) => {
+                if let Some(id) = packed.operation() {
+                    shared.operations.forget(id, false);
+                }
+            }
+            State::InFlight(_) => {}
         }
         self.times(entry.is_operation())
             .remove(&(entry.deadline, entry.seq, key));
@@ -376,7 +393,7 @@ impl Shard {
             State::Operation(_) => {
                 self.operations.insert(seq, key.clone());
             }
-            State::InFlight { .. } => {}
+            State::InFlight(_) => {}
         }
         self.map.insert(
             key,
@@ -441,22 +458,22 @@ impl Shard {
     /// carries `token`.
     fn held(&mut self, key: &StoreKey, token: Token) -> Option<&mut Entry> {
         self.map.get_mut(key).filter(|e| match &e.state {
-            State::InFlight { token: t, .. } => *t == token,
+            State::InFlight(held) => held.token == token,
             State::Operation(op) => op.running == Some(token),
             State::Completed(..) => false,
         })
     }
 
-    /// Turns the caller's held entry into `record`, completed with `token`
-    /// (the caller has charged any extra weight already). A running
-    /// operation leaves the queue; its id stays, now naming the record.
+    /// Turns the caller's held entry into `record` (packed with the
+    /// caller's token; the caller has charged any extra weight already). A
+    /// running operation leaves the queue; its id stays, now naming the
+    /// record.
     fn complete_held(
         &mut self,
         key: &StoreKey,
         deadline: Instant,
         weight: u64,
-        record: Arc<CompletedRecord>,
-        token: Token,
+        record: Packed,
         shared: &Shared,
     ) {
         let seq = self.next_seq;
@@ -467,13 +484,19 @@ impl Shard {
         let old = (e.deadline, e.seq, key.clone());
         let id = match &e.state {
             State::Operation(op) => Some(op.id),
-            State::InFlight { .. } | State::Completed(..) => None,
+            State::InFlight(_) | State::Completed(..) => None,
+        };
+        // Packed without an id (outside the lock); an operation's record
+        // is packed again with it, which is rare (async mode) and small.
+        let record = match id {
+            Some(id) => record.with_operation(id),
+            None => record,
         };
         *e = Entry {
             seq,
             deadline,
             weight,
-            state: State::Completed(record, token, id),
+            state: State::Completed(record),
         };
         if id.is_some() {
             self.due.remove(&old);
@@ -502,20 +525,18 @@ impl Store for MemoryStore {
             let mut shard = self.shard(key);
             if let Some(entry) = shard.live(key, now, &self.shared) {
                 let found = match &entry.state {
-                    State::InFlight { fingerprint: f, .. } if *f != fingerprint => {
+                    State::InFlight(held) if held.fingerprint != fingerprint => {
                         Reservation::Mismatch
                     }
-                    State::InFlight { .. } => Reservation::InFlight {
+                    State::InFlight(_) => Reservation::InFlight {
                         lease_remaining: entry.deadline - now,
                     },
                     State::Operation(op) if op.fingerprint != fingerprint => Reservation::Mismatch,
                     State::Operation(_) => Reservation::InFlight {
                         lease_remaining: queue::remaining(entry.deadline, now),
                     },
-                    State::Completed(r, ..) if r.fingerprint != fingerprint => {
-                        Reservation::Mismatch
-                    }
-                    State::Completed(r, ..) => Reservation::Completed(Arc::clone(r)),
+                    State::Completed(p) if p.fingerprint() != fingerprint => Reservation::Mismatch,
+                    State::Completed(p) => Reservation::Completed(p.record()),
                 };
                 if charged {
                     usage.refund(weight, 1);
@@ -536,11 +557,11 @@ impl Store for MemoryStore {
                 key.clone(),
                 now + lease,
                 weight,
-                State::InFlight {
+                State::InFlight(Box::new(Held {
                     token,
                     fingerprint,
                     started_at: SystemTime::now(),
-                },
+                })),
             );
             return Ok(Reservation::Acquired(Lease {
                 token,
@@ -557,7 +578,8 @@ impl Store for MemoryStore {
         retention: Duration,
     ) -> Result<Fence, StoreError> {
         let usage = &self.shared.usage;
-        let weight = key_weight(key) + record.response.weight() as u64;
+        let record = Packed::new(&record, token);
+        let weight = key_weight(key) + record_weight(&record);
         if weight > self.shared.limits.max_bytes {
             // Refused up front: making room for it would evict everyone
             // and still not fit. The reservation stays as it is.
@@ -575,7 +597,7 @@ impl Store for MemoryStore {
                 let already = shard
                     .map
                     .get(key)
-                    .is_some_and(|e| matches!(e.state, State::Completed(_, t, _) if t == token));
+                    .is_some_and(|e| matches!(&e.state, State::Completed(p) if p.token() == token));
                 return Ok(if already { Fence::Held } else { Fence::Lost });
             };
             let need = weight.saturating_sub(held.weight);
@@ -601,7 +623,6 @@ impl Store for MemoryStore {
                 Instant::now() + retention,
                 weight,
                 record,
-                token,
                 &self.shared,
             );
             break;
@@ -640,21 +661,17 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut shard = self.shard(key);
         Ok(shard.live(key, now, &self.shared).map(|e| match &e.state {
-            State::InFlight {
-                fingerprint,
-                started_at,
-                ..
-            } => Record::InFlight {
-                fingerprint: *fingerprint,
+            State::InFlight(held) => Record::InFlight {
+                fingerprint: held.fingerprint,
                 lease_remaining: e.deadline - now,
-                started_at: *started_at,
+                started_at: held.started_at,
             },
             State::Operation(op) => Record::InFlight {
                 fingerprint: op.fingerprint,
                 lease_remaining: queue::remaining(e.deadline, now),
                 started_at: op.accepted_at,
             },
-            State::Completed(r, ..) => Record::Completed(Arc::clone(r)),
+            State::Completed(p) => Record::Completed(p.record()),
         }))
     }
 
