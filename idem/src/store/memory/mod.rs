@@ -23,12 +23,13 @@
 //!
 //! Everything is lost when the process exits, operations included.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
+use indexmap::IndexMap;
 use tokio::time::Instant;
 
 use super::{Attempts, Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
@@ -139,7 +140,11 @@ impl Usage {
 
 #[derive(Debug, Default)]
 struct Shard {
-    map: HashMap<StoreKey, Entry>,
+    /// The records. An `IndexMap` rather than a `HashMap`: its buckets
+    /// hold an index (8 bytes) and the entries sit in one dense vector, so
+    /// a table between growths (half to seven eighths full) does not cost
+    /// a whole entry per empty bucket. Order is not used; removal swaps.
+    map: IndexMap<StoreKey, Entry>,
     /// When each entry stops counting: (deadline, seq, key). The seq makes
     /// the tuple unique, so keys are never compared, and ties an index
     /// entry to one version of the record: an index entry whose seq no
@@ -349,7 +354,7 @@ impl Shard {
     /// Removes the record under `key` with its index entries (its
     /// operation id included), and gives its weight back.
     fn remove(&mut self, key: &StoreKey, shared: &Shared) -> Option<Entry> {
-        let (key, entry) = self.map.remove_entry(key)?;
+        let (key, entry) = self.map.swap_remove_entry(key)?;
         self.completed.remove(&entry.seq);
         match &entry.state {
             State::Operation(op) => {
