@@ -23,7 +23,7 @@
 //!
 //! Everything is lost when the process exits, operations included.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -150,8 +150,16 @@ struct Shard {
     /// entry to one version of the record: an index entry whose seq no
     /// longer matches the map's is stale and never deletes anything.
     expirations: BTreeSet<(Instant, u64, StoreKey)>,
-    /// Completed records by completion order, oldest first: eviction order.
-    completed: BTreeMap<u64, StoreKey>,
+    /// Completed records by completion order, oldest first: eviction
+    /// order, as (seq, key). Seqs are taken under the shard's lock, so
+    /// pushing at the back keeps it sorted. A record that goes another way
+    /// (expired, purged) leaves its entry behind, stale (the seq no longer
+    /// matches the map's): eviction skips it, the sweep drops stale entries
+    /// from the front, and the queue is compacted whenever stale entries
+    /// outnumber live ones (`compact_completed`).
+    completed: VecDeque<(u64, StoreKey)>,
+    /// How many completed records the map holds.
+    completed_live: usize,
     /// Pending and running operations by when they are next claimable:
     /// (due, or lease end, seq, key). Operations are here *instead of* in
     /// `expirations`: they never expire.
@@ -355,7 +363,6 @@ impl Shard {
     /// operation id included), and gives its weight back.
     fn remove(&mut self, key: &StoreKey, shared: &Shared) -> Option<Entry> {
         let (key, entry) = self.map.swap_remove_entry(key)?;
-        self.completed.remove(&entry.seq);
         match &entry.state {
             State::Operation(op) => {
                 self.operations.remove(&entry.seq);
@@ -365,6 +372,8 @@ impl Shard {
                 if let Some(id) = packed.operation() {
                     shared.operations.forget(id, false);
                 }
+                self.completed_live = self.completed_live.saturating_sub(1);
+                self.compact_completed();
             }
             State::InFlight(_) => {}
         }
@@ -393,7 +402,8 @@ impl Shard {
         self.times(operation).insert((deadline, seq, key.clone()));
         match state {
             State::Completed(..) => {
-                self.completed.insert(seq, key.clone());
+                self.completed.push_back((seq, key.clone()));
+                self.completed_live += 1;
             }
             State::Operation(_) => {
                 self.operations.insert(seq, key.clone());
@@ -436,12 +446,30 @@ impl Shard {
                 freed += usize::from(self.remove_version(&key, seq, shared));
             }
         }
+        // What expired was completed first, mostly: its eviction entries
+        // are at the front.
+        while let Some((seq, key)) = self.completed.front() {
+            if self.map.get(key).is_some_and(|e| e.seq == *seq) {
+                break;
+            }
+            self.completed.pop_front();
+        }
         freed
+    }
+
+    /// Drops the stale entries of `completed` once they outnumber the live
+    /// ones (with some slack): amortized, a constant per removal.
+    fn compact_completed(&mut self) {
+        if self.completed.len() > 2 * self.completed_live + 64 {
+            let map = &self.map;
+            self.completed
+                .retain(|(seq, key)| map.get(key).is_some_and(|e| e.seq == *seq));
+        }
     }
 
     /// Evicts this shard's oldest completed record; false if it has none.
     fn evict_oldest(&mut self, shared: &Shared) -> bool {
-        while let Some((seq, key)) = self.completed.pop_first() {
+        while let Some((seq, key)) = self.completed.pop_front() {
             if self.remove_version(&key, seq, shared) {
                 return true;
             }
@@ -511,7 +539,8 @@ impl Shard {
             self.expirations.remove(&old);
         }
         self.expirations.insert((deadline, seq, key.clone()));
-        self.completed.insert(seq, key.clone());
+        self.completed.push_back((seq, key.clone()));
+        self.completed_live += 1;
     }
 }
 
@@ -709,5 +738,100 @@ impl Store for MemoryStore {
 
     async fn attempts(&self, key: &StoreKey) -> Result<Option<Attempts>, StoreError> {
         Ok(self.shared.jobs.get(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::key::Scope;
+    use crate::record::StoredResponse;
+
+    const FP: Fingerprint = Fingerprint([1; 32]);
+
+    /// One shard (fewer than 4096 entries), so its books can be read.
+    fn store() -> MemoryStore {
+        MemoryStore::with_limits(MemoryLimits {
+            max_entries: 1000,
+            max_bytes: 1 << 20,
+        })
+    }
+
+    async fn store_one(s: &MemoryStore, i: usize, retention: Duration) -> StoreKey {
+        let k = StoreKey::new(&Scope::global(), &format!("k{i}"));
+        let Ok(Reservation::Acquired(lease)) = s.reserve(&k, FP, Duration::from_secs(30)).await
+        else {
+            panic!("a fresh key is acquired");
+        };
+        let now = SystemTime::now();
+        let record = Arc::new(CompletedRecord {
+            fingerprint: FP,
+            response: StoredResponse {
+                status: 201,
+                headers: vec![("content-type".into(), Bytes::from_static(b"text/plain"))],
+                body: Bytes::from(format!("body {i}")),
+            },
+            completed_at: now,
+            expires_at: now + retention,
+        });
+        let fence = s
+            .complete(&k, lease.token, Arc::clone(&record), retention)
+            .await;
+        assert!(matches!(fence, Ok(Fence::Held)));
+        match s.get(&k).await {
+            Ok(Some(Record::Completed(r))) => assert_eq!(*r, *record, "read back as stored"),
+            other => panic!("completed record expected: {other:?}"),
+        }
+        k
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn purged_records_leave_few_stale_eviction_entries() {
+        let s = store();
+        let mut keys = Vec::new();
+        for i in 0..500 {
+            keys.push(store_one(&s, i, Duration::from_secs(600)).await);
+        }
+        for k in &keys[..450] {
+            assert!(s.purge(k).await.expect("purge"));
+        }
+        let shard = lock(&s.shared.shards[0]);
+        assert_eq!(shard.completed_live, 50);
+        assert!(
+            shard.completed.len() <= 2 * 50 + 64,
+            "stale entries are compacted away: {}",
+            shard.completed.len()
+        );
+        assert!(
+            shard
+                .completed
+                .iter()
+                .filter(|(seq, k)| shard.map.get(k).is_some_and(|e| e.seq == *seq))
+                .count()
+                == 50,
+            "every live record keeps its entry"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_drops_the_eviction_entries_of_what_expired() {
+        let s = store();
+        for i in 0..300 {
+            store_one(&s, i, Duration::from_secs(1)).await;
+        }
+        store_one(&s, 300, Duration::from_secs(600)).await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let mut shard = lock(&s.shared.shards[0]);
+        // (The background sweep may have been first: either way.)
+        shard.sweep(Instant::now(), &s.shared);
+        assert_eq!(shard.map.len(), 1);
+        assert_eq!(shard.completed_live, 1);
+        assert_eq!(
+            shard.completed.len(),
+            1,
+            "only the live record's entry is left"
+        );
     }
 }
