@@ -48,11 +48,11 @@ impl Packed {
         let len = OPERATION.start
             + 2 * 12
             + 2
-            + 4
+            + len_size(response.headers.len())
             + response
                 .headers
                 .iter()
-                .map(|(n, v)| 8 + n.len() + v.len())
+                .map(|(n, v)| len_size(n.len()) + n.len() + len_size(v.len()) + v.len())
                 .sum::<usize>()
             + response.body.len();
         let mut buf = Vec::with_capacity(len);
@@ -150,9 +150,9 @@ impl Packed {
         let expires_at = r.time(flags & EXPIRES_BEFORE_EPOCH != 0);
         let status = u16::from_le_bytes(r.array());
         let count = r.len();
-        // Each header takes at least 8 bytes: a corrupt count (never
+        // Each header takes at least 2 bytes: a corrupt count (never
         // written) cannot make this reserve much.
-        let mut headers = Vec::with_capacity(count.min(r.rest() / 8));
+        let mut headers = Vec::with_capacity(count.min(r.rest() / 2));
         for _ in 0..count {
             let n = r.len();
             let name = r.take(n);
@@ -185,9 +185,25 @@ fn since_epoch(t: SystemTime) -> (Duration, bool) {
     }
 }
 
-fn put_len(buf: &mut Vec<u8>, n: usize) {
-    // Header names and values, and their count, are far below 4 GiB.
-    buf.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
+/// A length as LEB128: seven bits a byte, low bits first, the high bit
+/// set on every byte but the last (one byte below 128).
+fn put_len(buf: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        // Truncation to the low seven bits is the encoding.
+        buf.push((n & 0x7f) as u8 | 0x80);
+        n >>= 7;
+    }
+    buf.push(n as u8);
+}
+
+/// Bytes `put_len` writes for `n`.
+fn len_size(mut n: usize) -> usize {
+    let mut size = 1;
+    while n >= 0x80 {
+        n >>= 7;
+        size += 1;
+    }
+    size
 }
 
 fn u128_at(buf: &[u8], at: Range<usize>) -> u128 {
@@ -226,8 +242,19 @@ impl Reader<'_> {
         out
     }
 
+    /// A length `put_len` wrote.
     fn len(&mut self) -> usize {
-        u32::from_le_bytes(self.array()) as usize
+        let mut n = 0usize;
+        let mut shift = 0;
+        while let Some(&b) = self.buf.get(self.pos) {
+            self.pos += 1;
+            n |= usize::from(b & 0x7f).checked_shl(shift).unwrap_or(0);
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        n
     }
 
     fn time(&mut self, before_epoch: bool) -> SystemTime {
@@ -282,6 +309,26 @@ mod tests {
         assert_eq!(p.token(), token);
         assert_eq!(p.operation(), None);
         assert_eq!(p.len(), p.0.len());
+    }
+
+    #[test]
+    fn long_names_and_values_read_back() {
+        let long = Bytes::from(vec![b'v'; 70_000]);
+        let r = record(
+            vec![
+                ("x-".repeat(100), long.clone()),
+                ("a".into(), Bytes::from_static(b"b")),
+            ],
+            b"",
+        );
+        let p = Packed::new(&r, Token::generate());
+        assert_eq!(*p.record(), r);
+        for n in [0, 1, 127, 128, 16_383, 16_384, 70_000, usize::MAX] {
+            let mut buf = Vec::new();
+            put_len(&mut buf, n);
+            assert_eq!(buf.len(), len_size(n), "{n}");
+            assert_eq!(Reader { buf: &buf, pos: 0 }.len(), n, "{n}");
+        }
     }
 
     #[test]
