@@ -149,7 +149,18 @@ struct Shard {
     /// the tuple unique, so keys are never compared, and ties an index
     /// entry to one version of the record: an index entry whose seq no
     /// longer matches the map's is stale and never deletes anything.
+    ///
+    /// Only for in-flight records and completed records *out of order*: a
+    /// record that completes with a deadline no earlier than that of every
+    /// completed record before it (`in_order_until`; the common case, one
+    /// retention for all) expires from the front of `completed` instead,
+    /// in completion order, which is then deadline order (`sweep`).
     expirations: BTreeSet<(Instant, u64, StoreKey)>,
+    /// The latest deadline of a completed record left out of
+    /// `expirations`. Completed records before any such record in
+    /// `completed` expire no later than it; those after it expire no
+    /// earlier, or are in `expirations`.
+    in_order_until: Option<Instant>,
     /// Completed records by completion order, oldest first: eviction
     /// order, as (seq, key). Seqs are taken under the shard's lock, so
     /// pushing at the back keeps it sorted. A record that goes another way
@@ -398,17 +409,15 @@ impl Shard {
     fn insert(&mut self, key: StoreKey, deadline: Instant, weight: u64, state: State) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let operation = matches!(state, State::Operation(_));
-        self.times(operation).insert((deadline, seq, key.clone()));
         match state {
-            State::Completed(..) => {
-                self.completed.push_back((seq, key.clone()));
-                self.completed_live += 1;
-            }
+            State::Completed(..) => self.push_completed(seq, key.clone(), deadline),
             State::Operation(_) => {
+                self.due.insert((deadline, seq, key.clone()));
                 self.operations.insert(seq, key.clone());
             }
-            State::InFlight(_) => {}
+            State::InFlight(_) => {
+                self.expirations.insert((deadline, seq, key.clone()));
+            }
         }
         self.map.insert(
             key,
@@ -434,6 +443,23 @@ impl Shard {
         }
     }
 
+    /// Books a record just completed (`seq` fresh) for eviction and for
+    /// expiry: in `expirations` only if it expires before a completed
+    /// record ahead of it.
+    fn push_completed(&mut self, seq: u64, key: StoreKey, deadline: Instant) {
+        if self.completed_live == 0 {
+            // No completed record ahead of it to be in order with.
+            self.in_order_until = None;
+        }
+        if self.in_order_until.is_some_and(|last| deadline < last) {
+            self.expirations.insert((deadline, seq, key.clone()));
+        } else {
+            self.in_order_until = Some(deadline);
+        }
+        self.completed.push_back((seq, key));
+        self.completed_live += 1;
+    }
+
     /// Drops every record whose deadline has passed; how many went.
     fn sweep(&mut self, now: Instant, shared: &Shared) -> usize {
         let mut freed = 0;
@@ -446,13 +472,23 @@ impl Shard {
                 freed += usize::from(self.remove_version(&key, seq, shared));
             }
         }
-        // What expired was completed first, mostly: its eviction entries
-        // are at the front.
+        // Completed records in order expire from the front of `completed`.
+        // The first live record not yet expired ends it: any record in
+        // order after it expires no earlier than it does (if it is in
+        // order itself), or than the record in order before it that it
+        // came after (if it is not). Stale entries on the way are dropped.
         while let Some((seq, key)) = self.completed.front() {
-            if self.map.get(key).is_some_and(|e| e.seq == *seq) {
-                break;
+            match self.map.get(key) {
+                Some(e) if e.seq == *seq && e.deadline > now => break,
+                Some(e) if e.seq == *seq => {
+                    if let Some((seq, key)) = self.completed.pop_front() {
+                        freed += usize::from(self.remove_version(&key, seq, shared));
+                    }
+                }
+                _ => {
+                    self.completed.pop_front();
+                }
             }
-            self.completed.pop_front();
         }
         freed
     }
@@ -538,9 +574,7 @@ impl Shard {
         } else {
             self.expirations.remove(&old);
         }
-        self.expirations.insert((deadline, seq, key.clone()));
-        self.completed.push_back((seq, key.clone()));
-        self.completed_live += 1;
+        self.push_completed(seq, key.clone(), deadline);
     }
 }
 
@@ -813,6 +847,47 @@ mod tests {
                 == 50,
             "every live record keeps its entry"
         );
+    }
+
+    /// Records kept for less time than one before them expire on time
+    /// (from `expirations`), and records in order from `completed`.
+    #[tokio::test(start_paused = true)]
+    async fn records_out_of_completion_order_expire_on_time() {
+        let s = store();
+        let long = store_one(&s, 0, Duration::from_secs(60)).await;
+        for i in 1..=10 {
+            store_one(&s, i, Duration::from_secs(1)).await;
+        }
+        let later = store_one(&s, 11, Duration::from_secs(90)).await;
+        {
+            let shard = lock(&s.shared.shards[0]);
+            assert_eq!(
+                shard.expirations.len(),
+                10,
+                "the short ones are out of order"
+            );
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        {
+            let mut shard = lock(&s.shared.shards[0]);
+            shard.sweep(Instant::now(), &s.shared);
+            assert_eq!(shard.map.len(), 2, "the short ones went, on time");
+            assert!(shard.expirations.is_empty());
+        }
+        assert!(s.get(&long).await.expect("get").is_some());
+        tokio::time::advance(Duration::from_secs(59)).await;
+        {
+            let mut shard = lock(&s.shared.shards[0]);
+            shard.sweep(Instant::now(), &s.shared);
+            assert_eq!(shard.map.len(), 1, "the first long one went");
+            assert_eq!(shard.completed.len(), 1);
+        }
+        assert!(s.get(&later).await.expect("get").is_some());
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let mut shard = lock(&s.shared.shards[0]);
+        shard.sweep(Instant::now(), &s.shared);
+        assert_eq!(shard.map.len(), 0);
+        assert!(shard.completed.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
