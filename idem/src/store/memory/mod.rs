@@ -23,25 +23,26 @@
 //!
 //! Everything is lost when the process exits, operations included.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
+use indexmap::IndexMap;
 use tokio::time::Instant;
 
-use super::{
-    Attempts, Fence, Lease, Notifier, OperationId, Reservation, Store, StoreError, Subscription,
-};
+use super::{Attempts, Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
 
 use job::Traces;
+use packed::Packed;
 use queue::{Op, Operations};
 
 mod job;
+mod packed;
 mod queue;
 mod version;
 
@@ -139,14 +140,37 @@ impl Usage {
 
 #[derive(Debug, Default)]
 struct Shard {
-    map: HashMap<StoreKey, Entry>,
+    /// The records. An `IndexMap` rather than a `HashMap`: its buckets
+    /// hold an index (8 bytes) and the entries sit in one dense vector, so
+    /// a table between growths (half to seven eighths full) does not cost
+    /// a whole entry per empty bucket. Order is not used; removal swaps.
+    map: IndexMap<StoreKey, Entry>,
     /// When each entry stops counting: (deadline, seq, key). The seq makes
     /// the tuple unique, so keys are never compared, and ties an index
     /// entry to one version of the record: an index entry whose seq no
     /// longer matches the map's is stale and never deletes anything.
+    ///
+    /// Only for in-flight records and completed records *out of order*: a
+    /// record that completes with a deadline no earlier than that of every
+    /// completed record before it (`in_order_until`; the common case, one
+    /// retention for all) expires from the front of `completed` instead,
+    /// in completion order, which is then deadline order (`sweep`).
     expirations: BTreeSet<(Instant, u64, StoreKey)>,
-    /// Completed records by completion order, oldest first: eviction order.
-    completed: BTreeMap<u64, StoreKey>,
+    /// The latest deadline of a completed record left out of
+    /// `expirations`. Completed records before any such record in
+    /// `completed` expire no later than it; those after it expire no
+    /// earlier, or are in `expirations`.
+    in_order_until: Option<Instant>,
+    /// Completed records by completion order, oldest first: eviction
+    /// order, as (seq, key). Seqs are taken under the shard's lock, so
+    /// pushing at the back keeps it sorted. A record that goes another way
+    /// (expired, purged) leaves its entry behind, stale (the seq no longer
+    /// matches the map's): eviction skips it, the sweep drops stale entries
+    /// from the front, and the queue is compacted whenever stale entries
+    /// outnumber live ones (`compact_completed`).
+    completed: VecDeque<(u64, StoreKey)>,
+    /// How many completed records the map holds.
+    completed_live: usize,
     /// Pending and running operations by when they are next claimable:
     /// (due, or lease end, seq, key). Operations are here *instead of* in
     /// `expirations`: they never expire.
@@ -181,18 +205,25 @@ impl Entry {
 
 #[derive(Debug)]
 enum State {
-    InFlight {
-        token: Token,
-        fingerprint: Fingerprint,
-        started_at: SystemTime,
-    },
+    /// Boxed: in-flight records are few at any time, completed ones many,
+    /// and every entry is as large as the largest state.
+    InFlight(Box<Held>),
     /// An async operation, pending or running (`queue.rs`).
     Operation(Box<Op>),
-    /// The token of the holder that completed it: a retried `complete`
-    /// from that holder (its first answer lost in transit) is acknowledged;
-    /// and the id of the operation it finished, if it was one, which stays
-    /// resolvable for as long as the record lives.
-    Completed(Arc<CompletedRecord>, Token, Option<OperationId>),
+    /// The record packed in one buffer (`packed.rs`), with the token of
+    /// the holder that completed it: a retried `complete` from that holder
+    /// (its first answer lost in transit) is acknowledged; and the id of
+    /// the operation it finished, if it was one, which stays resolvable for
+    /// as long as the record lives.
+    Completed(Packed),
+}
+
+/// A reservation's holder.
+#[derive(Debug)]
+struct Held {
+    token: Token,
+    fingerprint: Fingerprint,
+    started_at: SystemTime,
 }
 
 impl MemoryStore {
@@ -322,6 +353,12 @@ fn key_weight(key: &StoreKey) -> u64 {
     (key.as_str().len() + 96) as u64
 }
 
+/// What a completed record adds to its key's weight: its packed buffer and
+/// the allocator's due on it.
+fn record_weight(record: &Packed) -> u64 {
+    (record.len() + 16) as u64
+}
+
 impl Shard {
     /// The time index an entry belongs in: operations are claimable at
     /// their deadline, everything else expires at it.
@@ -336,15 +373,20 @@ impl Shard {
     /// Removes the record under `key` with its index entries (its
     /// operation id included), and gives its weight back.
     fn remove(&mut self, key: &StoreKey, shared: &Shared) -> Option<Entry> {
-        let (key, entry) = self.map.remove_entry(key)?;
-        self.completed.remove(&entry.seq);
+        let (key, entry) = self.map.swap_remove_entry(key)?;
         match &entry.state {
             State::Operation(op) => {
                 self.operations.remove(&entry.seq);
                 shared.operations.forget(op.id, true);
             }
-            State::Completed(_, _, Some(id)) => shared.operations.forget(*id, false),
-            State::Completed(..) | State::InFlight { .. } => {}
+            State::Completed(packed) => {
+                if let Some(id) = packed.operation() {
+                    shared.operations.forget(id, false);
+                }
+                self.completed_live = self.completed_live.saturating_sub(1);
+                self.compact_completed();
+            }
+            State::InFlight(_) => {}
         }
         self.times(entry.is_operation())
             .remove(&(entry.deadline, entry.seq, key));
@@ -367,16 +409,15 @@ impl Shard {
     fn insert(&mut self, key: StoreKey, deadline: Instant, weight: u64, state: State) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let operation = matches!(state, State::Operation(_));
-        self.times(operation).insert((deadline, seq, key.clone()));
         match state {
-            State::Completed(..) => {
-                self.completed.insert(seq, key.clone());
-            }
+            State::Completed(..) => self.push_completed(seq, key.clone(), deadline),
             State::Operation(_) => {
+                self.due.insert((deadline, seq, key.clone()));
                 self.operations.insert(seq, key.clone());
             }
-            State::InFlight { .. } => {}
+            State::InFlight(_) => {
+                self.expirations.insert((deadline, seq, key.clone()));
+            }
         }
         self.map.insert(
             key,
@@ -402,6 +443,23 @@ impl Shard {
         }
     }
 
+    /// Books a record just completed (`seq` fresh) for eviction and for
+    /// expiry: in `expirations` only if it expires before a completed
+    /// record ahead of it.
+    fn push_completed(&mut self, seq: u64, key: StoreKey, deadline: Instant) {
+        if self.completed_live == 0 {
+            // No completed record ahead of it to be in order with.
+            self.in_order_until = None;
+        }
+        if self.in_order_until.is_some_and(|last| deadline < last) {
+            self.expirations.insert((deadline, seq, key.clone()));
+        } else {
+            self.in_order_until = Some(deadline);
+        }
+        self.completed.push_back((seq, key));
+        self.completed_live += 1;
+    }
+
     /// Drops every record whose deadline has passed; how many went.
     fn sweep(&mut self, now: Instant, shared: &Shared) -> usize {
         let mut freed = 0;
@@ -414,12 +472,40 @@ impl Shard {
                 freed += usize::from(self.remove_version(&key, seq, shared));
             }
         }
+        // Completed records in order expire from the front of `completed`.
+        // The first live record not yet expired ends it: any record in
+        // order after it expires no earlier than it does (if it is in
+        // order itself), or than the record in order before it that it
+        // came after (if it is not). Stale entries on the way are dropped.
+        while let Some((seq, key)) = self.completed.front() {
+            match self.map.get(key) {
+                Some(e) if e.seq == *seq && e.deadline > now => break,
+                Some(e) if e.seq == *seq => {
+                    if let Some((seq, key)) = self.completed.pop_front() {
+                        freed += usize::from(self.remove_version(&key, seq, shared));
+                    }
+                }
+                _ => {
+                    self.completed.pop_front();
+                }
+            }
+        }
         freed
+    }
+
+    /// Drops the stale entries of `completed` once they outnumber the live
+    /// ones (with some slack): amortized, a constant per removal.
+    fn compact_completed(&mut self) {
+        if self.completed.len() > 2 * self.completed_live + 64 {
+            let map = &self.map;
+            self.completed
+                .retain(|(seq, key)| map.get(key).is_some_and(|e| e.seq == *seq));
+        }
     }
 
     /// Evicts this shard's oldest completed record; false if it has none.
     fn evict_oldest(&mut self, shared: &Shared) -> bool {
-        while let Some((seq, key)) = self.completed.pop_first() {
+        while let Some((seq, key)) = self.completed.pop_front() {
             if self.remove_version(&key, seq, shared) {
                 return true;
             }
@@ -441,22 +527,22 @@ impl Shard {
     /// carries `token`.
     fn held(&mut self, key: &StoreKey, token: Token) -> Option<&mut Entry> {
         self.map.get_mut(key).filter(|e| match &e.state {
-            State::InFlight { token: t, .. } => *t == token,
+            State::InFlight(held) => held.token == token,
             State::Operation(op) => op.running == Some(token),
             State::Completed(..) => false,
         })
     }
 
-    /// Turns the caller's held entry into `record`, completed with `token`
-    /// (the caller has charged any extra weight already). A running
-    /// operation leaves the queue; its id stays, now naming the record.
+    /// Turns the caller's held entry into `record` (packed with the
+    /// caller's token; the caller has charged any extra weight already). A
+    /// running operation leaves the queue; its id stays, now naming the
+    /// record.
     fn complete_held(
         &mut self,
         key: &StoreKey,
         deadline: Instant,
         weight: u64,
-        record: Arc<CompletedRecord>,
-        token: Token,
+        record: Packed,
         shared: &Shared,
     ) {
         let seq = self.next_seq;
@@ -467,13 +553,19 @@ impl Shard {
         let old = (e.deadline, e.seq, key.clone());
         let id = match &e.state {
             State::Operation(op) => Some(op.id),
-            State::InFlight { .. } | State::Completed(..) => None,
+            State::InFlight(_) | State::Completed(..) => None,
+        };
+        // Packed without an id (outside the lock); an operation's record
+        // is packed again with it, which is rare (async mode) and small.
+        let record = match id {
+            Some(id) => record.with_operation(id),
+            None => record,
         };
         *e = Entry {
             seq,
             deadline,
             weight,
-            state: State::Completed(record, token, id),
+            state: State::Completed(record),
         };
         if id.is_some() {
             self.due.remove(&old);
@@ -482,8 +574,7 @@ impl Shard {
         } else {
             self.expirations.remove(&old);
         }
-        self.expirations.insert((deadline, seq, key.clone()));
-        self.completed.insert(seq, key.clone());
+        self.push_completed(seq, key.clone(), deadline);
     }
 }
 
@@ -502,20 +593,18 @@ impl Store for MemoryStore {
             let mut shard = self.shard(key);
             if let Some(entry) = shard.live(key, now, &self.shared) {
                 let found = match &entry.state {
-                    State::InFlight { fingerprint: f, .. } if *f != fingerprint => {
+                    State::InFlight(held) if held.fingerprint != fingerprint => {
                         Reservation::Mismatch
                     }
-                    State::InFlight { .. } => Reservation::InFlight {
+                    State::InFlight(_) => Reservation::InFlight {
                         lease_remaining: entry.deadline - now,
                     },
                     State::Operation(op) if op.fingerprint != fingerprint => Reservation::Mismatch,
                     State::Operation(_) => Reservation::InFlight {
                         lease_remaining: queue::remaining(entry.deadline, now),
                     },
-                    State::Completed(r, ..) if r.fingerprint != fingerprint => {
-                        Reservation::Mismatch
-                    }
-                    State::Completed(r, ..) => Reservation::Completed(Arc::clone(r)),
+                    State::Completed(p) if p.fingerprint() != fingerprint => Reservation::Mismatch,
+                    State::Completed(p) => Reservation::Completed(p.record()),
                 };
                 if charged {
                     usage.refund(weight, 1);
@@ -536,11 +625,11 @@ impl Store for MemoryStore {
                 key.clone(),
                 now + lease,
                 weight,
-                State::InFlight {
+                State::InFlight(Box::new(Held {
                     token,
                     fingerprint,
                     started_at: SystemTime::now(),
-                },
+                })),
             );
             return Ok(Reservation::Acquired(Lease {
                 token,
@@ -557,7 +646,8 @@ impl Store for MemoryStore {
         retention: Duration,
     ) -> Result<Fence, StoreError> {
         let usage = &self.shared.usage;
-        let weight = key_weight(key) + record.response.weight() as u64;
+        let record = Packed::new(&record, token);
+        let weight = key_weight(key) + record_weight(&record);
         if weight > self.shared.limits.max_bytes {
             // Refused up front: making room for it would evict everyone
             // and still not fit. The reservation stays as it is.
@@ -575,7 +665,7 @@ impl Store for MemoryStore {
                 let already = shard
                     .map
                     .get(key)
-                    .is_some_and(|e| matches!(e.state, State::Completed(_, t, _) if t == token));
+                    .is_some_and(|e| matches!(&e.state, State::Completed(p) if p.token() == token));
                 return Ok(if already { Fence::Held } else { Fence::Lost });
             };
             let need = weight.saturating_sub(held.weight);
@@ -601,7 +691,6 @@ impl Store for MemoryStore {
                 Instant::now() + retention,
                 weight,
                 record,
-                token,
                 &self.shared,
             );
             break;
@@ -640,21 +729,17 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut shard = self.shard(key);
         Ok(shard.live(key, now, &self.shared).map(|e| match &e.state {
-            State::InFlight {
-                fingerprint,
-                started_at,
-                ..
-            } => Record::InFlight {
-                fingerprint: *fingerprint,
+            State::InFlight(held) => Record::InFlight {
+                fingerprint: held.fingerprint,
                 lease_remaining: e.deadline - now,
-                started_at: *started_at,
+                started_at: held.started_at,
             },
             State::Operation(op) => Record::InFlight {
                 fingerprint: op.fingerprint,
                 lease_remaining: queue::remaining(e.deadline, now),
                 started_at: op.accepted_at,
             },
-            State::Completed(r, ..) => Record::Completed(Arc::clone(r)),
+            State::Completed(p) => Record::Completed(p.record()),
         }))
     }
 
@@ -687,5 +772,141 @@ impl Store for MemoryStore {
 
     async fn attempts(&self, key: &StoreKey) -> Result<Option<Attempts>, StoreError> {
         Ok(self.shared.jobs.get(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::key::Scope;
+    use crate::record::StoredResponse;
+
+    const FP: Fingerprint = Fingerprint([1; 32]);
+
+    /// One shard (fewer than 4096 entries), so its books can be read.
+    fn store() -> MemoryStore {
+        MemoryStore::with_limits(MemoryLimits {
+            max_entries: 1000,
+            max_bytes: 1 << 20,
+        })
+    }
+
+    async fn store_one(s: &MemoryStore, i: usize, retention: Duration) -> StoreKey {
+        let k = StoreKey::new(&Scope::global(), &format!("k{i}"));
+        let Ok(Reservation::Acquired(lease)) = s.reserve(&k, FP, Duration::from_secs(30)).await
+        else {
+            panic!("a fresh key is acquired");
+        };
+        let now = SystemTime::now();
+        let record = Arc::new(CompletedRecord {
+            fingerprint: FP,
+            response: StoredResponse {
+                status: 201,
+                headers: vec![("content-type".into(), Bytes::from_static(b"text/plain"))],
+                body: Bytes::from(format!("body {i}")),
+            },
+            completed_at: now,
+            expires_at: now + retention,
+        });
+        let fence = s
+            .complete(&k, lease.token, Arc::clone(&record), retention)
+            .await;
+        assert!(matches!(fence, Ok(Fence::Held)));
+        match s.get(&k).await {
+            Ok(Some(Record::Completed(r))) => assert_eq!(*r, *record, "read back as stored"),
+            other => panic!("completed record expected: {other:?}"),
+        }
+        k
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn purged_records_leave_few_stale_eviction_entries() {
+        let s = store();
+        let mut keys = Vec::new();
+        for i in 0..500 {
+            keys.push(store_one(&s, i, Duration::from_secs(600)).await);
+        }
+        for k in &keys[..450] {
+            assert!(s.purge(k).await.expect("purge"));
+        }
+        let shard = lock(&s.shared.shards[0]);
+        assert_eq!(shard.completed_live, 50);
+        assert!(
+            shard.completed.len() <= 2 * 50 + 64,
+            "stale entries are compacted away: {}",
+            shard.completed.len()
+        );
+        assert!(
+            shard
+                .completed
+                .iter()
+                .filter(|(seq, k)| shard.map.get(k).is_some_and(|e| e.seq == *seq))
+                .count()
+                == 50,
+            "every live record keeps its entry"
+        );
+    }
+
+    /// Records kept for less time than one before them expire on time
+    /// (from `expirations`), and records in order from `completed`.
+    #[tokio::test(start_paused = true)]
+    async fn records_out_of_completion_order_expire_on_time() {
+        let s = store();
+        let long = store_one(&s, 0, Duration::from_secs(60)).await;
+        for i in 1..=10 {
+            store_one(&s, i, Duration::from_secs(1)).await;
+        }
+        let later = store_one(&s, 11, Duration::from_secs(90)).await;
+        {
+            let shard = lock(&s.shared.shards[0]);
+            assert_eq!(
+                shard.expirations.len(),
+                10,
+                "the short ones are out of order"
+            );
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        {
+            let mut shard = lock(&s.shared.shards[0]);
+            shard.sweep(Instant::now(), &s.shared);
+            assert_eq!(shard.map.len(), 2, "the short ones went, on time");
+            assert!(shard.expirations.is_empty());
+        }
+        assert!(s.get(&long).await.expect("get").is_some());
+        tokio::time::advance(Duration::from_secs(59)).await;
+        {
+            let mut shard = lock(&s.shared.shards[0]);
+            shard.sweep(Instant::now(), &s.shared);
+            assert_eq!(shard.map.len(), 1, "the first long one went");
+            assert_eq!(shard.completed.len(), 1);
+        }
+        assert!(s.get(&later).await.expect("get").is_some());
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let mut shard = lock(&s.shared.shards[0]);
+        shard.sweep(Instant::now(), &s.shared);
+        assert_eq!(shard.map.len(), 0);
+        assert!(shard.completed.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_drops_the_eviction_entries_of_what_expired() {
+        let s = store();
+        for i in 0..300 {
+            store_one(&s, i, Duration::from_secs(1)).await;
+        }
+        store_one(&s, 300, Duration::from_secs(600)).await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let mut shard = lock(&s.shared.shards[0]);
+        // (The background sweep may have been first: either way.)
+        shard.sweep(Instant::now(), &s.shared);
+        assert_eq!(shard.map.len(), 1);
+        assert_eq!(shard.completed_live, 1);
+        assert_eq!(
+            shard.completed.len(),
+            1,
+            "only the live record's entry is left"
+        );
     }
 }

@@ -139,8 +139,8 @@ impl Entry {
     fn operation(&self, id: OperationId, key: &StoreKey, now: Instant) -> Option<Operation> {
         let (state, last_error) = match &self.state {
             State::Operation(op) if op.id == id => (op.state(self.deadline, now), op.last_error()),
-            State::Completed(record, _, Some(done)) if *done == id => {
-                (OperationState::Done(Arc::clone(record)), None)
+            State::Completed(packed) if packed.operation() == Some(id) => {
+                (OperationState::Done(packed.record()), None)
             }
             _ => return None,
         };
@@ -223,11 +223,9 @@ impl Queue for MemoryStore {
             let mut shard = self.shard(key);
             if let Some(entry) = shard.live(key, now, shared) {
                 let found = match &entry.state {
-                    State::InFlight { fingerprint: f, .. } if *f != fingerprint => {
-                        Enqueued::Mismatch
-                    }
+                    State::InFlight(held) if held.fingerprint != fingerprint => Enqueued::Mismatch,
                     State::Operation(op) if op.fingerprint != fingerprint => Enqueued::Mismatch,
-                    State::InFlight { .. } => Enqueued::InFlight {
+                    State::InFlight(_) => Enqueued::InFlight {
                         lease_remaining: entry.deadline - now,
                     },
                     State::Operation(op) => Enqueued::Existing(Operation {
@@ -236,8 +234,8 @@ impl Queue for MemoryStore {
                         state: op.state(entry.deadline, now),
                         last_error: op.last_error(),
                     }),
-                    State::Completed(r, ..) if r.fingerprint != fingerprint => Enqueued::Mismatch,
-                    State::Completed(r, ..) => Enqueued::Completed(Arc::clone(r)),
+                    State::Completed(p) if p.fingerprint() != fingerprint => Enqueued::Mismatch,
+                    State::Completed(p) => Enqueued::Completed(p.record()),
                 };
                 if charged {
                     shared.usage.refund(weight, 1);
@@ -354,7 +352,7 @@ impl Queue for MemoryStore {
                 let (_, key) = shard.operations.first_key_value()?;
                 match &shard.map.get(key)?.state {
                     State::Operation(op) => Some(op.accepted),
-                    State::InFlight { .. } | State::Completed(..) => None,
+                    State::InFlight(_) | State::Completed(..) => None,
                 }
             })
             .min();

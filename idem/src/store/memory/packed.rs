@@ -1,0 +1,351 @@
+//! A completed record as the memory store keeps it: one buffer.
+//!
+//! A [`CompletedRecord`] in its own form costs several allocations (the
+//! `Arc` around it, the header list, each header's name and value, the
+//! body), each with the allocator's rounding and header: about 620 bytes
+//! for a 100-byte body and two headers. Packed, the same record is one
+//! allocation of its bytes plus 90 or so: the fingerprint, the completing
+//! holder's token, the operation id if it was one, both times, the status,
+//! each header as its length and bytes, then the body.
+//!
+//! Reading it back ([`Packed::record`]) builds a `CompletedRecord` whose
+//! header values and body are slices of the buffer (a reference count, no
+//! copy, whatever the body's size): one `Arc`, the header list and each
+//! header's name are allocated per read. Reads that only compare a
+//! fingerprint or a token look at the buffer in place.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::fingerprint::Fingerprint;
+use crate::record::{CompletedRecord, StoredResponse, Token};
+use crate::store::OperationId;
+
+const FINGERPRINT: Range<usize> = 0..32;
+const TOKEN: Range<usize> = 32..48;
+const FLAGS: usize = 48;
+/// Where the operation id is, when there is one.
+const OPERATION: Range<usize> = 49..65;
+
+/// `FLAGS` bits.
+const HAS_OPERATION: u8 = 1;
+const COMPLETED_BEFORE_EPOCH: u8 = 2;
+const EXPIRES_BEFORE_EPOCH: u8 = 4;
+
+/// A completed record, the token of the holder that completed it and the
+/// id of the operation it finished (if it was one), in one buffer.
+#[derive(Debug, Clone)]
+pub(super) struct Packed(Bytes);
+
+impl Packed {
+    /// Packs `record`, completed by `token`'s holder (copying its header
+    /// values and body once).
+    pub(super) fn new(record: &CompletedRecord, token: Token) -> Self {
+        let response = &record.response;
+        let len = OPERATION.start
+            + 2 * 12
+            + 2
+            + len_size(response.headers.len())
+            + response
+                .headers
+                .iter()
+                .map(|(n, v)| len_size(n.len()) + n.len() + len_size(v.len()) + v.len())
+                .sum::<usize>()
+            + response.body.len();
+        let mut buf = Vec::with_capacity(len);
+        buf.extend_from_slice(&record.fingerprint.0);
+        buf.extend_from_slice(&token.as_u128().to_le_bytes());
+        let (completed, completed_before) = since_epoch(record.completed_at);
+        let (expires, expires_before) = since_epoch(record.expires_at);
+        let flags = if completed_before {
+            COMPLETED_BEFORE_EPOCH
+        } else {
+            0
+        } | if expires_before {
+            EXPIRES_BEFORE_EPOCH
+        } else {
+            0
+        };
+        buf.push(flags);
+        for d in [completed, expires] {
+            buf.extend_from_slice(&d.as_secs().to_le_bytes());
+            buf.extend_from_slice(&d.subsec_nanos().to_le_bytes());
+        }
+        buf.extend_from_slice(&response.status.to_le_bytes());
+        put_len(&mut buf, response.headers.len());
+        for (name, value) in &response.headers {
+            put_len(&mut buf, name.len());
+            buf.extend_from_slice(name.as_bytes());
+            put_len(&mut buf, value.len());
+            buf.extend_from_slice(value);
+        }
+        buf.extend_from_slice(&response.body);
+        // Exact capacity: the buffer becomes the `Bytes` without a copy
+        // and without spare room.
+        debug_assert_eq!(buf.len(), buf.capacity());
+        Self(Bytes::from(buf))
+    }
+
+    /// The same record, as the one that finished operation `id`.
+    pub(super) fn with_operation(self, id: OperationId) -> Self {
+        let flags = self.flags();
+        let rest = if flags & HAS_OPERATION != 0 {
+            OPERATION.end
+        } else {
+            OPERATION.start
+        };
+        let rest = self.0.get(rest..).unwrap_or_default();
+        let mut buf = Vec::with_capacity(OPERATION.end + rest.len());
+        buf.extend_from_slice(self.0.get(..FLAGS).unwrap_or_default());
+        buf.push(flags | HAS_OPERATION);
+        buf.extend_from_slice(&id.as_u128().to_le_bytes());
+        buf.extend_from_slice(rest);
+        Self(Bytes::from(buf))
+    }
+
+    /// Bytes the buffer holds.
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The fingerprint of the request that produced the record.
+    pub(super) fn fingerprint(&self) -> Fingerprint {
+        let mut fp = [0; 32];
+        if let Some(b) = self.0.get(FINGERPRINT) {
+            fp.copy_from_slice(b);
+        }
+        Fingerprint(fp)
+    }
+
+    /// The token of the holder that completed it.
+    pub(super) fn token(&self) -> Token {
+        Token::from_u128(u128_at(&self.0, TOKEN))
+    }
+
+    /// The operation it finished, if it was one.
+    pub(super) fn operation(&self) -> Option<OperationId> {
+        (self.flags() & HAS_OPERATION != 0)
+            .then(|| OperationId::from_u128(u128_at(&self.0, OPERATION)))
+    }
+
+    fn flags(&self) -> u8 {
+        self.0.get(FLAGS).copied().unwrap_or(0)
+    }
+
+    /// The record, rebuilt: header values and body share the buffer.
+    pub(super) fn record(&self) -> Arc<CompletedRecord> {
+        let flags = self.flags();
+        let mut r = Reader {
+            buf: &self.0,
+            pos: if flags & HAS_OPERATION != 0 {
+                OPERATION.end
+            } else {
+                OPERATION.start
+            },
+        };
+        let completed_at = r.time(flags & COMPLETED_BEFORE_EPOCH != 0);
+        let expires_at = r.time(flags & EXPIRES_BEFORE_EPOCH != 0);
+        let status = u16::from_le_bytes(r.array());
+        let count = r.len();
+        // Each header takes at least 2 bytes: a corrupt count (never
+        // written) cannot make this reserve much.
+        let mut headers = Vec::with_capacity(count.min(r.rest() / 2));
+        for _ in 0..count {
+            let n = r.len();
+            let name = r.take(n);
+            let v = r.len();
+            let value = r.take(v);
+            headers.push((
+                String::from_utf8_lossy(&self.0[name]).into_owned(),
+                self.0.slice(value),
+            ));
+        }
+        let body = self.0.slice(r.pos..);
+        Arc::new(CompletedRecord {
+            fingerprint: self.fingerprint(),
+            response: StoredResponse {
+                status,
+                headers,
+                body,
+            },
+            completed_at,
+            expires_at,
+        })
+    }
+}
+
+/// `t` as a distance from the epoch, and whether it is before it.
+fn since_epoch(t: SystemTime) -> (Duration, bool) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d, false),
+        Err(e) => (e.duration(), true),
+    }
+}
+
+/// A length as LEB128: seven bits a byte, low bits first, the high bit
+/// set on every byte but the last (one byte below 128).
+fn put_len(buf: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        // Truncation to the low seven bits is the encoding.
+        buf.push((n & 0x7f) as u8 | 0x80);
+        n >>= 7;
+    }
+    buf.push(n as u8);
+}
+
+/// Bytes `put_len` writes for `n`.
+fn len_size(mut n: usize) -> usize {
+    let mut size = 1;
+    while n >= 0x80 {
+        n >>= 7;
+        size += 1;
+    }
+    size
+}
+
+fn u128_at(buf: &[u8], at: Range<usize>) -> u128 {
+    let mut b = [0; 16];
+    if let Some(s) = buf.get(at) {
+        b.copy_from_slice(s);
+    }
+    u128::from_le_bytes(b)
+}
+
+/// Reads what [`Packed::new`] wrote, in order. Past the end it reads
+/// zeros and empty ranges rather than failing: the buffer is the store's
+/// own and always whole.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn rest(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
+    /// The next `n` bytes' range (shorter at the end of the buffer).
+    fn take(&mut self, n: usize) -> Range<usize> {
+        let start = self.pos.min(self.buf.len());
+        let end = start.saturating_add(n).min(self.buf.len());
+        self.pos = end;
+        start..end
+    }
+
+    fn array<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0; N];
+        let range = self.take(N);
+        out[..range.len()].copy_from_slice(&self.buf[range]);
+        out
+    }
+
+    /// A length `put_len` wrote.
+    fn len(&mut self) -> usize {
+        let mut n = 0usize;
+        let mut shift = 0;
+        while let Some(&b) = self.buf.get(self.pos) {
+            self.pos += 1;
+            n |= usize::from(b & 0x7f).checked_shl(shift).unwrap_or(0);
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        n
+    }
+
+    fn time(&mut self, before_epoch: bool) -> SystemTime {
+        let secs = u64::from_le_bytes(self.array());
+        let nanos = u32::from_le_bytes(self.array());
+        let d = Duration::new(secs, nanos);
+        let t = if before_epoch {
+            UNIX_EPOCH.checked_sub(d)
+        } else {
+            UNIX_EPOCH.checked_add(d)
+        };
+        t.unwrap_or(UNIX_EPOCH)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(headers: Vec<(String, Bytes)>, body: &'static [u8]) -> CompletedRecord {
+        let now = SystemTime::now();
+        CompletedRecord {
+            fingerprint: Fingerprint([7; 32]),
+            response: StoredResponse {
+                status: 201,
+                headers,
+                body: Bytes::from_static(body),
+            },
+            completed_at: now,
+            expires_at: now + Duration::from_secs(600),
+        }
+    }
+
+    #[test]
+    fn a_record_reads_back_as_it_was() {
+        let r = record(
+            vec![
+                (
+                    "content-type".into(),
+                    Bytes::from_static(b"application/json"),
+                ),
+                ("x-empty".into(), Bytes::new()),
+                ("set-cookie".into(), Bytes::from_static(b"a=1")),
+                ("set-cookie".into(), Bytes::from_static(b"b=\xff")),
+            ],
+            b"{\"id\":1}",
+        );
+        let token = Token::generate();
+        let p = Packed::new(&r, token);
+        assert_eq!(*p.record(), r);
+        assert_eq!(p.fingerprint(), r.fingerprint);
+        assert_eq!(p.token(), token);
+        assert_eq!(p.operation(), None);
+        assert_eq!(p.len(), p.0.len());
+    }
+
+    #[test]
+    fn long_names_and_values_read_back() {
+        let long = Bytes::from(vec![b'v'; 70_000]);
+        let r = record(
+            vec![
+                ("x-".repeat(100), long.clone()),
+                ("a".into(), Bytes::from_static(b"b")),
+            ],
+            b"",
+        );
+        let p = Packed::new(&r, Token::generate());
+        assert_eq!(*p.record(), r);
+        for n in [0, 1, 127, 128, 16_383, 16_384, 70_000, usize::MAX] {
+            let mut buf = Vec::new();
+            put_len(&mut buf, n);
+            assert_eq!(buf.len(), len_size(n), "{n}");
+            assert_eq!(Reader { buf: &buf, pos: 0 }.len(), n, "{n}");
+        }
+    }
+
+    #[test]
+    fn an_operation_id_an_empty_response_and_old_times_read_back() {
+        let mut r = record(vec![], b"");
+        r.completed_at = UNIX_EPOCH - Duration::new(5, 7);
+        r.expires_at = UNIX_EPOCH + Duration::new(0, 1);
+        let id = OperationId::generate();
+        let token = Token::generate();
+        let p = Packed::new(&r, token).with_operation(id);
+        assert_eq!(*p.record(), r);
+        assert_eq!(p.operation(), Some(id));
+        assert_eq!(p.token(), token);
+        let other = OperationId::generate();
+        let p = p.with_operation(other);
+        assert_eq!(*p.record(), r);
+        assert_eq!(p.operation(), Some(other));
+        assert_eq!(p.token(), token);
+    }
+}
