@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use ::redis::{Script, Value};
 
+use super::invoke::{Invocation, Tagged};
 use super::reply::ttl_ms;
 use super::RedisStore;
 use crate::key::StoreKey;
@@ -47,13 +48,22 @@ impl RedisStore {
         k
     }
 
+    /// `key`'s job key as a call argument, written in place.
+    pub(super) fn job_arg<'a>(&'a self, key: &'a StoreKey) -> Tagged<'a> {
+        Tagged {
+            prefix: self.prefix(),
+            tag: key.as_str(),
+            suffix: ":job",
+        }
+    }
+
     pub(super) async fn job_begin(
         &self,
         key: &StoreKey,
         keep: Duration,
     ) -> Result<u32, StoreError> {
-        let mut inv = self.inner.scripts.job.begin.prepare_invoke();
-        inv.key(self.job_key(key)).arg(ttl_ms(keep));
+        let mut inv = Invocation::new(&self.inner.scripts.job.begin, 1);
+        inv.key(self.job_arg(key)).arg(ttl_ms(keep));
         match self.eval(inv).await? {
             Value::Int(n) => u32::try_from(n).map_err(|_| corrupt("attempts out of range")),
             other => Err(corrupt(&format!(
@@ -69,8 +79,8 @@ impl RedisStore {
         error: Option<&str>,
         keep: Duration,
     ) -> Result<Fence, StoreError> {
-        let mut inv = self.inner.scripts.job.end.prepare_invoke();
-        inv.key(self.job_key(key)).arg(attempt).arg(ttl_ms(keep));
+        let mut inv = Invocation::new(&self.inner.scripts.job.end, 1);
+        inv.key(self.job_arg(key)).arg(attempt).arg(ttl_ms(keep));
         if let Some(e) = error {
             inv.arg(e);
         }

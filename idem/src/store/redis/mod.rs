@@ -157,7 +157,7 @@ use std::time::{Duration, SystemTime};
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Client, Cmd, ErrorKind, RedisError, Script, ScriptInvocation, Value};
+use ::redis::{Client, Cmd, ErrorKind, RedisError, Script, ServerErrorKind, Value};
 
 use super::background::{self, AbortOnDrop, Listening};
 use super::{
@@ -166,10 +166,12 @@ use super::{
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, Token};
+use invoke::{token_hex, Headers, Hex, Invocation, Tagged};
 use queue::Follow;
-use reply::{encode_headers, epoch_ms, token_hex, ttl_ms, Reply};
+use reply::{epoch_ms, ttl_ms, Reply};
 use subscriber::Subscriber;
 
+mod invoke;
 mod job;
 mod queue;
 mod reply;
@@ -219,10 +221,20 @@ enum Conn {
 }
 
 impl Conn {
-    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, RedisError> {
-        match self {
-            Conn::Standalone(c) => invocation.invoke_async(&mut c.clone()).await,
-            Conn::Cluster(c) => invocation.invoke_async(&mut c.clone()).await,
+    /// Sends the script's `EVALSHA`; when Redis does not know the script
+    /// (`NOSCRIPT`: restarted, flushed, a new node), loads it and sends the
+    /// call again, as `redis::ScriptInvocation` does.
+    async fn invoke(&self, invocation: &Invocation<'_>) -> Result<Value, RedisError> {
+        match self.query(invocation.cmd()).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                let script = invocation.script();
+                match self {
+                    Conn::Standalone(c) => script.load_async(&mut c.clone()).await?,
+                    Conn::Cluster(c) => script.load_async(&mut c.clone()).await?,
+                };
+                self.query(invocation.cmd()).await
+            }
+            result => result,
         }
     }
 
@@ -356,7 +368,10 @@ impl RedisStoreBuilder {
         let client = self.client(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.timeout))
+            // Every call is bounded by `call` (its deadline covers the retry
+            // too); a second, per-request timer inside the connection would
+            // only cost a timer entry per call. The crate's default is 500 ms.
+            .set_response_timeout(None)
             // Fail fast while Redis is down (the next call tries again)
             // rather than hold callers in a long retry loop.
             .set_number_of_retries(1)
@@ -528,10 +543,19 @@ impl RedisStore {
         k
     }
 
+    /// `key`'s record key as a call argument, written in place.
+    fn record_arg<'a>(&'a self, key: &'a StoreKey) -> Tagged<'a> {
+        Tagged {
+            prefix: &self.inner.prefix,
+            tag: key.as_str(),
+            suffix: "",
+        }
+    }
+
     /// Runs one script within the time-out; once more, with the same
     /// arguments and within the same time-out, when the connection was
     /// found dropped (see "Connections and failures" in the module docs).
-    async fn eval(&self, invocation: ScriptInvocation<'_>) -> Result<Value, StoreError> {
+    async fn eval(&self, invocation: Invocation<'_>) -> Result<Value, StoreError> {
         self.call(|| self.inner.conn.invoke(&invocation)).await
     }
 
@@ -573,7 +597,7 @@ impl RedisStore {
     async fn fenced(
         &self,
         key: &StoreKey,
-        invocation: ScriptInvocation<'_>,
+        invocation: Invocation<'_>,
         follow: Follow,
     ) -> Result<Fence, StoreError> {
         match self.eval(invocation).await? {
@@ -605,9 +629,9 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<Reservation, StoreError> {
         let token = Token::generate();
-        let mut inv = self.inner.scripts.reserve.prepare_invoke();
-        inv.key(self.record_key(key))
-            .arg(fingerprint.to_hex())
+        let mut inv = Invocation::new(&self.inner.scripts.reserve, 1);
+        inv.key(self.record_arg(key))
+            .arg(Hex(fingerprint.0))
             .arg(token_hex(token))
             .arg(ttl_ms(lease))
             .arg(epoch_ms(SystemTime::now()));
@@ -634,13 +658,13 @@ impl Store for RedisStore {
         retention: Duration,
     ) -> Result<Fence, StoreError> {
         let response = &record.response;
-        let mut inv = self.inner.scripts.complete.prepare_invoke();
-        inv.key(self.record_key(key))
+        let mut inv = Invocation::new(&self.inner.scripts.complete, 1);
+        inv.key(self.record_arg(key))
             .arg(token_hex(token))
             .arg(ttl_ms(retention))
-            .arg(record.fingerprint.to_hex())
+            .arg(Hex(record.fingerprint.0))
             .arg(response.status)
-            .arg(encode_headers(&response.headers))
+            .arg(Headers(&response.headers))
             .arg(response.body.as_ref())
             .arg(epoch_ms(record.completed_at))
             .arg(epoch_ms(record.expires_at))
@@ -650,8 +674,8 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, key: &StoreKey, token: Token) -> Result<Fence, StoreError> {
-        let mut inv = self.inner.scripts.release.prepare_invoke();
-        inv.key(self.record_key(key))
+        let mut inv = Invocation::new(&self.inner.scripts.release, 1);
+        inv.key(self.record_arg(key))
             .arg(token_hex(token))
             .arg(&self.inner.channel)
             .arg(key.as_str());
@@ -664,16 +688,16 @@ impl Store for RedisStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        let mut inv = self.inner.scripts.extend.prepare_invoke();
-        inv.key(self.record_key(key))
+        let mut inv = Invocation::new(&self.inner.scripts.extend, 1);
+        inv.key(self.record_arg(key))
             .arg(token_hex(token))
             .arg(ttl_ms(lease));
         self.fenced(key, inv, Follow::Schedule).await
     }
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
-        let mut inv = self.inner.scripts.get.prepare_invoke();
-        inv.key(self.record_key(key));
+        let mut inv = Invocation::new(&self.inner.scripts.get, 1);
+        inv.key(self.record_arg(key));
         let mut reply = Reply::new(self.eval(inv).await?)?;
         match reply.tag()?.as_str() {
             "none" => Ok(None),
@@ -688,9 +712,9 @@ impl Store for RedisStore {
     }
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        let mut inv = self.inner.scripts.purge.prepare_invoke();
-        inv.key(self.record_key(key))
-            .key(self.job_key(key))
+        let mut inv = Invocation::new(&self.inner.scripts.purge, 2);
+        inv.key(self.record_arg(key))
+            .key(self.job_arg(key))
             .arg(&self.inner.channel)
             .arg(key.as_str());
         match self.eval(inv).await? {

@@ -101,7 +101,8 @@ use std::time::Duration;
 use ::redis::{cmd, Script, Value};
 use futures_util::future::join_all;
 
-use super::reply::{decode_headers, delay_ms, encode_headers, token_hex, ttl_ms, Reply};
+use super::invoke::{token_hex, Headers, Hex, Invocation};
+use super::reply::{decode_headers, delay_ms, ttl_ms, Reply};
 use super::RedisStore;
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -238,7 +239,7 @@ impl RedisStore {
         keep: Duration,
     ) -> Result<(), StoreError> {
         let (due, age) = self.queue_keys();
-        let mut inv = self.inner.scripts.queue.forget.prepare_invoke();
+        let mut inv = Invocation::new(&self.inner.scripts.queue.forget, 3);
         inv.key(due)
             .key(age)
             .key(self.operation_index_key(id))
@@ -280,7 +281,7 @@ impl RedisStore {
         max_pending: u64,
     ) -> Result<bool, StoreError> {
         let (due, age) = self.queue_keys();
-        let mut inv = self.inner.scripts.queue.offer.prepare_invoke();
+        let mut inv = Invocation::new(&self.inner.scripts.queue.offer, 3);
         inv.key(due)
             .key(age)
             .key(self.operation_index_key(id))
@@ -305,7 +306,7 @@ impl RedisStore {
         // A ticket of its own, so a retry after a lost reply answers the
         // same entries (take.lua).
         let ticket = format!("{:032x}", rand::random::<u128>());
-        let mut inv = self.inner.scripts.queue.take.prepare_invoke();
+        let mut inv = Invocation::new(&self.inner.scripts.queue.take, 2);
         inv.key(self.queue_key("due"))
             .key(self.queue_key(&format!("take:{ticket}")))
             .arg(max)
@@ -332,8 +333,8 @@ impl RedisStore {
         lease: Duration,
     ) -> Result<Option<Claimed>, StoreError> {
         let token = Token::generate();
-        let mut inv = self.inner.scripts.queue.start.prepare_invoke();
-        inv.key(self.record_key(key))
+        let mut inv = Invocation::new(&self.inner.scripts.queue.start, 1);
+        inv.key(self.record_arg(key))
             .arg(id.to_string())
             .arg(token_hex(token))
             .arg(ttl_ms(lease));
@@ -401,13 +402,13 @@ impl Queue for RedisStore {
         max_pending: u64,
     ) -> Result<Enqueued, StoreError> {
         let offered = self.offer(id, key, max_pending).await?;
-        let mut inv = self.inner.scripts.queue.enqueue.prepare_invoke();
-        inv.key(self.record_key(key))
-            .arg(fingerprint.to_hex())
+        let mut inv = Invocation::new(&self.inner.scripts.queue.enqueue, 1);
+        inv.key(self.record_arg(key))
+            .arg(Hex(fingerprint.0))
             .arg(id.to_string())
             .arg(&request.method)
             .arg(&request.uri)
-            .arg(encode_headers(&request.headers))
+            .arg(Headers(&request.headers))
             .arg(request.body.as_ref())
             .arg(if offered { "1" } else { "0" });
         // On an error the offer stays: the record may have been written (a
@@ -500,8 +501,8 @@ impl Queue for RedisStore {
         delay: Duration,
         last_error: &str,
     ) -> Result<Fence, StoreError> {
-        let mut inv = self.inner.scripts.queue.retry.prepare_invoke();
-        inv.key(self.record_key(key))
+        let mut inv = Invocation::new(&self.inner.scripts.queue.retry, 1);
+        inv.key(self.record_arg(key))
             .arg(token_hex(token))
             .arg(delay_ms(delay))
             .arg(last_error);
@@ -525,8 +526,8 @@ impl Queue for RedisStore {
                 ))
             }
         };
-        let mut inv = self.inner.scripts.queue.operation.prepare_invoke();
-        inv.key(self.record_key(&key)).arg(id.to_string());
+        let mut inv = Invocation::new(&self.inner.scripts.queue.operation, 1);
+        inv.key(self.record_arg(&key)).arg(id.to_string());
         let mut reply = Reply::new(self.eval(inv).await?)?;
         let state = match reply.tag()?.as_str() {
             "none" => return Ok(None),
@@ -554,7 +555,7 @@ impl Queue for RedisStore {
 
     async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
         let (due, age) = self.queue_keys();
-        let mut inv = self.inner.scripts.queue.stats.prepare_invoke();
+        let mut inv = Invocation::new(&self.inner.scripts.queue.stats, 2);
         inv.key(due).key(age);
         let mut reply = Reply::new(self.eval(inv).await?)?;
         let pending = reply.ms("count")?;

@@ -8,19 +8,14 @@ use ::redis::Value;
 use bytes::Bytes;
 
 use crate::fingerprint::Fingerprint;
-use crate::record::{CompletedRecord, StoredResponse, Token};
+use crate::record::{CompletedRecord, StoredResponse};
 use crate::store::{OperationId, StoreError};
 
 /// The longest TTL sent to Redis (about 2 000 years): longer ones would
 /// overflow Redis's expiry arithmetic.
 const MAX_TTL: Duration = Duration::from_millis(1 << 46);
 /// Format version of the `headers` field.
-const HEADERS_V1: u8 = 1;
-
-/// A fencing token as the scripts store it: 32 hex digits.
-pub(super) fn token_hex(token: Token) -> String {
-    format!("{:032x}", token.as_u128())
-}
+pub(super) const HEADERS_V1: u8 = 1;
 
 /// A TTL in whole milliseconds, at least 1 (Redis deletes a key given 0).
 pub(super) fn ttl_ms(d: Duration) -> u64 {
@@ -40,7 +35,10 @@ pub(super) fn epoch_ms(t: SystemTime) -> u64 {
 }
 
 /// Encodes headers as version byte, then per header `u32` length + name,
-/// `u32` length + value (big endian).
+/// `u32` length + value (big endian): the reference for the stored layout.
+/// Calls write it straight into the command with
+/// [`Headers`](super::invoke::Headers), which the tests hold to this.
+#[cfg(test)]
 pub(super) fn encode_headers(headers: &[(String, Bytes)]) -> Vec<u8> {
     let size = headers
         .iter()
@@ -271,13 +269,6 @@ mod tests {
         assert_eq!(ttl_ms(Duration::from_micros(1500)), 1);
         assert_eq!(ttl_ms(Duration::from_secs(30)), 30_000);
         assert_eq!(ttl_ms(Duration::MAX), 1 << 46);
-    }
-
-    #[test]
-    fn tokens_are_fixed_width_hex() {
-        assert_eq!(token_hex(Token::from_u128(0)), "0".repeat(32));
-        assert_eq!(token_hex(Token::from_u128(u128::MAX)), "f".repeat(32));
-        assert_eq!(token_hex(Token::from_u128(0xab)).len(), 32);
     }
 
     #[test]

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use ::redis::{cmd, Script, Value};
 
-use super::reply::{token_hex, ttl_ms, Reply};
+use super::invoke::{token_hex, Invocation};
+use super::reply::{ttl_ms, Reply};
 use super::RedisStore;
 use crate::key::StoreKey;
 use crate::record::Token;
@@ -44,7 +45,7 @@ impl RedisStore {
         arg: String,
         token: Token,
     ) -> Result<Fence, StoreError> {
-        let mut inv = script.prepare_invoke();
+        let mut inv = Invocation::new(script, 1);
         inv.key(self.version_key(entity))
             .arg(token_hex(token))
             .arg(arg);
@@ -71,7 +72,7 @@ impl VersionStore for RedisStore {
         lease: Duration,
     ) -> Result<VersionBegin, StoreError> {
         let token = Token::generate();
-        let mut inv = BEGIN.prepare_invoke();
+        let mut inv = Invocation::new(&BEGIN, 1);
         inv.key(self.version_key(entity))
             .arg(version.encoded())
             .arg(token_hex(token))

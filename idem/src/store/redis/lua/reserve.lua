@@ -21,11 +21,11 @@
 -- it is never free to take), and another fingerprint a mismatch.
 --
 -- Atomicity: Redis runs a script to its end before it serves any other
--- command, so nothing can write between the HMGET and the HSET: two
--- reserves of one key are ordered, and only the first finds no record. A
--- lease that ran out is an expired key, which Redis treats as absent on
--- access, so "no record" and "lease ran out" are one case and both take
--- the key. A record in flight under the caller's OWN token means an
+-- command, so nothing can write between the EXISTS (or HMGET) and the
+-- HSET: two reserves of one key are ordered, and only the first finds no
+-- record. A lease that ran out is an expired key, which Redis treats as
+-- absent on access, so "no record" and "lease ran out" are one case and
+-- both take the key. A record in flight under the caller's OWN token means an
 -- earlier call of this same reserve applied and its reply was lost (a
 -- dropped connection, then a retry with the same arguments): the caller
 -- holds the key, so it is 'acquired' again and the lease restarts from
@@ -33,17 +33,18 @@
 -- bits, so no other caller can present it. One key per record: in a
 -- Cluster the script runs on the one node that owns its slot.
 local k = KEYS[1]
-local rec = redis.call('HMGET', k, 'state', 'fp', 'token')
-local state, fp, token = rec[1], rec[2], rec[3]
-
-if not state then
-  if redis.call('EXISTS', k) == 1 then
-    return {'corrupt', 'the record has no state field'}
-  end
+-- No record (the common case, a fresh key): three calls, not a read of
+-- fields that are not there first.
+if redis.call('EXISTS', k) == 0 then
   redis.call('HSET', k, 'state', 'in_flight', 'token', ARGV[2], 'fp', ARGV[1],
     'started_at', ARGV[4])
   redis.call('PEXPIRE', k, ARGV[3])
   return {'acquired'}
+end
+local rec = redis.call('HMGET', k, 'state', 'fp', 'token')
+local state, fp, token = rec[1], rec[2], rec[3]
+if not state then
+  return {'corrupt', 'the record has no state field'}
 end
 
 if state == 'in_flight' and token == ARGV[2] and fp == ARGV[1] then
