@@ -5,8 +5,8 @@
 //! runs the embedded migration (unless disabled), starts ONE listener
 //! connection for notifications and a clean-up task. Everything it runs is
 //! in `src/store/postgres/sql/*.sql`, one file per statement, each with an
-//! `-- Atomicity:` note; the statements are plain strings checked by the
-//! tests, so building needs no database.
+//! `-- Atomicity:` note (sent without their comment lines); the statements
+//! are plain strings checked by the tests, so building needs no database.
 //!
 //! This file holds the builder, the store and its [`Store`] calls; the
 //! rest is split by concern: `row.rs` decodes rows into records,
@@ -529,9 +529,11 @@ impl Statements {
         let table = format!("{quoted}.idem_records");
         let jobs = format!("{quoted}.idem_jobs");
         let fill = |sql: &str| {
-            sql.replace("{schema}", &quoted)
-                .replace("{table}", &table)
-                .replace("{jobs}", &jobs)
+            without_comments(
+                &sql.replace("{schema}", &quoted)
+                    .replace("{table}", &table)
+                    .replace("{jobs}", &jobs),
+            )
         };
         Self {
             migrate: format!("{}\n{}", fill(MIGRATE), fill(version::MIGRATE)),
@@ -551,6 +553,20 @@ impl Statements {
             jobs: job::Statements::new(fill),
         }
     }
+}
+
+/// `sql` without its comment lines (those starting with `--`), as sent:
+/// sqlx finds a connection's prepared statement by its text, hashing and
+/// comparing it on every call, and the files' comments are most of it;
+/// `pg_stat_activity` shows the first 1 KB (by default) of the statement
+/// itself rather than of its comments.
+fn without_comments(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    for line in sql.lines().filter(|l| !l.trim_start().starts_with("--")) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Whether `url` starts with `postgres://` or `postgresql://`, in any case:
@@ -957,8 +973,37 @@ mod tests {
         .chain(s.jobs.all())
         {
             assert!(!sql.contains('{'), "unfilled placeholder in {sql}");
+            assert!(!sql.contains("\n--"), "a comment is sent in {sql}");
+        }
+        for sql in [
+            MIGRATE,
+            RESERVE,
+            COMPLETE,
+            RELEASE,
+            EXTEND,
+            GET,
+            PURGE,
+            CLEANUP,
+            ENQUEUE,
+            CLAIM,
+            RETRY,
+            OPERATION,
+            QUEUE_STATS,
+        ]
+        .into_iter()
+        .chain(job::Statements::SOURCES)
+        {
             assert!(sql.contains("-- Atomicity:"), "no atomicity note in {sql}");
         }
+    }
+
+    #[test]
+    fn comment_lines_are_dropped() {
+        assert_eq!(
+            without_comments("-- a\nSELECT 1 -- b\n  -- c\nFROM t\n"),
+            "SELECT 1 -- b\nFROM t\n"
+        );
+        assert!(Statements::new("idem").reserve.starts_with("INSERT INTO"));
     }
 
     #[test]
