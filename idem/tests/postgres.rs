@@ -456,6 +456,47 @@ async fn listener_pid(store: &PostgresStore) -> Option<i32> {
     .unwrap()
 }
 
+/// A pooled connection is not pinged each time it is taken from the pool
+/// (sqlx pinged it when it came back), only after it sat idle for a
+/// while: one that died meanwhile, say a server restart, is then replaced
+/// before any statement runs on it, and the call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_that_died_is_replaced_before_use() {
+    use sqlx::Connection as _;
+    // One pooled connection, so the next call must take the one killed;
+    // a name of its own, to find it by.
+    let url = services::database_url();
+    let name = pg::fresh_schema();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let builder = PostgresStore::builder(format!("{url}{sep}application_name={name}"))
+        .schema(&name)
+        .max_connections(1)
+        .timeout(Duration::from_secs(10));
+    let Some(store) = pg::connect(builder).await else {
+        return;
+    };
+    let a = key("idle-a");
+    acquire(&store, &a, fp("a"), LEASE).await;
+    // Kill it from a connection of our own (the store's listener, under
+    // the same name, is left alone).
+    let mut own = sqlx::PgConnection::connect(&url).await.unwrap();
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = $1 AND NOT starts_with(query, 'LISTEN')",
+    )
+    .bind(&name)
+    .fetch_one(&mut own)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "the pooled connection was found and killed");
+    own.close().await.unwrap();
+    // Idle for longer than the store lets a connection go unchecked.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let b = key("idle-b");
+    acquire(&store, &b, fp("b"), LEASE).await;
+    pg::drop_schema(&store).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_listener_reconnects_and_wakes_every_waiter() {
     let Some(store) = pg::store().await else {

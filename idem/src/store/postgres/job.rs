@@ -43,6 +43,10 @@ impl Statements {
     pub(super) fn all(&self) -> [&String; 4] {
         [&self.begin, &self.end, &self.get, &self.cleanup]
     }
+
+    /// The statements as written, comments included.
+    #[cfg(test)]
+    pub(super) const SOURCES: [&str; 4] = [BEGIN, END, GET, CLEANUP];
 }
 
 impl PostgresStore {
