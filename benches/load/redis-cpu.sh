@@ -2,6 +2,8 @@
 # CPU per fresh POST of `idem serve` on the Redis store, next to nginx as a
 # plain proxy, in interleaved rounds of one run; compares builds:
 #   IDEM_BINS="/tmp/idem-before /tmp/idem-after" ROUNDS=3 benches/load/redis-cpu.sh
+# STORE="memory" (or a postgres:// URL) runs the same comparison on that
+# store; the Redis columns then read Redis idle.
 # Per round and target: req/s, p99, CPU µs per request of the proxy process
 # split into user and system time (utime, stime from /proc/PID/stat around
 # the wrk run), the Redis server's own CPU µs per request (its /proc stat:
@@ -17,6 +19,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 bins=${IDEM_BINS:-$root/target/release/idem}
+store=${STORE:-redis://127.0.0.1:6379}
 rounds=${ROUNDS:-3}; dur=${DURATION:-5s}; conns=${CONNECTIONS:-64}; threads=${THREADS:-2}
 tmp=/tmp/idem-redis-cpu; mkdir -p "$tmp"
 hz=$(getconf CLK_TCK)
@@ -51,8 +54,8 @@ declare -a names gw
 i=0
 for b in $bins; do
   port=$((8193 + i))
-  printf 'listen = "127.0.0.1:%s"\nupstream = "http://127.0.0.1:3190"\nstore = "redis://127.0.0.1:6379"\n[defaults]\nretention = "10m"\n' \
-    "$port" > "$tmp/idem-$i.toml"
+  printf 'listen = "127.0.0.1:%s"\nupstream = "http://127.0.0.1:3190"\nstore = "%s"\n[defaults]\nretention = "10m"\n' \
+    "$port" "$store" > "$tmp/idem-$i.toml"
   IDEM_LOG=warn "$b" serve --config "$tmp/idem-$i.toml" 2>"$tmp/idem-$i.log" &
   gw[i]=$!; pids+=($!); names[i]="idem$i"
   echo "# idem$i = $b (:$port)"
@@ -102,6 +105,9 @@ END { for (r in rounds) for (i = 1; i <= k; i++) { t = order[i]
   for (i = 1; i <= k; i++) { t = order[i]
     printf "%-8s %8.0f %7.1f %7.1f %7.1f %7.1f | %5.2f %5.2f\n", t, median(R[t]), median(C[t]), median(U[t]), median(S[t]), median(D[t]), median(X[t]), median(Y[t]) } }
 ' "$results"
+
+echo "# resident memory after the rounds (every fresh request stored a record)"
+for j in "${!gw[@]}"; do echo "idem$j $(awk '/^VmRSS/ {print $2, $3}' "/proc/${gw[j]}/status")"; done
 
 if [ -n "${STRACE:-}" ]; then
   echo "# syscalls per request (strace -c -f, one ${dur} wrk run each; slowed down by strace)"
