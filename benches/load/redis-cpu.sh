@@ -3,7 +3,9 @@
 # plain proxy, in interleaved rounds of one run; compares builds:
 #   IDEM_BINS="/tmp/idem-before /tmp/idem-after" ROUNDS=3 benches/load/redis-cpu.sh
 # STORE="memory" (or a postgres:// URL) runs the same comparison on that
-# store; the Redis columns then read Redis idle.
+# store; the Redis columns then read Redis idle. EXTRA0, EXTRA1, … are
+# TOML lines appended to the configuration of gateway 0, 1, … (the same
+# binary twice compares settings: EXTRA1=$'[limits]\nlocal_cache_bytes = 0').
 # Per round and target: req/s, p99, CPU µs per request of the proxy process
 # split into user and system time (utime, stime from /proc/PID/stat around
 # the wrk run), the Redis server's own CPU µs per request (its /proc stat:
@@ -56,6 +58,7 @@ for b in $bins; do
   port=$((8193 + i))
   printf 'listen = "127.0.0.1:%s"\nupstream = "http://127.0.0.1:3190"\nstore = "%s"\n[defaults]\nretention = "10m"\n' \
     "$port" "$store" > "$tmp/idem-$i.toml"
+  extra="EXTRA$i"; printf '%s\n' "${!extra:-}" >> "$tmp/idem-$i.toml"
   IDEM_LOG=warn "$b" serve --config "$tmp/idem-$i.toml" 2>"$tmp/idem-$i.log" &
   gw[i]=$!; pids+=($!); names[i]="idem$i"
   echo "# idem$i = $b (:$port)"

@@ -145,12 +145,11 @@ impl<S: Store> Engine<S> {
                     .unwrap_or_else(|_| Err(StoreError::Timeout(started.elapsed())))
             };
             let error = match r {
-                Ok(Fence::Held) => {
-                    if let Some(c) = &self.inner.cache {
-                        c.insert(key.clone(), record);
-                    }
-                    return;
-                }
+                // Stored. The local cache takes the answer only once it
+                // is replayed (`replayed`): most keys never are, and
+                // caching every fresh answer cost CPU per request and
+                // pushed the retried ones out.
+                Ok(Fence::Held) => return,
                 Ok(Fence::Lost) => return self.fenced(key, "complete"),
                 Err(error) => error,
             };

@@ -115,7 +115,8 @@ impl<R> Outcome<R> {
 pub struct EngineConfig {
     /// Every store call is abandoned after this long.
     pub store_timeout: Duration,
-    /// Bytes of completed records kept in the local cache (0 disables it).
+    /// Bytes of completed records kept in the local cache (0 disables it):
+    /// each entry counts its key, its answer and 512 bytes of bookkeeping.
     pub local_cache_bytes: u64,
     /// Longest pause between two polls of a waited-on key (the fallback
     /// for lost notifications).
@@ -175,6 +176,13 @@ struct Inner<S> {
 
 struct CacheExpiry;
 
+/// What one local-cache entry costs beyond its key and its answer's
+/// weight: the cache's own bookkeeping (entry, hash-table slot, access and
+/// expiry order) and the allocator's rounding. Measured at ~600 bytes per
+/// entry with 100-byte answers (BENCHMARKS.md); counted in the weight so
+/// that `local_cache_bytes` bounds the memory the cache really holds.
+const CACHE_ENTRY_OVERHEAD: usize = 512;
+
 impl moka::Expiry<StoreKey, Arc<CompletedRecord>> for CacheExpiry {
     fn expire_after_create(
         &self,
@@ -200,7 +208,8 @@ impl<S: Store> Engine<S> {
             moka::sync::Cache::builder()
                 .max_capacity(config.local_cache_bytes)
                 .weigher(|k: &StoreKey, v: &Arc<CompletedRecord>| {
-                    u32::try_from(k.as_str().len() + v.response.weight()).unwrap_or(u32::MAX)
+                    u32::try_from(k.as_str().len() + v.response.weight() + CACHE_ENTRY_OVERHEAD)
+                        .unwrap_or(u32::MAX)
                 })
                 .expire_after(CacheExpiry)
                 .build()
@@ -335,9 +344,12 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// A replayed answer, which the local cache keeps from now on: a key
+    /// retried once tends to be retried again. The waiters of one key all
+    /// come here with the same record; the first one caches it.
     fn replayed(&self, key: &StoreKey, record: Arc<CompletedRecord>) -> Arc<CompletedRecord> {
         Metrics::inc(&self.inner.metrics.replayed);
-        if let Some(c) = &self.inner.cache {
+        if let Some(c) = self.inner.cache.as_ref().filter(|c| !c.contains_key(key)) {
             c.insert(key.clone(), Arc::clone(&record));
         }
         record

@@ -334,7 +334,7 @@ fn operation_request(parts: &Parts, body: Bytes) -> OperationRequest {
             .path_and_query()
             .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
         headers,
-        body,
+        body: super::response::owned(body),
     }
 }
 

@@ -82,7 +82,22 @@ pub fn capture(status: http::StatusCode, headers: &HeaderMap, body: Bytes) -> St
             })
             .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
             .collect(),
-        body,
+        body: owned(body),
+    }
+}
+
+/// `body` in an allocation of its own, sized to it. A body read in one
+/// piece is a view into the HTTP client's read buffer (8 KB and up): kept
+/// as it is, every record in the local cache (or a waiter's copy) would
+/// keep that whole buffer alive, ~10 KB of memory per 100-byte answer that
+/// the cache's byte bound does not see. A body already alone in a buffer
+/// of about its size (collected from several pieces) is kept as it is.
+/// Async mode keeps a pending operation's request body by it too.
+pub(super) fn owned(body: Bytes) -> Bytes {
+    match body.try_into_mut() {
+        Ok(alone) if alone.capacity() <= alone.len() + alone.len() / 8 + 64 => alone.freeze(),
+        Ok(alone) => Bytes::copy_from_slice(&alone),
+        Err(shared) => Bytes::copy_from_slice(&shared),
     }
 }
 
@@ -144,5 +159,42 @@ pub(super) fn respond<B, E>(
         )
         .retry_after(Duration::from_secs(1))
         .to_response()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body that is a slice of a larger buffer (as hyper hands out a
+    /// body read in one piece) is stored in an allocation of its own, so a
+    /// cached record does not keep the whole buffer alive.
+    #[test]
+    fn a_captured_body_does_not_keep_the_read_buffer_alive() {
+        let buffer = Bytes::from(vec![7_u8; 16 * 1024]);
+        let body = buffer.slice(100..200);
+        let stored = capture(http::StatusCode::CREATED, &HeaderMap::new(), body);
+        drop(buffer);
+        assert_eq!(stored.body, Bytes::from(vec![7_u8; 100]));
+        let alone = stored
+            .body
+            .try_into_mut()
+            .expect("the stored body is the only view of its allocation");
+        assert!(alone.capacity() < 1024, "capacity {}", alone.capacity());
+    }
+
+    /// A body already alone in a buffer of its size is not copied.
+    #[test]
+    fn a_body_alone_in_its_buffer_is_kept() {
+        let body = Bytes::from(vec![1_u8; 4096]);
+        let at = body.as_ptr();
+        let stored = capture(http::StatusCode::OK, &HeaderMap::new(), body);
+        assert_eq!(stored.body.as_ptr(), at);
+        assert_eq!(
+            capture(http::StatusCode::OK, &HeaderMap::new(), Bytes::new())
+                .body
+                .len(),
+            0
+        );
     }
 }
