@@ -4,9 +4,11 @@
 //! `Arc` around it, the header list, each header's name and value, the
 //! body), each with the allocator's rounding and header: about 620 bytes
 //! for a 100-byte body and two headers. Packed, the same record is one
-//! allocation of its bytes plus 90 or so: the fingerprint, the completing
+//! allocation of its bytes plus 80 or so: the fingerprint, the completing
 //! holder's token, the operation id if it was one, both times, the status,
-//! each header as its length and bytes, then the body.
+//! each header as its length and bytes, then the body. Lengths and times
+//! are LEB128 varints, and the expiry is written as its distance from the
+//! completion (the retention, a few bytes) rather than as a second date.
 //!
 //! Reading it back ([`Packed::record`]) builds a `CompletedRecord` whose
 //! header values and body are slices of the buffer (a reference count, no
@@ -33,7 +35,9 @@ const OPERATION: Range<usize> = 49..65;
 /// `FLAGS` bits.
 const HAS_OPERATION: u8 = 1;
 const COMPLETED_BEFORE_EPOCH: u8 = 2;
-const EXPIRES_BEFORE_EPOCH: u8 = 4;
+/// The expiry is before the completion (never written by the engine, but
+/// a record is kept as it was given).
+const EXPIRES_BEFORE_COMPLETED: u8 = 4;
 
 /// A completed record, the token of the holder that completed it and the
 /// id of the operation it finished (if it was one), in one buffer.
@@ -45,8 +49,15 @@ impl Packed {
     /// values and body once).
     pub(super) fn new(record: &CompletedRecord, token: Token) -> Self {
         let response = &record.response;
+        let (completed, completed_before) = since_epoch(record.completed_at);
+        let (retention, expires_before) =
+            match record.expires_at.duration_since(record.completed_at) {
+                Ok(d) => (d, false),
+                Err(e) => (e.duration(), true),
+            };
         let len = OPERATION.start
-            + 2 * 12
+            + time_size(completed)
+            + time_size(retention)
             + 2
             + len_size(response.headers.len())
             + response
@@ -58,21 +69,19 @@ impl Packed {
         let mut buf = Vec::with_capacity(len);
         buf.extend_from_slice(&record.fingerprint.0);
         buf.extend_from_slice(&token.as_u128().to_le_bytes());
-        let (completed, completed_before) = since_epoch(record.completed_at);
-        let (expires, expires_before) = since_epoch(record.expires_at);
         let flags = if completed_before {
             COMPLETED_BEFORE_EPOCH
         } else {
             0
         } | if expires_before {
-            EXPIRES_BEFORE_EPOCH
+            EXPIRES_BEFORE_COMPLETED
         } else {
             0
         };
         buf.push(flags);
-        for d in [completed, expires] {
-            buf.extend_from_slice(&d.as_secs().to_le_bytes());
-            buf.extend_from_slice(&d.subsec_nanos().to_le_bytes());
+        for d in [completed, retention] {
+            put_varint(&mut buf, d.as_secs());
+            put_varint(&mut buf, u64::from(d.subsec_nanos()));
         }
         buf.extend_from_slice(&response.status.to_le_bytes());
         put_len(&mut buf, response.headers.len());
@@ -146,8 +155,16 @@ impl Packed {
                 OPERATION.start
             },
         };
-        let completed_at = r.time(flags & COMPLETED_BEFORE_EPOCH != 0);
-        let expires_at = r.time(flags & EXPIRES_BEFORE_EPOCH != 0);
+        let completed_at = shift(
+            UNIX_EPOCH,
+            r.duration(),
+            flags & COMPLETED_BEFORE_EPOCH != 0,
+        );
+        let expires_at = shift(
+            completed_at,
+            r.duration(),
+            flags & EXPIRES_BEFORE_COMPLETED != 0,
+        );
         let status = u16::from_le_bytes(r.array());
         let count = r.len();
         // Each header takes at least 2 bytes: a corrupt count (never
@@ -185,9 +202,20 @@ fn since_epoch(t: SystemTime) -> (Duration, bool) {
     }
 }
 
-/// A length as LEB128: seven bits a byte, low bits first, the high bit
+/// `t` moved by `d`, back if `before`; the epoch if out of range (never
+/// for a time that was packed).
+fn shift(t: SystemTime, d: Duration, before: bool) -> SystemTime {
+    let t = if before {
+        t.checked_sub(d)
+    } else {
+        t.checked_add(d)
+    };
+    t.unwrap_or(UNIX_EPOCH)
+}
+
+/// A number as LEB128: seven bits a byte, low bits first, the high bit
 /// set on every byte but the last (one byte below 128).
-fn put_len(buf: &mut Vec<u8>, mut n: usize) {
+fn put_varint(buf: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         // Truncation to the low seven bits is the encoding.
         buf.push((n & 0x7f) as u8 | 0x80);
@@ -196,14 +224,29 @@ fn put_len(buf: &mut Vec<u8>, mut n: usize) {
     buf.push(n as u8);
 }
 
-/// Bytes `put_len` writes for `n`.
-fn len_size(mut n: usize) -> usize {
+/// Bytes `put_varint` writes for `n`.
+fn varint_size(mut n: u64) -> usize {
     let mut size = 1;
     while n >= 0x80 {
         n >>= 7;
         size += 1;
     }
     size
+}
+
+/// A length, as `put_varint` writes it.
+fn put_len(buf: &mut Vec<u8>, n: usize) {
+    put_varint(buf, n as u64);
+}
+
+/// Bytes `put_len` writes for `n`.
+fn len_size(n: usize) -> usize {
+    varint_size(n as u64)
+}
+
+/// Bytes a duration takes: its seconds, then its nanoseconds.
+fn time_size(d: Duration) -> usize {
+    varint_size(d.as_secs()) + varint_size(u64::from(d.subsec_nanos()))
 }
 
 fn u128_at(buf: &[u8], at: Range<usize>) -> u128 {
@@ -242,13 +285,13 @@ impl Reader<'_> {
         out
     }
 
-    /// A length `put_len` wrote.
-    fn len(&mut self) -> usize {
-        let mut n = 0usize;
+    /// A number `put_varint` wrote.
+    fn varint(&mut self) -> u64 {
+        let mut n = 0u64;
         let mut shift = 0;
         while let Some(&b) = self.buf.get(self.pos) {
             self.pos += 1;
-            n |= usize::from(b & 0x7f).checked_shl(shift).unwrap_or(0);
+            n |= u64::from(b & 0x7f).checked_shl(shift).unwrap_or(0);
             shift += 7;
             if b & 0x80 == 0 {
                 break;
@@ -257,16 +300,16 @@ impl Reader<'_> {
         n
     }
 
-    fn time(&mut self, before_epoch: bool) -> SystemTime {
-        let secs = u64::from_le_bytes(self.array());
-        let nanos = u32::from_le_bytes(self.array());
-        let d = Duration::new(secs, nanos);
-        let t = if before_epoch {
-            UNIX_EPOCH.checked_sub(d)
-        } else {
-            UNIX_EPOCH.checked_add(d)
-        };
-        t.unwrap_or(UNIX_EPOCH)
+    /// A length `put_len` wrote.
+    fn len(&mut self) -> usize {
+        usize::try_from(self.varint()).unwrap_or(usize::MAX)
+    }
+
+    /// A duration `Packed::new` wrote: seconds, then nanoseconds.
+    fn duration(&mut self) -> Duration {
+        let secs = self.varint();
+        let nanos = u32::try_from(self.varint()).unwrap_or(0);
+        Duration::new(secs, nanos.min(999_999_999))
     }
 }
 
@@ -334,6 +377,18 @@ mod tests {
     #[test]
     fn an_operation_id_an_empty_response_and_old_times_read_back() {
         let mut r = record(vec![], b"");
+        r.completed_at = UNIX_EPOCH - Duration::new(5, 7);
+        r.expires_at = UNIX_EPOCH + Duration::new(0, 1);
+        let p = Packed::new(&r, Token::generate());
+        assert_eq!(*p.record(), r);
+        // An expiry before the completion, and times far from the epoch.
+        r.completed_at = UNIX_EPOCH + Duration::new(u64::from(u32::MAX) * 4, 999_999_999);
+        r.expires_at = r.completed_at - Duration::new(3, 999_999_999);
+        let p = Packed::new(&r, Token::generate());
+        assert_eq!(*p.record(), r);
+        r.expires_at = r.completed_at + Duration::new(1 << 40, 1);
+        let p = Packed::new(&r, Token::generate());
+        assert_eq!(*p.record(), r);
         r.completed_at = UNIX_EPOCH - Duration::new(5, 7);
         r.expires_at = UNIX_EPOCH + Duration::new(0, 1);
         let id = OperationId::generate();
