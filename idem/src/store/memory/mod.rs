@@ -179,23 +179,71 @@ struct Shard {
     /// enqueue until it is done: oldest accepted first.
     operations: BTreeMap<u64, StoreKey>,
     next_seq: u64,
+    /// What the entries' deadlines count from.
+    epoch: Epoch,
 }
 
+/// The instant a shard's deadlines count from, in nanoseconds: an entry
+/// keeps its deadline in 8 bytes rather than an `Instant`'s 16. Deadlines
+/// are clamped ([`Epoch::clamp`]) to what 8 bytes hold (from the store's
+/// creation to 584 years after it) before they are used anywhere, so the
+/// index entries, which keep `Instant`s, always agree with the entry's.
+#[derive(Debug, Clone, Copy)]
+struct Epoch(Instant);
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Self(Instant::now())
+    }
+}
+
+impl Epoch {
+    /// `t` in nanoseconds since the epoch, saturating at both ends.
+    fn ticks(self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.0).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The instant `ticks` after the epoch.
+    fn at(self, ticks: u64) -> Instant {
+        self.0 + Duration::from_nanos(ticks)
+    }
+
+    /// `t` within what [`ticks`](Self::ticks) holds exactly.
+    fn clamp(self, t: Instant) -> Instant {
+        self.at(self.ticks(t))
+    }
+}
+
+/// A record: 56 bytes in the map, its key beside it. Its weight (what it
+/// is charged against the byte bound) is not kept but worked out from its
+/// state and key when it is needed ([`Entry::weight`]), always the same.
 #[derive(Debug)]
 struct Entry {
     seq: u64,
     /// When the record expires; for an operation, when it is next
-    /// claimable (its due time, or the end of its dispatcher's lease).
-    deadline: Instant,
-    weight: u64,
+    /// claimable (its due time, or the end of its dispatcher's lease). In
+    /// the shard's [`Epoch`] ticks.
+    deadline: u64,
     state: State,
 }
 
 impl Entry {
-    /// Whether the record reads as gone (or, for a lease, free to take).
-    /// An operation never expires: its deadline only makes it claimable.
-    fn expired(&self, now: Instant) -> bool {
+    /// Whether the record reads as gone (or, for a lease, free to take),
+    /// `now` in ticks. An operation never expires: its deadline only makes
+    /// it claimable.
+    fn expired(&self, now: u64) -> bool {
         self.deadline <= now && !self.is_operation()
+    }
+
+    /// What the record is charged against the byte bound, `key` being its
+    /// key: what `reserve`, `enqueue` and `complete` charged for it.
+    fn weight(&self, key: &StoreKey) -> u64 {
+        key_weight(key)
+            + match &self.state {
+                State::InFlight(_) => 0,
+                State::Operation(op) => op.weight(),
+                State::Completed(packed) => record_weight(packed),
+            }
     }
 
     fn is_operation(&self) -> bool {
@@ -354,9 +402,11 @@ fn key_weight(key: &StoreKey) -> u64 {
 }
 
 /// What a completed record adds to its key's weight: its packed buffer and
-/// the allocator's due on it.
+/// the allocator's due on it. The id of the operation it finished, if it
+/// was one, is not counted: it is packed in under the shard's lock, after
+/// the weight was charged.
 fn record_weight(record: &Packed) -> u64 {
-    (record.len() + 16) as u64
+    (record.len_without_operation() + 16) as u64
 }
 
 impl Shard {
@@ -374,6 +424,8 @@ impl Shard {
     /// operation id included), and gives its weight back.
     fn remove(&mut self, key: &StoreKey, shared: &Shared) -> Option<Entry> {
         let (key, entry) = self.map.swap_remove_entry(key)?;
+        let weight = entry.weight(&key);
+        let deadline = self.epoch.at(entry.deadline);
         match &entry.state {
             State::Operation(op) => {
                 self.operations.remove(&entry.seq);
@@ -389,8 +441,8 @@ impl Shard {
             State::InFlight(_) => {}
         }
         self.times(entry.is_operation())
-            .remove(&(entry.deadline, entry.seq, key));
-        shared.usage.refund(entry.weight, 1);
+            .remove(&(deadline, entry.seq, key));
+        shared.usage.refund(weight, 1);
         Some(entry)
     }
 
@@ -406,7 +458,8 @@ impl Shard {
     }
 
     /// Adds a record whose weight and entry the caller has already charged.
-    fn insert(&mut self, key: StoreKey, deadline: Instant, weight: u64, state: State) {
+    fn insert(&mut self, key: StoreKey, deadline: Instant, state: State) {
+        let deadline = self.epoch.clamp(deadline);
         let seq = self.next_seq;
         self.next_seq += 1;
         match state {
@@ -423,8 +476,7 @@ impl Shard {
             key,
             Entry {
                 seq,
-                deadline,
-                weight,
+                deadline: self.epoch.ticks(deadline),
                 state,
             },
         );
@@ -432,13 +484,15 @@ impl Shard {
 
     /// Moves the entry's deadline (and its index entry; the seq stays).
     fn set_deadline(&mut self, key: &StoreKey, deadline: Instant) {
+        let epoch = self.epoch;
+        let deadline = epoch.clamp(deadline);
         if let Some((k, e)) = self.map.get_key_value(key) {
-            let old = (e.deadline, e.seq, k.clone());
+            let old = (epoch.at(e.deadline), e.seq, k.clone());
             let times = self.times(e.is_operation());
             times.remove(&old);
             times.insert((deadline, old.1, old.2));
             if let Some(e) = self.map.get_mut(key) {
-                e.deadline = deadline;
+                e.deadline = epoch.ticks(deadline);
             }
         }
     }
@@ -463,6 +517,7 @@ impl Shard {
     /// Drops every record whose deadline has passed; how many went.
     fn sweep(&mut self, now: Instant, shared: &Shared) -> usize {
         let mut freed = 0;
+        let now_ticks = self.epoch.ticks(now);
         while self
             .expirations
             .first()
@@ -479,7 +534,7 @@ impl Shard {
         // came after (if it is not). Stale entries on the way are dropped.
         while let Some((seq, key)) = self.completed.front() {
             match self.map.get(key) {
-                Some(e) if e.seq == *seq && e.deadline > now => break,
+                Some(e) if e.seq == *seq && e.deadline > now_ticks => break,
                 Some(e) if e.seq == *seq => {
                     if let Some((seq, key)) = self.completed.pop_front() {
                         freed += usize::from(self.remove_version(&key, seq, shared));
@@ -515,6 +570,7 @@ impl Shard {
 
     /// The live entry under `key`, dropping it first if it has expired.
     fn live(&mut self, key: &StoreKey, now: Instant, shared: &Shared) -> Option<&mut Entry> {
+        let now = self.epoch.ticks(now);
         if self.map.get(key).is_some_and(|e| e.expired(now)) {
             // An expired completed record is gone; an expired lease is free
             // to take over. Either way it reads as "no record".
@@ -541,16 +597,17 @@ impl Shard {
         &mut self,
         key: &StoreKey,
         deadline: Instant,
-        weight: u64,
         record: Packed,
         shared: &Shared,
     ) {
+        let epoch = self.epoch;
+        let deadline = epoch.clamp(deadline);
         let seq = self.next_seq;
         self.next_seq += 1;
         let Some(e) = self.map.get_mut(key) else {
             return;
         };
-        let old = (e.deadline, e.seq, key.clone());
+        let old = (epoch.at(e.deadline), e.seq, key.clone());
         let id = match &e.state {
             State::Operation(op) => Some(op.id),
             State::InFlight(_) | State::Completed(..) => None,
@@ -563,8 +620,7 @@ impl Shard {
         };
         *e = Entry {
             seq,
-            deadline,
-            weight,
+            deadline: epoch.ticks(deadline),
             state: State::Completed(record),
         };
         if id.is_some() {
@@ -591,17 +647,19 @@ impl Store for MemoryStore {
         let mut charged = false;
         loop {
             let mut shard = self.shard(key);
+            let epoch = shard.epoch;
             if let Some(entry) = shard.live(key, now, &self.shared) {
+                let deadline = epoch.at(entry.deadline);
                 let found = match &entry.state {
                     State::InFlight(held) if held.fingerprint != fingerprint => {
                         Reservation::Mismatch
                     }
                     State::InFlight(_) => Reservation::InFlight {
-                        lease_remaining: entry.deadline - now,
+                        lease_remaining: deadline - now,
                     },
                     State::Operation(op) if op.fingerprint != fingerprint => Reservation::Mismatch,
                     State::Operation(_) => Reservation::InFlight {
-                        lease_remaining: queue::remaining(entry.deadline, now),
+                        lease_remaining: queue::remaining(deadline, now),
                     },
                     State::Completed(p) if p.fingerprint() != fingerprint => Reservation::Mismatch,
                     State::Completed(p) => Reservation::Completed(p.record()),
@@ -624,7 +682,6 @@ impl Store for MemoryStore {
             shard.insert(
                 key.clone(),
                 now + lease,
-                weight,
                 State::InFlight(Box::new(Held {
                     token,
                     fingerprint,
@@ -668,7 +725,8 @@ impl Store for MemoryStore {
                     .is_some_and(|e| matches!(&e.state, State::Completed(p) if p.token() == token));
                 return Ok(if already { Fence::Held } else { Fence::Lost });
             };
-            let need = weight.saturating_sub(held.weight);
+            let held_weight = held.weight(key);
+            let need = weight.saturating_sub(held_weight);
             if charged < need && !usage.try_charge(need - charged, 0) {
                 // Room is made with the shard unlocked, so the holder's own
                 // entry is never touched by it (eviction spares in-flight
@@ -681,18 +739,12 @@ impl Store for MemoryStore {
                 charged = need;
                 continue;
             }
-            let surplus = (charged.max(need) - need) + held.weight.saturating_sub(weight);
+            let surplus = (charged.max(need) - need) + held_weight.saturating_sub(weight);
             usage.refund(surplus, 0);
             let Some(record) = record.take() else {
                 return Ok(Fence::Lost);
             };
-            shard.complete_held(
-                key,
-                Instant::now() + retention,
-                weight,
-                record,
-                &self.shared,
-            );
+            shard.complete_held(key, Instant::now() + retention, record, &self.shared);
             break;
         }
         self.shared.notifier.notify(key);
@@ -728,15 +780,16 @@ impl Store for MemoryStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         let now = Instant::now();
         let mut shard = self.shard(key);
+        let epoch = shard.epoch;
         Ok(shard.live(key, now, &self.shared).map(|e| match &e.state {
             State::InFlight(held) => Record::InFlight {
                 fingerprint: held.fingerprint,
-                lease_remaining: e.deadline - now,
+                lease_remaining: epoch.at(e.deadline) - now,
                 started_at: held.started_at,
             },
             State::Operation(op) => Record::InFlight {
                 fingerprint: op.fingerprint,
-                lease_remaining: queue::remaining(e.deadline, now),
+                lease_remaining: queue::remaining(epoch.at(e.deadline), now),
                 started_at: op.accepted_at,
             },
             State::Completed(p) => Record::Completed(p.record()),
@@ -888,6 +941,40 @@ mod tests {
         shard.sweep(Instant::now(), &s.shared);
         assert_eq!(shard.map.len(), 0);
         assert!(shard.completed.is_empty());
+    }
+
+    #[test]
+    fn an_entry_is_56_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 56);
+    }
+
+    /// Leases and retentions longer than an entry's deadline holds (584
+    /// years) are clamped before anything is indexed: nothing is left in
+    /// the indexes once the records are gone, and every byte is back.
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_past_what_an_entry_holds_leave_no_index_entry_behind() {
+        let s = store();
+        let millennium = Duration::from_secs(1000 * 365 * 86_400);
+        let k = StoreKey::new(&Scope::global(), "far");
+        let Ok(Reservation::Acquired(lease)) = s.reserve(&k, FP, millennium).await else {
+            panic!("a fresh key is acquired");
+        };
+        assert!(matches!(s.get(&k).await, Ok(Some(Record::InFlight { .. }))));
+        assert!(matches!(s.release(&k, lease.token).await, Ok(Fence::Held)));
+        let far = store_one(&s, 0, millennium).await;
+        let near = store_one(&s, 1, Duration::from_secs(1)).await;
+        assert_eq!(lock(&s.shared.shards[0]).expirations.len(), 1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            s.get(&near).await.expect("get").is_none(),
+            "expired on time"
+        );
+        assert!(s.get(&far).await.expect("get").is_some());
+        assert!(s.purge(&far).await.expect("purge"));
+        let shard = lock(&s.shared.shards[0]);
+        assert!(shard.map.is_empty());
+        assert!(shard.expirations.is_empty());
+        assert_eq!(s.bytes(), 0, "every byte is back");
     }
 
     #[tokio::test(start_paused = true)]

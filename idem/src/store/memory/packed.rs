@@ -116,8 +116,19 @@ impl Packed {
     }
 
     /// Bytes the buffer holds.
+    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// Bytes the buffer would hold without the operation id: the same
+    /// before and after [`with_operation`](Self::with_operation).
+    pub(super) fn len_without_operation(&self) -> usize {
+        if self.flags() & HAS_OPERATION != 0 {
+            self.0.len().saturating_sub(OPERATION.len())
+        } else {
+            self.0.len()
+        }
     }
 
     /// The fingerprint of the request that produced the record.
@@ -397,6 +408,11 @@ mod tests {
         assert_eq!(*p.record(), r);
         assert_eq!(p.operation(), Some(id));
         assert_eq!(p.token(), token);
+        assert_eq!(
+            p.len_without_operation(),
+            Packed::new(&r, token).len(),
+            "the id is not counted"
+        );
         let other = OperationId::generate();
         let p = p.with_operation(other);
         assert_eq!(*p.record(), r);

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::{key_weight, lock, Entry, MemoryStore, Shard, State};
+use super::{key_weight, lock, Entry, Epoch, MemoryStore, Shard, State};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::Token;
@@ -116,6 +116,12 @@ impl Operations {
 }
 
 impl Op {
+    /// What the operation's request is charged against the byte bound,
+    /// beside its key: what `enqueue` charged.
+    pub(super) fn weight(&self) -> u64 {
+        self.request.weight() as u64
+    }
+
     fn last_error(&self) -> Option<String> {
         self.last_error.as_deref().map(str::to_owned)
     }
@@ -136,9 +142,17 @@ impl Op {
 impl Entry {
     /// This record as operation `id`, if it is that operation (pending,
     /// running or done).
-    fn operation(&self, id: OperationId, key: &StoreKey, now: Instant) -> Option<Operation> {
+    fn operation(
+        &self,
+        id: OperationId,
+        key: &StoreKey,
+        epoch: Epoch,
+        now: Instant,
+    ) -> Option<Operation> {
         let (state, last_error) = match &self.state {
-            State::Operation(op) if op.id == id => (op.state(self.deadline, now), op.last_error()),
+            State::Operation(op) if op.id == id => {
+                (op.state(epoch.at(self.deadline), now), op.last_error())
+            }
             State::Completed(packed) if packed.operation() == Some(id) => {
                 (OperationState::Done(packed.record()), None)
             }
@@ -163,10 +177,11 @@ impl Shard {
     fn claim_first(&mut self, now: Instant, lease: Duration) -> Option<Claimed> {
         loop {
             let (at, seq, key) = self.due.first().filter(|(at, ..)| *at <= now)?.clone();
+            let at_ticks = self.epoch.ticks(at);
             let current = self
                 .map
                 .get(&key)
-                .is_some_and(|e| e.seq == seq && e.deadline == at && e.is_operation());
+                .is_some_and(|e| e.seq == seq && e.deadline == at_ticks && e.is_operation());
             if !current {
                 // Never expected (every change moves the index entry with
                 // the record), but a stale entry must not block the queue.
@@ -221,17 +236,19 @@ impl Queue for MemoryStore {
         let mut request = Some(request);
         loop {
             let mut shard = self.shard(key);
+            let epoch = shard.epoch;
             if let Some(entry) = shard.live(key, now, shared) {
+                let deadline = epoch.at(entry.deadline);
                 let found = match &entry.state {
                     State::InFlight(held) if held.fingerprint != fingerprint => Enqueued::Mismatch,
                     State::Operation(op) if op.fingerprint != fingerprint => Enqueued::Mismatch,
                     State::InFlight(_) => Enqueued::InFlight {
-                        lease_remaining: entry.deadline - now,
+                        lease_remaining: deadline - now,
                     },
                     State::Operation(op) => Enqueued::Existing(Operation {
                         id: op.id,
                         key: key.clone(),
-                        state: op.state(entry.deadline, now),
+                        state: op.state(deadline, now),
                         last_error: op.last_error(),
                     }),
                     State::Completed(p) if p.fingerprint() != fingerprint => Enqueued::Mismatch,
@@ -264,7 +281,6 @@ impl Queue for MemoryStore {
             shard.insert(
                 key.clone(),
                 now,
-                weight,
                 State::Operation(Box::new(Op {
                     id,
                     fingerprint,
@@ -336,9 +352,10 @@ impl Queue for MemoryStore {
         };
         let now = Instant::now();
         let mut shard = self.shard(&key);
+        let epoch = shard.epoch;
         Ok(shard
             .live(&key, now, &self.shared)
-            .and_then(|e| e.operation(id, &key, now)))
+            .and_then(|e| e.operation(id, &key, epoch, now)))
     }
 
     async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
