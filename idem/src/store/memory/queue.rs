@@ -1,7 +1,7 @@
 //! The memory store's queue (protocol §9.7): operations in the same shards as
 //! the records, each step atomic under its shard's lock.
 //!
-//! An operation is the record of its key ([`State::Operation`]). Beside
+//! An operation is the record of its key ([`Open::Operation`]). Beside
 //! the map, each shard indexes its operations twice, by the same seq that
 //! ties every index entry to one version of a record:
 //!
@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::{key_weight, lock, Entry, Epoch, MemoryStore, Shard, State};
+use super::{key_weight, lock, Entry, Epoch, MemoryStore, Shard, State, View};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::Token;
@@ -149,11 +149,11 @@ impl Entry {
         epoch: Epoch,
         now: Instant,
     ) -> Option<Operation> {
-        let (state, last_error) = match &self.state {
-            State::Operation(op) if op.id == id => {
+        let (state, last_error) = match self.state.view() {
+            View::Operation(op) if op.id == id => {
                 (op.state(epoch.at(self.deadline), now), op.last_error())
             }
-            State::Completed(packed) if packed.operation() == Some(id) => {
+            View::Completed(packed) if packed.operation() == Some(id) => {
                 (OperationState::Done(packed.record()), None)
             }
             _ => return None,
@@ -191,9 +191,7 @@ impl Shard {
             let token = Token::generate();
             self.set_deadline(&key, now + lease);
             let e = self.map.get_mut(&key)?;
-            let State::Operation(op) = &mut e.state else {
-                return None;
-            };
+            let op = e.state.operation_mut()?;
             op.running = Some(token);
             op.attempts = op.attempts.saturating_add(1);
             return Some(Claimed {
@@ -239,20 +237,20 @@ impl Queue for MemoryStore {
             let epoch = shard.epoch;
             if let Some(entry) = shard.live(key, now, shared) {
                 let deadline = epoch.at(entry.deadline);
-                let found = match &entry.state {
-                    State::InFlight(held) if held.fingerprint != fingerprint => Enqueued::Mismatch,
-                    State::Operation(op) if op.fingerprint != fingerprint => Enqueued::Mismatch,
-                    State::InFlight(_) => Enqueued::InFlight {
+                let found = match entry.state.view() {
+                    View::InFlight(held) if held.fingerprint != fingerprint => Enqueued::Mismatch,
+                    View::Operation(op) if op.fingerprint != fingerprint => Enqueued::Mismatch,
+                    View::InFlight(_) => Enqueued::InFlight {
                         lease_remaining: deadline - now,
                     },
-                    State::Operation(op) => Enqueued::Existing(Operation {
+                    View::Operation(op) => Enqueued::Existing(Operation {
                         id: op.id,
                         key: key.clone(),
                         state: op.state(deadline, now),
                         last_error: op.last_error(),
                     }),
-                    State::Completed(p) if p.fingerprint() != fingerprint => Enqueued::Mismatch,
-                    State::Completed(p) => Enqueued::Completed(p.record()),
+                    View::Completed(p) if p.fingerprint() != fingerprint => Enqueued::Mismatch,
+                    View::Completed(p) => Enqueued::Completed(p.record()),
                 };
                 if charged {
                     shared.usage.refund(weight, 1);
@@ -281,7 +279,7 @@ impl Queue for MemoryStore {
             shard.insert(
                 key.clone(),
                 now,
-                State::Operation(Box::new(Op {
+                State::operation(Op {
                     id,
                     fingerprint,
                     accepted_at: SystemTime::now(),
@@ -290,7 +288,7 @@ impl Queue for MemoryStore {
                     attempts: 0,
                     running: None,
                     last_error: None,
-                })),
+                }),
             );
             // Lock order: record shard, then id shard.
             shared.operations.ids(id).insert(id, key.clone());
@@ -336,7 +334,7 @@ impl Queue for MemoryStore {
         let Some(entry) = shard.held(key, token) else {
             return Ok(Fence::Lost);
         };
-        let State::Operation(op) = &mut entry.state else {
+        let Some(op) = entry.state.operation_mut() else {
             // A synchronous execution's token: not an operation to retry.
             return Ok(Fence::Lost);
         };
@@ -367,9 +365,9 @@ impl Queue for MemoryStore {
             .filter_map(|s| {
                 let shard = lock(s);
                 let (_, key) = shard.operations.first_key_value()?;
-                match &shard.map.get(key)?.state {
-                    State::Operation(op) => Some(op.accepted),
-                    State::InFlight(_) | State::Completed(..) => None,
+                match shard.map.get(key)?.state.view() {
+                    View::Operation(op) => Some(op.accepted),
+                    View::InFlight(_) | View::Completed(..) => None,
                 }
             })
             .min();
