@@ -24,12 +24,13 @@
 //! Everything is lost when the process exits, operations included.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
-use indexmap::IndexMap;
+use indexmap::map::raw_entry_v1::{RawEntryApiV1, RawEntryMut};
+use indexmap::{Equivalent, IndexMap};
 use tokio::time::Instant;
 
 use super::{Attempts, Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
@@ -144,7 +145,7 @@ struct Shard {
     /// hold an index (8 bytes) and the entries sit in one dense vector, so
     /// a table between growths (half to seven eighths full) does not cost
     /// a whole entry per empty bucket. Order is not used; removal swaps.
-    map: IndexMap<StoreKey, Entry>,
+    map: IndexMap<ShardKey, Entry>,
     /// When each entry stops counting: (deadline, seq, key). The seq makes
     /// the tuple unique, so keys are never compared, and ties an index
     /// entry to one version of the record: an index entry whose seq no
@@ -155,7 +156,7 @@ struct Shard {
     /// completed record before it (`in_order_until`; the common case, one
     /// retention for all) expires from the front of `completed` instead,
     /// in completion order, which is then deadline order (`sweep`).
-    expirations: BTreeSet<(Instant, u64, StoreKey)>,
+    expirations: BTreeSet<(Instant, u64, ShardKey)>,
     /// The latest deadline of a completed record left out of
     /// `expirations`. Completed records before any such record in
     /// `completed` expire no later than it; those after it expire no
@@ -168,19 +169,50 @@ struct Shard {
     /// matches the map's): eviction skips it, the sweep drops stale entries
     /// from the front, and the queue is compacted whenever stale entries
     /// outnumber live ones (`compact_completed`).
-    completed: VecDeque<(u64, StoreKey)>,
+    completed: VecDeque<(u64, ShardKey)>,
     /// How many completed records the map holds.
     completed_live: usize,
     /// Pending and running operations by when they are next claimable:
     /// (due, or lease end, seq, key). Operations are here *instead of* in
     /// `expirations`: they never expire.
-    due: BTreeSet<(Instant, u64, StoreKey)>,
+    due: BTreeSet<(Instant, u64, ShardKey)>,
     /// Pending and running operations by seq, which an operation keeps from
     /// enqueue until it is done: oldest accepted first.
-    operations: BTreeMap<u64, StoreKey>,
+    operations: BTreeMap<u64, ShardKey>,
     next_seq: u64,
     /// What the entries' deadlines count from.
     epoch: Epoch,
+}
+
+/// A store key as a shard keeps it, in its map and its indexes: the text
+/// alone (16 bytes, where a [`StoreKey`] is 24 with its hash). A lookup
+/// that starts from a shard key (eviction, expiry) hashes the text again,
+/// to the same hash as the [`StoreKey`]'s; lookups by a [`StoreKey`] use
+/// its hash as it is. Ordered as store keys are, by text.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ShardKey(Arc<str>);
+
+impl ShardKey {
+    fn new(key: &StoreKey) -> Self {
+        Self(Arc::clone(key.shared_text()))
+    }
+
+    fn store_key(&self) -> StoreKey {
+        StoreKey::from_shared(Arc::clone(&self.0))
+    }
+}
+
+impl Hash for ShardKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `StoreKey` hashes: its text's hash, as one `u64`.
+        state.write_u64(StoreKey::hash_of(&self.0));
+    }
+}
+
+impl Equivalent<ShardKey> for StoreKey {
+    fn equivalent(&self, key: &ShardKey) -> bool {
+        self.as_str() == &*key.0
+    }
 }
 
 /// The instant a shard's deadlines count from, in nanoseconds: an entry
@@ -237,7 +269,7 @@ impl Entry {
 
     /// What the record is charged against the byte bound, `key` being its
     /// key: what `reserve`, `enqueue` and `complete` charged for it.
-    fn weight(&self, key: &StoreKey) -> u64 {
+    fn weight(&self, key: &str) -> u64 {
         key_weight(key)
             + match self.state.view() {
                 View::InFlight(_) => 0,
@@ -446,8 +478,8 @@ async fn sweep(shared: Weak<Shared>) {
     }
 }
 
-fn key_weight(key: &StoreKey) -> u64 {
-    (key.as_str().len() + 96) as u64
+fn key_weight(key: &str) -> u64 {
+    (key.len() + 96) as u64
 }
 
 /// What a completed record adds to its key's weight: its packed buffer and
@@ -461,7 +493,7 @@ fn record_weight(record: &Packed) -> u64 {
 impl Shard {
     /// The time index an entry belongs in: operations are claimable at
     /// their deadline, everything else expires at it.
-    fn times(&mut self, operation: bool) -> &mut BTreeSet<(Instant, u64, StoreKey)> {
+    fn times(&mut self, operation: bool) -> &mut BTreeSet<(Instant, u64, ShardKey)> {
         if operation {
             &mut self.due
         } else {
@@ -471,9 +503,18 @@ impl Shard {
 
     /// Removes the record under `key` with its index entries (its
     /// operation id included), and gives its weight back.
-    fn remove(&mut self, key: &StoreKey, shared: &Shared) -> Option<Entry> {
-        let (key, entry) = self.map.swap_remove_entry(key)?;
-        let weight = entry.weight(&key);
+    fn remove<Q>(&mut self, key: &Q, shared: &Shared) -> Option<Entry>
+    where
+        Q: Hash + Equivalent<ShardKey> + ?Sized,
+    {
+        let index = self.map.get_index_of(key)?;
+        self.remove_index(index, shared)
+    }
+
+    /// Removes the record at `index` of the map, as [`remove`](Self::remove).
+    fn remove_index(&mut self, index: usize, shared: &Shared) -> Option<Entry> {
+        let (key, entry) = self.map.swap_remove_index(index)?;
+        let weight = entry.weight(&key.0);
         let deadline = self.epoch.at(entry.deadline);
         match entry.state.view() {
             View::Operation(op) => {
@@ -497,17 +538,19 @@ impl Shard {
 
     /// Removes the record under `key` only if it is still the version an
     /// index entry named (`seq`): a stale index entry deletes nothing.
-    fn remove_version(&mut self, key: &StoreKey, seq: u64, shared: &Shared) -> bool {
-        if self.map.get(key).is_some_and(|e| e.seq == seq) {
-            self.remove(key, shared);
-            true
-        } else {
-            false
+    fn remove_version(&mut self, key: &ShardKey, seq: u64, shared: &Shared) -> bool {
+        match self.map.get_full(key) {
+            Some((index, _, e)) if e.seq == seq => {
+                self.remove_index(index, shared);
+                true
+            }
+            _ => false,
         }
     }
 
     /// Adds a record whose weight and entry the caller has already charged.
-    fn insert(&mut self, key: StoreKey, deadline: Instant, state: State) {
+    fn insert(&mut self, store_key: &StoreKey, deadline: Instant, state: State) {
+        let key = ShardKey::new(store_key);
         let deadline = self.epoch.clamp(deadline);
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -521,18 +564,32 @@ impl Shard {
                 self.expirations.insert((deadline, seq, key.clone()));
             }
         }
-        self.map.insert(
-            key,
-            Entry {
-                seq,
-                deadline: self.epoch.ticks(deadline),
-                state,
-            },
-        );
+        let entry = Entry {
+            seq,
+            deadline: self.epoch.ticks(deadline),
+            state,
+        };
+        // Hashed by the store key's own hash, not the text again.
+        let hash = self.map.hasher().hash_one(store_key);
+        match self
+            .map
+            .raw_entry_mut_v1()
+            .from_key_hashed_nocheck(hash, store_key)
+        {
+            RawEntryMut::Vacant(slot) => {
+                slot.insert_hashed_nocheck(hash, key, entry);
+            }
+            RawEntryMut::Occupied(mut slot) => {
+                slot.insert(entry);
+            }
+        }
     }
 
     /// Moves the entry's deadline (and its index entry; the seq stays).
-    fn set_deadline(&mut self, key: &StoreKey, deadline: Instant) {
+    fn set_deadline<Q>(&mut self, key: &Q, deadline: Instant)
+    where
+        Q: Hash + Equivalent<ShardKey> + ?Sized,
+    {
         let epoch = self.epoch;
         let deadline = epoch.clamp(deadline);
         if let Some((k, e)) = self.map.get_key_value(key) {
@@ -549,7 +606,7 @@ impl Shard {
     /// Books a record just completed (`seq` fresh) for eviction and for
     /// expiry: in `expirations` only if it expires before a completed
     /// record ahead of it.
-    fn push_completed(&mut self, seq: u64, key: StoreKey, deadline: Instant) {
+    fn push_completed(&mut self, seq: u64, key: ShardKey, deadline: Instant) {
         if self.completed_live == 0 {
             // No completed record ahead of it to be in order with.
             self.in_order_until = None;
@@ -653,9 +710,10 @@ impl Shard {
         let deadline = epoch.clamp(deadline);
         let seq = self.next_seq;
         self.next_seq += 1;
-        let Some(e) = self.map.get_mut(key) else {
+        let Some((_, k, e)) = self.map.get_full_mut(key) else {
             return;
         };
+        let key = k.clone();
         let old = (epoch.at(e.deadline), e.seq, key.clone());
         let id = match e.state.view() {
             View::Operation(op) => Some(op.id),
@@ -679,7 +737,7 @@ impl Shard {
         } else {
             self.expirations.remove(&old);
         }
-        self.push_completed(seq, key.clone(), deadline);
+        self.push_completed(seq, key, deadline);
     }
 }
 
@@ -692,7 +750,7 @@ impl Store for MemoryStore {
     ) -> Result<Reservation, StoreError> {
         let now = Instant::now();
         let usage = &self.shared.usage;
-        let weight = key_weight(key);
+        let weight = key_weight(key.as_str());
         let mut charged = false;
         loop {
             let mut shard = self.shard(key);
@@ -729,7 +787,7 @@ impl Store for MemoryStore {
             }
             let token = Token::generate();
             shard.insert(
-                key.clone(),
+                key,
                 now + lease,
                 State::in_flight(Held {
                     token,
@@ -753,7 +811,7 @@ impl Store for MemoryStore {
     ) -> Result<Fence, StoreError> {
         let usage = &self.shared.usage;
         let record = Packed::new(&record, token);
-        let weight = key_weight(key) + record_weight(&record);
+        let weight = key_weight(key.as_str()) + record_weight(&record);
         if weight > self.shared.limits.max_bytes {
             // Refused up front: making room for it would evict everyone
             // and still not fit. The reservation stays as it is.
@@ -773,7 +831,7 @@ impl Store for MemoryStore {
                 );
                 return Ok(if already { Fence::Held } else { Fence::Lost });
             };
-            let held_weight = held.weight(key);
+            let held_weight = held.weight(key.as_str());
             let need = weight.saturating_sub(held_weight);
             if charged < need && !usage.try_charge(need - charged, 0) {
                 // Room is made with the shard unlocked, so the holder's own
@@ -994,8 +1052,13 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_48_bytes() {
+    fn an_entry_is_48_bytes_an_eviction_entry_24() {
         assert_eq!(std::mem::size_of::<Entry>(), 48);
+        assert_eq!(
+            std::mem::size_of::<(u64, ShardKey)>(),
+            24,
+            "an eviction entry"
+        );
     }
 
     /// Leases and retentions longer than an entry's deadline holds (584

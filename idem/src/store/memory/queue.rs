@@ -196,7 +196,7 @@ impl Shard {
             op.attempts = op.attempts.saturating_add(1);
             return Some(Claimed {
                 id: op.id,
-                key,
+                key: key.store_key(),
                 fingerprint: op.fingerprint,
                 token,
                 attempt: op.attempts,
@@ -222,7 +222,7 @@ impl Queue for MemoryStore {
     ) -> Result<Enqueued, StoreError> {
         let now = Instant::now();
         let shared = &*self.shared;
-        let weight = key_weight(key) + request.weight() as u64;
+        let weight = key_weight(key.as_str()) + request.weight() as u64;
         if weight > shared.limits.max_bytes {
             // As in `complete`: making room would evict everyone and still
             // not fit.
@@ -277,7 +277,7 @@ impl Queue for MemoryStore {
                 return Err(StoreError::Capacity("enqueue looped after writing"));
             };
             shard.insert(
-                key.clone(),
+                key,
                 now,
                 State::operation(Op {
                     id,
