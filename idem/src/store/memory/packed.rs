@@ -6,7 +6,10 @@
 //! for a 100-byte body and two headers. Packed, the same record is one
 //! allocation of its bytes plus 80 or so: the fingerprint, the completing
 //! holder's token, the operation id if it was one, both times, the status,
-//! each header as its length and bytes, then the body. Lengths and times
+//! each header as its name and its value, then the body. A header name
+//! found in [`NAMES`] (the common response headers, as `http` spells
+//! them) is packed as its index there, one byte; any other as its length
+//! and bytes. Lengths and times
 //! are LEB128 varints, and the expiry is written as its distance from the
 //! completion (the retention, a few bytes) rather than as a second date.
 //!
@@ -63,7 +66,7 @@ impl Packed {
             + response
                 .headers
                 .iter()
-                .map(|(n, v)| len_size(n.len()) + n.len() + len_size(v.len()) + v.len())
+                .map(|(n, v)| name_size(n) + len_size(v.len()) + v.len())
                 .sum::<usize>()
             + response.body.len();
         let mut buf = Vec::with_capacity(len);
@@ -86,8 +89,7 @@ impl Packed {
         buf.extend_from_slice(&response.status.to_le_bytes());
         put_len(&mut buf, response.headers.len());
         for (name, value) in &response.headers {
-            put_len(&mut buf, name.len());
-            buf.extend_from_slice(name.as_bytes());
+            put_name(&mut buf, name);
             put_len(&mut buf, value.len());
             buf.extend_from_slice(value);
         }
@@ -182,14 +184,10 @@ impl Packed {
         // written) cannot make this reserve much.
         let mut headers = Vec::with_capacity(count.min(r.rest() / 2));
         for _ in 0..count {
-            let n = r.len();
-            let name = r.take(n);
+            let name = r.name();
             let v = r.len();
             let value = r.take(v);
-            headers.push((
-                String::from_utf8_lossy(&self.0[name]).into_owned(),
-                self.0.slice(value),
-            ));
+            headers.push((name, self.0.slice(value)));
         }
         let body = self.0.slice(r.pos..);
         Arc::new(CompletedRecord {
@@ -243,6 +241,65 @@ fn varint_size(mut n: u64) -> usize {
         size += 1;
     }
     size
+}
+
+/// Response header names packed as their index here (protocol-agnostic:
+/// only a shorter spelling; any name not here, in any other case, is
+/// packed as it is). Lowercase, as `http` gives them. At most 64 entries:
+/// an index then packs in one byte.
+const NAMES: [&str; 32] = [
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "content-language",
+    "content-location",
+    "content-disposition",
+    "content-range",
+    "content-security-policy",
+    "location",
+    "cache-control",
+    "etag",
+    "last-modified",
+    "expires",
+    "date",
+    "vary",
+    "set-cookie",
+    "link",
+    "retry-after",
+    "x-request-id",
+    "x-correlation-id",
+    "request-id",
+    "traceparent",
+    "server",
+    "age",
+    "allow",
+    "accept-ranges",
+    "www-authenticate",
+    "access-control-allow-origin",
+    "access-control-expose-headers",
+    "strict-transport-security",
+    "x-content-type-options",
+    "x-frame-options",
+];
+
+/// A header name: `2 × index + 1` for a name in [`NAMES`], else
+/// `2 × length` and its bytes.
+fn put_name(buf: &mut Vec<u8>, name: &str) {
+    match NAMES.iter().position(|n| *n == name) {
+        Some(i) => put_varint(buf, 2 * i as u64 + 1),
+        None => {
+            put_varint(buf, 2 * name.len() as u64);
+            buf.extend_from_slice(name.as_bytes());
+        }
+    }
+}
+
+/// Bytes `put_name` writes for `name`.
+fn name_size(name: &str) -> usize {
+    match NAMES.iter().position(|n| *n == name) {
+        Some(i) => varint_size(2 * i as u64 + 1),
+        None => varint_size(2 * name.len() as u64) + name.len(),
+    }
 }
 
 /// A length, as `put_varint` writes it.
@@ -311,6 +368,18 @@ impl Reader<'_> {
         n
     }
 
+    /// A header name `put_name` wrote.
+    fn name(&mut self) -> String {
+        let code = self.varint();
+        if code % 2 == 1 {
+            let i = usize::try_from(code / 2).unwrap_or(usize::MAX);
+            return NAMES.get(i).copied().unwrap_or_default().to_owned();
+        }
+        let n = usize::try_from(code / 2).unwrap_or(usize::MAX);
+        let range = self.take(n);
+        String::from_utf8_lossy(&self.buf[range]).into_owned()
+    }
+
     /// A length `put_len` wrote.
     fn len(&mut self) -> usize {
         usize::try_from(self.varint()).unwrap_or(usize::MAX)
@@ -353,6 +422,9 @@ mod tests {
                 ("x-empty".into(), Bytes::new()),
                 ("set-cookie".into(), Bytes::from_static(b"a=1")),
                 ("set-cookie".into(), Bytes::from_static(b"b=\xff")),
+                ("Content-Type".into(), Bytes::from_static(b"another case")),
+                (String::new(), Bytes::from_static(b"no name")),
+                ("x-frame-options".into(), Bytes::from_static(b"DENY")),
             ],
             b"{\"id\":1}",
         );
@@ -363,6 +435,21 @@ mod tests {
         assert_eq!(p.token(), token);
         assert_eq!(p.operation(), None);
         assert_eq!(p.len(), p.0.len());
+    }
+
+    #[test]
+    fn common_names_pack_as_one_byte() {
+        assert!(NAMES.len() <= 64, "an index packs in one byte");
+        for (i, name) in NAMES.iter().enumerate() {
+            assert_eq!(name_size(name), 1, "{name}");
+            assert!(!NAMES[..i].contains(name), "{name} twice");
+            assert_eq!(name.to_ascii_lowercase(), *name);
+        }
+        let with = |name: &str| {
+            let r = record(vec![(name.into(), Bytes::from_static(b"v"))], b"");
+            Packed::new(&r, Token::generate())
+        };
+        assert_eq!(with("location").0.len() + 10, with("x-location").0.len());
     }
 
     #[test]
