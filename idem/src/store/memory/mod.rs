@@ -163,13 +163,16 @@ struct Shard {
     /// earlier, or are in `expirations`.
     in_order_until: Option<Instant>,
     /// Completed records by completion order, oldest first: eviction
-    /// order, as (seq, key). Seqs are taken under the shard's lock, so
-    /// pushing at the back keeps it sorted. A record that goes another way
+    /// order, as (seq, index in `map`). Seqs are taken under the shard's
+    /// lock, so pushing at the back keeps it sorted, and a record's entry
+    /// is found by its seq (binary search) to follow it when removing
+    /// another moves it in `map` (`remove_index`). No key: 16 bytes, and
+    /// no hashing to find the record. A record that goes another way
     /// (expired, purged) leaves its entry behind, stale (the seq no longer
     /// matches the map's): eviction skips it, the sweep drops stale entries
     /// from the front, and the queue is compacted whenever stale entries
     /// outnumber live ones (`compact_completed`).
-    completed: VecDeque<(u64, ShardKey)>,
+    completed: VecDeque<(u64, usize)>,
     /// How many completed records the map holds.
     completed_live: usize,
     /// Pending and running operations by when they are next claimable:
@@ -514,6 +517,14 @@ impl Shard {
     /// Removes the record at `index` of the map, as [`remove`](Self::remove).
     fn remove_index(&mut self, index: usize, shared: &Shared) -> Option<Entry> {
         let (key, entry) = self.map.swap_remove_index(index)?;
+        // The last record took its place: its eviction entry follows it.
+        if let Some((_, moved)) = self.map.get_index(index) {
+            if matches!(moved.state, State::Completed(_)) {
+                if let Ok(at) = self.completed.binary_search_by_key(&moved.seq, |(s, _)| *s) {
+                    self.completed[at].1 = index;
+                }
+            }
+        }
         let weight = entry.weight(&key.0);
         let deadline = self.epoch.at(entry.deadline);
         match entry.state.view() {
@@ -536,6 +547,22 @@ impl Shard {
         Some(entry)
     }
 
+    /// Removes the record at `index` only if it is still the version an
+    /// eviction entry named (`seq`): a stale entry deletes nothing.
+    fn remove_at_version(&mut self, index: usize, seq: u64, shared: &Shared) -> bool {
+        if self.is_version(index, seq) {
+            self.remove_index(index, shared);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the record at `index` is the version `seq`.
+    fn is_version(&self, index: usize, seq: u64) -> bool {
+        self.map.get_index(index).is_some_and(|(_, e)| e.seq == seq)
+    }
+
     /// Removes the record under `key` only if it is still the version an
     /// index entry named (`seq`): a stale index entry deletes nothing.
     fn remove_version(&mut self, key: &ShardKey, seq: u64, shared: &Shared) -> bool {
@@ -554,8 +581,9 @@ impl Shard {
         let deadline = self.epoch.clamp(deadline);
         let seq = self.next_seq;
         self.next_seq += 1;
+        let completed = matches!(state, State::Completed(_));
         match state.view() {
-            View::Completed(..) => self.push_completed(seq, key.clone(), deadline),
+            View::Completed(..) => {}
             View::Operation(_) => {
                 self.due.insert((deadline, seq, key.clone()));
                 self.operations.insert(seq, key.clone());
@@ -571,17 +599,22 @@ impl Shard {
         };
         // Hashed by the store key's own hash, not the text again.
         let hash = self.map.hasher().hash_one(store_key);
-        match self
+        let index = match self
             .map
             .raw_entry_mut_v1()
             .from_key_hashed_nocheck(hash, store_key)
         {
             RawEntryMut::Vacant(slot) => {
-                slot.insert_hashed_nocheck(hash, key, entry);
+                slot.insert_hashed_nocheck(hash, key.clone(), entry);
+                self.map.len() - 1
             }
             RawEntryMut::Occupied(mut slot) => {
                 slot.insert(entry);
+                slot.index()
             }
+        };
+        if completed {
+            self.push_completed(seq, index, key, deadline);
         }
     }
 
@@ -606,17 +639,17 @@ impl Shard {
     /// Books a record just completed (`seq` fresh) for eviction and for
     /// expiry: in `expirations` only if it expires before a completed
     /// record ahead of it.
-    fn push_completed(&mut self, seq: u64, key: ShardKey, deadline: Instant) {
+    fn push_completed(&mut self, seq: u64, index: usize, key: ShardKey, deadline: Instant) {
         if self.completed_live == 0 {
             // No completed record ahead of it to be in order with.
             self.in_order_until = None;
         }
         if self.in_order_until.is_some_and(|last| deadline < last) {
-            self.expirations.insert((deadline, seq, key.clone()));
+            self.expirations.insert((deadline, seq, key));
         } else {
             self.in_order_until = Some(deadline);
         }
-        self.completed.push_back((seq, key));
+        self.completed.push_back((seq, index));
         self.completed_live += 1;
     }
 
@@ -638,13 +671,12 @@ impl Shard {
         // order after it expires no earlier than it does (if it is in
         // order itself), or than the record in order before it that it
         // came after (if it is not). Stale entries on the way are dropped.
-        while let Some((seq, key)) = self.completed.front() {
-            match self.map.get(key) {
-                Some(e) if e.seq == *seq && e.deadline > now_ticks => break,
-                Some(e) if e.seq == *seq => {
-                    if let Some((seq, key)) = self.completed.pop_front() {
-                        freed += usize::from(self.remove_version(&key, seq, shared));
-                    }
+        while let Some(&(seq, index)) = self.completed.front() {
+            match self.map.get_index(index) {
+                Some((_, e)) if e.seq == seq && e.deadline > now_ticks => break,
+                Some((_, e)) if e.seq == seq => {
+                    self.completed.pop_front();
+                    freed += usize::from(self.remove_at_version(index, seq, shared));
                 }
                 _ => {
                     self.completed.pop_front();
@@ -660,14 +692,14 @@ impl Shard {
         if self.completed.len() > 2 * self.completed_live + 64 {
             let map = &self.map;
             self.completed
-                .retain(|(seq, key)| map.get(key).is_some_and(|e| e.seq == *seq));
+                .retain(|&(seq, index)| map.get_index(index).is_some_and(|(_, e)| e.seq == seq));
         }
     }
 
     /// Evicts this shard's oldest completed record; false if it has none.
     fn evict_oldest(&mut self, shared: &Shared) -> bool {
-        while let Some((seq, key)) = self.completed.pop_front() {
-            if self.remove_version(&key, seq, shared) {
+        while let Some((seq, index)) = self.completed.pop_front() {
+            if self.remove_at_version(index, seq, shared) {
                 return true;
             }
         }
@@ -710,7 +742,7 @@ impl Shard {
         let deadline = epoch.clamp(deadline);
         let seq = self.next_seq;
         self.next_seq += 1;
-        let Some((_, k, e)) = self.map.get_full_mut(key) else {
+        let Some((index, k, e)) = self.map.get_full_mut(key) else {
             return;
         };
         let key = k.clone();
@@ -737,7 +769,7 @@ impl Shard {
         } else {
             self.expirations.remove(&old);
         }
-        self.push_completed(seq, key, deadline);
+        self.push_completed(seq, index, key, deadline);
     }
 }
 
@@ -1003,11 +1035,60 @@ mod tests {
             shard
                 .completed
                 .iter()
-                .filter(|(seq, k)| shard.map.get(k).is_some_and(|e| e.seq == *seq))
+                .filter(|&&(seq, i)| shard.is_version(i, seq))
                 .count()
                 == 50,
             "every live record keeps its entry"
         );
+    }
+
+    /// Purges move records in the map (the last one takes the place of
+    /// the one removed): eviction entries follow them, and eviction still
+    /// goes oldest first.
+    #[tokio::test(start_paused = true)]
+    async fn eviction_entries_follow_records_moved_by_removals() {
+        let s = store();
+        let mut keys = Vec::new();
+        for i in 0..300 {
+            keys.push(store_one(&s, i, Duration::from_secs(600)).await);
+        }
+        for (i, k) in keys.iter().enumerate() {
+            if i % 3 == 1 || i % 7 == 0 {
+                assert!(s.purge(k).await.expect("purge"));
+            }
+        }
+        let mut shard = lock(&s.shared.shards[0]);
+        let live: Vec<_> = shard
+            .completed
+            .iter()
+            .filter(|&&(seq, i)| shard.is_version(i, seq))
+            .map(|&(seq, _)| seq)
+            .collect();
+        assert_eq!(live.len(), shard.completed_live);
+        assert_eq!(live.len(), shard.map.len(), "every record has its entry");
+        let mut order = Vec::new();
+        loop {
+            let before: Vec<_> = shard.map.keys().cloned().collect();
+            if !shard.evict_oldest(&s.shared) {
+                break;
+            }
+            let gone: Vec<_> = before
+                .into_iter()
+                .filter(|k| shard.map.get(k).is_none())
+                .collect();
+            assert_eq!(gone.len(), 1);
+            order.push(gone[0].clone());
+        }
+        let expected: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(i % 3 == 1 || i % 7 == 0))
+            .map(|(_, k)| ShardKey::new(k))
+            .collect();
+        assert_eq!(order, expected, "oldest first");
+        assert!(shard.map.is_empty());
+        drop(shard);
+        assert_eq!(s.bytes(), 0);
     }
 
     /// Records kept for less time than one before them expire on time
@@ -1052,13 +1133,9 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_48_bytes_an_eviction_entry_24() {
+    fn an_entry_is_48_bytes_an_eviction_entry_16() {
         assert_eq!(std::mem::size_of::<Entry>(), 48);
-        assert_eq!(
-            std::mem::size_of::<(u64, ShardKey)>(),
-            24,
-            "an eviction entry"
-        );
+        assert_eq!(std::mem::size_of::<(u64, usize)>(), 16, "an eviction entry");
     }
 
     /// Leases and retentions longer than an entry's deadline holds (584
