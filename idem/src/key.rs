@@ -404,27 +404,22 @@ pub struct StoreKey {
 
 impl StoreKey {
     fn from_text(text: Arc<str>) -> Self {
-        let hash = Self::hash_of(&text);
+        let hash = Self::hash_of(text.as_bytes());
         Self { text, hash }
     }
 
-    /// The hash a store key of this text carries.
-    pub(crate) fn hash_of(text: &str) -> u64 {
+    /// The hash a store key of this text carries: a map that keeps many
+    /// keys can keep their text alone and hash it again.
+    pub(crate) fn hash_of(text: &[u8]) -> u64 {
         static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
             std::sync::OnceLock::new();
         std::hash::BuildHasher::hash_one(SEED.get_or_init(Default::default), text)
     }
 
-    /// The text, shared: a map that keeps many keys can keep it alone and
-    /// give the key back with [`from_shared`](Self::from_shared).
-    pub(crate) fn shared_text(&self) -> &Arc<str> {
-        &self.text
-    }
-
-    /// The store key of text taken from [`shared_text`](Self::shared_text)
-    /// (its hash worked out again).
-    pub(crate) fn from_shared(text: Arc<str>) -> Self {
-        Self::from_text(text)
+    /// The store key of text taken from another store key's
+    /// [`as_str`](Self::as_str).
+    pub(crate) fn from_text_of(text: &str) -> Self {
+        Self::from_text(text.into())
     }
 }
 

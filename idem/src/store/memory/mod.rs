@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use indexmap::map::raw_entry_v1::{RawEntryApiV1, RawEntryMut};
+use indexmap::map::MutableKeys;
 use indexmap::{Equivalent, IndexMap};
 use tokio::time::Instant;
 
@@ -187,34 +188,72 @@ struct Shard {
     epoch: Epoch,
 }
 
-/// A store key as a shard keeps it, in its map and its indexes: the text
-/// alone (16 bytes, where a [`StoreKey`] is 24 with its hash). A lookup
-/// that starts from a shard key (eviction, expiry) hashes the text again,
-/// to the same hash as the [`StoreKey`]'s; lookups by a [`StoreKey`] use
-/// its hash as it is. Ordered as store keys are, by text.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct ShardKey(Arc<str>);
+/// A store key as a shard keeps it, in its map and its indexes: 16
+/// bytes, where a [`StoreKey`] is 24 with its hash. For a record not
+/// completed, a buffer of the key's text (and its length, at the end:
+/// [`packed::put_key`]); for a completed record, the record's own packed
+/// buffer, which ends with the same ([`Packed::buffer`]): the record and
+/// its key are one allocation.
+///
+/// A lookup that starts from a shard key (expiry of records out of order,
+/// the queue) hashes the text again, to the same hash as the
+/// [`StoreKey`]'s; lookups by a [`StoreKey`] use its hash as it is.
+/// Compared and ordered by the text alone, as store keys are.
+#[derive(Debug, Clone)]
+struct ShardKey(Arc<[u8]>);
 
 impl ShardKey {
     fn new(key: &StoreKey) -> Self {
-        Self(Arc::clone(key.shared_text()))
+        let text = key.as_str().as_bytes();
+        let mut buf = Vec::with_capacity(text.len() + 3);
+        packed::put_key(&mut buf, text);
+        Self(buf.into())
+    }
+
+    /// The key of `record`, sharing its buffer.
+    fn of(record: &Packed) -> Self {
+        Self(Arc::clone(record.buffer()))
+    }
+
+    fn text(&self) -> &[u8] {
+        packed::key_text(&self.0)
     }
 
     fn store_key(&self) -> StoreKey {
-        StoreKey::from_shared(Arc::clone(&self.0))
+        StoreKey::from_text_of(&String::from_utf8_lossy(self.text()))
+    }
+}
+
+impl PartialEq for ShardKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.text() == other.text()
+    }
+}
+
+impl Eq for ShardKey {}
+
+impl PartialOrd for ShardKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ShardKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.text().cmp(other.text())
     }
 }
 
 impl Hash for ShardKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // As `StoreKey` hashes: its text's hash, as one `u64`.
-        state.write_u64(StoreKey::hash_of(&self.0));
+        state.write_u64(StoreKey::hash_of(self.text()));
     }
 }
 
 impl Equivalent<ShardKey> for StoreKey {
     fn equivalent(&self, key: &ShardKey) -> bool {
-        self.as_str() == &*key.0
+        self.as_str().as_bytes() == key.text()
     }
 }
 
@@ -249,7 +288,7 @@ impl Epoch {
     }
 }
 
-/// A record: 48 bytes in the map, its key beside it. Its weight (what it
+/// A record: 32 bytes in the map, its key beside it. Its weight (what it
 /// is charged against the byte bound) is not kept but worked out from its
 /// state and key when it is needed ([`Entry::weight`]), always the same.
 #[derive(Debug)]
@@ -272,7 +311,7 @@ impl Entry {
 
     /// What the record is charged against the byte bound, `key` being its
     /// key: what `reserve`, `enqueue` and `complete` charged for it.
-    fn weight(&self, key: &str) -> u64 {
+    fn weight(&self, key: &[u8]) -> u64 {
         key_weight(key)
             + match self.state.view() {
                 View::InFlight(_) => 0,
@@ -481,7 +520,7 @@ async fn sweep(shared: Weak<Shared>) {
     }
 }
 
-fn key_weight(key: &str) -> u64 {
+fn key_weight(key: &[u8]) -> u64 {
     (key.len() + 96) as u64
 }
 
@@ -490,7 +529,7 @@ fn key_weight(key: &str) -> u64 {
 /// was one, is not counted: it is packed in under the shard's lock, after
 /// the weight was charged.
 fn record_weight(record: &Packed) -> u64 {
-    (record.len_without_operation() + 16) as u64
+    (record.record_len() + 16) as u64
 }
 
 impl Shard {
@@ -525,7 +564,7 @@ impl Shard {
                 }
             }
         }
-        let weight = entry.weight(&key.0);
+        let weight = entry.weight(key.text());
         let deadline = self.epoch.at(entry.deadline);
         match entry.state.view() {
             View::Operation(op) => {
@@ -742,11 +781,10 @@ impl Shard {
         let deadline = epoch.clamp(deadline);
         let seq = self.next_seq;
         self.next_seq += 1;
-        let Some((index, k, e)) = self.map.get_full_mut(key) else {
+        let Some((index, k, e)) = self.map.get_full_mut2(key) else {
             return;
         };
-        let key = k.clone();
-        let old = (epoch.at(e.deadline), e.seq, key.clone());
+        let old = (epoch.at(e.deadline), e.seq, k.clone());
         let id = match e.state.view() {
             View::Operation(op) => Some(op.id),
             View::InFlight(_) | View::Completed(..) => None,
@@ -757,6 +795,9 @@ impl Shard {
             Some(id) => record.with_operation(id),
             None => record,
         };
+        // The record's buffer is its key from now on (the same text).
+        *k = ShardKey::of(&record);
+        let key = k.clone();
         *e = Entry {
             seq,
             deadline: epoch.ticks(deadline),
@@ -782,7 +823,7 @@ impl Store for MemoryStore {
     ) -> Result<Reservation, StoreError> {
         let now = Instant::now();
         let usage = &self.shared.usage;
-        let weight = key_weight(key.as_str());
+        let weight = key_weight(key.as_str().as_bytes());
         let mut charged = false;
         loop {
             let mut shard = self.shard(key);
@@ -842,8 +883,8 @@ impl Store for MemoryStore {
         retention: Duration,
     ) -> Result<Fence, StoreError> {
         let usage = &self.shared.usage;
-        let record = Packed::new(&record, token);
-        let weight = key_weight(key.as_str()) + record_weight(&record);
+        let record = Packed::new(&record, token, key.as_str());
+        let weight = key_weight(key.as_str().as_bytes()) + record_weight(&record);
         if weight > self.shared.limits.max_bytes {
             // Refused up front: making room for it would evict everyone
             // and still not fit. The reservation stays as it is.
@@ -863,7 +904,7 @@ impl Store for MemoryStore {
                 );
                 return Ok(if already { Fence::Held } else { Fence::Lost });
             };
-            let held_weight = held.weight(key.as_str());
+            let held_weight = held.weight(key.as_str().as_bytes());
             let need = weight.saturating_sub(held_weight);
             if charged < need && !usage.try_charge(need - charged, 0) {
                 // Room is made with the shard unlocked, so the holder's own
@@ -1133,8 +1174,8 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_48_bytes_an_eviction_entry_16() {
-        assert_eq!(std::mem::size_of::<Entry>(), 48);
+    fn an_entry_is_32_bytes_an_eviction_entry_16() {
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
         assert_eq!(std::mem::size_of::<(u64, usize)>(), 16, "an eviction entry");
     }
 

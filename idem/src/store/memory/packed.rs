@@ -6,7 +6,10 @@
 //! for a 100-byte body and two headers. Packed, the same record is one
 //! allocation of its bytes plus 80 or so: the fingerprint, the completing
 //! holder's token, the operation id if it was one, both times, the status,
-//! each header as its name and its value, then the body. A header name
+//! each header as its name and its value, the body, then the record's
+//! store key and the key's length (read from the end; [`key_text`]): the
+//! shard's map keeps the same buffer as the record's key ([`ShardKey`]),
+//! so a completed record and its key are one allocation. A header name
 //! found in [`NAMES`] (the common response headers, as `http` spells
 //! them) is packed as its index there, one byte; any other as its length
 //! and bytes. Lengths and times
@@ -15,8 +18,10 @@
 //!
 //! Reading it back ([`Packed::record`]) builds a `CompletedRecord` whose
 //! header values and body are slices of the buffer (a reference count, no
-//! copy, whatever the body's size): one `Arc`, the header list and each
-//! header's name are allocated per read. Reads that only compare a
+//! copy, whatever the body's size): one `Arc`, the `Bytes` owner of the
+//! buffer, the header list and each header's name are allocated per read.
+//!
+//! [`ShardKey`]: super::ShardKey Reads that only compare a
 //! fingerprint or a token look at the buffer in place.
 
 use std::ops::Range;
@@ -42,15 +47,15 @@ const COMPLETED_BEFORE_EPOCH: u8 = 2;
 /// a record is kept as it was given).
 const EXPIRES_BEFORE_COMPLETED: u8 = 4;
 
-/// A completed record, the token of the holder that completed it and the
-/// id of the operation it finished (if it was one), in one buffer.
+/// A completed record, the token of the holder that completed it, the id
+/// of the operation it finished (if it was one) and its key, in one buffer.
 #[derive(Debug, Clone)]
-pub(super) struct Packed(Bytes);
+pub(super) struct Packed(Arc<[u8]>);
 
 impl Packed {
-    /// Packs `record`, completed by `token`'s holder (copying its header
-    /// values and body once).
-    pub(super) fn new(record: &CompletedRecord, token: Token) -> Self {
+    /// Packs `record`, completed by `token`'s holder, kept under `key`
+    /// (copying its header values and body once).
+    pub(super) fn new(record: &CompletedRecord, token: Token, key: &str) -> Self {
         let response = &record.response;
         let (completed, completed_before) = since_epoch(record.completed_at);
         let (retention, expires_before) =
@@ -68,7 +73,9 @@ impl Packed {
                 .iter()
                 .map(|(n, v)| name_size(n) + len_size(v.len()) + v.len())
                 .sum::<usize>()
-            + response.body.len();
+            + response.body.len()
+            + key.len()
+            + varint_size(key.len() as u64);
         let mut buf = Vec::with_capacity(len);
         buf.extend_from_slice(&record.fingerprint.0);
         buf.extend_from_slice(&token.as_u128().to_le_bytes());
@@ -94,10 +101,9 @@ impl Packed {
             buf.extend_from_slice(value);
         }
         buf.extend_from_slice(&response.body);
-        // Exact capacity: the buffer becomes the `Bytes` without a copy
-        // and without spare room.
-        debug_assert_eq!(buf.len(), buf.capacity());
-        Self(Bytes::from(buf))
+        put_key(&mut buf, key.as_bytes());
+        debug_assert_eq!(buf.len(), len);
+        Self(buf.into())
     }
 
     /// The same record, as the one that finished operation `id`.
@@ -114,23 +120,29 @@ impl Packed {
         buf.push(flags | HAS_OPERATION);
         buf.extend_from_slice(&id.as_u128().to_le_bytes());
         buf.extend_from_slice(rest);
-        Self(Bytes::from(buf))
+        Self(buf.into())
     }
 
-    /// Bytes the buffer holds.
-    #[cfg(test)]
-    pub(super) fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Bytes the buffer would hold without the operation id: the same
-    /// before and after [`with_operation`](Self::with_operation).
-    pub(super) fn len_without_operation(&self) -> usize {
+    /// Bytes the record takes in the buffer, without its key nor the
+    /// operation id: the same before and after
+    /// [`with_operation`](Self::with_operation).
+    pub(super) fn record_len(&self) -> usize {
+        let len = self.record_end();
         if self.flags() & HAS_OPERATION != 0 {
-            self.0.len().saturating_sub(OPERATION.len())
+            len.saturating_sub(OPERATION.len())
         } else {
-            self.0.len()
+            len
         }
+    }
+
+    /// Where the record ends and its key begins.
+    fn record_end(&self) -> usize {
+        self.0.len().saturating_sub(key_section_len(&self.0))
+    }
+
+    /// The buffer, which also holds the record's key ([`key_text`]).
+    pub(super) fn buffer(&self) -> &Arc<[u8]> {
+        &self.0
     }
 
     /// The fingerprint of the request that produced the record.
@@ -160,8 +172,9 @@ impl Packed {
     /// The record, rebuilt: header values and body share the buffer.
     pub(super) fn record(&self) -> Arc<CompletedRecord> {
         let flags = self.flags();
+        let buf = Bytes::from_owner(Arc::clone(&self.0));
         let mut r = Reader {
-            buf: &self.0,
+            buf: self.0.get(..self.record_end()).unwrap_or_default(),
             pos: if flags & HAS_OPERATION != 0 {
                 OPERATION.end
             } else {
@@ -187,9 +200,9 @@ impl Packed {
             let name = r.name();
             let v = r.len();
             let value = r.take(v);
-            headers.push((name, self.0.slice(value)));
+            headers.push((name, buf.slice(value)));
         }
-        let body = self.0.slice(r.pos..);
+        let body = buf.slice(r.pos.min(r.buf.len())..r.buf.len());
         Arc::new(CompletedRecord {
             fingerprint: self.fingerprint(),
             response: StoredResponse {
@@ -300,6 +313,45 @@ fn name_size(name: &str) -> usize {
         Some(i) => varint_size(2 * i as u64 + 1),
         None => varint_size(2 * name.len() as u64) + name.len(),
     }
+}
+
+/// A key and its length, as a varint written backwards so that it reads
+/// from the end of the buffer: the key section of a packed record and the
+/// whole of a [`ShardKey`](super::ShardKey) of a record not completed.
+pub(super) fn put_key(buf: &mut Vec<u8>, key: &[u8]) {
+    buf.extend_from_slice(key);
+    let mut len = Vec::with_capacity(2);
+    put_varint(&mut len, key.len() as u64);
+    buf.extend(len.iter().rev());
+}
+
+/// The key `put_key` wrote at the end of `buf`.
+pub(super) fn key_text(buf: &[u8]) -> &[u8] {
+    let (len, size) = key_len(buf);
+    let end = buf.len().saturating_sub(size);
+    buf.get(end.saturating_sub(len)..end).unwrap_or_default()
+}
+
+/// Bytes the key section at the end of `buf` takes, its length included.
+fn key_section_len(buf: &[u8]) -> usize {
+    let (len, size) = key_len(buf);
+    len.saturating_add(size)
+}
+
+/// The key's length at the end of `buf`, and the bytes it takes.
+fn key_len(buf: &[u8]) -> (usize, usize) {
+    let mut n = 0usize;
+    let mut size = 0;
+    for &b in buf.iter().rev() {
+        n |= usize::from(b & 0x7f)
+            .checked_shl(7 * size as u32)
+            .unwrap_or(0);
+        size += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    (n, size)
 }
 
 /// A length, as `put_varint` writes it.
@@ -429,12 +481,30 @@ mod tests {
             b"{\"id\":1}",
         );
         let token = Token::generate();
-        let p = Packed::new(&r, token);
+        let p = Packed::new(&r, token, "k");
         assert_eq!(*p.record(), r);
         assert_eq!(p.fingerprint(), r.fingerprint);
         assert_eq!(p.token(), token);
         assert_eq!(p.operation(), None);
-        assert_eq!(p.len(), p.0.len());
+        assert_eq!(key_text(&p.0), b"k");
+        assert_eq!(p.record_len() + 2, p.0.len());
+    }
+
+    #[test]
+    fn the_key_reads_back_from_the_end() {
+        let r = record(vec![], b"the body");
+        for n in [0, 1, 69, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let key = "k".repeat(n);
+            let p = Packed::new(&r, Token::generate(), &key);
+            assert_eq!(key_text(&p.0), key.as_bytes(), "{n}");
+            assert_eq!(*p.record(), r, "{n}");
+            assert_eq!(p.record_len() + key_section_len(&p.0), p.0.len());
+            let mut alone = Vec::new();
+            put_key(&mut alone, key.as_bytes());
+            assert_eq!(key_text(&alone), key.as_bytes(), "{n}");
+            assert_eq!(key_section_len(&alone), alone.len(), "{n}");
+        }
+        assert_eq!(key_text(&[]), b"");
     }
 
     #[test]
@@ -447,7 +517,7 @@ mod tests {
         }
         let with = |name: &str| {
             let r = record(vec![(name.into(), Bytes::from_static(b"v"))], b"");
-            Packed::new(&r, Token::generate())
+            Packed::new(&r, Token::generate(), "k")
         };
         assert_eq!(with("location").0.len() + 10, with("x-location").0.len());
     }
@@ -462,7 +532,7 @@ mod tests {
             ],
             b"",
         );
-        let p = Packed::new(&r, Token::generate());
+        let p = Packed::new(&r, Token::generate(), "k");
         assert_eq!(*p.record(), r);
         for n in [0, 1, 127, 128, 16_383, 16_384, 70_000, usize::MAX] {
             let mut buf = Vec::new();
@@ -477,29 +547,30 @@ mod tests {
         let mut r = record(vec![], b"");
         r.completed_at = UNIX_EPOCH - Duration::new(5, 7);
         r.expires_at = UNIX_EPOCH + Duration::new(0, 1);
-        let p = Packed::new(&r, Token::generate());
+        let p = Packed::new(&r, Token::generate(), "k");
         assert_eq!(*p.record(), r);
         // An expiry before the completion, and times far from the epoch.
         r.completed_at = UNIX_EPOCH + Duration::new(u64::from(u32::MAX) * 4, 999_999_999);
         r.expires_at = r.completed_at - Duration::new(3, 999_999_999);
-        let p = Packed::new(&r, Token::generate());
+        let p = Packed::new(&r, Token::generate(), "k");
         assert_eq!(*p.record(), r);
         r.expires_at = r.completed_at + Duration::new(1 << 40, 1);
-        let p = Packed::new(&r, Token::generate());
+        let p = Packed::new(&r, Token::generate(), "k");
         assert_eq!(*p.record(), r);
         r.completed_at = UNIX_EPOCH - Duration::new(5, 7);
         r.expires_at = UNIX_EPOCH + Duration::new(0, 1);
         let id = OperationId::generate();
         let token = Token::generate();
-        let p = Packed::new(&r, token).with_operation(id);
+        let p = Packed::new(&r, token, "k").with_operation(id);
         assert_eq!(*p.record(), r);
         assert_eq!(p.operation(), Some(id));
         assert_eq!(p.token(), token);
         assert_eq!(
-            p.len_without_operation(),
-            Packed::new(&r, token).len(),
+            p.record_len(),
+            Packed::new(&r, token, "k").record_len(),
             "the id is not counted"
         );
+        assert_eq!(key_text(&p.0), b"k");
         let other = OperationId::generate();
         let p = p.with_operation(other);
         assert_eq!(*p.record(), r);
