@@ -215,18 +215,18 @@ impl ShardKey {
         Self(Arc::clone(record.buffer()))
     }
 
-    fn text(&self) -> &[u8] {
+    fn text(&self) -> packed::KeyText<'_> {
         packed::key_text(&self.0)
     }
 
     fn store_key(&self) -> StoreKey {
-        StoreKey::from_text_of(&String::from_utf8_lossy(self.text()))
+        StoreKey::from_text_of(&String::from_utf8_lossy(&self.text().text()))
     }
 }
 
 impl PartialEq for ShardKey {
     fn eq(&self, other: &Self) -> bool {
-        self.text() == other.text()
+        self.text().is(&other.text().text())
     }
 }
 
@@ -240,20 +240,20 @@ impl PartialOrd for ShardKey {
 
 impl Ord for ShardKey {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.text().cmp(other.text())
+        self.text().text().cmp(&other.text().text())
     }
 }
 
 impl Hash for ShardKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // As `StoreKey` hashes: its text's hash, as one `u64`.
-        state.write_u64(StoreKey::hash_of(self.text()));
+        state.write_u64(StoreKey::hash_of(&self.text().text()));
     }
 }
 
 impl Equivalent<ShardKey> for StoreKey {
     fn equivalent(&self, key: &ShardKey) -> bool {
-        self.as_str().as_bytes() == key.text()
+        key.text().is(self.as_str().as_bytes())
     }
 }
 
@@ -311,8 +311,8 @@ impl Entry {
 
     /// What the record is charged against the byte bound, `key` being its
     /// key: what `reserve`, `enqueue` and `complete` charged for it.
-    fn weight(&self, key: &[u8]) -> u64 {
-        key_weight(key)
+    fn weight(&self, key_len: usize) -> u64 {
+        key_weight(key_len)
             + match self.state.view() {
                 View::InFlight(_) => 0,
                 View::Operation(op) => op.weight(),
@@ -520,8 +520,8 @@ async fn sweep(shared: Weak<Shared>) {
     }
 }
 
-fn key_weight(key: &[u8]) -> u64 {
-    (key.len() + 96) as u64
+fn key_weight(key_len: usize) -> u64 {
+    (key_len + 96) as u64
 }
 
 /// What a completed record adds to its key's weight: its packed buffer and
@@ -564,7 +564,7 @@ impl Shard {
                 }
             }
         }
-        let weight = entry.weight(key.text());
+        let weight = entry.weight(key.text().len());
         let deadline = self.epoch.at(entry.deadline);
         match entry.state.view() {
             View::Operation(op) => {
@@ -823,7 +823,7 @@ impl Store for MemoryStore {
     ) -> Result<Reservation, StoreError> {
         let now = Instant::now();
         let usage = &self.shared.usage;
-        let weight = key_weight(key.as_str().as_bytes());
+        let weight = key_weight(key.as_str().len());
         let mut charged = false;
         loop {
             let mut shard = self.shard(key);
@@ -884,7 +884,7 @@ impl Store for MemoryStore {
     ) -> Result<Fence, StoreError> {
         let usage = &self.shared.usage;
         let record = Packed::new(&record, token, key.as_str());
-        let weight = key_weight(key.as_str().as_bytes()) + record_weight(&record);
+        let weight = key_weight(key.as_str().len()) + record_weight(&record);
         if weight > self.shared.limits.max_bytes {
             // Refused up front: making room for it would evict everyone
             // and still not fit. The reservation stays as it is.
@@ -904,7 +904,7 @@ impl Store for MemoryStore {
                 );
                 return Ok(if already { Fence::Held } else { Fence::Lost });
             };
-            let held_weight = held.weight(key.as_str().as_bytes());
+            let held_weight = held.weight(key.as_str().len());
             let need = weight.saturating_sub(held_weight);
             if charged < need && !usage.try_charge(need - charged, 0) {
                 // Room is made with the shard unlocked, so the holder's own

@@ -74,8 +74,7 @@ impl Packed {
                 .map(|(n, v)| name_size(n) + len_size(v.len()) + v.len())
                 .sum::<usize>()
             + response.body.len()
-            + key.len()
-            + varint_size(key.len() as u64);
+            + key_size(key.as_bytes());
         let mut buf = Vec::with_capacity(len);
         buf.extend_from_slice(&record.fingerprint.0);
         buf.extend_from_slice(&token.as_u128().to_le_bytes());
@@ -315,35 +314,150 @@ fn name_size(name: &str) -> usize {
     }
 }
 
-/// A key and its length, as a varint written backwards so that it reads
-/// from the end of the buffer: the key section of a packed record and the
+/// Hex digits of a store key's scope, before its `:`.
+const SCOPE_HEX: usize = 32;
+/// Bytes of a scope.
+const SCOPE: usize = SCOPE_HEX / 2;
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// A store key's text, packed: every store key is `hex(scope) ":" key`,
+/// kept as the scope's 16 bytes then the key (17 bytes fewer); any other
+/// text (never made) as it is. Then a varint, written backwards so that it
+/// reads from the end of the buffer: twice the bytes before it, plus one
+/// if the scope was packed. The key section of a packed record, and the
 /// whole of a [`ShardKey`](super::ShardKey) of a record not completed.
-pub(super) fn put_key(buf: &mut Vec<u8>, key: &[u8]) {
-    buf.extend_from_slice(key);
-    let mut len = Vec::with_capacity(2);
-    put_varint(&mut len, key.len() as u64);
+pub(super) fn put_key(buf: &mut Vec<u8>, text: &[u8]) {
+    let tag = match scope_of(text) {
+        Some(scope) => {
+            let rest = text.get(SCOPE_HEX + 1..).unwrap_or_default();
+            buf.extend_from_slice(&scope);
+            buf.extend_from_slice(rest);
+            2 * (SCOPE + rest.len()) as u64 + 1
+        }
+        None => {
+            buf.extend_from_slice(text);
+            2 * text.len() as u64
+        }
+    };
+    let mut len = Vec::with_capacity(3);
+    put_varint(&mut len, tag);
     buf.extend(len.iter().rev());
 }
 
+/// Bytes `put_key` writes for `text`.
+pub(super) fn key_size(text: &[u8]) -> usize {
+    let (bytes, tag) = match scope_of(text) {
+        Some(_) => {
+            let n = SCOPE + text.len() - SCOPE_HEX - 1;
+            (n, 2 * n as u64 + 1)
+        }
+        None => (text.len(), 2 * text.len() as u64),
+    };
+    bytes + varint_size(tag)
+}
+
+/// The scope of a store key's text, if it has the shape of one.
+fn scope_of(text: &[u8]) -> Option<[u8; SCOPE]> {
+    if text.len() <= SCOPE_HEX || text[SCOPE_HEX] != b':' {
+        return None;
+    }
+    let mut scope = [0; SCOPE];
+    for (i, pair) in text[..SCOPE_HEX].chunks_exact(2).enumerate() {
+        scope[i] = (hex_value(pair[0])? << 4) | hex_value(pair[1])?;
+    }
+    Some(scope)
+}
+
+/// A lowercase hex digit's value (an uppercase one would not come back
+/// the same, so a text with one is kept as it is).
+fn hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
 /// The key `put_key` wrote at the end of `buf`.
-pub(super) fn key_text(buf: &[u8]) -> &[u8] {
-    let (len, size) = key_len(buf);
+pub(super) fn key_text(buf: &[u8]) -> KeyText<'_> {
+    let (tag, size) = key_tag(buf);
     let end = buf.len().saturating_sub(size);
-    buf.get(end.saturating_sub(len)..end).unwrap_or_default()
+    let bytes = usize::try_from(tag / 2).unwrap_or(usize::MAX);
+    let key = buf.get(end.saturating_sub(bytes)..end).unwrap_or_default();
+    match key.split_at_checked(SCOPE) {
+        Some((scope, rest)) if tag % 2 == 1 => KeyText {
+            scope: Some(scope),
+            rest,
+        },
+        _ => KeyText {
+            scope: None,
+            rest: key,
+        },
+    }
 }
 
-/// Bytes the key section at the end of `buf` takes, its length included.
+/// A store key's text as `put_key` packed it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct KeyText<'a> {
+    /// The scope's bytes, if packed.
+    scope: Option<&'a [u8]>,
+    /// The rest: the key after the `:`, or the whole text.
+    rest: &'a [u8],
+}
+
+impl KeyText<'_> {
+    /// The text's length.
+    pub(super) fn len(self) -> usize {
+        match self.scope {
+            Some(_) => SCOPE_HEX + 1 + self.rest.len(),
+            None => self.rest.len(),
+        }
+    }
+
+    /// Whether this is `text`.
+    pub(super) fn is(self, text: &[u8]) -> bool {
+        let Some(scope) = self.scope else {
+            return self.rest == text;
+        };
+        text.len() == self.len()
+            && text[SCOPE_HEX] == b':'
+            && text[SCOPE_HEX + 1..] == *self.rest
+            && scope.iter().zip(text.chunks_exact(2)).all(|(b, pair)| {
+                pair[0] == HEX_DIGITS[usize::from(b >> 4)]
+                    && pair[1] == HEX_DIGITS[usize::from(b & 0x0f)]
+            })
+    }
+
+    /// The text, as it was given to `put_key`.
+    pub(super) fn text(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        if let Some(scope) = self.scope {
+            for b in scope {
+                out.push(HEX_DIGITS[usize::from(b >> 4)]);
+                out.push(HEX_DIGITS[usize::from(b & 0x0f)]);
+            }
+            out.push(b':');
+        }
+        out.extend_from_slice(self.rest);
+        out
+    }
+}
+
+/// Bytes the key section at the end of `buf` takes, its tag included.
 fn key_section_len(buf: &[u8]) -> usize {
-    let (len, size) = key_len(buf);
-    len.saturating_add(size)
+    let (tag, size) = key_tag(buf);
+    usize::try_from(tag / 2)
+        .unwrap_or(usize::MAX)
+        .saturating_add(size)
 }
 
-/// The key's length at the end of `buf`, and the bytes it takes.
-fn key_len(buf: &[u8]) -> (usize, usize) {
-    let mut n = 0usize;
+/// The tag at the end of `buf` (`put_key`), and the bytes it takes.
+fn key_tag(buf: &[u8]) -> (u64, usize) {
+    let mut n = 0u64;
     let mut size = 0;
     for &b in buf.iter().rev() {
-        n |= usize::from(b & 0x7f)
+        n |= u64::from(b & 0x7f)
             .checked_shl(7 * size as u32)
             .unwrap_or(0);
         size += 1;
@@ -486,25 +600,49 @@ mod tests {
         assert_eq!(p.fingerprint(), r.fingerprint);
         assert_eq!(p.token(), token);
         assert_eq!(p.operation(), None);
-        assert_eq!(key_text(&p.0), b"k");
+        assert_eq!(key_text(&p.0).text(), b"k");
         assert_eq!(p.record_len() + 2, p.0.len());
     }
 
     #[test]
     fn the_key_reads_back_from_the_end() {
         let r = record(vec![], b"the body");
-        for n in [0, 1, 69, 127, 128, 300, 16_383, 16_384, 70_000] {
-            let key = "k".repeat(n);
-            let p = Packed::new(&r, Token::generate(), &key);
-            assert_eq!(key_text(&p.0), key.as_bytes(), "{n}");
-            assert_eq!(*p.record(), r, "{n}");
+        let scope = "0123456789abcdef00ff7f80a5c3e1d2";
+        let mut keys = vec![
+            String::new(),
+            format!("{scope}:"),
+            scope.to_owned(),
+            format!("{scope};k"),
+            format!("{}:k", scope.to_uppercase()),
+            format!("{}:k", &scope[1..]),
+            format!("g{}:k", &scope[1..]),
+        ];
+        for n in [0, 1, 36, 69, 127, 128, 300, 16_383, 16_384, 70_000] {
+            keys.push("k".repeat(n));
+            keys.push(format!("{scope}:{}", "k".repeat(n)));
+        }
+        for key in &keys {
+            let p = Packed::new(&r, Token::generate(), key);
+            let text = key_text(&p.0);
+            assert_eq!(text.text(), key.as_bytes(), "{key}");
+            assert_eq!(text.len(), key.len(), "{key}");
+            assert!(text.is(key.as_bytes()), "{key}");
+            assert!(!text.is(format!("{key}x").as_bytes()), "{key}");
+            assert_eq!(*p.record(), r, "{key}");
             assert_eq!(p.record_len() + key_section_len(&p.0), p.0.len());
+            assert_eq!(key_section_len(&p.0), key_size(key.as_bytes()));
             let mut alone = Vec::new();
             put_key(&mut alone, key.as_bytes());
-            assert_eq!(key_text(&alone), key.as_bytes(), "{n}");
-            assert_eq!(key_section_len(&alone), alone.len(), "{n}");
+            assert_eq!(key_text(&alone).text(), key.as_bytes(), "{key}");
+            assert_eq!(key_section_len(&alone), alone.len(), "{key}");
         }
-        assert_eq!(key_text(&[]), b"");
+        let store_key = format!("{scope}:{}", "k".repeat(36));
+        assert_eq!(key_size(store_key.as_bytes()), 53, "the scope in 16 bytes");
+        let other = format!("{}:{}", scope.replace('a', "b"), "k".repeat(36));
+        let mut alone = Vec::new();
+        put_key(&mut alone, store_key.as_bytes());
+        assert!(!key_text(&alone).is(other.as_bytes()));
+        assert_eq!(key_text(&[]).text(), b"");
     }
 
     #[test]
@@ -570,7 +708,7 @@ mod tests {
             Packed::new(&r, token, "k").record_len(),
             "the id is not counted"
         );
-        assert_eq!(key_text(&p.0), b"k");
+        assert_eq!(key_text(&p.0).text(), b"k");
         let other = OperationId::generate();
         let p = p.with_operation(other);
         assert_eq!(*p.record(), r);

@@ -222,7 +222,7 @@ impl Queue for MemoryStore {
     ) -> Result<Enqueued, StoreError> {
         let now = Instant::now();
         let shared = &*self.shared;
-        let weight = key_weight(key.as_str().as_bytes()) + request.weight() as u64;
+        let weight = key_weight(key.as_str().len()) + request.weight() as u64;
         if weight > shared.limits.max_bytes {
             // As in `complete`: making room would evict everyone and still
             // not fit.
