@@ -204,10 +204,7 @@ struct ShardKey(Arc<[u8]>);
 
 impl ShardKey {
     fn new(key: &StoreKey) -> Self {
-        let text = key.as_str().as_bytes();
-        let mut buf = Vec::with_capacity(text.len() + 3);
-        packed::put_key(&mut buf, text);
-        Self(buf.into())
+        Self(packed::key_buffer(key.as_str().as_bytes()))
     }
 
     /// The key of `record`, sharing its buffer.
@@ -226,7 +223,7 @@ impl ShardKey {
 
 impl PartialEq for ShardKey {
     fn eq(&self, other: &Self) -> bool {
-        self.text().is(&other.text().text())
+        self.text().same(other.text())
     }
 }
 
@@ -240,7 +237,7 @@ impl PartialOrd for ShardKey {
 
 impl Ord for ShardKey {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.text().text().cmp(&other.text().text())
+        self.text().order(other.text())
     }
 }
 

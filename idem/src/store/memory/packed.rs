@@ -63,19 +63,21 @@ impl Packed {
                 Ok(d) => (d, false),
                 Err(e) => (e.duration(), true),
             };
-        let len = OPERATION.start
-            + time_size(completed)
-            + time_size(retention)
+        // Room enough (each varint takes at most 10 bytes): the buffer is
+        // copied into the shared one once written, so it need not be exact.
+        let room = OPERATION.start
+            + 4 * 10
             + 2
-            + len_size(response.headers.len())
+            + 10
             + response
                 .headers
                 .iter()
-                .map(|(n, v)| name_size(n) + len_size(v.len()) + v.len())
+                .map(|(n, v)| 10 + n.len() + 10 + v.len())
                 .sum::<usize>()
             + response.body.len()
-            + key_size(key.as_bytes());
-        let mut buf = Vec::with_capacity(len);
+            + key.len()
+            + 10;
+        let mut buf = Vec::with_capacity(room);
         buf.extend_from_slice(&record.fingerprint.0);
         buf.extend_from_slice(&token.as_u128().to_le_bytes());
         let flags = if completed_before {
@@ -101,7 +103,7 @@ impl Packed {
         }
         buf.extend_from_slice(&response.body);
         put_key(&mut buf, key.as_bytes());
-        debug_assert_eq!(buf.len(), len);
+        debug_assert!(buf.len() <= room);
         Self(buf.into())
     }
 
@@ -246,6 +248,7 @@ fn put_varint(buf: &mut Vec<u8>, mut n: u64) {
 }
 
 /// Bytes `put_varint` writes for `n`.
+#[cfg(test)]
 fn varint_size(mut n: u64) -> usize {
     let mut size = 1;
     while n >= 0x80 {
@@ -294,10 +297,49 @@ const NAMES: [&str; 32] = [
     "x-frame-options",
 ];
 
+/// The index of `name` in [`NAMES`] (a `match`: by length, then bytes).
+fn name_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "content-type" => 0,
+        "content-length" => 1,
+        "content-encoding" => 2,
+        "content-language" => 3,
+        "content-location" => 4,
+        "content-disposition" => 5,
+        "content-range" => 6,
+        "content-security-policy" => 7,
+        "location" => 8,
+        "cache-control" => 9,
+        "etag" => 10,
+        "last-modified" => 11,
+        "expires" => 12,
+        "date" => 13,
+        "vary" => 14,
+        "set-cookie" => 15,
+        "link" => 16,
+        "retry-after" => 17,
+        "x-request-id" => 18,
+        "x-correlation-id" => 19,
+        "request-id" => 20,
+        "traceparent" => 21,
+        "server" => 22,
+        "age" => 23,
+        "allow" => 24,
+        "accept-ranges" => 25,
+        "www-authenticate" => 26,
+        "access-control-allow-origin" => 27,
+        "access-control-expose-headers" => 28,
+        "strict-transport-security" => 29,
+        "x-content-type-options" => 30,
+        "x-frame-options" => 31,
+        _ => return None,
+    })
+}
+
 /// A header name: `2 × index + 1` for a name in [`NAMES`], else
 /// `2 × length` and its bytes.
 fn put_name(buf: &mut Vec<u8>, name: &str) {
-    match NAMES.iter().position(|n| *n == name) {
+    match name_index(name) {
         Some(i) => put_varint(buf, 2 * i as u64 + 1),
         None => {
             put_varint(buf, 2 * name.len() as u64);
@@ -307,8 +349,9 @@ fn put_name(buf: &mut Vec<u8>, name: &str) {
 }
 
 /// Bytes `put_name` writes for `name`.
+#[cfg(test)]
 fn name_size(name: &str) -> usize {
-    match NAMES.iter().position(|n| *n == name) {
+    match name_index(name) {
         Some(i) => varint_size(2 * i as u64 + 1),
         None => varint_size(2 * name.len() as u64) + name.len(),
     }
@@ -340,12 +383,59 @@ pub(super) fn put_key(buf: &mut Vec<u8>, text: &[u8]) {
             2 * text.len() as u64
         }
     };
-    let mut len = Vec::with_capacity(3);
-    put_varint(&mut len, tag);
-    buf.extend(len.iter().rev());
+    let (tag, n) = backwards(tag);
+    buf.extend_from_slice(&tag[..n]);
+}
+
+/// A buffer of `put_key`'s bytes for `text` alone, allocated once.
+pub(super) fn key_buffer(text: &[u8]) -> Arc<[u8]> {
+    let scope = scope_of(text);
+    let (scope, rest, tag) = match &scope {
+        Some(scope) => {
+            let rest = text.get(SCOPE_HEX + 1..).unwrap_or_default();
+            (&scope[..], rest, 2 * (SCOPE + rest.len()) as u64 + 1)
+        }
+        None => (&[][..], text, 2 * text.len() as u64),
+    };
+    let (tag, n) = backwards(tag);
+    let (scope, rest, tag): (&[u8], &[u8], &[u8]) = (scope, rest, &tag[..n]);
+    let parts = [scope, rest, tag];
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    // Written on the stack and copied once into the shared buffer (any
+    // valid key fits), else gathered in a vector first.
+    let mut small = [0; 320];
+    match small.get_mut(..total) {
+        Some(buf) => {
+            let mut at = 0;
+            for p in parts {
+                buf[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            Arc::from(&*buf)
+        }
+        None => Arc::from(parts.concat()),
+    }
+}
+
+/// `n` as a varint written backwards, in the first bytes of the array.
+fn backwards(n: u64) -> ([u8; 10], usize) {
+    let mut out = [0; 10];
+    let mut n = n;
+    let mut size = 0;
+    while n >= 0x80 {
+        // Truncation to the low seven bits is the encoding.
+        out[size] = (n & 0x7f) as u8 | 0x80;
+        n >>= 7;
+        size += 1;
+    }
+    out[size] = n as u8;
+    size += 1;
+    out[..size].reverse();
+    (out, size)
 }
 
 /// Bytes `put_key` writes for `text`.
+#[cfg(test)]
 pub(super) fn key_size(text: &[u8]) -> usize {
     let (bytes, tag) = match scope_of(text) {
         Some(_) => {
@@ -420,13 +510,33 @@ impl KeyText<'_> {
         let Some(scope) = self.scope else {
             return self.rest == text;
         };
-        text.len() == self.len()
-            && text[SCOPE_HEX] == b':'
-            && text[SCOPE_HEX + 1..] == *self.rest
-            && scope.iter().zip(text.chunks_exact(2)).all(|(b, pair)| {
-                pair[0] == HEX_DIGITS[usize::from(b >> 4)]
-                    && pair[1] == HEX_DIGITS[usize::from(b & 0x0f)]
-            })
+        let Some((head, rest)) = text.split_at_checked(SCOPE_HEX + 1) else {
+            return false;
+        };
+        if rest != self.rest || head[SCOPE_HEX] != b':' {
+            return false;
+        }
+        let mut hex = [0; SCOPE_HEX];
+        for (pair, b) in hex.chunks_exact_mut(2).zip(scope) {
+            pair[0] = HEX_DIGITS[usize::from(b >> 4)];
+            pair[1] = HEX_DIGITS[usize::from(b & 0x0f)];
+        }
+        head[..SCOPE_HEX] == hex
+    }
+
+    /// Whether `self` and `other` are the same text (each text packs one
+    /// way only).
+    pub(super) fn same(self, other: KeyText<'_>) -> bool {
+        self.scope == other.scope && self.rest == other.rest
+    }
+
+    /// The order of the texts: scopes packed compare as their hex digits
+    /// do (fixed width, digits in the order of their values).
+    pub(super) fn order(self, other: KeyText<'_>) -> std::cmp::Ordering {
+        match (self.scope, other.scope) {
+            (Some(a), Some(b)) => a.cmp(b).then_with(|| self.rest.cmp(other.rest)),
+            _ => self.text().cmp(&other.text()),
+        }
     }
 
     /// The text, as it was given to `put_key`.
@@ -474,13 +584,9 @@ fn put_len(buf: &mut Vec<u8>, n: usize) {
 }
 
 /// Bytes `put_len` writes for `n`.
+#[cfg(test)]
 fn len_size(n: usize) -> usize {
     varint_size(n as u64)
-}
-
-/// Bytes a duration takes: its seconds, then its nanoseconds.
-fn time_size(d: Duration) -> usize {
-    varint_size(d.as_secs()) + varint_size(u64::from(d.subsec_nanos()))
 }
 
 fn u128_at(buf: &[u8], at: Range<usize>) -> u128 {
@@ -635,6 +741,13 @@ mod tests {
             put_key(&mut alone, key.as_bytes());
             assert_eq!(key_text(&alone).text(), key.as_bytes(), "{key}");
             assert_eq!(key_section_len(&alone), alone.len(), "{key}");
+            assert_eq!(*key_buffer(key.as_bytes()), *alone, "{key}");
+            for other in &keys {
+                let theirs = key_buffer(other.as_bytes());
+                let theirs = key_text(&theirs);
+                assert_eq!(text.same(theirs), key == other, "{key} {other}");
+                assert_eq!(text.order(theirs), key.cmp(other), "{key} {other}");
+            }
         }
         let store_key = format!("{scope}:{}", "k".repeat(36));
         assert_eq!(key_size(store_key.as_bytes()), 53, "the scope in 16 bytes");
@@ -649,6 +762,7 @@ mod tests {
     fn common_names_pack_as_one_byte() {
         assert!(NAMES.len() <= 64, "an index packs in one byte");
         for (i, name) in NAMES.iter().enumerate() {
+            assert_eq!(name_index(name), Some(i), "{name}");
             assert_eq!(name_size(name), 1, "{name}");
             assert!(!NAMES[..i].contains(name), "{name} twice");
             assert_eq!(name.to_ascii_lowercase(), *name);
