@@ -47,6 +47,16 @@ const COMPLETED_BEFORE_EPOCH: u8 = 2;
 /// a record is kept as it was given).
 const EXPIRES_BEFORE_COMPLETED: u8 = 4;
 
+thread_local! {
+    /// The buffer a record is written in before it is copied into its
+    /// own: kept between records (no allocation each time) unless it grew
+    /// past [`SCRATCH_KEPT`] for a large one.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The most a thread's [`SCRATCH`] keeps between records.
+const SCRATCH_KEPT: usize = 64 * 1024;
+
 /// A completed record, the token of the holder that completed it, the id
 /// of the operation it finished (if it was one) and its key, in one buffer.
 #[derive(Debug, Clone)]
@@ -57,12 +67,6 @@ impl Packed {
     /// (copying its header values and body once).
     pub(super) fn new(record: &CompletedRecord, token: Token, key: &str) -> Self {
         let response = &record.response;
-        let (completed, completed_before) = since_epoch(record.completed_at);
-        let (retention, expires_before) =
-            match record.expires_at.duration_since(record.completed_at) {
-                Ok(d) => (d, false),
-                Err(e) => (e.duration(), true),
-            };
         // Room enough (each varint takes at most 10 bytes): the buffer is
         // copied into the shared one once written, so it need not be exact.
         let room = OPERATION.start
@@ -77,7 +81,27 @@ impl Packed {
             + response.body.len()
             + key.len()
             + 10;
-        let mut buf = Vec::with_capacity(room);
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            buf.reserve(room);
+            Self::write(buf, record, token, key);
+            let packed = Self(Arc::from(buf.as_slice()));
+            if buf.capacity() > SCRATCH_KEPT {
+                *buf = Vec::new();
+            }
+            packed
+        })
+    }
+
+    /// What `new` packs, into `buf`.
+    fn write(buf: &mut Vec<u8>, record: &CompletedRecord, token: Token, key: &str) {
+        let response = &record.response;
+        let (completed, completed_before) = since_epoch(record.completed_at);
+        let (retention, expires_before) =
+            match record.expires_at.duration_since(record.completed_at) {
+                Ok(d) => (d, false),
+                Err(e) => (e.duration(), true),
+            };
         buf.extend_from_slice(&record.fingerprint.0);
         buf.extend_from_slice(&token.as_u128().to_le_bytes());
         let flags = if completed_before {
@@ -91,20 +115,18 @@ impl Packed {
         };
         buf.push(flags);
         for d in [completed, retention] {
-            put_varint(&mut buf, d.as_secs());
-            put_varint(&mut buf, u64::from(d.subsec_nanos()));
+            put_varint(buf, d.as_secs());
+            put_varint(buf, u64::from(d.subsec_nanos()));
         }
         buf.extend_from_slice(&response.status.to_le_bytes());
-        put_len(&mut buf, response.headers.len());
+        put_len(buf, response.headers.len());
         for (name, value) in &response.headers {
-            put_name(&mut buf, name);
-            put_len(&mut buf, value.len());
+            put_name(buf, name);
+            put_len(buf, value.len());
             buf.extend_from_slice(value);
         }
         buf.extend_from_slice(&response.body);
-        put_key(&mut buf, key.as_bytes());
-        debug_assert!(buf.len() <= room);
-        Self(buf.into())
+        put_key(buf, key.as_bytes());
     }
 
     /// The same record, as the one that finished operation `id`.
@@ -453,21 +475,47 @@ fn scope_of(text: &[u8]) -> Option<[u8; SCOPE]> {
         return None;
     }
     let mut scope = [0; SCOPE];
-    for (i, pair) in text[..SCOPE_HEX].chunks_exact(2).enumerate() {
-        scope[i] = (hex_value(pair[0])? << 4) | hex_value(pair[1])?;
+    // Table lookups, and one test for a bad digit at the end.
+    let mut bad = 0;
+    for (b, pair) in scope.iter_mut().zip(text[..SCOPE_HEX].chunks_exact(2)) {
+        let (hi, lo) = (
+            HEX_VALUES[usize::from(pair[0])],
+            HEX_VALUES[usize::from(pair[1])],
+        );
+        bad |= hi | lo;
+        *b = (hi << 4) | (lo & 0x0f);
     }
-    Some(scope)
+    (bad & 0x10 == 0).then_some(scope)
 }
 
-/// A lowercase hex digit's value (an uppercase one would not come back
-/// the same, so a text with one is kept as it is).
-fn hex_value(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
+/// Each byte's value as a lowercase hex digit, or 0x10 if it is not one
+/// (an uppercase digit would not come back the same, so a text with one
+/// is kept as it is).
+const HEX_VALUES: [u8; 256] = {
+    let mut t = [0x10; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
     }
-}
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// Each byte as two lowercase hex digits.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    let mut t = [[0; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX_DIGITS[i >> 4], HEX_DIGITS[i & 0x0f]];
+        i += 1;
+    }
+    t
+};
 
 /// The key `put_key` wrote at the end of `buf`.
 pub(super) fn key_text(buf: &[u8]) -> KeyText<'_> {
@@ -516,12 +564,10 @@ impl KeyText<'_> {
         if rest != self.rest || head[SCOPE_HEX] != b':' {
             return false;
         }
-        let mut hex = [0; SCOPE_HEX];
-        for (pair, b) in hex.chunks_exact_mut(2).zip(scope) {
-            pair[0] = HEX_DIGITS[usize::from(b >> 4)];
-            pair[1] = HEX_DIGITS[usize::from(b & 0x0f)];
-        }
-        head[..SCOPE_HEX] == hex
+        head[..SCOPE_HEX]
+            .chunks_exact(2)
+            .zip(scope)
+            .all(|(pair, &b)| *pair == HEX_PAIRS[usize::from(b)])
     }
 
     /// Whether `self` and `other` are the same text (each text packs one
