@@ -404,10 +404,22 @@ pub struct StoreKey {
 
 impl StoreKey {
     fn from_text(text: Arc<str>) -> Self {
+        let hash = Self::hash_of(text.as_bytes());
+        Self { text, hash }
+    }
+
+    /// The hash a store key of this text carries: a map that keeps many
+    /// keys can keep their text alone and hash it again.
+    pub(crate) fn hash_of(text: &[u8]) -> u64 {
         static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
             std::sync::OnceLock::new();
-        let hash = std::hash::BuildHasher::hash_one(SEED.get_or_init(Default::default), &*text);
-        Self { text, hash }
+        std::hash::BuildHasher::hash_one(SEED.get_or_init(Default::default), text)
+    }
+
+    /// The store key of text taken from another store key's
+    /// [`as_str`](Self::as_str).
+    pub(crate) fn from_text_of(text: &str) -> Self {
+        Self::from_text(text.into())
     }
 }
 

@@ -24,12 +24,14 @@
 //! Everything is lost when the process exits, operations included.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
-use indexmap::IndexMap;
+use indexmap::map::raw_entry_v1::{RawEntryApiV1, RawEntryMut};
+use indexmap::map::MutableKeys;
+use indexmap::{Equivalent, IndexMap};
 use tokio::time::Instant;
 
 use super::{Attempts, Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
@@ -144,7 +146,7 @@ struct Shard {
     /// hold an index (8 bytes) and the entries sit in one dense vector, so
     /// a table between growths (half to seven eighths full) does not cost
     /// a whole entry per empty bucket. Order is not used; removal swaps.
-    map: IndexMap<StoreKey, Entry>,
+    map: IndexMap<ShardKey, Entry>,
     /// When each entry stops counting: (deadline, seq, key). The seq makes
     /// the tuple unique, so keys are never compared, and ties an index
     /// entry to one version of the record: an index entry whose seq no
@@ -155,67 +157,233 @@ struct Shard {
     /// completed record before it (`in_order_until`; the common case, one
     /// retention for all) expires from the front of `completed` instead,
     /// in completion order, which is then deadline order (`sweep`).
-    expirations: BTreeSet<(Instant, u64, StoreKey)>,
+    expirations: BTreeSet<(Instant, u64, ShardKey)>,
     /// The latest deadline of a completed record left out of
     /// `expirations`. Completed records before any such record in
     /// `completed` expire no later than it; those after it expire no
     /// earlier, or are in `expirations`.
     in_order_until: Option<Instant>,
     /// Completed records by completion order, oldest first: eviction
-    /// order, as (seq, key). Seqs are taken under the shard's lock, so
-    /// pushing at the back keeps it sorted. A record that goes another way
+    /// order, as (seq, index in `map`). Seqs are taken under the shard's
+    /// lock, so pushing at the back keeps it sorted, and a record's entry
+    /// is found by its seq (binary search) to follow it when removing
+    /// another moves it in `map` (`remove_index`). No key: 16 bytes, and
+    /// no hashing to find the record. A record that goes another way
     /// (expired, purged) leaves its entry behind, stale (the seq no longer
     /// matches the map's): eviction skips it, the sweep drops stale entries
     /// from the front, and the queue is compacted whenever stale entries
     /// outnumber live ones (`compact_completed`).
-    completed: VecDeque<(u64, StoreKey)>,
+    completed: VecDeque<(u64, usize)>,
     /// How many completed records the map holds.
     completed_live: usize,
     /// Pending and running operations by when they are next claimable:
     /// (due, or lease end, seq, key). Operations are here *instead of* in
     /// `expirations`: they never expire.
-    due: BTreeSet<(Instant, u64, StoreKey)>,
+    due: BTreeSet<(Instant, u64, ShardKey)>,
     /// Pending and running operations by seq, which an operation keeps from
     /// enqueue until it is done: oldest accepted first.
-    operations: BTreeMap<u64, StoreKey>,
+    operations: BTreeMap<u64, ShardKey>,
     next_seq: u64,
+    /// What the entries' deadlines count from.
+    epoch: Epoch,
 }
 
+/// A store key as a shard keeps it, in its map and its indexes: 16
+/// bytes, where a [`StoreKey`] is 24 with its hash. For a record not
+/// completed, a buffer of the key's text (and its length, at the end:
+/// [`packed::put_key`]); for a completed record, the record's own packed
+/// buffer, which ends with the same ([`Packed::buffer`]): the record and
+/// its key are one allocation.
+///
+/// A lookup that starts from a shard key (expiry of records out of order,
+/// the queue) hashes the text again, to the same hash as the
+/// [`StoreKey`]'s; lookups by a [`StoreKey`] use its hash as it is.
+/// Compared and ordered by the text alone, as store keys are.
+#[derive(Debug, Clone)]
+struct ShardKey(Arc<[u8]>);
+
+impl ShardKey {
+    fn new(key: &StoreKey) -> Self {
+        Self(packed::key_buffer(key.as_str().as_bytes()))
+    }
+
+    /// The key of `record`, sharing its buffer.
+    fn of(record: &Packed) -> Self {
+        Self(Arc::clone(record.buffer()))
+    }
+
+    fn text(&self) -> packed::KeyText<'_> {
+        packed::key_text(&self.0)
+    }
+
+    fn store_key(&self) -> StoreKey {
+        StoreKey::from_text_of(&String::from_utf8_lossy(&self.text().text()))
+    }
+}
+
+impl PartialEq for ShardKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.text().same(other.text())
+    }
+}
+
+impl Eq for ShardKey {}
+
+impl PartialOrd for ShardKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ShardKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.text().order(other.text())
+    }
+}
+
+impl Hash for ShardKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `StoreKey` hashes: its text's hash, as one `u64`.
+        state.write_u64(StoreKey::hash_of(&self.text().text()));
+    }
+}
+
+impl Equivalent<ShardKey> for StoreKey {
+    fn equivalent(&self, key: &ShardKey) -> bool {
+        key.text().is(self.as_str().as_bytes())
+    }
+}
+
+/// The instant a shard's deadlines count from, in nanoseconds: an entry
+/// keeps its deadline in 8 bytes rather than an `Instant`'s 16. Deadlines
+/// are clamped ([`Epoch::clamp`]) to what 8 bytes hold (from the store's
+/// creation to 584 years after it) before they are used anywhere, so the
+/// index entries, which keep `Instant`s, always agree with the entry's.
+#[derive(Debug, Clone, Copy)]
+struct Epoch(Instant);
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Self(Instant::now())
+    }
+}
+
+impl Epoch {
+    /// `t` in nanoseconds since the epoch, saturating at both ends.
+    fn ticks(self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.0).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The instant `ticks` after the epoch.
+    fn at(self, ticks: u64) -> Instant {
+        self.0 + Duration::from_nanos(ticks)
+    }
+
+    /// `t` within what [`ticks`](Self::ticks) holds exactly.
+    fn clamp(self, t: Instant) -> Instant {
+        self.at(self.ticks(t))
+    }
+}
+
+/// A record: 32 bytes in the map, its key beside it. Its weight (what it
+/// is charged against the byte bound) is not kept but worked out from its
+/// state and key when it is needed ([`Entry::weight`]), always the same.
 #[derive(Debug)]
 struct Entry {
     seq: u64,
     /// When the record expires; for an operation, when it is next
-    /// claimable (its due time, or the end of its dispatcher's lease).
-    deadline: Instant,
-    weight: u64,
+    /// claimable (its due time, or the end of its dispatcher's lease). In
+    /// the shard's [`Epoch`] ticks.
+    deadline: u64,
     state: State,
 }
 
 impl Entry {
-    /// Whether the record reads as gone (or, for a lease, free to take).
-    /// An operation never expires: its deadline only makes it claimable.
-    fn expired(&self, now: Instant) -> bool {
+    /// Whether the record reads as gone (or, for a lease, free to take),
+    /// `now` in ticks. An operation never expires: its deadline only makes
+    /// it claimable.
+    fn expired(&self, now: u64) -> bool {
         self.deadline <= now && !self.is_operation()
     }
 
+    /// What the record is charged against the byte bound, `key` being its
+    /// key: what `reserve`, `enqueue` and `complete` charged for it.
+    fn weight(&self, key_len: usize) -> u64 {
+        key_weight(key_len)
+            + match self.state.view() {
+                View::InFlight(_) => 0,
+                View::Operation(op) => op.weight(),
+                View::Completed(packed) => record_weight(packed),
+            }
+    }
+
     fn is_operation(&self) -> bool {
-        matches!(self.state, State::Operation(_))
+        matches!(self.state.view(), View::Operation(_))
     }
 }
 
+/// Two variants, so the packed buffer's non-null pointer tells them apart
+/// and a state is 32 bytes (three would take a tag: 40). Read it through
+/// [`State::view`].
 #[derive(Debug)]
 enum State {
-    /// Boxed: in-flight records are few at any time, completed ones many,
-    /// and every entry is as large as the largest state.
-    InFlight(Box<Held>),
-    /// An async operation, pending or running (`queue.rs`).
-    Operation(Box<Op>),
+    /// In flight or an operation. Boxed: such records are few at any time,
+    /// completed ones many, and every entry is as large as the largest
+    /// state.
+    Open(Box<Open>),
     /// The record packed in one buffer (`packed.rs`), with the token of
     /// the holder that completed it: a retried `complete` from that holder
     /// (its first answer lost in transit) is acknowledged; and the id of
     /// the operation it finished, if it was one, which stays resolvable for
     /// as long as the record lives.
     Completed(Packed),
+}
+
+/// A record not completed yet.
+#[derive(Debug)]
+enum Open {
+    InFlight(Held),
+    /// An async operation, pending or running (`queue.rs`).
+    Operation(Op),
+}
+
+/// A [`State`] as seen through a reference, one variant per kind of record.
+#[derive(Debug, Clone, Copy)]
+enum View<'a> {
+    InFlight(&'a Held),
+    Operation(&'a Op),
+    Completed(&'a Packed),
+}
+
+impl State {
+    fn in_flight(held: Held) -> Self {
+        Self::Open(Box::new(Open::InFlight(held)))
+    }
+
+    fn operation(op: Op) -> Self {
+        Self::Open(Box::new(Open::Operation(op)))
+    }
+
+    fn view(&self) -> View<'_> {
+        match self {
+            Self::Open(open) => match &**open {
+                Open::InFlight(held) => View::InFlight(held),
+                Open::Operation(op) => View::Operation(op),
+            },
+            Self::Completed(packed) => View::Completed(packed),
+        }
+    }
+
+    /// The operation, if the record is one (pending or running).
+    fn operation_mut(&mut self) -> Option<&mut Op> {
+        match self {
+            Self::Open(open) => match &mut **open {
+                Open::Operation(op) => Some(op),
+                Open::InFlight(_) => None,
+            },
+            Self::Completed(_) => None,
+        }
+    }
 }
 
 /// A reservation's holder.
@@ -349,20 +517,22 @@ async fn sweep(shared: Weak<Shared>) {
     }
 }
 
-fn key_weight(key: &StoreKey) -> u64 {
-    (key.as_str().len() + 96) as u64
+fn key_weight(key_len: usize) -> u64 {
+    (key_len + 96) as u64
 }
 
 /// What a completed record adds to its key's weight: its packed buffer and
-/// the allocator's due on it.
+/// the allocator's due on it. The id of the operation it finished, if it
+/// was one, is not counted: it is packed in under the shard's lock, after
+/// the weight was charged.
 fn record_weight(record: &Packed) -> u64 {
-    (record.len() + 16) as u64
+    (record.record_len() + 16) as u64
 }
 
 impl Shard {
     /// The time index an entry belongs in: operations are claimable at
     /// their deadline, everything else expires at it.
-    fn times(&mut self, operation: bool) -> &mut BTreeSet<(Instant, u64, StoreKey)> {
+    fn times(&mut self, operation: bool) -> &mut BTreeSet<(Instant, u64, ShardKey)> {
         if operation {
             &mut self.due
         } else {
@@ -372,73 +542,132 @@ impl Shard {
 
     /// Removes the record under `key` with its index entries (its
     /// operation id included), and gives its weight back.
-    fn remove(&mut self, key: &StoreKey, shared: &Shared) -> Option<Entry> {
-        let (key, entry) = self.map.swap_remove_entry(key)?;
-        match &entry.state {
-            State::Operation(op) => {
+    fn remove<Q>(&mut self, key: &Q, shared: &Shared) -> Option<Entry>
+    where
+        Q: Hash + Equivalent<ShardKey> + ?Sized,
+    {
+        let index = self.map.get_index_of(key)?;
+        self.remove_index(index, shared)
+    }
+
+    /// Removes the record at `index` of the map, as [`remove`](Self::remove).
+    fn remove_index(&mut self, index: usize, shared: &Shared) -> Option<Entry> {
+        let (key, entry) = self.map.swap_remove_index(index)?;
+        // The last record took its place: its eviction entry follows it.
+        if let Some((_, moved)) = self.map.get_index(index) {
+            if matches!(moved.state, State::Completed(_)) {
+                if let Ok(at) = self.completed.binary_search_by_key(&moved.seq, |(s, _)| *s) {
+                    self.completed[at].1 = index;
+                }
+            }
+        }
+        let weight = entry.weight(key.text().len());
+        let deadline = self.epoch.at(entry.deadline);
+        match entry.state.view() {
+            View::Operation(op) => {
                 self.operations.remove(&entry.seq);
                 shared.operations.forget(op.id, true);
             }
-            State::Completed(packed) => {
+            View::Completed(packed) => {
                 if let Some(id) = packed.operation() {
                     shared.operations.forget(id, false);
                 }
                 self.completed_live = self.completed_live.saturating_sub(1);
                 self.compact_completed();
             }
-            State::InFlight(_) => {}
+            View::InFlight(_) => {}
         }
         self.times(entry.is_operation())
-            .remove(&(entry.deadline, entry.seq, key));
-        shared.usage.refund(entry.weight, 1);
+            .remove(&(deadline, entry.seq, key));
+        shared.usage.refund(weight, 1);
         Some(entry)
     }
 
-    /// Removes the record under `key` only if it is still the version an
-    /// index entry named (`seq`): a stale index entry deletes nothing.
-    fn remove_version(&mut self, key: &StoreKey, seq: u64, shared: &Shared) -> bool {
-        if self.map.get(key).is_some_and(|e| e.seq == seq) {
-            self.remove(key, shared);
+    /// Removes the record at `index` only if it is still the version an
+    /// eviction entry named (`seq`): a stale entry deletes nothing.
+    fn remove_at_version(&mut self, index: usize, seq: u64, shared: &Shared) -> bool {
+        if self.is_version(index, seq) {
+            self.remove_index(index, shared);
             true
         } else {
             false
         }
     }
 
+    /// Whether the record at `index` is the version `seq`.
+    fn is_version(&self, index: usize, seq: u64) -> bool {
+        self.map.get_index(index).is_some_and(|(_, e)| e.seq == seq)
+    }
+
+    /// Removes the record under `key` only if it is still the version an
+    /// index entry named (`seq`): a stale index entry deletes nothing.
+    fn remove_version(&mut self, key: &ShardKey, seq: u64, shared: &Shared) -> bool {
+        match self.map.get_full(key) {
+            Some((index, _, e)) if e.seq == seq => {
+                self.remove_index(index, shared);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Adds a record whose weight and entry the caller has already charged.
-    fn insert(&mut self, key: StoreKey, deadline: Instant, weight: u64, state: State) {
+    fn insert(&mut self, store_key: &StoreKey, deadline: Instant, state: State) {
+        let key = ShardKey::new(store_key);
+        let deadline = self.epoch.clamp(deadline);
         let seq = self.next_seq;
         self.next_seq += 1;
-        match state {
-            State::Completed(..) => self.push_completed(seq, key.clone(), deadline),
-            State::Operation(_) => {
+        let completed = matches!(state, State::Completed(_));
+        match state.view() {
+            View::Completed(..) => {}
+            View::Operation(_) => {
                 self.due.insert((deadline, seq, key.clone()));
                 self.operations.insert(seq, key.clone());
             }
-            State::InFlight(_) => {
+            View::InFlight(_) => {
                 self.expirations.insert((deadline, seq, key.clone()));
             }
         }
-        self.map.insert(
-            key,
-            Entry {
-                seq,
-                deadline,
-                weight,
-                state,
-            },
-        );
+        let entry = Entry {
+            seq,
+            deadline: self.epoch.ticks(deadline),
+            state,
+        };
+        // Hashed by the store key's own hash, not the text again.
+        let hash = self.map.hasher().hash_one(store_key);
+        let index = match self
+            .map
+            .raw_entry_mut_v1()
+            .from_key_hashed_nocheck(hash, store_key)
+        {
+            RawEntryMut::Vacant(slot) => {
+                slot.insert_hashed_nocheck(hash, key.clone(), entry);
+                self.map.len() - 1
+            }
+            RawEntryMut::Occupied(mut slot) => {
+                slot.insert(entry);
+                slot.index()
+            }
+        };
+        if completed {
+            self.push_completed(seq, index, key, deadline);
+        }
     }
 
     /// Moves the entry's deadline (and its index entry; the seq stays).
-    fn set_deadline(&mut self, key: &StoreKey, deadline: Instant) {
+    fn set_deadline<Q>(&mut self, key: &Q, deadline: Instant)
+    where
+        Q: Hash + Equivalent<ShardKey> + ?Sized,
+    {
+        let epoch = self.epoch;
+        let deadline = epoch.clamp(deadline);
         if let Some((k, e)) = self.map.get_key_value(key) {
-            let old = (e.deadline, e.seq, k.clone());
+            let old = (epoch.at(e.deadline), e.seq, k.clone());
             let times = self.times(e.is_operation());
             times.remove(&old);
             times.insert((deadline, old.1, old.2));
             if let Some(e) = self.map.get_mut(key) {
-                e.deadline = deadline;
+                e.deadline = epoch.ticks(deadline);
             }
         }
     }
@@ -446,23 +675,24 @@ impl Shard {
     /// Books a record just completed (`seq` fresh) for eviction and for
     /// expiry: in `expirations` only if it expires before a completed
     /// record ahead of it.
-    fn push_completed(&mut self, seq: u64, key: StoreKey, deadline: Instant) {
+    fn push_completed(&mut self, seq: u64, index: usize, key: ShardKey, deadline: Instant) {
         if self.completed_live == 0 {
             // No completed record ahead of it to be in order with.
             self.in_order_until = None;
         }
         if self.in_order_until.is_some_and(|last| deadline < last) {
-            self.expirations.insert((deadline, seq, key.clone()));
+            self.expirations.insert((deadline, seq, key));
         } else {
             self.in_order_until = Some(deadline);
         }
-        self.completed.push_back((seq, key));
+        self.completed.push_back((seq, index));
         self.completed_live += 1;
     }
 
     /// Drops every record whose deadline has passed; how many went.
     fn sweep(&mut self, now: Instant, shared: &Shared) -> usize {
         let mut freed = 0;
+        let now_ticks = self.epoch.ticks(now);
         while self
             .expirations
             .first()
@@ -477,13 +707,12 @@ impl Shard {
         // order after it expires no earlier than it does (if it is in
         // order itself), or than the record in order before it that it
         // came after (if it is not). Stale entries on the way are dropped.
-        while let Some((seq, key)) = self.completed.front() {
-            match self.map.get(key) {
-                Some(e) if e.seq == *seq && e.deadline > now => break,
-                Some(e) if e.seq == *seq => {
-                    if let Some((seq, key)) = self.completed.pop_front() {
-                        freed += usize::from(self.remove_version(&key, seq, shared));
-                    }
+        while let Some(&(seq, index)) = self.completed.front() {
+            match self.map.get_index(index) {
+                Some((_, e)) if e.seq == seq && e.deadline > now_ticks => break,
+                Some((_, e)) if e.seq == seq => {
+                    self.completed.pop_front();
+                    freed += usize::from(self.remove_at_version(index, seq, shared));
                 }
                 _ => {
                     self.completed.pop_front();
@@ -499,14 +728,14 @@ impl Shard {
         if self.completed.len() > 2 * self.completed_live + 64 {
             let map = &self.map;
             self.completed
-                .retain(|(seq, key)| map.get(key).is_some_and(|e| e.seq == *seq));
+                .retain(|&(seq, index)| map.get_index(index).is_some_and(|(_, e)| e.seq == seq));
         }
     }
 
     /// Evicts this shard's oldest completed record; false if it has none.
     fn evict_oldest(&mut self, shared: &Shared) -> bool {
-        while let Some((seq, key)) = self.completed.pop_front() {
-            if self.remove_version(&key, seq, shared) {
+        while let Some((seq, index)) = self.completed.pop_front() {
+            if self.remove_at_version(index, seq, shared) {
                 return true;
             }
         }
@@ -515,6 +744,7 @@ impl Shard {
 
     /// The live entry under `key`, dropping it first if it has expired.
     fn live(&mut self, key: &StoreKey, now: Instant, shared: &Shared) -> Option<&mut Entry> {
+        let now = self.epoch.ticks(now);
         if self.map.get(key).is_some_and(|e| e.expired(now)) {
             // An expired completed record is gone; an expired lease is free
             // to take over. Either way it reads as "no record".
@@ -526,10 +756,10 @@ impl Shard {
     /// The caller's in-flight entry (or running operation), if it still
     /// carries `token`.
     fn held(&mut self, key: &StoreKey, token: Token) -> Option<&mut Entry> {
-        self.map.get_mut(key).filter(|e| match &e.state {
-            State::InFlight(held) => held.token == token,
-            State::Operation(op) => op.running == Some(token),
-            State::Completed(..) => false,
+        self.map.get_mut(key).filter(|e| match e.state.view() {
+            View::InFlight(held) => held.token == token,
+            View::Operation(op) => op.running == Some(token),
+            View::Completed(..) => false,
         })
     }
 
@@ -541,19 +771,20 @@ impl Shard {
         &mut self,
         key: &StoreKey,
         deadline: Instant,
-        weight: u64,
         record: Packed,
         shared: &Shared,
     ) {
+        let epoch = self.epoch;
+        let deadline = epoch.clamp(deadline);
         let seq = self.next_seq;
         self.next_seq += 1;
-        let Some(e) = self.map.get_mut(key) else {
+        let Some((index, k, e)) = self.map.get_full_mut2(key) else {
             return;
         };
-        let old = (e.deadline, e.seq, key.clone());
-        let id = match &e.state {
-            State::Operation(op) => Some(op.id),
-            State::InFlight(_) | State::Completed(..) => None,
+        let old = (epoch.at(e.deadline), e.seq, k.clone());
+        let id = match e.state.view() {
+            View::Operation(op) => Some(op.id),
+            View::InFlight(_) | View::Completed(..) => None,
         };
         // Packed without an id (outside the lock); an operation's record
         // is packed again with it, which is rare (async mode) and small.
@@ -561,10 +792,12 @@ impl Shard {
             Some(id) => record.with_operation(id),
             None => record,
         };
+        // The record's buffer is its key from now on (the same text).
+        *k = ShardKey::of(&record);
+        let key = k.clone();
         *e = Entry {
             seq,
-            deadline,
-            weight,
+            deadline: epoch.ticks(deadline),
             state: State::Completed(record),
         };
         if id.is_some() {
@@ -574,7 +807,7 @@ impl Shard {
         } else {
             self.expirations.remove(&old);
         }
-        self.push_completed(seq, key.clone(), deadline);
+        self.push_completed(seq, index, key, deadline);
     }
 }
 
@@ -587,24 +820,26 @@ impl Store for MemoryStore {
     ) -> Result<Reservation, StoreError> {
         let now = Instant::now();
         let usage = &self.shared.usage;
-        let weight = key_weight(key);
+        let weight = key_weight(key.as_str().len());
         let mut charged = false;
         loop {
             let mut shard = self.shard(key);
+            let epoch = shard.epoch;
             if let Some(entry) = shard.live(key, now, &self.shared) {
-                let found = match &entry.state {
-                    State::InFlight(held) if held.fingerprint != fingerprint => {
+                let deadline = epoch.at(entry.deadline);
+                let found = match entry.state.view() {
+                    View::InFlight(held) if held.fingerprint != fingerprint => {
                         Reservation::Mismatch
                     }
-                    State::InFlight(_) => Reservation::InFlight {
-                        lease_remaining: entry.deadline - now,
+                    View::InFlight(_) => Reservation::InFlight {
+                        lease_remaining: deadline - now,
                     },
-                    State::Operation(op) if op.fingerprint != fingerprint => Reservation::Mismatch,
-                    State::Operation(_) => Reservation::InFlight {
-                        lease_remaining: queue::remaining(entry.deadline, now),
+                    View::Operation(op) if op.fingerprint != fingerprint => Reservation::Mismatch,
+                    View::Operation(_) => Reservation::InFlight {
+                        lease_remaining: queue::remaining(deadline, now),
                     },
-                    State::Completed(p) if p.fingerprint() != fingerprint => Reservation::Mismatch,
-                    State::Completed(p) => Reservation::Completed(p.record()),
+                    View::Completed(p) if p.fingerprint() != fingerprint => Reservation::Mismatch,
+                    View::Completed(p) => Reservation::Completed(p.record()),
                 };
                 if charged {
                     usage.refund(weight, 1);
@@ -622,14 +857,13 @@ impl Store for MemoryStore {
             }
             let token = Token::generate();
             shard.insert(
-                key.clone(),
+                key,
                 now + lease,
-                weight,
-                State::InFlight(Box::new(Held {
+                State::in_flight(Held {
                     token,
                     fingerprint,
                     started_at: SystemTime::now(),
-                })),
+                }),
             );
             return Ok(Reservation::Acquired(Lease {
                 token,
@@ -646,8 +880,8 @@ impl Store for MemoryStore {
         retention: Duration,
     ) -> Result<Fence, StoreError> {
         let usage = &self.shared.usage;
-        let record = Packed::new(&record, token);
-        let weight = key_weight(key) + record_weight(&record);
+        let record = Packed::new(&record, token, key.as_str());
+        let weight = key_weight(key.as_str().len()) + record_weight(&record);
         if weight > self.shared.limits.max_bytes {
             // Refused up front: making room for it would evict everyone
             // and still not fit. The reservation stays as it is.
@@ -662,13 +896,13 @@ impl Store for MemoryStore {
             let mut shard = self.shard(key);
             let Some(held) = shard.held(key, token) else {
                 usage.refund(charged, 0);
-                let already = shard
-                    .map
-                    .get(key)
-                    .is_some_and(|e| matches!(&e.state, State::Completed(p) if p.token() == token));
+                let already = shard.map.get(key).is_some_and(
+                    |e| matches!(e.state.view(), View::Completed(p) if p.token() == token),
+                );
                 return Ok(if already { Fence::Held } else { Fence::Lost });
             };
-            let need = weight.saturating_sub(held.weight);
+            let held_weight = held.weight(key.as_str().len());
+            let need = weight.saturating_sub(held_weight);
             if charged < need && !usage.try_charge(need - charged, 0) {
                 // Room is made with the shard unlocked, so the holder's own
                 // entry is never touched by it (eviction spares in-flight
@@ -681,18 +915,12 @@ impl Store for MemoryStore {
                 charged = need;
                 continue;
             }
-            let surplus = (charged.max(need) - need) + held.weight.saturating_sub(weight);
+            let surplus = (charged.max(need) - need) + held_weight.saturating_sub(weight);
             usage.refund(surplus, 0);
             let Some(record) = record.take() else {
                 return Ok(Fence::Lost);
             };
-            shard.complete_held(
-                key,
-                Instant::now() + retention,
-                weight,
-                record,
-                &self.shared,
-            );
+            shard.complete_held(key, Instant::now() + retention, record, &self.shared);
             break;
         }
         self.shared.notifier.notify(key);
@@ -728,19 +956,22 @@ impl Store for MemoryStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         let now = Instant::now();
         let mut shard = self.shard(key);
-        Ok(shard.live(key, now, &self.shared).map(|e| match &e.state {
-            State::InFlight(held) => Record::InFlight {
-                fingerprint: held.fingerprint,
-                lease_remaining: e.deadline - now,
-                started_at: held.started_at,
-            },
-            State::Operation(op) => Record::InFlight {
-                fingerprint: op.fingerprint,
-                lease_remaining: queue::remaining(e.deadline, now),
-                started_at: op.accepted_at,
-            },
-            State::Completed(p) => Record::Completed(p.record()),
-        }))
+        let epoch = shard.epoch;
+        Ok(shard
+            .live(key, now, &self.shared)
+            .map(|e| match e.state.view() {
+                View::InFlight(held) => Record::InFlight {
+                    fingerprint: held.fingerprint,
+                    lease_remaining: epoch.at(e.deadline) - now,
+                    started_at: held.started_at,
+                },
+                View::Operation(op) => Record::InFlight {
+                    fingerprint: op.fingerprint,
+                    lease_remaining: queue::remaining(epoch.at(e.deadline), now),
+                    started_at: op.accepted_at,
+                },
+                View::Completed(p) => Record::Completed(p.record()),
+            }))
     }
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
@@ -842,11 +1073,60 @@ mod tests {
             shard
                 .completed
                 .iter()
-                .filter(|(seq, k)| shard.map.get(k).is_some_and(|e| e.seq == *seq))
+                .filter(|&&(seq, i)| shard.is_version(i, seq))
                 .count()
                 == 50,
             "every live record keeps its entry"
         );
+    }
+
+    /// Purges move records in the map (the last one takes the place of
+    /// the one removed): eviction entries follow them, and eviction still
+    /// goes oldest first.
+    #[tokio::test(start_paused = true)]
+    async fn eviction_entries_follow_records_moved_by_removals() {
+        let s = store();
+        let mut keys = Vec::new();
+        for i in 0..300 {
+            keys.push(store_one(&s, i, Duration::from_secs(600)).await);
+        }
+        for (i, k) in keys.iter().enumerate() {
+            if i % 3 == 1 || i % 7 == 0 {
+                assert!(s.purge(k).await.expect("purge"));
+            }
+        }
+        let mut shard = lock(&s.shared.shards[0]);
+        let live: Vec<_> = shard
+            .completed
+            .iter()
+            .filter(|&&(seq, i)| shard.is_version(i, seq))
+            .map(|&(seq, _)| seq)
+            .collect();
+        assert_eq!(live.len(), shard.completed_live);
+        assert_eq!(live.len(), shard.map.len(), "every record has its entry");
+        let mut order = Vec::new();
+        loop {
+            let before: Vec<_> = shard.map.keys().cloned().collect();
+            if !shard.evict_oldest(&s.shared) {
+                break;
+            }
+            let gone: Vec<_> = before
+                .into_iter()
+                .filter(|k| shard.map.get(k).is_none())
+                .collect();
+            assert_eq!(gone.len(), 1);
+            order.push(gone[0].clone());
+        }
+        let expected: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(i % 3 == 1 || i % 7 == 0))
+            .map(|(_, k)| ShardKey::new(k))
+            .collect();
+        assert_eq!(order, expected, "oldest first");
+        assert!(shard.map.is_empty());
+        drop(shard);
+        assert_eq!(s.bytes(), 0);
     }
 
     /// Records kept for less time than one before them expire on time
@@ -888,6 +1168,41 @@ mod tests {
         shard.sweep(Instant::now(), &s.shared);
         assert_eq!(shard.map.len(), 0);
         assert!(shard.completed.is_empty());
+    }
+
+    #[test]
+    fn an_entry_is_32_bytes_an_eviction_entry_16() {
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
+        assert_eq!(std::mem::size_of::<(u64, usize)>(), 16, "an eviction entry");
+    }
+
+    /// Leases and retentions longer than an entry's deadline holds (584
+    /// years) are clamped before anything is indexed: nothing is left in
+    /// the indexes once the records are gone, and every byte is back.
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_past_what_an_entry_holds_leave_no_index_entry_behind() {
+        let s = store();
+        let millennium = Duration::from_secs(1000 * 365 * 86_400);
+        let k = StoreKey::new(&Scope::global(), "far");
+        let Ok(Reservation::Acquired(lease)) = s.reserve(&k, FP, millennium).await else {
+            panic!("a fresh key is acquired");
+        };
+        assert!(matches!(s.get(&k).await, Ok(Some(Record::InFlight { .. }))));
+        assert!(matches!(s.release(&k, lease.token).await, Ok(Fence::Held)));
+        let far = store_one(&s, 0, millennium).await;
+        let near = store_one(&s, 1, Duration::from_secs(1)).await;
+        assert_eq!(lock(&s.shared.shards[0]).expirations.len(), 1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            s.get(&near).await.expect("get").is_none(),
+            "expired on time"
+        );
+        assert!(s.get(&far).await.expect("get").is_some());
+        assert!(s.purge(&far).await.expect("purge"));
+        let shard = lock(&s.shared.shards[0]);
+        assert!(shard.map.is_empty());
+        assert!(shard.expirations.is_empty());
+        assert_eq!(s.bytes(), 0, "every byte is back");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,7 +1,7 @@
 //! The memory store's queue (protocol §9.7): operations in the same shards as
 //! the records, each step atomic under its shard's lock.
 //!
-//! An operation is the record of its key ([`State::Operation`]). Beside
+//! An operation is the record of its key ([`Open::Operation`]). Beside
 //! the map, each shard indexes its operations twice, by the same seq that
 //! ties every index entry to one version of a record:
 //!
@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::{key_weight, lock, Entry, MemoryStore, Shard, State};
+use super::{key_weight, lock, Entry, Epoch, MemoryStore, Shard, State, View};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::Token;
@@ -116,6 +116,12 @@ impl Operations {
 }
 
 impl Op {
+    /// What the operation's request is charged against the byte bound,
+    /// beside its key: what `enqueue` charged.
+    pub(super) fn weight(&self) -> u64 {
+        self.request.weight() as u64
+    }
+
     fn last_error(&self) -> Option<String> {
         self.last_error.as_deref().map(str::to_owned)
     }
@@ -136,10 +142,18 @@ impl Op {
 impl Entry {
     /// This record as operation `id`, if it is that operation (pending,
     /// running or done).
-    fn operation(&self, id: OperationId, key: &StoreKey, now: Instant) -> Option<Operation> {
-        let (state, last_error) = match &self.state {
-            State::Operation(op) if op.id == id => (op.state(self.deadline, now), op.last_error()),
-            State::Completed(packed) if packed.operation() == Some(id) => {
+    fn operation(
+        &self,
+        id: OperationId,
+        key: &StoreKey,
+        epoch: Epoch,
+        now: Instant,
+    ) -> Option<Operation> {
+        let (state, last_error) = match self.state.view() {
+            View::Operation(op) if op.id == id => {
+                (op.state(epoch.at(self.deadline), now), op.last_error())
+            }
+            View::Completed(packed) if packed.operation() == Some(id) => {
                 (OperationState::Done(packed.record()), None)
             }
             _ => return None,
@@ -163,10 +177,11 @@ impl Shard {
     fn claim_first(&mut self, now: Instant, lease: Duration) -> Option<Claimed> {
         loop {
             let (at, seq, key) = self.due.first().filter(|(at, ..)| *at <= now)?.clone();
+            let at_ticks = self.epoch.ticks(at);
             let current = self
                 .map
                 .get(&key)
-                .is_some_and(|e| e.seq == seq && e.deadline == at && e.is_operation());
+                .is_some_and(|e| e.seq == seq && e.deadline == at_ticks && e.is_operation());
             if !current {
                 // Never expected (every change moves the index entry with
                 // the record), but a stale entry must not block the queue.
@@ -176,14 +191,12 @@ impl Shard {
             let token = Token::generate();
             self.set_deadline(&key, now + lease);
             let e = self.map.get_mut(&key)?;
-            let State::Operation(op) = &mut e.state else {
-                return None;
-            };
+            let op = e.state.operation_mut()?;
             op.running = Some(token);
             op.attempts = op.attempts.saturating_add(1);
             return Some(Claimed {
                 id: op.id,
-                key,
+                key: key.store_key(),
                 fingerprint: op.fingerprint,
                 token,
                 attempt: op.attempts,
@@ -209,7 +222,7 @@ impl Queue for MemoryStore {
     ) -> Result<Enqueued, StoreError> {
         let now = Instant::now();
         let shared = &*self.shared;
-        let weight = key_weight(key) + request.weight() as u64;
+        let weight = key_weight(key.as_str().len()) + request.weight() as u64;
         if weight > shared.limits.max_bytes {
             // As in `complete`: making room would evict everyone and still
             // not fit.
@@ -221,21 +234,23 @@ impl Queue for MemoryStore {
         let mut request = Some(request);
         loop {
             let mut shard = self.shard(key);
+            let epoch = shard.epoch;
             if let Some(entry) = shard.live(key, now, shared) {
-                let found = match &entry.state {
-                    State::InFlight(held) if held.fingerprint != fingerprint => Enqueued::Mismatch,
-                    State::Operation(op) if op.fingerprint != fingerprint => Enqueued::Mismatch,
-                    State::InFlight(_) => Enqueued::InFlight {
-                        lease_remaining: entry.deadline - now,
+                let deadline = epoch.at(entry.deadline);
+                let found = match entry.state.view() {
+                    View::InFlight(held) if held.fingerprint != fingerprint => Enqueued::Mismatch,
+                    View::Operation(op) if op.fingerprint != fingerprint => Enqueued::Mismatch,
+                    View::InFlight(_) => Enqueued::InFlight {
+                        lease_remaining: deadline - now,
                     },
-                    State::Operation(op) => Enqueued::Existing(Operation {
+                    View::Operation(op) => Enqueued::Existing(Operation {
                         id: op.id,
                         key: key.clone(),
-                        state: op.state(entry.deadline, now),
+                        state: op.state(deadline, now),
                         last_error: op.last_error(),
                     }),
-                    State::Completed(p) if p.fingerprint() != fingerprint => Enqueued::Mismatch,
-                    State::Completed(p) => Enqueued::Completed(p.record()),
+                    View::Completed(p) if p.fingerprint() != fingerprint => Enqueued::Mismatch,
+                    View::Completed(p) => Enqueued::Completed(p.record()),
                 };
                 if charged {
                     shared.usage.refund(weight, 1);
@@ -262,10 +277,9 @@ impl Queue for MemoryStore {
                 return Err(StoreError::Capacity("enqueue looped after writing"));
             };
             shard.insert(
-                key.clone(),
+                key,
                 now,
-                weight,
-                State::Operation(Box::new(Op {
+                State::operation(Op {
                     id,
                     fingerprint,
                     accepted_at: SystemTime::now(),
@@ -274,7 +288,7 @@ impl Queue for MemoryStore {
                     attempts: 0,
                     running: None,
                     last_error: None,
-                })),
+                }),
             );
             // Lock order: record shard, then id shard.
             shared.operations.ids(id).insert(id, key.clone());
@@ -320,7 +334,7 @@ impl Queue for MemoryStore {
         let Some(entry) = shard.held(key, token) else {
             return Ok(Fence::Lost);
         };
-        let State::Operation(op) = &mut entry.state else {
+        let Some(op) = entry.state.operation_mut() else {
             // A synchronous execution's token: not an operation to retry.
             return Ok(Fence::Lost);
         };
@@ -336,9 +350,10 @@ impl Queue for MemoryStore {
         };
         let now = Instant::now();
         let mut shard = self.shard(&key);
+        let epoch = shard.epoch;
         Ok(shard
             .live(&key, now, &self.shared)
-            .and_then(|e| e.operation(id, &key, now)))
+            .and_then(|e| e.operation(id, &key, epoch, now)))
     }
 
     async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
@@ -350,9 +365,9 @@ impl Queue for MemoryStore {
             .filter_map(|s| {
                 let shard = lock(s);
                 let (_, key) = shard.operations.first_key_value()?;
-                match &shard.map.get(key)?.state {
-                    State::Operation(op) => Some(op.accepted),
-                    State::InFlight(_) | State::Completed(..) => None,
+                match shard.map.get(key)?.state.view() {
+                    View::Operation(op) => Some(op.accepted),
+                    View::InFlight(_) | View::Completed(..) => None,
                 }
             })
             .min();
