@@ -40,7 +40,7 @@ use std::fmt;
 
 use http::{HeaderMap, HeaderName, Method, Uri};
 
-use crate::hash::{push_hex, put, put_len};
+use crate::hash::{push_hex, put, put_len, Feed};
 use serde_json::Value;
 
 /// Domain separation for [`fingerprint`].
@@ -85,7 +85,7 @@ impl Fingerprint {
     /// [`fingerprint`].
     #[must_use]
     pub fn of_bytes(bytes: &[u8]) -> Fingerprint {
-        let mut h = blake3::Hasher::new();
+        let mut h = Feed::new();
         put(&mut h, BYTES_DOMAIN);
         put(&mut h, bytes);
         Fingerprint(*h.finalize().as_bytes())
@@ -140,7 +140,7 @@ pub fn fingerprint(
     body: &[u8],
     opts: &FingerprintOptions<'_>,
 ) -> Fingerprint {
-    let mut h = blake3::Hasher::new();
+    let mut h = Feed::new();
     put(&mut h, REQUEST_DOMAIN);
     put(&mut h, method.as_str().as_bytes());
     put(&mut h, uri.path().as_bytes());
@@ -198,7 +198,7 @@ pub fn validate_json_pointer(p: &str) -> Result<(), String> {
 /// sort is stable, so repeated parameters keep their order (`a=1&a=2` is a
 /// list that many servers read in order: it differs from `a=2&a=1`).
 /// Allocates only when there are two parts or more.
-fn put_query(h: &mut blake3::Hasher, query: &str) {
+fn put_query(h: &mut Feed, query: &str) {
     let mut parts = query.split('&').filter(|p| !p.is_empty());
     let Some(first) = parts.next() else {
         put_len(h, 0);
@@ -757,6 +757,31 @@ mod tests {
         }
         assert_eq!(unescape("~01"), "~1");
         assert_eq!(unescape("a~1b~0c"), "a/b~c");
+    }
+
+    /// Fingerprints are stored with their records: the same request must
+    /// give the same value in every version, or a retry across an upgrade
+    /// would be a 422. These values were computed once and are pinned.
+    #[test]
+    fn fingerprint_values_are_stable_across_versions() {
+        let body = r#"{"amount":100,"note":"a note long enough to span more than one block of the hash: 0123456789abcdef0123456789abcdef"}"#;
+        assert_eq!(
+            fp(&req(body)).to_hex(),
+            "c7d2fa0206d6f7284636f4cae8d3bce5e9361e97b5c4f48c7b01a3db37cc8e95"
+        );
+        assert_eq!(
+            canon(body).to_hex(),
+            "c7d2fa0206d6f7284636f4cae8d3bce5e9361e97b5c4f48c7b01a3db37cc8e95"
+        );
+        assert_eq!(
+            Fingerprint::of_bytes(b"job-42").to_hex(),
+            "14fd851237a4efebaf0c6062f8220d7ad37098036c1c1bb1e15fc0a6d3026be2"
+        );
+        let long = "x".repeat(5000);
+        assert_eq!(
+            fp(&req(&long)).to_hex(),
+            "448c0e92e99fc368226370ede05eedcd97d318835b949f9f068d97570cedbf64"
+        );
     }
 
     #[test]

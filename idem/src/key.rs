@@ -22,7 +22,7 @@ use std::sync::{Arc, OnceLock};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::hash::{push_hex, put, put_len};
+use crate::hash::{push_hex, put, put_len, Feed};
 
 /// The longest key accepted, in characters (protocol §3.2).
 pub const MAX_KEY_LEN: usize = 255;
@@ -321,7 +321,7 @@ impl Scope {
         if names.is_empty() {
             return Scope::global();
         }
-        let mut h = blake3::Hasher::new();
+        let mut h = Feed::new();
         put(&mut h, SCOPE_HEADERS_DOMAIN);
         put_len(&mut h, names.len());
         for name in names {
@@ -340,7 +340,7 @@ impl Scope {
     /// header scope.
     #[must_use]
     pub fn named(name: &str) -> Scope {
-        let mut h = blake3::Hasher::new();
+        let mut h = Feed::new();
         put(&mut h, SCOPE_NAME_DOMAIN);
         put(&mut h, name.as_bytes());
         Scope::from_hash(&h.finalize())
@@ -354,7 +354,7 @@ impl Scope {
     /// record can answer a client's key.
     #[must_use]
     pub fn derived(&self) -> Scope {
-        let mut h = blake3::Hasher::new();
+        let mut h = Feed::new();
         put(&mut h, SCOPE_DERIVED_DOMAIN);
         put(&mut h, &self.0);
         Scope::from_hash(&h.finalize())
@@ -559,6 +559,31 @@ impl fmt::Display for StoreKey {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
+
+    /// Scopes are part of stored keys: a request's scope must hash to the
+    /// same value in every version. Computed once and pinned.
+    #[test]
+    fn scope_values_are_stable_across_versions() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "authorization",
+            http::HeaderValue::from_static("Bearer abc"),
+        );
+        headers.append("x-tenant", http::HeaderValue::from_static("t1"));
+        headers.append("x-tenant", http::HeaderValue::from_static("t2"));
+        let names = [
+            HeaderName::from_static("authorization"),
+            HeaderName::from_static("x-tenant"),
+        ];
+        assert_eq!(
+            Scope::from_headers(&headers, &names).to_hex(),
+            "abb197af33f0560488515bdbbc215f33"
+        );
+        assert_eq!(
+            Scope::named("billing").to_hex(),
+            "e0cf53cf25a195c1635945c44f0e5bc6"
+        );
+    }
 
     #[test]
     fn log_id_is_a_short_hash_of_the_store_key() {
