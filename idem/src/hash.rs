@@ -68,12 +68,35 @@ pub(crate) fn put_len(h: &mut Feed, len: usize) {
     h.update(&(len as u64).to_le_bytes());
 }
 
+/// Each byte as its two lowercase hex digits: the one hex encoder of
+/// tokens, fingerprints, scopes and keys, whether into a `String`
+/// ([`push_hex`]), a buffer ([`hex_into`]) or compared in place.
+pub(crate) const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [DIGITS[i >> 4], DIGITS[i & 0x0f]];
+        i += 1;
+    }
+    t
+};
+
 /// Appends `bytes` as lowercase hex.
 pub(crate) fn push_hex(s: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    s.reserve(bytes.len() * 2);
     for &b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0F)]));
+        let [hi, lo] = HEX_PAIRS[usize::from(b)];
+        s.push(char::from(hi));
+        s.push(char::from(lo));
+    }
+}
+
+/// Writes `bytes` as lowercase hex into `out`, two digits per byte (as
+/// many bytes as `out` has room for).
+pub(crate) fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(b)]);
     }
 }
 

@@ -31,6 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use crate::fingerprint::Fingerprint;
+use crate::hash::HEX_PAIRS;
 use crate::record::{CompletedRecord, StoredResponse, Token};
 use crate::store::OperationId;
 
@@ -384,8 +385,6 @@ const SCOPE_HEX: usize = 32;
 /// Bytes of a scope.
 const SCOPE: usize = SCOPE_HEX / 2;
 
-const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
-
 /// A store key's text, packed: every store key is `hex(scope) ":" key`,
 /// kept as the scope's 16 bytes then the key (17 bytes fewer); any other
 /// text (never made) as it is. Then a varint, written backwards so that it
@@ -393,35 +392,32 @@ const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 /// if the scope was packed. The key section of a packed record, and the
 /// whole of a [`ShardKey`](super::ShardKey) of a record not completed.
 pub(super) fn put_key(buf: &mut Vec<u8>, text: &[u8]) {
-    let tag = match scope_of(text) {
-        Some(scope) => {
-            let rest = text.get(SCOPE_HEX + 1..).unwrap_or_default();
-            buf.extend_from_slice(&scope);
-            buf.extend_from_slice(rest);
-            2 * (SCOPE + rest.len()) as u64 + 1
-        }
-        None => {
-            buf.extend_from_slice(text);
-            2 * text.len() as u64
-        }
-    };
+    let (scope, rest, tag) = pack_key(text);
+    if let Some(scope) = scope {
+        buf.extend_from_slice(&scope);
+    }
+    buf.extend_from_slice(rest);
     let (tag, n) = backwards(tag);
     buf.extend_from_slice(&tag[..n]);
 }
 
-/// A buffer of `put_key`'s bytes for `text` alone, allocated once.
-pub(super) fn key_buffer(text: &[u8]) -> Arc<[u8]> {
-    let scope = scope_of(text);
-    let (scope, rest, tag) = match &scope {
+/// How `put_key` packs `text`: the scope's bytes (if the text has the
+/// shape of a store key), the rest of the text, and the tag after them.
+fn pack_key(text: &[u8]) -> (Option<[u8; SCOPE]>, &[u8], u64) {
+    match scope_of(text) {
         Some(scope) => {
             let rest = text.get(SCOPE_HEX + 1..).unwrap_or_default();
-            (&scope[..], rest, 2 * (SCOPE + rest.len()) as u64 + 1)
+            (Some(scope), rest, 2 * (SCOPE + rest.len()) as u64 + 1)
         }
-        None => (&[][..], text, 2 * text.len() as u64),
-    };
+        None => (None, text, 2 * text.len() as u64),
+    }
+}
+
+/// A buffer of `put_key`'s bytes for `text` alone, allocated once.
+pub(super) fn key_buffer(text: &[u8]) -> Arc<[u8]> {
+    let (scope, rest, tag) = pack_key(text);
     let (tag, n) = backwards(tag);
-    let (scope, rest, tag): (&[u8], &[u8], &[u8]) = (scope, rest, &tag[..n]);
-    let parts = [scope, rest, tag];
+    let parts: [&[u8]; 3] = [scope.as_ref().map_or(&[], |s| &s[..]), rest, &tag[..n]];
     let total: usize = parts.iter().map(|p| p.len()).sum();
     // Written on the stack and copied once into the shared buffer (any
     // valid key fits), else gathered in a vector first.
@@ -459,14 +455,8 @@ fn backwards(n: u64) -> ([u8; 10], usize) {
 /// Bytes `put_key` writes for `text`.
 #[cfg(test)]
 pub(super) fn key_size(text: &[u8]) -> usize {
-    let (bytes, tag) = match scope_of(text) {
-        Some(_) => {
-            let n = SCOPE + text.len() - SCOPE_HEX - 1;
-            (n, 2 * n as u64 + 1)
-        }
-        None => (text.len(), 2 * text.len() as u64),
-    };
-    bytes + varint_size(tag)
+    let (scope, rest, tag) = pack_key(text);
+    scope.map_or(0, |s| s.len()) + rest.len() + varint_size(tag)
 }
 
 /// The scope of a store key's text, if it has the shape of one.
@@ -501,17 +491,6 @@ const HEX_VALUES: [u8; 256] = {
     let mut i = 0;
     while i < 6 {
         t[b'a' as usize + i] = 10 + i as u8;
-        i += 1;
-    }
-    t
-};
-
-/// Each byte as two lowercase hex digits.
-const HEX_PAIRS: [[u8; 2]; 256] = {
-    let mut t = [[0; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = [HEX_DIGITS[i >> 4], HEX_DIGITS[i & 0x0f]];
         i += 1;
     }
     t
@@ -589,9 +568,8 @@ impl KeyText<'_> {
     pub(super) fn text(self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len());
         if let Some(scope) = self.scope {
-            for b in scope {
-                out.push(HEX_DIGITS[usize::from(b >> 4)]);
-                out.push(HEX_DIGITS[usize::from(b & 0x0f)]);
+            for &b in scope {
+                out.extend_from_slice(&HEX_PAIRS[usize::from(b)]);
             }
             out.push(b':');
         }

@@ -17,6 +17,7 @@ use ::redis::{Cmd, RedisWrite, Script, ToRedisArgs};
 use bytes::Bytes;
 
 use super::reply::HEADERS_V1;
+use crate::hash::{hex_into, push_hex};
 use crate::record::Token;
 
 /// An `EVALSHA` of one script, being built: its keys first (as many as
@@ -85,18 +86,14 @@ pub(super) fn token_hex(token: Token) -> Hex<16> {
 
 impl<const N: usize> ToRedisArgs for Hex<N> {
     fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         // Tokens and fingerprints are 16 and 32 bytes: on the stack.
         let mut buf = [0u8; 64];
-        if self.0.len() * 2 <= buf.len() {
-            for (pair, &b) in buf.chunks_exact_mut(2).zip(&self.0) {
-                pair[0] = DIGITS[usize::from(b >> 4)];
-                pair[1] = DIGITS[usize::from(b & 0x0F)];
-            }
-            out.write_arg(&buf[..self.0.len() * 2]);
+        if let Some(hex) = buf.get_mut(..N * 2) {
+            hex_into(hex, &self.0);
+            out.write_arg(hex);
         } else {
-            let mut s = String::with_capacity(self.0.len() * 2);
-            crate::hash::push_hex(&mut s, &self.0);
+            let mut s = String::with_capacity(N * 2);
+            push_hex(&mut s, &self.0);
             out.write_arg(s.as_bytes());
         }
     }
