@@ -349,8 +349,12 @@ async fn store_full_of_in_flight_records_is_503_closed() {
 }
 
 async fn hundred_at_once(mode: &str) {
+    hundred_at_once_with(mode, "").await;
+}
+
+async fn hundred_at_once_with(mode: &str, limits: &str) {
     let up = Upstream::start().await;
-    let cfg = format!("[defaults]\nconcurrent = \"{mode}\"");
+    let cfg = format!("[defaults]\nconcurrent = \"{mode}\"\n[limits]\n{limits}");
     let gw = gateway(&up.url(), &cfg).await;
     let a = gw.local_addr();
     let barrier = Arc::new(Barrier::new(100));
@@ -403,6 +407,14 @@ async fn hundred_concurrent_same_key_reject() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_same_key_wait() {
     hundred_at_once("wait").await;
+}
+
+/// The listener's threads (`[limits] threads`): connections accepted by
+/// different threads race for the same key and still execute once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_same_key_over_four_threads() {
+    hundred_at_once_with("wait", "threads = 4").await;
+    hundred_at_once_with("reject", "threads = 4").await;
 }
 
 #[tokio::test]

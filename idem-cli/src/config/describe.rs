@@ -209,6 +209,14 @@ impl Config {
             ("memory_max_entries", l.memory_max_entries.to_string()),
             ("memory_max_bytes", format_size(l.memory_max_bytes)),
             ("shutdown_grace", format_duration(l.shutdown_grace)),
+            (
+                "threads",
+                if l.threads == 0 {
+                    format!("0 (one per CPU: {})", l.io_threads())
+                } else {
+                    l.threads.to_string()
+                },
+            ),
             ("async_workers", l.async_workers.to_string()),
             ("max_pending", l.max_pending.to_string()),
             ("complete_retry", format_duration(l.complete_retry)),

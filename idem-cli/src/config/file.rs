@@ -96,6 +96,7 @@ pub(super) struct LimitsTable {
     shutdown_grace: Option<DurationValue>,
     complete_retry: Option<NonZeroDuration>,
     async_workers: Option<Spanned<u64>>,
+    threads: Option<Spanned<u64>>,
     max_pending: Option<Spanned<u64>>,
 }
 
@@ -369,6 +370,9 @@ fn each<T: PartialEq>(
 /// polls the store when idle.
 const MAX_ASYNC_WORKERS: usize = 10_000;
 
+/// `[limits] threads`: at most this many (one per core is the point).
+const MAX_THREADS: usize = 1024;
+
 /// The smallest `max_header_bytes`: hyper's HTTP/1 read buffer cannot be
 /// smaller (it panics below this).
 const MIN_HEADER_BYTES: u64 = 8 * KIB;
@@ -419,6 +423,18 @@ impl LimitsTable {
                     return Err(src.at(
                         &v.span(),
                         format!("async_workers is at most {MAX_ASYNC_WORKERS}"),
+                    ))
+                }
+            };
+        }
+        if let Some(v) = &self.threads {
+            // 0 is allowed: one thread per CPU.
+            l.threads = match usize::try_from(*v.get_ref()) {
+                Ok(n) if n <= MAX_THREADS => n,
+                _ => {
+                    return Err(src.at(
+                        &v.span(),
+                        format!("threads is at most {MAX_THREADS} (0: one per CPU)"),
                     ))
                 }
             };

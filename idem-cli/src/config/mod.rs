@@ -395,6 +395,10 @@ pub struct Limits {
     /// accept-only instance that answers 202s and status requests while
     /// other instances dispatch).
     pub async_workers: usize,
+    /// Threads serving connections, each with its own runtime, accepting
+    /// on the listening socket and keeping its own upstream pool (default
+    /// 0: one per CPU the process may use).
+    pub threads: usize,
     /// Async mode: most operations pending or running in the store
     /// (default 100 000); beyond, 503 `idempotency_queue_full`.
     pub max_pending: u64,
@@ -402,6 +406,18 @@ pub struct Limits {
     /// retried before the client gets its answer anyway and the key stays
     /// held until its lease ends (default 5s; never past the lease).
     pub complete_retry: Duration,
+}
+
+impl Limits {
+    /// The threads that serve connections: `threads`, or one per CPU the
+    /// process may use when it is 0.
+    #[must_use]
+    pub fn io_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -418,6 +434,7 @@ impl Default for Limits {
             memory_max_bytes: 512 * MIB,
             shutdown_grace: Duration::from_secs(30),
             async_workers: 64,
+            threads: 0,
             max_pending: idem::layer::DEFAULT_MAX_PENDING,
             complete_retry: Duration::from_secs(5),
         }

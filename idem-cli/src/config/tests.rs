@@ -244,6 +244,7 @@ memory_max_bytes = "1GiB"
 shutdown_grace = "0s"
 complete_retry = "3s"
 async_workers = 0
+threads = 3
 max_pending = 500
 "#,
     );
@@ -262,6 +263,7 @@ max_pending = 500
             shutdown_grace: Duration::ZERO,
             complete_retry: Duration::from_secs(3),
             async_workers: 0,
+            threads: 3,
             max_pending: 500,
         }
     );
@@ -276,6 +278,13 @@ max_pending = 500
         &["max_pending", "greater than 0"],
     );
     assert_err("[limits]\nasync_workers = 100001\n", 3, &["async_workers"]);
+    assert_err(
+        "[limits]\nthreads = 1025\n",
+        3,
+        &["threads is at most 1024"],
+    );
+    assert_err("[limits]\nthreads = -1\n", 3, &["threads"]);
+    assert!(Limits::default().io_threads() >= 1, "0 means one per CPU");
     assert_err("[limits]\nmax_connections = 0\n", 3, &["max_connections"]);
     assert_err(
         "[limits]\nrequest_read_timeout = \"3s\"\nidle_timeout = \"4s\"\n",

@@ -1,5 +1,13 @@
-//! The downstream edge: accepting connections, handing them the
-//! `max_connections` slots, and shutting down.
+//! The downstream edge: the listener's threads, accepting connections,
+//! handing them the `max_connections` slots, and shutting down.
+//!
+//! `[limits] threads` threads (one per CPU by default) each run a
+//! current-thread runtime with their own registration of the listening
+//! socket and their own upstream pool ([`Proxy::with_own_pool`]): a
+//! connection, its requests, their execution tasks and their upstream
+//! connections stay on the thread that accepted it, as in nginx's worker
+//! model. The slots, the silent connections, and the trackers shutdown
+//! waits on are shared by all threads.
 //!
 //! A connection takes a slot only once its first byte arrives, so sockets
 //! that connect and say nothing cannot keep real clients out. Until then it
@@ -128,9 +136,8 @@ impl Drop for Ticket {
     }
 }
 
-/// What every connection shares.
-struct Shared<S: Store> {
-    service: Idempotency<Proxy, S>,
+/// What every connection, on every thread, shares.
+struct Shared {
     routes: Arc<idem::RouteTable>,
     edge: Arc<Edge>,
     http: auto::Builder<TokioExecutor>,
@@ -141,23 +148,73 @@ struct Shared<S: Store> {
     slots: Arc<Semaphore>,
     silent: Arc<Silent>,
     idle_timeout: Duration,
+    /// Every connection of every thread, which shutdown waits for.
+    connections: TaskTracker,
     /// Graceful: finish what is under way, take nothing new.
     stop: CancellationToken,
     /// The grace is over: drop what is left.
     kill: CancellationToken,
 }
 
-/// Accepts and serves connections until `stop`, then shuts down within
-/// `shutdown_grace` (see the module docs).
-pub(super) async fn serve<S: Store>(
+/// One of the listener's threads before it starts: its own current-thread
+/// runtime, the listening socket registered with that runtime, and the
+/// service with its own upstream pool.
+pub(super) struct Thread<S: Store> {
+    runtime: tokio::runtime::Runtime,
     listener: TcpListener,
     service: Idempotency<Proxy, S>,
+}
+
+/// Prepares `count` threads accepting on `listener` (each registers its
+/// own copy of the socket: the kernel wakes them in turn as connections
+/// arrive, and each serves what it accepted to the end), each with the
+/// service `service` makes.
+pub(super) fn threads<S: Store>(
+    listener: TcpListener,
+    count: usize,
+    mut service: impl FnMut() -> Idempotency<Proxy, S>,
+) -> std::io::Result<Vec<Thread<S>>> {
+    let listener = listener.into_std()?;
+    (0..count.max(1))
+        .map(|_| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let listener = {
+                let _inside = runtime.enter();
+                TcpListener::from_std(listener.try_clone()?)?
+            };
+            Ok(Thread {
+                runtime,
+                listener,
+                service: service(),
+            })
+        })
+        .collect()
+}
+
+/// The listener's threads, running; [`Running::finish`] shuts them down.
+pub(super) struct Running {
+    shared: Arc<Shared>,
+    /// Completes (or fails, if its thread died) once a thread stopped accepting.
+    accepting: Vec<oneshot::Receiver<()>>,
+    /// Tells the threads to end their runtimes.
+    release: CancellationToken,
+    /// Completes once a thread's runtime is gone.
+    exited: Vec<oneshot::Receiver<()>>,
+    grace: Duration,
+}
+
+/// Starts `threads`, each accepting and serving connections until `stop`.
+/// A thread that cannot be started stops the others and is an error.
+pub(super) fn start<S: Store>(
+    threads: Vec<Thread<S>>,
     routes: Arc<idem::RouteTable>,
     edge: Arc<Edge>,
     limits: &Limits,
     tls: Option<ListenerTls>,
     stop: CancellationToken,
-) {
+) -> std::io::Result<Running> {
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
         .timer(TokioTimer::new())
@@ -174,23 +231,132 @@ pub(super) async fn serve<S: Store>(
         .keep_alive_interval(limits.idle_timeout)
         .keep_alive_timeout(limits.request_read_timeout);
     let shared = Arc::new(Shared {
-        service,
         routes,
-        edge: Arc::clone(&edge),
+        edge,
         http,
         tls,
         handshake_timeout: limits.request_read_timeout,
         slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
         silent: Silent::new(limits.max_connections),
         idle_timeout: limits.idle_timeout.min(limits.request_read_timeout),
-        stop: stop.clone(),
+        connections: TaskTracker::new(),
+        stop,
         kill: CancellationToken::new(),
     });
-    let connections = TaskTracker::new();
+    let mut running = Running {
+        shared: Arc::clone(&shared),
+        accepting: Vec::with_capacity(threads.len()),
+        release: CancellationToken::new(),
+        exited: Vec::with_capacity(threads.len()),
+        grace: limits.shutdown_grace,
+    };
+    // The threads log where the caller logs (its subscriber may be this
+    // thread's alone: an embedding's or a test's).
+    let logs = tracing::dispatcher::get_default(Clone::clone);
+    for (n, thread) in threads.into_iter().enumerate() {
+        let logs = logs.clone();
+        let (accepting, stopped_accepting) = oneshot::channel();
+        let (exited, gone) = oneshot::channel();
+        let (shared, release) = (Arc::clone(&shared), running.release.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("idem-io-{n}"))
+            .spawn(move || {
+                let _logs = tracing::dispatcher::set_default(&logs);
+                let Thread {
+                    runtime,
+                    listener,
+                    service,
+                } = thread;
+                runtime.block_on(async move {
+                    accept(&shared, listener, &service).await;
+                    let _ = accepting.send(());
+                    // Serve what was accepted until shutdown is over.
+                    release.cancelled().await;
+                });
+                // Whatever is left (past the grace) is dropped here.
+                drop(runtime);
+                let _ = exited.send(());
+            });
+        if let Err(error) = spawned {
+            shared_stop(&running);
+            return Err(error);
+        }
+        running.accepting.push(stopped_accepting);
+        running.exited.push(gone);
+    }
+    Ok(running)
+}
+
+/// Stops threads already started (a later one could not be).
+fn shared_stop(running: &Running) {
+    running.shared.stop.cancel();
+    running.shared.kill.cancel();
+    running.release.cancel();
+}
+
+impl Running {
+    /// After `stop`: stops accepting, closes the silent connections, lets
+    /// the others finish their requests (hyper's graceful shutdown), waits
+    /// for the request tasks that outlived their client, all within
+    /// `shutdown_grace`, then ends the threads.
+    pub(super) async fn finish(self) {
+        let Self {
+            shared,
+            accepting,
+            release,
+            exited,
+            grace,
+        } = self;
+        shared.stop.cancelled().await;
+        let deadline = Instant::now() + grace;
+        // No thread spawns a connection once it stopped accepting.
+        for thread in accepting {
+            let _ = thread.await;
+        }
+        shared.silent.shed_all();
+        let connections = &shared.connections;
+        connections.close();
+        tokio::select! {
+            biased;
+            () = connections.wait() => tracing::info!("all connections finished"),
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(?grace, "shutdown grace ran out; closing remaining connections");
+                shared.kill.cancel();
+            }
+        }
+        // Requests whose client hung up still run in their own tasks: the
+        // upstream call, then storing its answer. Exiting between the two
+        // would leave the key held and the answer lost.
+        let requests = &shared.edge.requests;
+        requests.close();
+        tokio::select! {
+            biased;
+            () = requests.wait() => {}
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(
+                    tasks = requests.len(),
+                    "shutdown grace ran out with requests still running; \
+                     their answers may not be stored (their keys stay held until their leases end)"
+                );
+            }
+        }
+        release.cancel();
+        for thread in exited {
+            let _ = thread.await;
+        }
+    }
+}
+
+/// One thread's accept loop, until `stop`.
+async fn accept<S: Store>(
+    shared: &Arc<Shared>,
+    listener: TcpListener,
+    service: &Idempotency<Proxy, S>,
+) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            () = stop.cancelled() => break,
+            () = shared.stop.cancelled() => break,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -203,41 +369,22 @@ pub(super) async fn serve<S: Store>(
         };
         let _ = stream.set_nodelay(true);
         let (ticket, shed) = shared.silent.enter();
-        connections.spawn(connection(Arc::clone(&shared), stream, peer, ticket, shed));
-    }
-    drop(listener);
-    shared.silent.shed_all();
-    let deadline = Instant::now() + limits.shutdown_grace;
-    connections.close();
-    tokio::select! {
-        biased;
-        () = connections.wait() => tracing::info!("all connections finished"),
-        () = tokio::time::sleep_until(deadline) => {
-            tracing::warn!(grace = ?limits.shutdown_grace, "shutdown grace ran out; closing remaining connections");
-            shared.kill.cancel();
-        }
-    }
-    // Requests whose client hung up still run in their own tasks: the
-    // upstream call, then storing its answer. Exiting between the two
-    // would leave the key held and the answer lost.
-    edge.requests.close();
-    tokio::select! {
-        biased;
-        () = edge.requests.wait() => {}
-        () = tokio::time::sleep_until(deadline) => {
-            tracing::warn!(
-                tasks = edge.requests.len(),
-                "shutdown grace ran out with requests still running; \
-                 their answers may not be stored (their keys stay held until their leases end)"
-            );
-        }
+        shared.connections.spawn(connection(
+            Arc::clone(shared),
+            service.clone(),
+            stream,
+            peer,
+            ticket,
+            shed,
+        ));
     }
 }
 
 /// One connection: wait for its first byte (silent), then for a slot, then
 /// the TLS handshake if any, then serve it with hyper.
 async fn connection<S: Store>(
-    shared: Arc<Shared<S>>,
+    shared: Arc<Shared>,
+    service: Idempotency<Proxy, S>,
     stream: TcpStream,
     peer: SocketAddr,
     ticket: Ticket,
@@ -263,7 +410,7 @@ async fn connection<S: Store>(
         () = shared.stop.cancelled() => return,
     };
     let Some(tls) = &shared.tls else {
-        serve_io(&shared, TokioIo::new(stream), peer).await;
+        serve_io(&shared, service, TokioIo::new(stream), peer).await;
         drop(permit);
         return;
     };
@@ -272,7 +419,7 @@ async fn connection<S: Store>(
         () = shared.stop.cancelled() => return,
     };
     match handshake {
-        Ok(Ok(stream)) => serve_io(&shared, TokioIo::new(stream), peer).await,
+        Ok(Ok(stream)) => serve_io(&shared, service, TokioIo::new(stream), peer).await,
         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
@@ -280,11 +427,14 @@ async fn connection<S: Store>(
 }
 
 /// Serves one connection, HTTP/1.1 or HTTP/2, until it ends or shutdown.
-async fn serve_io<S: Store, I>(shared: &Shared<S>, io: I, peer: SocketAddr)
-where
+async fn serve_io<S: Store, I>(
+    shared: &Shared,
+    service: Idempotency<Proxy, S>,
+    io: I,
+    peer: SocketAddr,
+) where
     I: Read + Write + Unpin + Send + 'static,
 {
-    let service = shared.service.clone();
     let routes = Arc::clone(&shared.routes);
     let edge = Arc::clone(&shared.edge);
     let conn = shared.http.serve_connection(

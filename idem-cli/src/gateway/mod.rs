@@ -97,6 +97,9 @@ pub enum GatewayError {
     /// The configuration breaks a rule (see [`Config::validate`]).
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The listener's threads could not be started.
+    #[error("cannot start the listener's threads: {0}")]
+    Threads(#[source] std::io::Error),
     /// The serve loop's task failed (it panicked or was cancelled).
     #[error("the gateway task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
@@ -307,6 +310,26 @@ fn spawn_serve<S: Store + VersionStore + Clone>(
         Arc::clone(&routes),
         config.tls.upstream_ca.as_deref(),
     )?;
+    // Routes with a stale-event guard keep their versions in the same store.
+    let stale_guard =
+        StaleGuard::new(engine.store().clone()).store_timeout(config.limits.store_timeout);
+    let requests = TaskTracker::new();
+    let layer = IdempotencyLayer::new(engine.clone(), config.routes.clone())
+        .async_mode(asynchronous.mode.clone())
+        .stale_guard(stale_guard)
+        .tasks(requests.clone());
+    // Each thread has its own upstream pool.
+    let threads = conn::threads(listener, config.limits.io_threads(), || {
+        layer.layer(proxy.with_own_pool())
+    })
+    .map_err(GatewayError::Threads)?;
+    let edge = Arc::new(Edge {
+        read_timeout: config.limits.request_read_timeout,
+        drain_limit: drain_limit(&config.routes),
+        requests,
+    });
+    let running = conn::start(threads, routes, edge, &config.limits, tls, stop.clone())
+        .map_err(GatewayError::Threads)?;
     let mut tasks = Vec::with_capacity(3);
     if let (Some(listener), Some(token)) = (admin, config.admin_token.clone()) {
         let app = admin::router(engine.clone(), token, Some(Arc::clone(&asynchronous.stats)));
@@ -320,29 +343,13 @@ fn spawn_serve<S: Store + VersionStore + Clone>(
             }
         }));
     }
-    // Routes with a stale-event guard keep their versions in the same store.
-    let stale_guard =
-        StaleGuard::new(engine.store().clone()).store_timeout(config.limits.store_timeout);
-    let requests = TaskTracker::new();
-    let service = IdempotencyLayer::new(engine, config.routes.clone())
-        .async_mode(asynchronous.mode.clone())
-        .stale_guard(stale_guard)
-        .tasks(requests.clone())
-        .layer(proxy);
     // The dispatchers stop with the listener and get the same grace.
     let (stopping, grace) = (stop.clone(), config.limits.shutdown_grace);
     tasks.push(tokio::spawn(async move {
         stopping.cancelled().await;
         asynchronous.shutdown(grace).await;
     }));
-    let edge = Arc::new(Edge {
-        read_timeout: config.limits.request_read_timeout,
-        drain_limit: drain_limit(&config.routes),
-        requests,
-    });
-    tasks.push(tokio::spawn(async move {
-        conn::serve(listener, service, routes, edge, &config.limits, tls, stop).await;
-    }));
+    tasks.push(tokio::spawn(running.finish()));
     Ok(tasks)
 }
 

@@ -37,6 +37,17 @@ use idem::RouteTable;
 
 use super::body::GatewayBody;
 
+/// A pooled client over `connector`: keep-alive connections, up to 1 024
+/// idle ones, each closed after 30 s unused.
+fn pooled(
+    connector: HttpsConnector<HttpConnector>,
+) -> Client<HttpsConnector<HttpConnector>, GatewayBody> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(std::time::Duration::from_secs(30))
+        .build(connector)
+}
+
 /// The body of an upstream response: streamed (pass-through requests, and
 /// answers larger than `max_response_body`, after the part read while
 /// buffering) or buffered within the upstream time-out (participating
@@ -68,6 +79,8 @@ pub struct Proxy {
 #[derive(Debug)]
 struct ProxyInner {
     client: Client<HttpsConnector<HttpConnector>, GatewayBody>,
+    /// Kept to build another pool ([`Proxy::with_own_pool`]).
+    connector: HttpsConnector<HttpConnector>,
     scheme: Scheme,
     authority: Authority,
     routes: Arc<RouteTable>,
@@ -124,18 +137,33 @@ impl Proxy {
             .https_or_http()
             .enable_http1()
             .wrap_connector(connector);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1024)
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
-            .build(connector);
         Ok(Self {
             inner: Arc::new(ProxyInner {
-                client,
+                client: pooled(connector.clone()),
+                connector,
                 scheme: upstream.scheme().cloned().unwrap_or(Scheme::HTTP),
                 authority,
                 routes,
             }),
         })
+    }
+
+    /// The same proxy with a connection pool of its own: each of the
+    /// gateway's threads keeps its upstream connections to itself, so a
+    /// request, its upstream connection and its pool are on one thread
+    /// (see [`super::conn`]).
+    #[must_use]
+    pub fn with_own_pool(&self) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(ProxyInner {
+                client: pooled(inner.connector.clone()),
+                connector: inner.connector.clone(),
+                scheme: inner.scheme.clone(),
+                authority: inner.authority.clone(),
+                routes: Arc::clone(&inner.routes),
+            }),
+        }
     }
 
     async fn forward(self, req: Request<GatewayBody>) -> Response<ProxyBody> {
