@@ -409,3 +409,119 @@ async fn the_store_survives_a_redis_restart() {
         "no notification after restart"
     );
 }
+
+/// `(id, last command)` of every connection of `server` but `inspector`'s.
+async fn clients(inspector: &mut redis::aio::MultiplexedConnection) -> Vec<(u64, String)> {
+    let me: u64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(inspector)
+        .await
+        .unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(inspector)
+        .await
+        .unwrap();
+    let field = |line: &str, name: &str| {
+        line.split(' ')
+            .find_map(|f| f.strip_prefix(name).map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let mut out: Vec<(u64, String)> = list
+        .lines()
+        .map(|l| (field(l, "id=").parse().unwrap(), field(l, "cmd=")))
+        .filter(|(id, _)| *id != me)
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// A thread that pins gets a connection of its own, used by its calls
+/// while the pin lives; other threads keep the shared one, and the
+/// thread's connection closes once its runtime ends. On a private Redis,
+/// so every connection counted is this test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_thread_calls_over_its_own_connection() {
+    let Some(server) = PrivateRedis::start().await else {
+        return;
+    };
+    let mut inspector = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let store = RedisStore::builder()
+        .prefix(prefix())
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let before = clients(&mut inspector).await;
+    assert_eq!(before.len(), 2, "commands and subscription: {before:?}");
+    assert!(before.iter().all(|(_, cmd)| cmd != "evalsha"), "{before:?}");
+
+    let (reserved, seen) = std::sync::mpsc::channel::<()>();
+    let (go_on, release) = std::sync::mpsc::channel::<()>();
+    let on_thread = store.clone();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let pin = on_thread.pin_to_thread().await.unwrap();
+            assert!(pin.is_pinned());
+            let again = on_thread.pin_to_thread().await.unwrap();
+            assert!(!again.is_pinned(), "one connection per thread");
+            let k = fresh_key("pinned");
+            assert!(matches!(
+                on_thread.reserve(&k, fp("a"), LEASE).await.unwrap(),
+                Reservation::Acquired(_)
+            ));
+            reserved.send(()).unwrap();
+            release.recv().unwrap();
+            drop(pin);
+        });
+    });
+    tokio::task::spawn_blocking(move || seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let during = clients(&mut inspector).await;
+    assert_eq!(during.len(), 3, "one more, the thread's: {during:?}");
+    let evalsha: Vec<_> = during.iter().filter(|(_, cmd)| cmd == "evalsha").collect();
+    assert_eq!(
+        evalsha,
+        [during.last().unwrap()],
+        "the call went over the newest connection, the thread's: {during:?}"
+    );
+    go_on.send(()).unwrap();
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .unwrap()
+        .unwrap();
+
+    // This thread never pinned: the shared connection.
+    let k = fresh_key("shared");
+    assert!(matches!(
+        store.reserve(&k, fp("a"), LEASE).await.unwrap(),
+        Reservation::Acquired(_)
+    ));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let after = clients(&mut inspector).await;
+        if after.len() == 2 || Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(after.len(), 2, "the thread's connection closed: {after:?}");
+    assert_eq!(
+        after.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        before.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        "the shared connections are the same"
+    );
+    assert!(
+        after.iter().any(|(_, cmd)| cmd == "evalsha"),
+        "the shared connection served the call: {after:?}"
+    );
+}

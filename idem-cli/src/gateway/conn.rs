@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use idem::layer::Idempotency;
+use idem::store::{AnyStore, ThreadPins};
 use idem::Store;
 
 use super::proxy::Proxy;
@@ -213,6 +214,7 @@ pub(super) fn start<S: Store>(
     edge: Arc<Edge>,
     limits: &Limits,
     tls: Option<ListenerTls>,
+    store: &AnyStore,
     stop: CancellationToken,
 ) -> std::io::Result<Running> {
     let mut http = auto::Builder::new(TokioExecutor::new());
@@ -254,7 +256,7 @@ pub(super) fn start<S: Store>(
     // thread's alone: an embedding's or a test's).
     let logs = tracing::dispatcher::get_default(Clone::clone);
     for (n, thread) in threads.into_iter().enumerate() {
-        let logs = logs.clone();
+        let (logs, store) = (logs.clone(), store.clone());
         let (accepting, stopped_accepting) = oneshot::channel();
         let (exited, gone) = oneshot::channel();
         let (shared, release) = (Arc::clone(&shared), running.release.clone());
@@ -268,6 +270,13 @@ pub(super) fn start<S: Store>(
                     service,
                 } = thread;
                 runtime.block_on(async move {
+                    // Store calls made on this thread use its own
+                    // connections, made on its runtime, when the store has
+                    // any (standalone Redis); until the thread ends.
+                    let _pins = store.pin_to_thread().await.unwrap_or_else(|error| {
+                        tracing::warn!(%error, "a listener thread uses the store's shared connection");
+                        ThreadPins::default()
+                    });
                     accept(&shared, listener, &service).await;
                     let _ = accepting.send(());
                     // Serve what was accepted until shutdown is over.

@@ -154,6 +154,8 @@ impl Gateway {
         }
         let asynchronous = dispatch::Async::start(&store, &config).await?;
         // Store calls are spans when traces are exported (protocol §14).
+        // The listener threads pin their own connections to it.
+        let shared_store = store.clone();
         let engine = Engine::with_config(TracedStore::new(store), engine_config);
         let protocols = config.listener_protocols();
         if let Some(tls) = &listener_tls {
@@ -163,6 +165,7 @@ impl Gateway {
             listener,
             tls: listener_tls,
             admin,
+            store: shared_store,
         };
         let tasks = spawn_serve(serve, engine, config, stop.clone(), asynchronous)?;
         tracing::info!(%local_addr, %protocols, "idem gateway listening");
@@ -291,6 +294,8 @@ struct Serve {
     listener: TcpListener,
     tls: Option<tls::ListenerTls>,
     admin: Option<TcpListener>,
+    /// The store the engine wraps.
+    store: AnyStore,
 }
 
 fn spawn_serve<S: Store + VersionStore + Clone>(
@@ -298,6 +303,7 @@ fn spawn_serve<S: Store + VersionStore + Clone>(
         listener,
         tls,
         admin,
+        store: shared_store,
     }: Serve,
     engine: Engine<S>,
     config: Config,
@@ -328,8 +334,16 @@ fn spawn_serve<S: Store + VersionStore + Clone>(
         drain_limit: drain_limit(&config.routes),
         requests,
     });
-    let running = conn::start(threads, routes, edge, &config.limits, tls, stop.clone())
-        .map_err(GatewayError::Threads)?;
+    let running = conn::start(
+        threads,
+        routes,
+        edge,
+        &config.limits,
+        tls,
+        &shared_store,
+        stop.clone(),
+    )
+    .map_err(GatewayError::Threads)?;
     let mut tasks = Vec::with_capacity(3);
     if let (Some(listener), Some(token)) = (admin, config.admin_token.clone()) {
         let app = admin::router(engine.clone(), token, Some(Arc::clone(&asynchronous.stats)));

@@ -103,6 +103,32 @@ impl AnyStore {
         }
     }
 
+    /// Gives the calling thread connections of its own to the store, used
+    /// by the calls made on this thread while the returned pins live: for
+    /// a thread that runs one current-thread runtime for its whole life
+    /// (the gateway's listener threads). Standalone Redis:
+    /// [`RedisStore::pin_to_thread`](super::redis::RedisStore::pin_to_thread);
+    /// the other stores have nothing to pin (the memory store is in
+    /// this process; PostgreSQL's pool serves every thread).
+    ///
+    /// # Errors
+    ///
+    /// When the thread's own connection cannot be made (the thread then
+    /// keeps using the shared one).
+    pub async fn pin_to_thread(&self) -> Result<ThreadPins, StoreError> {
+        match self {
+            #[cfg(feature = "redis")]
+            Self::Redis(store) => Ok(ThreadPins {
+                redis: Some(store.pin_to_thread().await?),
+            }),
+            #[allow(
+                unreachable_patterns,
+                reason = "reachable when a backend is compiled in"
+            )]
+            _ => Ok(ThreadPins::default()),
+        }
+    }
+
     /// A short name of the backend: `memory`, `redis` or `postgres`.
     #[must_use]
     pub fn kind(&self) -> &'static str {
@@ -114,6 +140,31 @@ impl AnyStore {
             #[cfg(feature = "postgres")]
             Self::Postgres(_) => "postgres",
         }
+    }
+}
+
+/// A thread's own store connections ([`AnyStore::pin_to_thread`]), kept
+/// while this lives. Tied to its thread: drop it there.
+#[derive(Debug, Default)]
+#[must_use = "the thread keeps its connections only while the pins live"]
+pub struct ThreadPins {
+    #[cfg(feature = "redis")]
+    redis: Option<super::redis::ThreadPin>,
+}
+
+impl ThreadPins {
+    /// Whether the thread got a connection of its own.
+    #[must_use]
+    pub fn is_pinned(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if self
+            .redis
+            .as_ref()
+            .is_some_and(super::redis::ThreadPin::is_pinned)
+        {
+            return true;
+        }
+        false
     }
 }
 

@@ -25,7 +25,7 @@ use crate::policy::Concurrent;
 use crate::record::{CompletedRecord, Record, Token};
 
 pub use crate::error::{BoxError, ConfigError, Corruption, StoreError};
-pub use any::{AnyStore, ConnectOptions, StoreUrl};
+pub use any::{AnyStore, ConnectOptions, StoreUrl, ThreadPins};
 pub use job::{Attempts, MAX_ERROR_BYTES};
 pub use queue::{
     Claimed, Enqueued, InvalidOperationId, Operation, OperationId, OperationRequest,

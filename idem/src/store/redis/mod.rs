@@ -108,6 +108,9 @@
 //! Standalone Redis uses a [`ConnectionManager`] (one multiplexed
 //! connection that reconnects by itself); a Cluster uses the crate's async
 //! cluster connection, which reconnects to nodes and refreshes the slot map.
+//! A thread that runs its own runtime may take a standalone connection of
+//! its own ([`RedisStore::pin_to_thread`]; the gateway's listener threads
+//! do), which behaves as the shared one in every way below.
 //! Every call is bounded by [`RedisStoreBuilder::timeout`] (default 2 s) and
 //! fails with [`StoreError::Timeout`] past it; a refused or dropped
 //! connection is [`StoreError::Unavailable`]. Construction fails (it never
@@ -171,8 +174,11 @@ use queue::Follow;
 use reply::{epoch_ms, ttl_ms, Reply};
 use subscriber::Subscriber;
 
+pub use pin::ThreadPin;
+
 mod invoke;
 mod job;
+mod pin;
 mod queue;
 mod reply;
 mod subscriber;
@@ -213,11 +219,31 @@ impl Scripts {
 }
 
 /// The command connection: both kinds are cheap clones of one shared,
-/// multiplexed, self-reconnecting connection.
+/// multiplexed, self-reconnecting connection. A standalone store's
+/// connection may be replaced, on a thread, by that thread's own
+/// ([`RedisStore::pin_to_thread`]).
 #[derive(Clone)]
 enum Conn {
-    Standalone(ConnectionManager),
+    Standalone(Box<Standalone>),
     Cluster(ClusterConnection),
+}
+
+/// A standalone Redis: the shared connection, and what a thread's own
+/// connection is made from.
+#[derive(Clone)]
+struct Standalone {
+    /// This store's key in the threads' tables of their own connections.
+    id: u64,
+    shared: ConnectionManager,
+    client: Client,
+    config: ConnectionManagerConfig,
+}
+
+impl Standalone {
+    /// The calling thread's own connection if it has one, else the shared one.
+    fn conn(&self) -> ConnectionManager {
+        pin::get(self.id).unwrap_or_else(|| self.shared.clone())
+    }
 }
 
 impl Conn {
@@ -229,7 +255,7 @@ impl Conn {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 let script = invocation.script();
                 match self {
-                    Conn::Standalone(c) => script.load_async(&mut c.clone()).await?,
+                    Conn::Standalone(c) => script.load_async(&mut c.conn()).await?,
                     Conn::Cluster(c) => script.load_async(&mut c.clone()).await?,
                 };
                 self.query(invocation.cmd()).await
@@ -240,7 +266,7 @@ impl Conn {
 
     async fn query(&self, cmd: &Cmd) -> Result<Value, RedisError> {
         match self {
-            Conn::Standalone(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Standalone(c) => cmd.query_async(&mut c.conn()).await,
             Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
         }
     }
@@ -253,6 +279,8 @@ struct Inner {
     prefix: String,
     channel: String,
     timeout: Duration,
+    /// Bound on making a thread's own connection.
+    connect_timeout: Duration,
     cluster: bool,
     listening: Listening,
     /// The subscriber task, stopped when the last clone of the store drops.
@@ -366,23 +394,19 @@ impl RedisStoreBuilder {
     pub async fn connect(self, url: &str) -> Result<RedisStore, StoreError> {
         self.validate()?;
         let client = self.client(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            // Every call is bounded by `call` (its deadline covers the retry
-            // too); a second, per-request timer inside the connection would
-            // only cost a timer entry per call. The crate's default is 500 ms.
-            .set_response_timeout(None)
-            // Fail fast while Redis is down (the next call tries again)
-            // rather than hold callers in a long retry loop.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1));
+        let config = manager_config(self.connect_timeout);
         let manager = bounded(
             self.connect_timeout,
-            ConnectionManager::new_with_config(client.clone(), config),
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
         )
         .await?;
-        self.finish(Conn::Standalone(manager), vec![client]).await
+        let conn = Conn::Standalone(Box::new(Standalone {
+            id: pin::next_id(),
+            shared: manager,
+            client: client.clone(),
+            config,
+        }));
+        self.finish(conn, vec![client]).await
     }
 
     /// Connects to a Redis Cluster through any of its `urls` (the slot map is
@@ -474,12 +498,28 @@ impl RedisStoreBuilder {
                 prefix: self.prefix,
                 channel,
                 timeout: self.timeout,
+                connect_timeout: self.connect_timeout,
                 cluster,
                 listening,
                 _subscriber: tasks,
             }),
         })
     }
+}
+
+/// How every standalone connection manager behaves.
+fn manager_config(connect_timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        // Every call is bounded by `call` (its deadline covers the retry
+        // too); a second, per-request timer inside the connection would
+        // only cost a timer entry per call. The crate's default is 500 ms.
+        .set_response_timeout(None)
+        // Fail fast while Redis is down (the next call tries again)
+        // rather than hold callers in a long retry loop.
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_secs(1))
 }
 
 impl RedisStore {
@@ -517,6 +557,40 @@ impl RedisStore {
     #[must_use]
     pub fn timeout(&self) -> Duration {
         self.inner.timeout
+    }
+
+    /// Gives the calling thread a connection of its own to a standalone
+    /// Redis, made on the calling thread's runtime, used by every call made
+    /// on this thread while the returned pin lives (calls elsewhere use the
+    /// shared connection). For a thread that runs one current-thread
+    /// runtime for its whole life, as each of the gateway's listener
+    /// threads does: its calls then never wake another thread (measured in
+    /// BENCHMARKS.md). Drop the pin on its thread, before its runtime ends.
+    ///
+    /// A Redis Cluster connection is shared by all threads (the pin holds
+    /// nothing), as is a second pin of the same thread.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] or [`StoreError::Timeout`] when the new
+    /// connection cannot be made within the connect time-out; the thread
+    /// then keeps using the shared one.
+    pub async fn pin_to_thread(&self) -> Result<ThreadPin, StoreError> {
+        let Conn::Standalone(standalone) = &self.inner.conn else {
+            return Ok(ThreadPin::none());
+        };
+        if pin::has(standalone.id) {
+            return Ok(ThreadPin::none());
+        }
+        let manager = bounded(
+            self.inner.connect_timeout,
+            ConnectionManager::new_with_config(
+                standalone.client.clone(),
+                standalone.config.clone(),
+            ),
+        )
+        .await?;
+        Ok(pin::insert(standalone.id, manager))
     }
 
     /// Whether this store talks to a Redis Cluster.
