@@ -216,12 +216,14 @@ pub async fn lease_expiry_and_fencing<S: VersionStore>(s: Arc<S>) {
         Fence::Held
     );
     assert_eq!(s.current_version(&e).await.expect("current"), Some(n(2)));
-    // A heartbeat keeps a holder alive past its first lease.
-    let t = acquire(&*s, &e, n(3), Duration::from_millis(300)).await;
-    for _ in 0..3 {
+    // A heartbeat keeps a holder alive past its first lease (750 ms of
+    // heartbeats every 150 ms on a 600 ms lease: 450 ms of slack for each
+    // heartbeat on a loaded machine).
+    let t = acquire(&*s, &e, n(3), Duration::from_millis(600)).await;
+    for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(
-            s.extend_version(&e, t, Duration::from_millis(300))
+            s.extend_version(&e, t, Duration::from_millis(600))
                 .await
                 .expect("extend"),
             Fence::Held

@@ -127,18 +127,23 @@
 //!
 //! # Round trips
 //!
-//! A statement takes a pooled connection, runs (one round trip: sqlx
-//! prepares it once per connection, then sends bind, execute and sync
-//! together and reads until the server is ready again, so the statement
-//! has committed when the call returns), and gives the connection back.
-//! sqlx pings a connection when it comes back (one more round trip, in a
-//! task of its own: that one cannot be turned off); it would ping it again
-//! when it is taken out, but a connection given back less than
-//! `RECHECK_AFTER` (1 s) ago was just checked, so only one idle for longer
-//! is pinged first (a server restart or a dropped connection is then found
-//! before a statement runs on it). Under load that is two round trips per
-//! statement instead of three; a fresh request (reserve, complete) makes
-//! four, two of them on its path (the pings run after the answer is in).
+//! The request path's statements (reserve, complete, release, extend,
+//! get) take a connection of the store's own pool (`hot.rs`, at most
+//! [`PostgresStoreBuilder::max_connections`]), run (one round trip: sqlx
+//! prepares each statement once per connection, then sends bind, execute
+//! and sync together and reads until the server is ready again, so the
+//! statement has committed when the call returns), and give the connection
+//! back as it is. A connection idle for `RECHECK_AFTER` (1 s) or more is
+//! pinged before a statement runs on it (a server restart or a dropped
+//! connection is then found first); one whose statement did not finish
+//! (time-out, or the caller went away) is closed, never reused. A fresh
+//! request (reserve, complete) is two round trips, as `pgbench` running
+//! the same two statements. Everything else (queues, jobs, versions,
+//! transactions, clean-up) runs on sqlx's pool ([`PostgresStore::pool`]),
+//! which pings each connection when it comes back (one more round trip, in
+//! a task of its own, which sqlx does not let one turn off): that is why
+//! the request path has a pool of its own. Each pool opens connections
+//! when first needed, up to `max_connections` each.
 //! The test `an_idle_connection_that_died_is_replaced_before_use`
 //! (`tests/postgres.rs`) kills an idle pooled connection and checks that
 //! the next call succeeds.
@@ -172,7 +177,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, Postgres};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::query::Query;
 use sqlx::Connection as _;
 
@@ -192,6 +197,7 @@ use listener::Feed;
 use row::{completed, fingerprint, flag, remaining, reservation, state, time, COMPLETED};
 use wait::Watchers;
 
+mod hot;
 mod job;
 mod listener;
 mod queue;
@@ -302,8 +308,9 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// Most pooled connections (the listener has one more of its own).
-    /// Default 10.
+    /// Most pooled connections of each of the store's two pools: the
+    /// request path's and sqlx's for everything else (module docs, Round
+    /// trips); the listener has one more of its own. Default 10.
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = n.max(1);
         self
@@ -438,6 +445,8 @@ impl PostgresStoreBuilder {
         // Listen before the store exists, so that construction fails with
         // the reason when it cannot.
         let notifier = Notifier::new();
+        let hot = hot::pool(options.clone(), timeout, self.max_connections)
+            .map_err(|e| store_error(e, timeout))?;
         let mut feed = Feed::new(options, sql.channel.clone(), timeout);
         let first = feed.subscribe().await?;
         let listener =
@@ -457,6 +466,7 @@ impl PostgresStoreBuilder {
         Ok(PostgresStore {
             shared: Arc::new(Shared {
                 pool,
+                hot,
                 sql,
                 schema: self.schema,
                 timeout,
@@ -479,6 +489,8 @@ pub struct PostgresStore {
 
 struct Shared {
     pool: PgPool,
+    /// The request path's statements (`hot.rs`).
+    hot: hot::Pool,
     sql: Statements,
     schema: String,
     timeout: Duration,
@@ -612,6 +624,21 @@ impl PostgresStore {
         PostgresStoreBuilder::new(url)
     }
 
+    /// Runs `sql` (no arguments) on one of the request path's connections
+    /// (module docs, Round trips) and returns its rows, within the store's
+    /// time-out: for looking at those connections' sessions
+    /// (`SHOW plan_cache_mode`, `pg_prepared_statements`), which a
+    /// connection of [`pool`](Self::pool) does not share.
+    ///
+    /// # Errors
+    ///
+    /// As any store call: [`StoreError::Timeout`],
+    /// [`StoreError::Unavailable`].
+    pub async fn request_path_rows(&self, sql: &str) -> Result<Vec<PgRow>, StoreError> {
+        self.call(hot::fetch_all(&self.shared.hot, sqlx::query(sql)))
+            .await
+    }
+
     /// The connection pool (also usable for the application's own queries).
     #[must_use]
     pub fn pool(&self) -> &PgPool {
@@ -735,10 +762,10 @@ impl Store for PostgresStore {
     ) -> Result<Reservation, StoreError> {
         let token = Token::generate();
         let row = self
-            .call(
-                self.reserve_query(key, token, fingerprint, lease)
-                    .fetch_one(&self.shared.pool),
-            )
+            .call(hot::fetch_one(
+                &self.shared.hot,
+                self.reserve_query(key, token, fingerprint, lease),
+            ))
             .await?;
         reservation(&row, token, fingerprint, lease)
     }
@@ -751,23 +778,23 @@ impl Store for PostgresStore {
         retention: Duration,
     ) -> Result<Fence, StoreError> {
         let row = self
-            .call(
-                self.complete_query(key, token, &record.response, retention)
-                    .fetch_one(&self.shared.pool),
-            )
+            .call(hot::fetch_one(
+                &self.shared.hot,
+                self.complete_query(key, token, &record.response, retention),
+            ))
             .await?;
         self.changed(key, flag(&row, "held")?)
     }
 
     async fn release(&self, key: &StoreKey, token: Token) -> Result<Fence, StoreError> {
         let row = self
-            .call(
+            .call(hot::fetch_one(
+                &self.shared.hot,
                 sqlx::query(&self.shared.sql.release)
                     .bind(key.as_str())
                     .bind(token.as_u128().to_be_bytes())
-                    .bind(&self.shared.sql.channel)
-                    .fetch_one(&self.shared.pool),
-            )
+                    .bind(&self.shared.sql.channel),
+            ))
             .await?;
         self.changed(key, flag(&row, "held")?)
     }
@@ -778,25 +805,24 @@ impl Store for PostgresStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        let done = self
-            .call(
+        let changed = self
+            .call(hot::execute(
+                &self.shared.hot,
                 sqlx::query(&self.shared.sql.extend)
                     .bind(key.as_str())
                     .bind(token.as_u128().to_be_bytes())
-                    .bind(micros(lease))
-                    .execute(&self.shared.pool),
-            )
+                    .bind(micros(lease)),
+            ))
             .await?;
-        fence(done.rows_affected() > 0)
+        fence(changed > 0)
     }
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         let row = self
-            .call(
-                sqlx::query(&self.shared.sql.get)
-                    .bind(key.as_str())
-                    .fetch_optional(&self.shared.pool),
-            )
+            .call(hot::fetch_optional(
+                &self.shared.hot,
+                sqlx::query(&self.shared.sql.get).bind(key.as_str()),
+            ))
             .await?;
         let Some(row) = row else {
             return Ok(None);

@@ -1,0 +1,165 @@
+//! The connections the request path's statements run on (reserve,
+//! complete, release, extend, get): a pool of plain connections that,
+//! unlike sqlx's, does not ping a connection each time it comes back.
+//!
+//! sqlx's pool pings every connection given back to it, in a task of its
+//! own, and that cannot be turned off: each statement then held its
+//! connection for two round trips, and the pool served half the statements
+//! per connection that `pgbench` does over the same connections (see the
+//! module docs, Round trips; BENCHMARKS.md). Here a connection is given
+//! back as it is, and checked when it is next taken out, only if it was
+//! idle for `RECHECK_AFTER` or more (a ping, as before). A statement that
+//! did not finish (its time-out fired, or the request went away
+//! mid-statement) may leave its connection mid-protocol: such a connection
+//! is marked and closed when next taken out, never used again. One that
+//! failed with a broken connection is closed at once.
+//!
+//! The pool is `deadpool`'s (waiting, bounds, handing out); sqlx's pool
+//! stays for everything else (queues, jobs, versions, transactions, and the
+//! application's own queries through [`super::PostgresStore::pool`]).
+
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgRow};
+use sqlx::query::Query;
+use sqlx::{Connection, Postgres};
+
+use super::{RECHECK_AFTER, SETUP};
+
+/// Makes and checks the request path's connections.
+#[derive(Debug)]
+pub(super) struct Manager {
+    options: PgConnectOptions,
+    /// `statement_timeout`, in ms, set on every connection.
+    statement_timeout: String,
+}
+
+/// One connection, and whether its last statement finished.
+#[derive(Debug)]
+pub(super) struct Conn {
+    raw: PgConnection,
+    /// False from the start of a statement until its answer is read.
+    clean: bool,
+}
+
+impl managed::Manager for Manager {
+    type Type = Conn;
+    type Error = sqlx::Error;
+
+    async fn create(&self) -> Result<Conn, sqlx::Error> {
+        let mut raw = PgConnection::connect_with(&self.options).await?;
+        sqlx::query(SETUP)
+            .bind(&self.statement_timeout)
+            .execute(&mut raw)
+            .await?;
+        Ok(Conn { raw, clean: true })
+    }
+
+    async fn recycle(&self, conn: &mut Conn, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
+        if !conn.clean {
+            return Err(RecycleError::message(
+                "a statement did not finish on this connection",
+            ));
+        }
+        if metrics.last_used() >= RECHECK_AFTER {
+            conn.raw.ping().await?;
+        }
+        Ok(())
+    }
+}
+
+/// The request path's pool.
+pub(super) type Pool = managed::Pool<Manager>;
+
+/// A pool of at most `max` connections to `options`, each with the
+/// server-side `statement_timeout` of `timeout`. Connections are made when
+/// first needed.
+pub(super) fn pool(
+    options: PgConnectOptions,
+    timeout: Duration,
+    max: u32,
+) -> Result<Pool, sqlx::Error> {
+    let manager = Manager {
+        options,
+        statement_timeout: timeout.as_millis().max(1).to_string(),
+    };
+    Pool::builder(manager)
+        .max_size(usize::try_from(max).unwrap_or(usize::MAX).max(1))
+        .build()
+        .map_err(|e| sqlx::Error::Configuration(e.into()))
+}
+
+/// A connection of `pool` (waiting for one if all are in use; bounded by
+/// the caller's time-out).
+async fn take(pool: &Pool) -> Result<Object<Manager>, sqlx::Error> {
+    pool.get().await.map_err(|e| match e {
+        managed::PoolError::Backend(e) => e,
+        managed::PoolError::Closed => sqlx::Error::PoolClosed,
+        other => sqlx::Error::Io(std::io::Error::other(other.to_string())),
+    })
+}
+
+/// A statement with its arguments bound.
+pub(super) type Statement<'q> = Query<'q, Postgres, PgArguments>;
+
+/// Runs `query` on a connection of `pool` and reads its one row.
+pub(super) async fn fetch_one(pool: &Pool, query: Statement<'_>) -> Result<PgRow, sqlx::Error> {
+    let mut conn = take(pool).await?;
+    conn.clean = false;
+    let result = query.fetch_one(&mut conn.raw).await;
+    finish(conn, result)
+}
+
+/// Runs `query` on a connection of `pool` and reads its row, if any.
+pub(super) async fn fetch_optional(
+    pool: &Pool,
+    query: Statement<'_>,
+) -> Result<Option<PgRow>, sqlx::Error> {
+    let mut conn = take(pool).await?;
+    conn.clean = false;
+    let result = query.fetch_optional(&mut conn.raw).await;
+    finish(conn, result)
+}
+
+/// Runs `query` on a connection of `pool`; how many rows it changed.
+pub(super) async fn execute(pool: &Pool, query: Statement<'_>) -> Result<u64, sqlx::Error> {
+    let mut conn = take(pool).await?;
+    conn.clean = false;
+    let result = query
+        .execute(&mut conn.raw)
+        .await
+        .map(|done| done.rows_affected());
+    finish(conn, result)
+}
+
+/// Runs `query` on a connection of `pool` and reads all its rows.
+pub(super) async fn fetch_all(
+    pool: &Pool,
+    query: Statement<'_>,
+) -> Result<Vec<PgRow>, sqlx::Error> {
+    let mut conn = take(pool).await?;
+    conn.clean = false;
+    let result = query.fetch_all(&mut conn.raw).await;
+    finish(conn, result)
+}
+
+/// Marks the connection clean once its statement answered; closes it
+/// (takes it out of the pool) when the connection itself failed.
+fn finish<T>(mut conn: Object<Manager>, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+    match &result {
+        // The server answered (rows or an error of its own): the
+        // connection is ready for the next statement.
+        Ok(_) | Err(sqlx::Error::Database(_)) => conn.clean = true,
+        Err(
+            sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::Decode(_)
+            | sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::ColumnIndexOutOfBounds { .. }
+            | sqlx::Error::RowNotFound,
+        ) => conn.clean = true,
+        // I/O, protocol, TLS: the connection is not to be trusted again.
+        Err(_) => drop(Object::take(conn)),
+    }
+    result
+}
