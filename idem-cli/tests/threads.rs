@@ -19,6 +19,25 @@ fn thread_names() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The listener threads running, once there are `n` of them (a thread
+/// takes its name once it runs, and ends just after it says so), or after
+/// a second.
+async fn io_threads(n: usize) -> usize {
+    let count = || {
+        thread_names()
+            .iter()
+            .filter(|t| t.starts_with("idem-io-"))
+            .count()
+    };
+    for _ in 0..50 {
+        if count() == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    count()
+}
+
 #[tokio::test]
 async fn threads_serve_connections_and_end_at_shutdown() {
     if !std::path::Path::new("/proc/self/task").exists() {
@@ -27,17 +46,12 @@ async fn threads_serve_connections_and_end_at_shutdown() {
     }
     let up = Upstream::start().await;
     let gw = gateway(&up.url(), "[limits]\nthreads = 3").await;
-    let io = |names: &[String]| names.iter().filter(|n| n.starts_with("idem-io-")).count();
-    // A thread takes its name once it runs: give them a moment.
-    let mut during = io(&thread_names());
-    for _ in 0..50 {
-        if during == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        during = io(&thread_names());
-    }
-    assert_eq!(during, 3, "three listener threads: {:?}", thread_names());
+    assert_eq!(
+        io_threads(3).await,
+        3,
+        "three listener threads: {:?}",
+        thread_names()
+    );
     let (c, a) = (client(), gw.local_addr());
     for i in 0..12 {
         let key = format!("t-{i}");
@@ -45,14 +59,5 @@ async fn threads_serve_connections_and_end_at_shutdown() {
         assert_eq!(r.status, 201);
     }
     gw.shutdown().await.expect("shutdown");
-    // A thread ends just after it says so: give it a moment.
-    let mut after = io(&thread_names());
-    for _ in 0..50 {
-        if after == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        after = io(&thread_names());
-    }
-    assert_eq!(after, 0, "shutdown ends its threads");
+    assert_eq!(io_threads(0).await, 0, "shutdown ends its threads");
 }

@@ -417,27 +417,11 @@ impl LimitsTable {
         }
         if let Some(v) = &self.async_workers {
             // 0 is allowed: an accept-only instance (protocol §9.1).
-            l.async_workers = match usize::try_from(*v.get_ref()) {
-                Ok(n) if n <= MAX_ASYNC_WORKERS => n,
-                _ => {
-                    return Err(src.at(
-                        &v.span(),
-                        format!("async_workers is at most {MAX_ASYNC_WORKERS}"),
-                    ))
-                }
-            };
+            l.async_workers = count_at_most(src, v, MAX_ASYNC_WORKERS, "async_workers", "")?;
         }
         if let Some(v) = &self.threads {
             // 0 is allowed: one thread per CPU.
-            l.threads = match usize::try_from(*v.get_ref()) {
-                Ok(n) if n <= MAX_THREADS => n,
-                _ => {
-                    return Err(src.at(
-                        &v.span(),
-                        format!("threads is at most {MAX_THREADS} (0: one per CPU)"),
-                    ))
-                }
-            };
+            l.threads = count_at_most(src, v, MAX_THREADS, "threads", " (0: one per CPU)")?;
         }
         if let Some(v) = &self.max_pending {
             if *v.get_ref() == 0 {
@@ -471,6 +455,20 @@ impl LimitsTable {
             l.idle_timeout = idle;
         }
         Ok((l, store_timeout_span))
+    }
+}
+
+/// A count from 0 to `max`; past it, "`key` is at most `max``note`".
+fn count_at_most(
+    src: &Src<'_>,
+    v: &Spanned<u64>,
+    max: usize,
+    key: &str,
+    note: &str,
+) -> Result<usize, ConfigError> {
+    match usize::try_from(*v.get_ref()) {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(src.at(&v.span(), format!("{key} is at most {max}{note}"))),
     }
 }
 

@@ -103,12 +103,21 @@ async fn take(pool: &Pool) -> Result<Object<Manager>, sqlx::Error> {
 /// A statement with its arguments bound.
 pub(super) type Statement<'q> = Query<'q, Postgres, PgArguments>;
 
-/// Runs `query` on a connection of `pool` and reads its one row.
-pub(super) async fn fetch_one(pool: &Pool, query: Statement<'_>) -> Result<PgRow, sqlx::Error> {
+/// Runs `statement` on a connection of `pool`: marked unclean until it
+/// answers, then given back or closed ([`finish`]).
+async fn on_connection<T>(
+    pool: &Pool,
+    statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+) -> Result<T, sqlx::Error> {
     let mut conn = take(pool).await?;
     conn.clean = false;
-    let result = query.fetch_one(&mut conn.raw).await;
+    let result = statement(&mut conn.raw).await;
     finish(conn, result)
+}
+
+/// Runs `query` on a connection of `pool` and reads its one row.
+pub(super) async fn fetch_one(pool: &Pool, query: Statement<'_>) -> Result<PgRow, sqlx::Error> {
+    on_connection(pool, async |conn| query.fetch_one(conn).await).await
 }
 
 /// Runs `query` on a connection of `pool` and reads its row, if any.
@@ -116,21 +125,7 @@ pub(super) async fn fetch_optional(
     pool: &Pool,
     query: Statement<'_>,
 ) -> Result<Option<PgRow>, sqlx::Error> {
-    let mut conn = take(pool).await?;
-    conn.clean = false;
-    let result = query.fetch_optional(&mut conn.raw).await;
-    finish(conn, result)
-}
-
-/// Runs `query` on a connection of `pool`; how many rows it changed.
-pub(super) async fn execute(pool: &Pool, query: Statement<'_>) -> Result<u64, sqlx::Error> {
-    let mut conn = take(pool).await?;
-    conn.clean = false;
-    let result = query
-        .execute(&mut conn.raw)
-        .await
-        .map(|done| done.rows_affected());
-    finish(conn, result)
+    on_connection(pool, async |conn| query.fetch_optional(conn).await).await
 }
 
 /// Runs `query` on a connection of `pool` and reads all its rows.
@@ -138,10 +133,15 @@ pub(super) async fn fetch_all(
     pool: &Pool,
     query: Statement<'_>,
 ) -> Result<Vec<PgRow>, sqlx::Error> {
-    let mut conn = take(pool).await?;
-    conn.clean = false;
-    let result = query.fetch_all(&mut conn.raw).await;
-    finish(conn, result)
+    on_connection(pool, async |conn| query.fetch_all(conn).await).await
+}
+
+/// Runs `query` on a connection of `pool`; how many rows it changed.
+pub(super) async fn execute(pool: &Pool, query: Statement<'_>) -> Result<u64, sqlx::Error> {
+    on_connection(pool, async |conn| {
+        query.execute(conn).await.map(|done| done.rows_affected())
+    })
+    .await
 }
 
 /// Marks the connection clean once its statement answered; closes it
