@@ -287,7 +287,7 @@ pub(super) fn start<S: Store>(
                 let _ = exited.send(());
             });
         if let Err(error) = spawned {
-            shared_stop(&running);
+            running.abandon();
             return Err(error);
         }
         running.accepting.push(stopped_accepting);
@@ -296,14 +296,15 @@ pub(super) fn start<S: Store>(
     Ok(running)
 }
 
-/// Stops threads already started (a later one could not be).
-fn shared_stop(running: &Running) {
-    running.shared.stop.cancel();
-    running.shared.kill.cancel();
-    running.release.cancel();
-}
-
 impl Running {
+    /// Stops the threads already started, at once (a later one could not
+    /// be started).
+    fn abandon(&self) {
+        self.shared.stop.cancel();
+        self.shared.kill.cancel();
+        self.release.cancel();
+    }
+
     /// After `stop`: stops accepting, closes the silent connections, lets
     /// the others finish their requests (hyper's graceful shutdown), waits
     /// for the request tasks that outlived their client, all within

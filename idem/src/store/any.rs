@@ -119,7 +119,7 @@ impl AnyStore {
         match self {
             #[cfg(feature = "redis")]
             Self::Redis(store) => Ok(ThreadPins {
-                redis: Some(store.pin_to_thread().await?),
+                _redis: Some(store.pin_to_thread().await?),
             }),
             #[allow(
                 unreachable_patterns,
@@ -149,23 +149,8 @@ impl AnyStore {
 #[must_use = "the thread keeps its connections only while the pins live"]
 pub struct ThreadPins {
     #[cfg(feature = "redis")]
-    redis: Option<super::redis::ThreadPin>,
-}
-
-impl ThreadPins {
-    /// Whether the thread got a connection of its own.
-    #[must_use]
-    pub fn is_pinned(&self) -> bool {
-        #[cfg(feature = "redis")]
-        if self
-            .redis
-            .as_ref()
-            .is_some_and(super::redis::ThreadPin::is_pinned)
-        {
-            return true;
-        }
-        false
-    }
+    /// Held for its drop, which gives the connection up.
+    _redis: Option<super::redis::ThreadPin>,
 }
 
 /// The Redis settings `options` give.

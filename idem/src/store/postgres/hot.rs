@@ -18,14 +18,12 @@
 //! stays for everything else (queues, jobs, versions, transactions, and the
 //! application's own queries through [`super::PostgresStore::pool`]).
 
-use std::time::Duration;
-
 use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgRow};
 use sqlx::query::Query;
 use sqlx::{Connection, Postgres};
 
-use super::{RECHECK_AFTER, SETUP};
+use super::{set_up, RECHECK_AFTER};
 
 /// Makes and checks the request path's connections.
 #[derive(Debug)]
@@ -49,10 +47,7 @@ impl managed::Manager for Manager {
 
     async fn create(&self) -> Result<Conn, sqlx::Error> {
         let mut raw = PgConnection::connect_with(&self.options).await?;
-        sqlx::query(SETUP)
-            .bind(&self.statement_timeout)
-            .execute(&mut raw)
-            .await?;
+        set_up(&mut raw, &self.statement_timeout).await?;
         Ok(Conn { raw, clean: true })
     }
 
@@ -72,17 +67,17 @@ impl managed::Manager for Manager {
 /// The request path's pool.
 pub(super) type Pool = managed::Pool<Manager>;
 
-/// A pool of at most `max` connections to `options`, each with the
-/// server-side `statement_timeout` of `timeout`. Connections are made when
-/// first needed.
+/// A pool of at most `max` connections to `options`, each set up with the
+/// server-side `statement_timeout` (ms). Connections are made when first
+/// needed.
 pub(super) fn pool(
     options: PgConnectOptions,
-    timeout: Duration,
+    statement_timeout: String,
     max: u32,
 ) -> Result<Pool, sqlx::Error> {
     let manager = Manager {
         options,
-        statement_timeout: timeout.as_millis().max(1).to_string(),
+        statement_timeout,
     };
     Pool::builder(manager)
         .max_size(usize::try_from(max).unwrap_or(usize::MAX).max(1))
@@ -144,21 +139,13 @@ pub(super) async fn execute(pool: &Pool, query: Statement<'_>) -> Result<u64, sq
     .await
 }
 
-/// Marks the connection clean once its statement answered; closes it
-/// (takes it out of the pool) when the connection itself failed.
+/// Marks the connection clean once the server answered its statement
+/// (rows, none, or an error of the server's own); closes it (takes it out
+/// of the pool) on any other error: I/O, protocol, TLS, and whatever else
+/// leaves its state in doubt.
 fn finish<T>(mut conn: Object<Manager>, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
     match &result {
-        // The server answered (rows or an error of its own): the
-        // connection is ready for the next statement.
-        Ok(_) | Err(sqlx::Error::Database(_)) => conn.clean = true,
-        Err(
-            sqlx::Error::ColumnDecode { .. }
-            | sqlx::Error::Decode(_)
-            | sqlx::Error::ColumnNotFound(_)
-            | sqlx::Error::ColumnIndexOutOfBounds { .. }
-            | sqlx::Error::RowNotFound,
-        ) => conn.clean = true,
-        // I/O, protocol, TLS: the connection is not to be trusted again.
+        Ok(_) | Err(sqlx::Error::Database(_) | sqlx::Error::RowNotFound) => conn.clean = true,
         Err(_) => drop(Object::take(conn)),
     }
     result

@@ -177,7 +177,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
+use sqlx::postgres::{
+    PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, Postgres,
+};
 use sqlx::query::Query;
 use sqlx::Connection as _;
 
@@ -226,6 +228,16 @@ const QUEUE_STATS: &str = include_str!("sql/queue_stats.sql");
 /// ms. See the module docs on `plan_cache_mode` (protocol §7).
 const SETUP: &str = "SELECT set_config('plan_cache_mode', 'force_custom_plan', false), \
                      set_config('statement_timeout', $1, false)";
+
+/// Sets a new connection's session up (`SETUP`, `statement_timeout` in
+/// ms): run on connect by both pools (sqlx's and `hot.rs`).
+async fn set_up(conn: &mut PgConnection, statement_timeout: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(SETUP)
+        .bind(statement_timeout)
+        .execute(conn)
+        .await
+        .map(drop)
+}
 
 /// A pooled connection idle for this long is pinged before it is used
 /// (see the module docs, Round trips).
@@ -401,6 +413,13 @@ impl PostgresStoreBuilder {
         // sequential scan for the life of the connection; custom plans use
         // the index. See the module docs.
         let statement_timeout = timeout.as_millis().max(1).to_string();
+        // Both pools are lazy: nothing is connected here.
+        let hot = hot::pool(
+            options.clone(),
+            statement_timeout.clone(),
+            self.max_connections,
+        )
+        .map_err(|e| store_error(e, timeout))?;
         let pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(timeout)
@@ -419,13 +438,7 @@ impl PostgresStoreBuilder {
             })
             .after_connect(move |conn, _meta| {
                 let statement_timeout = statement_timeout.clone();
-                Box::pin(async move {
-                    sqlx::query(SETUP)
-                        .bind(statement_timeout)
-                        .execute(conn)
-                        .await?;
-                    Ok(())
-                })
+                Box::pin(async move { set_up(conn, &statement_timeout).await })
             })
             .connect_lazy_with(options.clone());
         // Reach the server once now, so a wrong URL, password or database
@@ -445,8 +458,6 @@ impl PostgresStoreBuilder {
         // Listen before the store exists, so that construction fails with
         // the reason when it cannot.
         let notifier = Notifier::new();
-        let hot = hot::pool(options.clone(), timeout, self.max_connections)
-            .map_err(|e| store_error(e, timeout))?;
         let mut feed = Feed::new(options, sql.channel.clone(), timeout);
         let first = feed.subscribe().await?;
         let listener =
