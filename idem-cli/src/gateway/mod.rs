@@ -29,6 +29,7 @@ pub mod admin;
 pub mod body;
 pub mod conn;
 pub mod dispatch;
+pub mod pool;
 pub mod proxy;
 pub mod tls;
 

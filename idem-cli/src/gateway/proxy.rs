@@ -1,5 +1,5 @@
-//! The upstream phase: forward one request to the upstream with a pooled
-//! client, buffer a participating request's answer up to the route's
+//! The upstream phase: forward one request to the upstream over a pooled
+//! connection ([`super::pool`]), buffer a participating request's answer up to the route's
 //! `max_response_body` (once: the layer reads that buffer, never a copy),
 //! and classify failures by source (protocol §3.9):
 //! refused before sending → `Unreachable` (502, released);
@@ -9,7 +9,9 @@
 //! `https://` upstreams are reached with rustls (system roots plus
 //! `upstream_ca`); a failed handshake is a refused connection. The gateway
 //! speaks HTTP/1.1 to its upstream, in TLS or not: keep-alive connections
-//! are pooled, and a request never waits behind another's stream.
+//! are pooled, and a request never waits behind another's stream. A
+//! request found its pooled connection closed before it was written goes
+//! out on another; one that was written is never sent again.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,14 +20,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::header::Entry;
 use http::uri::{Authority, PathAndQuery, Scheme};
+use http::HeaderValue;
 use http::{Request, Response, Uri};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -36,23 +35,13 @@ use idem::problem::{Problem, ProblemCode};
 use idem::RouteTable;
 
 use super::body::GatewayBody;
-
-/// A pooled client over `connector`: keep-alive connections, up to 1 024
-/// idle ones, each closed after 30 s unused.
-fn pooled(
-    connector: HttpsConnector<HttpConnector>,
-) -> Client<HttpsConnector<HttpConnector>, GatewayBody> {
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(1024)
-        .pool_idle_timeout(std::time::Duration::from_secs(30))
-        .build(connector)
-}
+use super::pool::{Pool, SendError, UpstreamBody};
 
 /// The body of an upstream response: streamed (pass-through requests, and
 /// answers larger than `max_response_body`, after the part read while
 /// buffering) or buffered within the upstream time-out (participating
 /// requests).
-pub type ProxyBody = Either<Prefixed<Incoming>, Full<Bytes>>;
+pub type ProxyBody = Either<Prefixed<UpstreamBody>, Full<Bytes>>;
 
 /// Why a [`Proxy`] cannot be built for an upstream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,10 +67,7 @@ pub struct Proxy {
 
 #[derive(Debug)]
 struct ProxyInner {
-    client: Client<HttpsConnector<HttpConnector>, GatewayBody>,
-    /// Kept to build another pool ([`Proxy::with_own_pool`]).
-    connector: HttpsConnector<HttpConnector>,
-    scheme: Scheme,
+    pool: Arc<Pool>,
     authority: Authority,
     routes: Arc<RouteTable>,
 }
@@ -125,23 +111,15 @@ impl Proxy {
         {
             return Err(ProxyError::Scheme(upstream.clone()));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
-        // `https://` needs the connector to pass the scheme through.
-        connector.enforce_http(false);
-        let tls = super::tls::upstream_client_config(upstream_ca)
-            .map_err(|e| ProxyError::Tls(e.to_string()))?;
-        let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
+        let mut target = http::uri::Parts::default();
+        target.scheme = Some(upstream.scheme().cloned().unwrap_or(Scheme::HTTP));
+        target.authority = Some(authority.clone());
+        target.path_and_query = Some(PathAndQuery::from_static("/"));
+        let target = Uri::from_parts(target).map_err(|_| ProxyError::NoHost(upstream.clone()))?;
+        let pool = Pool::new(target, upstream_ca).map_err(ProxyError::Tls)?;
         Ok(Self {
             inner: Arc::new(ProxyInner {
-                client: pooled(connector.clone()),
-                connector,
-                scheme: upstream.scheme().cloned().unwrap_or(Scheme::HTTP),
+                pool,
                 authority,
                 routes,
             }),
@@ -157,9 +135,7 @@ impl Proxy {
         let inner = &self.inner;
         Self {
             inner: Arc::new(ProxyInner {
-                client: pooled(inner.connector.clone()),
-                connector: inner.connector.clone(),
-                scheme: inner.scheme.clone(),
+                pool: inner.pool.empty_copy(),
                 authority: inner.authority.clone(),
                 routes: Arc::clone(&inner.routes),
             }),
@@ -179,36 +155,43 @@ impl Proxy {
         // the upstream speaks HTTP/1.1 and sees it as `Host`, as it would
         // from an HTTP/1.1 client.
         http1_to_upstream(&mut req);
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(inner.scheme.clone());
-        parts.authority = Some(inner.authority.clone());
-        parts.path_and_query = Some(
-            req.uri()
+        // Origin-form: the connection already goes to the upstream.
+        if req.uri().scheme().is_some() || req.uri().path_and_query().is_none() {
+            let path = req
+                .uri()
                 .path_and_query()
                 .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        match Uri::from_parts(parts) {
-            Ok(uri) => *req.uri_mut() = uri,
-            Err(_) => {
-                return failure(
-                    UpstreamFailure::Unreachable,
-                    "cannot build the upstream URI",
-                )
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(path);
+        }
+        if let Entry::Vacant(host) = req.headers_mut().entry(http::header::HOST) {
+            match HeaderValue::from_str(inner.authority.as_str()) {
+                Ok(value) => {
+                    host.insert(value);
+                }
+                Err(_) => {
+                    return failure(
+                        UpstreamFailure::Unreachable,
+                        "cannot name the upstream in a Host header",
+                    )
+                }
             }
         }
         strip_hop_by_hop(req.headers_mut());
         let timeout = policy.upstream_timeout;
         let call = async {
-            let res = inner.client.request(req).await?;
+            let res = inner.pool.send(req).await?;
             if !buffered {
                 return Ok(res.map(|body| Either::Left(Prefixed::new(Vec::new(), body))));
             }
             // Hop-by-hop headers go once the call is done, below.
             let (parts, body) = res.into_parts();
-            match buffer(body, policy.max_response_body).await? {
+            match buffer(body, policy.max_response_body)
+                .await
+                .map_err(SendError::Broken)?
+            {
                 Buffered::Whole(bytes) => {
-                    Ok::<_, BoxError>(Response::from_parts(parts, Either::Right(Full::new(bytes))))
+                    Ok::<_, SendError>(Response::from_parts(parts, Either::Right(Full::new(bytes))))
                 }
                 // The rest is streamed to the client, past the upstream
                 // time-out as a pass-through answer is; the layer stores
@@ -225,27 +208,23 @@ impl Proxy {
                 strip_hop_by_hop(res.headers_mut());
                 res
             }
-            Ok(Err(e)) => {
-                let connect = e
-                    .downcast_ref::<hyper_util::client::legacy::Error>()
-                    .is_some_and(hyper_util::client::legacy::Error::is_connect);
-                if connect {
-                    // The cause (refused, a certificate it does not trust…)
-                    // is in the source chain, not in the outer message.
-                    let error = error_chain(&*e);
-                    tracing::warn!(%error, "upstream refused the connection");
-                    failure(
-                        UpstreamFailure::Unreachable,
-                        "the upstream refused the connection; the request was not sent",
-                    )
-                } else {
-                    tracing::warn!(error = %e, "upstream connection broke after the request was sent");
-                    failure(
-                        UpstreamFailure::Reset,
-                        "the upstream connection broke after the request was sent; \
-                         the outcome is unknown",
-                    )
-                }
+            Ok(Err(SendError::Unsent(e))) => {
+                // The cause (refused, a certificate it does not trust…) is
+                // in the source chain, not in the outer message.
+                let error = error_chain(&*e);
+                tracing::warn!(%error, "upstream refused the connection");
+                failure(
+                    UpstreamFailure::Unreachable,
+                    "the upstream refused the connection; the request was not sent",
+                )
+            }
+            Ok(Err(SendError::Broken(e))) => {
+                tracing::warn!(error = %e, "upstream connection broke after the request was sent");
+                failure(
+                    UpstreamFailure::Reset,
+                    "the upstream connection broke after the request was sent; \
+                     the outcome is unknown",
+                )
             }
             Err(_) => {
                 tracing::warn!(?timeout, "upstream timed out");
@@ -260,8 +239,6 @@ impl Proxy {
         }
     }
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Makes a request from an HTTP/2 client one for the HTTP/1.1 upstream:
 /// the version, and `Host` from `:authority` when the client sent none.
