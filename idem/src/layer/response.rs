@@ -46,20 +46,41 @@ fn listed_in_connection(name: &HeaderName, headers: &HeaderMap) -> bool {
 }
 
 /// Removes hop-by-hop headers in place. A map with none of them (the usual
-/// case once a proxy has stripped them) is only looked through, once.
+/// case once a proxy has stripped them) is only looked through, once; with
+/// some, only those present are removed, and a `Connection` token is parsed
+/// into a name only when the map holds a header of that name (most tokens
+/// are `keep-alive` or `close`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    let mut present = [false; 8];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
         // No `Connection` header either, so nothing it could list.
         return;
     }
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in &HOP_BY_HOP {
+    // Index 0 is `Connection`.
+    let listed: Vec<HeaderName> = if present[0] {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|hop| t.eq_ignore_ascii_case(hop.as_str()))
+                    && headers.contains_key(*t)
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
     for name in listed {
@@ -165,6 +186,62 @@ pub(super) fn respond<B, E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                    HeaderValue::from_str(v).expect("value"),
+                )
+            })
+            .collect()
+    }
+
+    fn names(headers: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_lists_are_stripped() {
+        let mut headers = map(&[
+            ("content-type", "application/json"),
+            ("connection", "keep-alive, X-Trace-Hop ,close"),
+            ("connection", "x-second"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("x-trace-hop", "1"),
+            ("x-second", "2"),
+            ("close", "a header of that name, listed"),
+            ("x-kept", "3"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(names(&headers), ["content-type", "x-kept"]);
+    }
+
+    #[test]
+    fn a_map_without_hop_by_hop_headers_is_left_as_it_is() {
+        let mut headers = map(&[("content-type", "text/plain"), ("x-a", "1"), ("x-a", "2")]);
+        let before = headers.clone();
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
+    }
+
+    #[test]
+    fn connection_tokens_that_are_not_names_or_not_present_change_nothing_else() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, not a name, x-absent, , @bad"),
+            ("x-kept", "1"),
+            ("proxy-authorization", "Basic abc"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(names(&headers), ["x-kept"]);
+    }
 
     /// A body that is a slice of a larger buffer (as hyper hands out a
     /// body read in one piece) is stored in an allocation of its own, so a
