@@ -409,13 +409,8 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
 /// A 128-bit random id in 32 lower-case hex digits (always a valid header
 /// value), written without going through `format!`.
 fn random_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = rand::random::<u128>();
     let mut hex = [0u8; 32];
-    for digit in hex.iter_mut().rev() {
-        *digit = HEX[(n & 0xf) as usize];
-        n >>= 4;
-    }
+    crate::telemetry::write_hex(&mut hex, &rand::random::<u128>().to_be_bytes());
     HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 

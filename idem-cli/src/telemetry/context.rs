@@ -77,17 +77,10 @@ impl TraceParent {
     /// The header value, version 00.
     #[must_use]
     pub fn to_header(self) -> HeaderValue {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        let digits = |out: &mut [u8], mut n: u128| {
-            for d in out.iter_mut().rev() {
-                *d = HEX[(n & 0xf) as usize];
-                n >>= 4;
-            }
-        };
-        digits(&mut b[3..35], self.trace_id);
-        digits(&mut b[36..52], u128::from(self.parent_id));
-        digits(&mut b[53..55], u128::from(self.flags));
+        write_hex(&mut b[3..35], &self.trace_id.to_be_bytes());
+        write_hex(&mut b[36..52], &self.parent_id.to_be_bytes());
+        write_hex(&mut b[53..55], &[self.flags]);
         // Lower-case hex and dashes: always a valid header value.
         HeaderValue::from_bytes(&b).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
@@ -126,15 +119,33 @@ impl TraceParent {
     }
 }
 
+/// The value of 1 to 32 lower-case hex digits; `None` at any other byte.
 fn hex(s: &[u8]) -> Option<u128> {
-    s.iter().try_fold(0u128, |acc, c| {
-        let d = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            _ => return None,
-        };
-        Some(acc << 4 | u128::from(d))
+    s.iter().try_fold(0u128, |acc, &c| {
+        let d = HEX_VALUE[usize::from(c)];
+        (d < 16).then(|| acc << 4 | u128::from(d))
     })
+}
+
+/// Each byte's value as a lower-case hex digit, 16 for any other byte.
+const HEX_VALUE: [u8; 256] = {
+    let mut table = [16_u8; 256];
+    let mut i = 0;
+    while i < 16 {
+        table[b"0123456789abcdef"[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// Writes `bytes` into `out` as lower-case hex, two digits per byte
+/// (`out` holds exactly that many).
+pub(crate) fn write_hex(out: &mut [u8], bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
+    }
 }
 
 fn new_span_id() -> u64 {

@@ -38,6 +38,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
+pub(crate) use context::write_hex;
 pub use context::{continue_trace, upstream_answered, upstream_span, TraceParent};
 pub use store::TracedStore;
 

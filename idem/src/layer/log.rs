@@ -21,6 +21,12 @@ pub(super) fn request_id(headers: &HeaderMap) -> Option<HeaderValue> {
     headers.get(X_REQUEST_ID).cloned()
 }
 
+/// Whether the request lines are written (`info` for this module): the
+/// key's short hash is computed only then.
+pub(super) fn enabled() -> bool {
+    tracing::enabled!(target: module_path!(), tracing::Level::INFO)
+}
+
 /// Writes the line of a request refused with `problem` before any key
 /// was read or stored, and answers it.
 pub(super) fn refused<B: From<bytes::Bytes>>(

@@ -260,14 +260,15 @@ where
     };
     let mut identity = identify(&parts, &bytes, &guard);
     identity.event = event;
-    let key = identity.key.log_id();
+    // Hashed for the request's line only when that line is written.
+    let key = log::enabled().then(|| identity.key.log_id());
     if let (Mode::Async, Some(mode)) = (guard.policy.mode, &extras.async_mode) {
         // Phase 4 of async mode: accept, and let a dispatcher run it.
         let res =
             operations::accept(mode, &parts, bytes, &identity, &guard.policy.key_header).await;
         log::request(
             id.as_ref(),
-            Some(key),
+            key,
             log::async_outcome(&res),
             res.status().as_u16(),
         );
@@ -287,7 +288,7 @@ where
     let name = outcome.name();
     let res = respond(outcome, &policy.key_header);
     let status = res.as_ref().map_or(0, |r| r.status().as_u16());
-    log::request(id.as_ref(), Some(key), name, status);
+    log::request(id.as_ref(), key, name, status);
     res
 }
 
