@@ -64,9 +64,14 @@ pub struct Leftover {
 }
 
 impl GatewayBody {
-    /// Wraps a client body that must arrive within `limit`.
+    /// Wraps a client body that must arrive within `limit`. A body known
+    /// to be empty (no body, or `Content-Length: 0`) has nothing to wait
+    /// for: it gets no deadline (no timer per GET).
     #[must_use]
     pub fn incoming(body: Incoming, limit: Duration) -> Self {
+        if body.is_end_stream() {
+            return Self::from(Bytes::new());
+        }
         Self(Kind::Streaming(Streaming {
             live: Some(Leftover {
                 body,
