@@ -1,6 +1,7 @@
 //! Attacks on the edge of `idem serve`, each reproduced before it was fixed:
 //! hostile clients (oversized bodies sent without `Expect`, idle sockets,
-//! many small headers), a shutdown racing a request whose client hung up,
+//! many small headers, a client that hangs up mid-answer), a shutdown
+//! racing a request whose client hung up,
 //! and log lines that must name their request and never a secret.
 
 mod support;
@@ -470,4 +471,66 @@ async fn an_admin_purge_names_the_key_by_its_log_id() {
     for secret in ["secret-key-123", "hunter2", token] {
         assert!(!log.contains(secret), "`{secret}` in the log:\n{log}");
     }
+}
+
+/// An upstream that counts its connections and answers `/big` with 16 MiB
+/// (more than the sockets between it and a client hold) and anything else
+/// with `small`.
+async fn counting_upstream(connections: Arc<AtomicUsize>) -> SocketAddr {
+    use hyper::server::conn::http1;
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            connections.fetch_add(1, Ordering::SeqCst);
+            let service = hyper::service::service_fn(|req: hyper::Request<_>| async move {
+                let body = if req.uri().path() == "/big" {
+                    bytes::Bytes::from(vec![b'x'; 16 * 1024 * 1024])
+                } else {
+                    bytes::Bytes::from_static(b"small")
+                };
+                hyper::Response::builder().body(http_body_util::Full::new(body))
+            });
+            tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+        }
+    });
+    addr
+}
+
+/// A client hangs up in the middle of a large pass-through answer: the
+/// upstream connection carrying it is not given to the next request (which
+/// would read the rest of someone else's answer), and the requests after
+/// it share one kept-alive upstream connection.
+#[tokio::test]
+async fn a_client_hanging_up_mid_answer_spoils_no_later_request() {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let up = counting_upstream(Arc::clone(&connections)).await;
+    let gw = gateway(&format!("http://{up}"), "").await;
+    let mut s = TcpStream::connect(gw.local_addr()).await.expect("connect");
+    s.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let mut first = vec![0u8; 64 * 1024];
+    let mut read = 0;
+    while read < first.len() {
+        match s.read(&mut first[read..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => read += n,
+        }
+    }
+    assert!(first.starts_with(b"HTTP/1.1 200"), "the big answer began");
+    drop(s);
+    let c = client();
+    for i in 0..10 {
+        let r = send(&c, gw.local_addr(), "GET", "/small", &[], "").await;
+        assert_eq!((r.status, &r.body[..]), (200, &b"small"[..]), "request {i}");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "one connection for the abandoned answer, one kept alive for the rest"
+    );
 }
