@@ -15,8 +15,8 @@ use crate::record::StoredResponse;
 /// `Keep-Alive` (not among `http`'s constants).
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), as names: comparing them is cheap,
-/// where a `&str` would be parsed into a name at every lookup.
+/// Hop-by-hop headers (RFC 9110 §7.6.1), as names (to remove them without
+/// parsing a name per lookup), in the order of [`hop_index`].
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     KEEP_ALIVE,
@@ -28,11 +28,28 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// `name`'s place in [`HOP_BY_HOP`], if it is one: one match on its text
+/// (a name's text is lower case), where comparing it with each of the
+/// eight names costs a copy of the array per call.
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-authenticate" => Some(2),
+        "proxy-authorization" => Some(3),
+        "te" => Some(4),
+        "trailer" => Some(5),
+        "transfer-encoding" => Some(6),
+        "upgrade" => Some(7),
+        _ => None,
+    }
+}
+
 /// Whether `name` is hop-by-hop (RFC 9110 §7.6.1), including any header the
 /// `Connection` header lists.
 #[must_use]
 pub fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
-    HOP_BY_HOP.contains(name) || listed_in_connection(name, headers)
+    hop_index(name).is_some() || listed_in_connection(name, headers)
 }
 
 /// Whether the `Connection` header lists `name`.
@@ -48,12 +65,11 @@ fn listed_in_connection(name: &HeaderName, headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers in place. A map with none of them (the usual
 /// case once a proxy has stripped them) is only looked through, once; with
 /// some, only those present are removed, and a `Connection` token is parsed
-/// into a name only when the map holds a header of that name (most tokens
-/// are `keep-alive` or `close`).
+/// into a name only when the map holds a header of that name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; 8];
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+        if let Some(i) = hop_index(name) {
             present[i] = true;
         }
     }
@@ -69,12 +85,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|t| {
-                !HOP_BY_HOP
-                    .iter()
-                    .any(|hop| t.eq_ignore_ascii_case(hop.as_str()))
-                    && headers.contains_key(*t)
-            })
+            // Mostly `keep-alive` or `close`, naming no header there.
+            .filter(|t| headers.contains_key(*t))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect()
     } else {
@@ -99,7 +111,7 @@ pub fn capture(status: http::StatusCode, headers: &HeaderMap, body: Bytes) -> St
             .iter()
             .filter(|(n, _)| {
                 let listed = connection && listed_in_connection(n, headers);
-                !(HOP_BY_HOP.contains(n) || listed)
+                !(hop_index(n).is_some() || listed)
             })
             .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
             .collect(),
