@@ -48,6 +48,22 @@ pub const MAX_IDLE: usize = 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Plain TCP or TLS (checked against the system's roots plus the
+/// certificates in `upstream_ca`), by the upstream's scheme.
+fn connector(upstream_ca: Option<&Path>) -> Result<HttpsConnector<HttpConnector>, String> {
+    let mut tcp = HttpConnector::new();
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    // `https://` needs the connector to pass the scheme through.
+    tcp.enforce_http(false);
+    let tls = super::tls::upstream_client_config(upstream_ca).map_err(|e| e.to_string())?;
+    Ok(HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp))
+}
+
 /// Why a request got no answer from the upstream.
 #[derive(Debug)]
 pub enum SendError {
@@ -94,18 +110,11 @@ impl Pool {
     ///
     /// Why the TLS settings cannot be built from `upstream_ca`.
     pub fn new(target: Uri, upstream_ca: Option<&Path>) -> Result<Arc<Self>, String> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        // `https://` needs the connector to pass the scheme through.
-        connector.enforce_http(false);
-        let tls = super::tls::upstream_client_config(upstream_ca).map_err(|e| e.to_string())?;
-        let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
-        Ok(Self::with_idle_timeout(connector, target, IDLE_TIMEOUT))
+        Ok(Self::with_idle_timeout(
+            connector(upstream_ca)?,
+            target,
+            IDLE_TIMEOUT,
+        ))
     }
 
     fn with_idle_timeout(
@@ -181,18 +190,24 @@ impl Pool {
     /// The most recently used connection that can take a request now.
     fn take(&self) -> Option<SendRequest<GatewayBody>> {
         let mut idle = self.lock();
+        self.drop_stale(&mut idle, Instant::now());
         while let Some(entry) = idle.pop_back() {
-            if entry.since.elapsed() >= self.idle_timeout {
-                // The newest expired: so did every older one.
-                idle.clear();
-                return None;
-            }
             if entry.sender.is_ready() {
                 return Some(entry.sender);
             }
             // Closed by the upstream since: dropped.
         }
         None
+    }
+
+    /// Drops the idle connections that expired or that the upstream
+    /// closed, oldest first (the deque is in the order they came back).
+    fn drop_stale(&self, idle: &mut VecDeque<Idle>, now: Instant) {
+        while idle.front().is_some_and(|e| {
+            now.duration_since(e.since) >= self.idle_timeout || e.sender.is_closed()
+        }) {
+            idle.pop_front();
+        }
     }
 
     async fn connect(&self) -> Result<SendRequest<GatewayBody>, SendError> {
@@ -219,11 +234,8 @@ impl Pool {
         let now = Instant::now();
         {
             let mut idle = self.lock();
-            while idle.len() >= MAX_IDLE
-                || idle
-                    .front()
-                    .is_some_and(|e| now.duration_since(e.since) >= self.idle_timeout)
-            {
+            self.drop_stale(&mut idle, now);
+            while idle.len() >= MAX_IDLE {
                 idle.pop_front();
             }
             idle.push_back(Idle { sender, since: now });
@@ -246,13 +258,7 @@ impl Pool {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(pool) = pool.upgrade() else { return };
-                let mut idle = pool.lock();
-                while idle
-                    .front()
-                    .is_some_and(|e| e.since.elapsed() >= pool.idle_timeout || e.sender.is_closed())
-                {
-                    idle.pop_front();
-                }
+                pool.drop_stale(&mut pool.lock(), Instant::now());
             }
         });
     }
@@ -468,8 +474,11 @@ mod tests {
     }
 
     fn pool(up: &Upstream, idle_timeout: Duration) -> Arc<Pool> {
-        let pool = Pool::new(up.uri.clone(), None).expect("pool");
-        Pool::with_idle_timeout(pool.connector.clone(), up.uri.clone(), idle_timeout)
+        Pool::with_idle_timeout(
+            connector(None).expect("connector"),
+            up.uri.clone(),
+            idle_timeout,
+        )
     }
 
     #[tokio::test]

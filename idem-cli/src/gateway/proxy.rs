@@ -1,7 +1,7 @@
 //! The upstream phase: forward one request to the upstream over a pooled
-//! connection ([`super::pool`]), buffer a participating request's answer up to the route's
-//! `max_response_body` (once: the layer reads that buffer, never a copy),
-//! and classify failures by source (protocol §3.9):
+//! connection ([`super::pool`]), buffer a participating request's answer
+//! up to the route's `max_response_body` (once: the layer reads that
+//! buffer, never a copy), and classify failures by source (protocol §3.9):
 //! refused before sending → `Unreachable` (502, released);
 //! no answer in time → `Timeout` (504, ambiguous);
 //! broken after sending → `Reset` (502, ambiguous).
@@ -10,8 +10,8 @@
 //! `upstream_ca`); a failed handshake is a refused connection. The gateway
 //! speaks HTTP/1.1 to its upstream, in TLS or not: keep-alive connections
 //! are pooled, and a request never waits behind another's stream. A
-//! request found its pooled connection closed before it was written goes
-//! out on another; one that was written is never sent again.
+//! request that finds its pooled connection closed before it was written
+//! goes out on another; one that was written is never sent again.
 
 use std::convert::Infallible;
 use std::future::Future;
