@@ -418,6 +418,7 @@ impl StoreKey {
 
     /// The store key of text taken from another store key's
     /// [`as_str`](Self::as_str).
+    #[cfg(feature = "memory")]
     pub(crate) fn from_text_of(text: &str) -> Self {
         Self::from_text(text.into())
     }

@@ -500,6 +500,71 @@ async fn an_idle_connection_that_died_is_replaced_before_use() {
     pg::drop_schema(&store).await;
 }
 
+/// The request path's pids seen by `n` statements run at once on the
+/// calling thread, each holding its connection for 300 ms.
+async fn request_path_pids(store: &PostgresStore, n: usize) -> Vec<i32> {
+    let mut each = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let store = store.clone();
+        each.spawn(async move {
+            let rows = store
+                .request_path_rows("SELECT pg_backend_pid() AS pid FROM pg_sleep(0.3)")
+                .await
+                .unwrap();
+            rows[0].get::<i32, _>("pid")
+        });
+    }
+    let mut pids = each.join_all().await;
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// A thread that pins the store gets a request-path pool of its own, of
+/// the size it asked for, with connections the shared pool does not have;
+/// its reserve goes through it; once the pin is dropped the thread is back
+/// on the shared pool. A second pin on the same thread holds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_thread_has_a_request_path_pool_of_its_own() {
+    let Some(store) = pg::connect(pg::builder().max_connections(1)).await else {
+        return;
+    };
+    assert_eq!(store.max_connections(), 1);
+    let shared = request_path_pids(&store, 2).await;
+    assert_eq!(shared.len(), 1, "the shared pool has one connection");
+    let on_thread = store.clone();
+    let seen = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let pin = on_thread.pin_to_thread(2).unwrap();
+            assert!(pin.is_pinned());
+            assert!(!on_thread.pin_to_thread(2).unwrap().is_pinned());
+            let own = request_path_pids(&on_thread, 3).await;
+            acquire(&on_thread, &key("pinned"), fp("a"), LEASE).await;
+            drop(pin);
+            let after = request_path_pids(&on_thread, 1).await;
+            (own, after)
+        })
+    })
+    .await
+    .unwrap();
+    let (own, after) = seen;
+    assert_eq!(
+        own.len(),
+        2,
+        "three statements at once on a pool of two: {own:?}"
+    );
+    assert!(
+        own.iter().all(|pid| !shared.contains(pid)),
+        "the thread's own connections: {own:?}, shared {shared:?}"
+    );
+    assert_eq!(after, shared, "unpinned, the thread uses the shared pool");
+    pg::drop_schema(&store).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_listener_reconnects_and_wakes_every_waiter() {
     let Some(store) = pg::store().await else {

@@ -255,6 +255,7 @@ pub(super) fn start<S: Store>(
     // The threads log where the caller logs (its subscriber may be this
     // thread's alone: an embedding's or a test's).
     let logs = tracing::dispatcher::get_default(Clone::clone);
+    let count = threads.len();
     for (n, thread) in threads.into_iter().enumerate() {
         let (logs, store) = (logs.clone(), store.clone());
         let (accepting, stopped_accepting) = oneshot::channel();
@@ -272,8 +273,9 @@ pub(super) fn start<S: Store>(
                 runtime.block_on(async move {
                     // Store calls made on this thread use its own
                     // connections, made on its runtime, when the store has
-                    // any (standalone Redis); until the thread ends.
-                    let _pins = store.pin_to_thread().await.unwrap_or_else(|error| {
+                    // any (standalone Redis; PostgreSQL's request path,
+                    // the thread's share of its pool); until the thread ends.
+                    let _pins = store.pin_to_thread(count).await.unwrap_or_else(|error| {
                         tracing::warn!(%error, "a listener thread uses the store's shared connection");
                         ThreadPins::default()
                     });

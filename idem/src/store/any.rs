@@ -106,21 +106,35 @@ impl AnyStore {
     /// Gives the calling thread connections of its own to the store, used
     /// by the calls made on this thread while the returned pins live: for
     /// a thread that runs one current-thread runtime for its whole life
-    /// (the gateway's listener threads). Standalone Redis:
-    /// [`RedisStore::pin_to_thread`](super::redis::RedisStore::pin_to_thread);
-    /// the other stores have nothing to pin (the memory store is in
-    /// this process; PostgreSQL's pool serves every thread).
+    /// (the gateway's listener threads), one of `threads` such threads.
+    /// Standalone Redis: a connection of the thread's own
+    /// ([`RedisStore::pin_to_thread`](super::redis::RedisStore::pin_to_thread));
+    /// PostgreSQL: a request-path pool of the thread's own holding its
+    /// share of the store's connections, `max_connections` ÷ `threads`
+    /// rounded up
+    /// ([`PostgresStore::pin_to_thread`](super::postgres::PostgresStore::pin_to_thread));
+    /// the memory store has nothing to pin (it is in this process).
     ///
     /// # Errors
     ///
     /// When the thread's own connection cannot be made (the thread then
     /// keeps using the shared one).
-    pub async fn pin_to_thread(&self) -> Result<ThreadPins, StoreError> {
+    pub async fn pin_to_thread(&self, threads: usize) -> Result<ThreadPins, StoreError> {
+        #[cfg(not(feature = "postgres"))]
+        let _ = threads;
         match self {
             #[cfg(feature = "redis")]
             Self::Redis(store) => Ok(ThreadPins {
-                _redis: Some(store.pin_to_thread().await?),
+                _pin: Some(store.pin_to_thread().await?),
             }),
+            #[cfg(feature = "postgres")]
+            Self::Postgres(store) => {
+                let threads = u32::try_from(threads.max(1)).unwrap_or(u32::MAX);
+                let share = store.max_connections().div_ceil(threads);
+                Ok(ThreadPins {
+                    _pin: Some(store.pin_to_thread(share)?),
+                })
+            }
             #[allow(
                 unreachable_patterns,
                 reason = "reachable when a backend is compiled in"
@@ -148,9 +162,9 @@ impl AnyStore {
 #[derive(Debug, Default)]
 #[must_use = "the thread keeps its connections only while the pins live"]
 pub struct ThreadPins {
-    #[cfg(feature = "redis")]
-    /// Held for its drop, which gives the connection up.
-    _redis: Option<super::redis::ThreadPin>,
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    /// Held for its drop, which gives the connections up.
+    _pin: Option<super::ThreadPin>,
 }
 
 /// The Redis settings `options` give.

@@ -27,6 +27,8 @@ use crate::record::{CompletedRecord, Record, Token};
 pub use crate::error::{BoxError, ConfigError, Corruption, StoreError};
 pub use any::{AnyStore, ConnectOptions, StoreUrl, ThreadPins};
 pub use job::{Attempts, MAX_ERROR_BYTES};
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub use pin::ThreadPin;
 pub use queue::{
     Claimed, Enqueued, InvalidOperationId, Operation, OperationId, OperationRequest,
     OperationState, Queue, QueueStats,
@@ -39,6 +41,8 @@ mod background;
 pub mod job;
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod pin;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod queue;

@@ -26,7 +26,7 @@ use sqlx::{Connection, Postgres};
 use super::{set_up, RECHECK_AFTER};
 
 /// Makes and checks the request path's connections.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Manager {
     options: PgConnectOptions,
     /// `statement_timeout`, in ms, set on every connection.
@@ -81,6 +81,17 @@ pub(super) fn pool(
     };
     Pool::builder(manager)
         .max_size(usize::try_from(max).unwrap_or(usize::MAX).max(1))
+        .build()
+        .map_err(|e| sqlx::Error::Configuration(e.into()))
+}
+
+/// A pool making connections as `pool` does, of at most `max` (a
+/// thread's own: [`super::PostgresStore::pin_to_thread`]). Lazy, as
+/// [`pool`]: its connections are made when first needed, on the runtime of
+/// the thread that needs them.
+pub(super) fn pool_like(pool: &Pool, max: usize) -> Result<Pool, sqlx::Error> {
+    Pool::builder(pool.manager().clone())
+        .max_size(max.max(1))
         .build()
         .map_err(|e| sqlx::Error::Configuration(e.into()))
 }

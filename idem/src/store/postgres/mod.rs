@@ -190,6 +190,7 @@ pub use status::SchemaStatus;
 pub use transaction::{PgTransaction, TxFuture};
 
 use super::background::{self, AbortOnDrop, ChangeFeed, Listening};
+use super::pin::{self, ThreadPin};
 use super::{Fence, Notifier, Reservation, Store, StoreError, Subscription};
 use crate::error::{ConfigError, Corruption};
 use crate::fingerprint::Fingerprint;
@@ -478,6 +479,7 @@ impl PostgresStoreBuilder {
             shared: Arc::new(Shared {
                 pool,
                 hot,
+                id: pin::next_id(),
                 sql,
                 schema: self.schema,
                 timeout,
@@ -500,8 +502,11 @@ pub struct PostgresStore {
 
 struct Shared {
     pool: PgPool,
-    /// The request path's statements (`hot.rs`).
+    /// The request path's statements (`hot.rs`), on threads without a pool
+    /// of their own ([`PostgresStore::pin_to_thread`]).
     hot: hot::Pool,
+    /// This store's key in the threads' tables of their own pools.
+    id: u64,
     sql: Statements,
     schema: String,
     timeout: Duration,
@@ -646,8 +651,47 @@ impl PostgresStore {
     /// As any store call: [`StoreError::Timeout`],
     /// [`StoreError::Unavailable`].
     pub async fn request_path_rows(&self, sql: &str) -> Result<Vec<PgRow>, StoreError> {
-        self.call(hot::fetch_all(&self.shared.hot, sqlx::query(sql)))
+        self.call(hot::fetch_all(&self.hot(), sqlx::query(sql)))
             .await
+    }
+
+    /// Gives the calling thread a request-path pool of its own (module docs,
+    /// Round trips) of at most `max_connections`, its connections made on
+    /// the calling thread's runtime, used by every statement of the request
+    /// path (reserve, complete, release, extend, get) made on this thread
+    /// while the returned pin lives; statements made elsewhere use the
+    /// shared pool. For a thread that runs one current-thread runtime for
+    /// its whole life, as each of the gateway's listener threads does: its
+    /// statements then never wake another thread, and its pool is locked by
+    /// no other (measured in BENCHMARKS.md). Drop the pin on its thread,
+    /// before its runtime ends. A second pin of the same thread holds
+    /// nothing. Nothing connects here: the pool is as lazy as the shared
+    /// one.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] if the pool cannot be built.
+    pub fn pin_to_thread(&self, max_connections: u32) -> Result<ThreadPin, StoreError> {
+        if pin::has(self.shared.id) {
+            return Ok(ThreadPin::none());
+        }
+        let max = usize::try_from(max_connections).unwrap_or(usize::MAX);
+        let own = hot::pool_like(&self.shared.hot, max)
+            .map_err(|e| store_error(e, self.shared.timeout))?;
+        Ok(pin::insert(self.shared.id, own))
+    }
+
+    /// The most connections of the request path's shared pool
+    /// ([`PostgresStoreBuilder::max_connections`]).
+    #[must_use]
+    pub fn max_connections(&self) -> u32 {
+        u32::try_from(self.shared.hot.status().max_size).unwrap_or(u32::MAX)
+    }
+
+    /// The request path's pool of the calling thread: its own
+    /// ([`Self::pin_to_thread`]) or the shared one.
+    fn hot(&self) -> hot::Pool {
+        pin::get::<hot::Pool>(self.shared.id).unwrap_or_else(|| self.shared.hot.clone())
     }
 
     /// The connection pool (also usable for the application's own queries).
@@ -774,7 +818,7 @@ impl Store for PostgresStore {
         let token = Token::generate();
         let row = self
             .call(hot::fetch_one(
-                &self.shared.hot,
+                &self.hot(),
                 self.reserve_query(key, token, fingerprint, lease),
             ))
             .await?;
@@ -790,7 +834,7 @@ impl Store for PostgresStore {
     ) -> Result<Fence, StoreError> {
         let row = self
             .call(hot::fetch_one(
-                &self.shared.hot,
+                &self.hot(),
                 self.complete_query(key, token, &record.response, retention),
             ))
             .await?;
@@ -800,7 +844,7 @@ impl Store for PostgresStore {
     async fn release(&self, key: &StoreKey, token: Token) -> Result<Fence, StoreError> {
         let row = self
             .call(hot::fetch_one(
-                &self.shared.hot,
+                &self.hot(),
                 sqlx::query(&self.shared.sql.release)
                     .bind(key.as_str())
                     .bind(token.as_u128().to_be_bytes())
@@ -818,7 +862,7 @@ impl Store for PostgresStore {
     ) -> Result<Fence, StoreError> {
         let changed = self
             .call(hot::execute(
-                &self.shared.hot,
+                &self.hot(),
                 sqlx::query(&self.shared.sql.extend)
                     .bind(key.as_str())
                     .bind(token.as_u128().to_be_bytes())
@@ -831,7 +875,7 @@ impl Store for PostgresStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         let row = self
             .call(hot::fetch_optional(
-                &self.shared.hot,
+                &self.hot(),
                 sqlx::query(&self.shared.sql.get).bind(key.as_str()),
             ))
             .await?;

@@ -163,6 +163,7 @@ use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Client, Cmd, ErrorKind, RedisError, Script, ServerErrorKind, Value};
 
 use super::background::{self, AbortOnDrop, Listening};
+use super::pin;
 use super::{
     ConfigError, Corruption, Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription,
 };
@@ -174,11 +175,10 @@ use queue::Follow;
 use reply::{epoch_ms, ttl_ms, Reply};
 use subscriber::Subscriber;
 
-pub use pin::ThreadPin;
+pub use super::pin::ThreadPin;
 
 mod invoke;
 mod job;
-mod pin;
 mod queue;
 mod reply;
 mod subscriber;
@@ -242,7 +242,7 @@ struct Standalone {
 impl Standalone {
     /// The calling thread's own connection if it has one, else the shared one.
     fn conn(&self) -> ConnectionManager {
-        pin::get(self.id).unwrap_or_else(|| self.shared.clone())
+        pin::get::<ConnectionManager>(self.id).unwrap_or_else(|| self.shared.clone())
     }
 }
 
