@@ -9,6 +9,8 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
+#[path = "postgres/batch.rs"]
+mod batch;
 #[path = "conformance/pg.rs"]
 mod pg;
 #[path = "postgres/queue.rs"]
@@ -965,6 +967,24 @@ async fn guarded_statements_use_the_index_under_load() {
         &extend,
         "text, bytea, bigint",
         "'k777', '\\x00', 1000",
+    )
+    .await;
+    assert!(
+        plan.contains("Index Scan using idem_records_pkey"),
+        "{plan}"
+    );
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    // The batched complete joins its keys to the table by the primary key.
+    let complete =
+        include_str!("../src/store/postgres/sql/complete_many.sql").replace("{table}", &table);
+    let plan = explain(
+        &store,
+        &complete,
+        "text[], bytea[], int[], int[], int[], bytea[], bigint[], text[], bytea[], text, text",
+        "ARRAY['k7', 'k70', 'k700'], ARRAY['\\x00', '\\x00', '\\x00']::bytea[], \
+         ARRAY[200, 201, 202], ARRAY[1, 1, 1], ARRAY[0, 0, 0], \
+         ARRAY['\\x00', '\\x00', '\\x00']::bytea[], ARRAY[1000, 1000, 1000]::bigint[], \
+         '{}'::text[], '{}'::bytea[], 'chan', '100ms'",
     )
     .await;
     assert!(

@@ -23,6 +23,9 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgRow};
 use sqlx::query::Query;
 use sqlx::{Connection, Postgres};
 
+use std::sync::Arc;
+
+use super::batch::{Complete, Queue, Reserve};
 use super::{set_up, RECHECK_AFTER};
 
 /// Makes and checks the request path's connections.
@@ -36,9 +39,9 @@ pub(super) struct Manager {
 /// One connection, and whether its last statement finished.
 #[derive(Debug)]
 pub(super) struct Conn {
-    raw: PgConnection,
+    pub(super) raw: PgConnection,
     /// False from the start of a statement until its answer is read.
-    clean: bool,
+    pub(super) clean: bool,
 }
 
 impl managed::Manager for Manager {
@@ -85,20 +88,42 @@ pub(super) fn pool(
         .map_err(|e| sqlx::Error::Configuration(e.into()))
 }
 
-/// A pool making connections as `pool` does, of at most `max` (a
-/// thread's own: [`super::PostgresStore::pin_to_thread`]). Lazy, as
-/// [`pool`]: its connections are made when first needed, on the runtime of
-/// the thread that needs them.
-pub(super) fn pool_like(pool: &Pool, max: usize) -> Result<Pool, sqlx::Error> {
-    Pool::builder(pool.manager().clone())
-        .max_size(max.max(1))
-        .build()
-        .map_err(|e| sqlx::Error::Configuration(e.into()))
+/// The request path's pool, and the statements waiting for its
+/// connections to go as one (`batch.rs`).
+pub(super) struct Hot {
+    pub(super) pool: Pool,
+    pub(super) reserves: Queue<Reserve>,
+    pub(super) completes: Queue<Complete>,
 }
+
+impl Hot {
+    pub(super) fn new(pool: Pool) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            reserves: Queue::default(),
+            completes: Queue::default(),
+        })
+    }
+
+    /// A pool making connections as this one does, of at most `max` (a
+    /// thread's own: [`super::PostgresStore::pin_to_thread`]). Lazy, as
+    /// [`pool`]: its connections are made when first needed, on the
+    /// runtime of the thread that needs them.
+    pub(super) fn like(&self, max: usize) -> Result<Arc<Self>, sqlx::Error> {
+        Pool::builder(self.pool.manager().clone())
+            .max_size(max.max(1))
+            .build()
+            .map(Self::new)
+            .map_err(|e| sqlx::Error::Configuration(e.into()))
+    }
+}
+
+/// A connection taken out of a pool.
+pub(super) type Taken = Object<Manager>;
 
 /// A connection of `pool` (waiting for one if all are in use; bounded by
 /// the caller's time-out).
-async fn take(pool: &Pool) -> Result<Object<Manager>, sqlx::Error> {
+pub(super) async fn take(pool: &Pool) -> Result<Taken, sqlx::Error> {
     pool.get().await.map_err(|e| match e {
         managed::PoolError::Backend(e) => e,
         managed::PoolError::Closed => sqlx::Error::PoolClosed,
@@ -111,7 +136,7 @@ pub(super) type Statement<'q> = Query<'q, Postgres, PgArguments>;
 
 /// Runs `statement` on a connection of `pool`: marked unclean until it
 /// answers, then given back or closed ([`finish`]).
-async fn on_connection<T>(
+pub(super) async fn on_connection<T>(
     pool: &Pool,
     statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
 ) -> Result<T, sqlx::Error> {
@@ -154,10 +179,25 @@ pub(super) async fn execute(pool: &Pool, query: Statement<'_>) -> Result<u64, sq
 /// (rows, none, or an error of the server's own); closes it (takes it out
 /// of the pool) on any other error: I/O, protocol, TLS, and whatever else
 /// leaves its state in doubt.
-fn finish<T>(mut conn: Object<Manager>, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
-    match &result {
-        Ok(_) | Err(sqlx::Error::Database(_) | sqlx::Error::RowNotFound) => conn.clean = true,
-        Err(_) => drop(Object::take(conn)),
+fn finish<T>(conn: Taken, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+    if let Err(e) = &result {
+        give_back(conn, e);
+    } else {
+        give_back_clean(conn);
     }
     result
+}
+
+/// Gives `conn` back after its statement failed with `error`: to the pool
+/// if the server answered (an error of its own), else closed.
+pub(super) fn give_back(conn: Taken, error: &sqlx::Error) {
+    match error {
+        sqlx::Error::Database(_) | sqlx::Error::RowNotFound => give_back_clean(conn),
+        _ => drop(Object::take(conn)),
+    }
+}
+
+/// Gives `conn` back to the pool: its statement was answered.
+fn give_back_clean(mut conn: Taken) {
+    conn.clean = true;
 }

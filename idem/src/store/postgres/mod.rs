@@ -138,7 +138,10 @@
 //! connection is then found first); one whose statement did not finish
 //! (time-out, or the caller went away) is closed, never reused. A fresh
 //! request (reserve, complete) is two round trips, as `pgbench` running
-//! the same two statements. Everything else (queues, jobs, versions,
+//! the same two statements; under load, fewer: the reserves (and the
+//! completes) waiting for a connection at the same moment go as one
+//! statement, one round trip and one commit for all of them (group
+//! commit, `batch.rs`; docs/postgres.md). Everything else (queues, jobs, versions,
 //! transactions, clean-up) runs on sqlx's pool ([`PostgresStore::pool`]),
 //! which pings each connection when it comes back (one more round trip, in
 //! a task of its own, which sqlx does not let one turn off): that is why
@@ -197,9 +200,10 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{CompletedRecord, Record, StoredResponse, Token};
 use listener::Feed;
-use row::{completed, fingerprint, flag, remaining, reservation, state, time, COMPLETED};
+use row::{completed, fingerprint, flag, remaining, state, time, COMPLETED};
 use wait::Watchers;
 
+mod batch;
 mod hot;
 mod job;
 mod listener;
@@ -213,6 +217,8 @@ mod wait;
 
 const MIGRATE: &str = include_str!("sql/migrate.sql");
 const RESERVE: &str = include_str!("sql/reserve.sql");
+const RESERVE_MANY: &str = include_str!("sql/reserve_many.sql");
+const COMPLETE_MANY: &str = include_str!("sql/complete_many.sql");
 const COMPLETE: &str = include_str!("sql/complete.sql");
 const RELEASE: &str = include_str!("sql/release.sql");
 const EXTEND: &str = include_str!("sql/extend.sql");
@@ -420,6 +426,7 @@ impl PostgresStoreBuilder {
             statement_timeout.clone(),
             self.max_connections,
         )
+        .map(hot::Hot::new)
         .map_err(|e| store_error(e, timeout))?;
         let pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
@@ -504,7 +511,7 @@ struct Shared {
     pool: PgPool,
     /// The request path's statements (`hot.rs`), on threads without a pool
     /// of their own ([`PostgresStore::pin_to_thread`]).
-    hot: hot::Pool,
+    hot: Arc<hot::Hot>,
     /// This store's key in the threads' tables of their own pools.
     id: u64,
     sql: Statements,
@@ -534,6 +541,9 @@ struct Statements {
     migrate: String,
     reserve: String,
     complete: String,
+    /// The request path's reserve and complete, batched (`batch.rs`).
+    reserve_many: String,
+    complete_many: String,
     release: String,
     extend: String,
     get: String,
@@ -566,6 +576,8 @@ impl Statements {
         Self {
             migrate: format!("{}\n{}", fill(MIGRATE), fill(version::MIGRATE)),
             reserve: fill(RESERVE),
+            reserve_many: fill(RESERVE_MANY),
+            complete_many: fill(COMPLETE_MANY),
             complete: fill(COMPLETE),
             release: fill(RELEASE),
             extend: fill(EXTEND),
@@ -651,7 +663,7 @@ impl PostgresStore {
     /// As any store call: [`StoreError::Timeout`],
     /// [`StoreError::Unavailable`].
     pub async fn request_path_rows(&self, sql: &str) -> Result<Vec<PgRow>, StoreError> {
-        self.call(hot::fetch_all(&self.hot(), sqlx::query(sql)))
+        self.call(hot::fetch_all(&self.hot().pool, sqlx::query(sql)))
             .await
     }
 
@@ -676,7 +688,10 @@ impl PostgresStore {
             return Ok(ThreadPin::none());
         }
         let max = usize::try_from(max_connections).unwrap_or(usize::MAX);
-        let own = hot::pool_like(&self.shared.hot, max)
+        let own = self
+            .shared
+            .hot
+            .like(max)
             .map_err(|e| store_error(e, self.shared.timeout))?;
         Ok(pin::insert(self.shared.id, own))
     }
@@ -685,13 +700,13 @@ impl PostgresStore {
     /// ([`PostgresStoreBuilder::max_connections`]).
     #[must_use]
     pub fn max_connections(&self) -> u32 {
-        u32::try_from(self.shared.hot.status().max_size).unwrap_or(u32::MAX)
+        u32::try_from(self.shared.hot.pool.status().max_size).unwrap_or(u32::MAX)
     }
 
     /// The request path's pool of the calling thread: its own
     /// ([`Self::pin_to_thread`]) or the shared one.
-    fn hot(&self) -> hot::Pool {
-        pin::get::<hot::Pool>(self.shared.id).unwrap_or_else(|| self.shared.hot.clone())
+    fn hot(&self) -> Arc<hot::Hot> {
+        pin::get::<Arc<hot::Hot>>(self.shared.id).unwrap_or_else(|| Arc::clone(&self.shared.hot))
     }
 
     /// The connection pool (also usable for the application's own queries).
@@ -756,6 +771,17 @@ impl PostgresStore {
         bounded(self.shared.timeout, fut).await
     }
 
+    /// `fut`, a batched statement (`batch.rs`), within the store's
+    /// time-out.
+    async fn batched<T>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.shared.timeout, fut)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(self.shared.timeout)))
+    }
+
     fn reserve_query<'q>(
         &'q self,
         key: &'q StoreKey,
@@ -815,14 +841,21 @@ impl Store for PostgresStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Reservation, StoreError> {
-        let token = Token::generate();
-        let row = self
-            .call(hot::fetch_one(
-                &self.hot(),
-                self.reserve_query(key, token, fingerprint, lease),
-            ))
-            .await?;
-        reservation(&row, token, fingerprint, lease)
+        let hot = self.hot();
+        let reserve = batch::Reserve {
+            key: key.clone(),
+            token: Token::generate(),
+            fingerprint,
+            lease,
+        };
+        self.batched(batch::submit(
+            &hot.pool,
+            &hot.reserves,
+            reserve,
+            &self.shared.sql,
+            self.shared.timeout,
+        ))
+        .await
     }
 
     async fn complete(
@@ -832,19 +865,29 @@ impl Store for PostgresStore {
         record: Arc<CompletedRecord>,
         retention: Duration,
     ) -> Result<Fence, StoreError> {
-        let row = self
-            .call(hot::fetch_one(
-                &self.hot(),
-                self.complete_query(key, token, &record.response, retention),
+        let hot = self.hot();
+        let complete = batch::Complete {
+            key: key.clone(),
+            token,
+            record,
+            retention,
+        };
+        let held = self
+            .batched(batch::submit(
+                &hot.pool,
+                &hot.completes,
+                complete,
+                &self.shared.sql,
+                self.shared.timeout,
             ))
             .await?;
-        self.changed(key, flag(&row, "held")?)
+        self.changed(key, held)
     }
 
     async fn release(&self, key: &StoreKey, token: Token) -> Result<Fence, StoreError> {
         let row = self
             .call(hot::fetch_one(
-                &self.hot(),
+                &self.hot().pool,
                 sqlx::query(&self.shared.sql.release)
                     .bind(key.as_str())
                     .bind(token.as_u128().to_be_bytes())
@@ -862,7 +905,7 @@ impl Store for PostgresStore {
     ) -> Result<Fence, StoreError> {
         let changed = self
             .call(hot::execute(
-                &self.hot(),
+                &self.hot().pool,
                 sqlx::query(&self.shared.sql.extend)
                     .bind(key.as_str())
                     .bind(token.as_u128().to_be_bytes())
@@ -875,7 +918,7 @@ impl Store for PostgresStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         let row = self
             .call(hot::fetch_optional(
-                &self.hot(),
+                &self.hot().pool,
                 sqlx::query(&self.shared.sql.get).bind(key.as_str()),
             ))
             .await?;
@@ -947,18 +990,59 @@ async fn bounded<T>(
 
 /// sqlx's error → a [`StoreError`], at the edge.
 fn store_error(e: sqlx::Error, timeout: Duration) -> StoreError {
-    match &e {
-        sqlx::Error::PoolTimedOut => StoreError::Timeout(timeout),
-        // query_canceled: our statement_timeout fired on the server.
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
-            StoreError::Timeout(timeout)
+    match Kind::of(&e) {
+        Kind::Timeout => StoreError::Timeout(timeout),
+        Kind::Corrupt => Corruption::from_source(e).into(),
+        Kind::Unavailable => StoreError::Unavailable(Box::new(e)),
+    }
+}
+
+/// [`store_error`] for an error several callers share (a batch's,
+/// `batch.rs`): each gets its own [`StoreError`] with the error as source.
+fn shared_store_error(e: &Arc<sqlx::Error>, timeout: Duration) -> StoreError {
+    match Kind::of(e) {
+        Kind::Timeout => StoreError::Timeout(timeout),
+        Kind::Corrupt => Corruption::from_source(SharedError(Arc::clone(e))).into(),
+        Kind::Unavailable => StoreError::Unavailable(Box::new(SharedError(Arc::clone(e)))),
+    }
+}
+
+/// What a sqlx error means to a caller.
+enum Kind {
+    Timeout,
+    Corrupt,
+    Unavailable,
+}
+
+impl Kind {
+    fn of(e: &sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut => Self::Timeout,
+            // query_canceled: our statement_timeout fired on the server.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => Self::Timeout,
+            sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::Decode(_)
+            | sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::ColumnIndexOutOfBounds { .. }
+            | sqlx::Error::TypeNotFound { .. } => Self::Corrupt,
+            _ => Self::Unavailable,
         }
-        sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::TypeNotFound { .. } => Corruption::from_source(e).into(),
-        _ => StoreError::Unavailable(Box::new(e)),
+    }
+}
+
+/// An error several callers share.
+#[derive(Debug)]
+struct SharedError(Arc<sqlx::Error>);
+
+impl fmt::Display for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SharedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
     }
 }
 

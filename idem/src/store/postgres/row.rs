@@ -84,7 +84,19 @@ pub(super) fn reservation(
     fingerprint_sent: Fingerprint,
     lease: Duration,
 ) -> Result<Reservation, StoreError> {
-    if flag(row, "acquired")? {
+    reservation_of(row, flag(row, "acquired")?, token, fingerprint_sent, lease)
+}
+
+/// Decodes a reserve's row (`reserve.sql`, `reserve_many.sql`) whose
+/// `acquired` is known: the row carries `token`.
+pub(super) fn reservation_of(
+    row: &PgRow,
+    acquired: bool,
+    token: Token,
+    fingerprint_sent: Fingerprint,
+    lease: Duration,
+) -> Result<Reservation, StoreError> {
+    if acquired {
         return Ok(Reservation::Acquired(Lease {
             token,
             duration: lease,

@@ -1,0 +1,441 @@
+//! Group commit on the request path: the reserves (and the completes)
+//! that wait for a connection at the same moment go to the database as ONE
+//! statement (`reserve_many.sql`, `complete_many.sql`): one round trip,
+//! one commit (one WAL flush) and one wake-up of the server for the lot,
+//! instead of one each.
+//!
+//! No timer: a statement is queued, and every caller whose statement is
+//! queued also asks the pool for a connection. Whoever gets one first takes
+//! what is queued then (its own statement or not, oldest first, at most
+//! [`MAX_ITEMS`], [`MAX_BYTES`] of bodies, one per key) and runs it; the
+//! others are answered through their queue entry, and stop asking. A lone
+//! request (a quiet store, or a free connection) therefore goes out at
+//! once, alone: batches form only while every connection is busy, that is
+//! exactly when waiting for a connection would have cost more than a batch.
+//!
+//! Each key's outcome is what its own statement would have given (the
+//! statements are `reserve.sql` and `complete.sql` per element). The
+//! batch's keys are distinct (`ON CONFLICT` cannot change a row twice) and
+//! sorted, so two batches lock their shared keys in the same order. A
+//! batch the server refuses (a deadlock, a lock wait, any error of the
+//! database's own) is run again key by key on the same connection, so one
+//! key's error is its own; an error of the connection (I/O, a time-out) is
+//! every key's.
+//!
+//! A caller that leaves (its request was dropped) before its statement was
+//! taken is skipped. One that leaves while it runs a batch drops the
+//! statement midway: the connection is closed ([`super::hot`]), and the
+//! batch's other callers queue their statements again, with the same token:
+//! a reserve or a complete that did commit is then acknowledged as it was
+//! (both are idempotent for their token).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnection, PgRow};
+use sqlx::Row as _;
+use tokio::sync::oneshot;
+
+use super::hot::{self, Pool};
+use super::{micros, row, shared_store_error, store_error, Statements};
+use crate::error::{Corruption, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::record::{CompletedRecord, Token};
+use crate::store::Reservation;
+
+/// Most statements in one batch.
+const MAX_ITEMS: usize = 64;
+/// Most bytes of response bodies and headers in one batch (a first
+/// statement of any size goes, alone if need be).
+const MAX_BYTES: usize = 1 << 20;
+
+/// A statement that can go in a batch.
+pub(super) trait Item: Clone + Send + 'static {
+    /// Its outcome.
+    type Out: Send + 'static;
+    /// The key it changes.
+    fn key(&self) -> &str;
+    /// Its bytes, against [`MAX_BYTES`].
+    fn weight(&self) -> usize;
+    /// Runs `items` as one statement of `sql`'s on `conn`, waiting at most
+    /// `lock_wait` for a row lock (`None`: as the session does): each
+    /// one's outcome, in order.
+    fn run(
+        conn: &mut PgConnection,
+        sql: &Statements,
+        items: &[Self],
+        lock_wait: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<Answer<Self>>, sqlx::Error>> + Send;
+}
+
+/// One caller's outcome.
+type Answer<T> = Result<<T as Item>::Out, StoreError>;
+
+/// What a batch tells a caller.
+enum Outcome<T: Item> {
+    Answer(Answer<T>),
+    /// Its key's row stayed locked past [`LOCK_WAIT`] (an open transaction
+    /// holds it): run the statement alone, waiting as long as it takes.
+    Alone,
+}
+
+/// How long a batch's statement waits for a row lock. Past it, the keys
+/// run again one by one, and a key still locked waits on its own.
+const LOCK_WAIT: &str = "100ms";
+
+/// A queued statement and where its outcome goes.
+struct Waiting<T: Item> {
+    item: T,
+    answer: oneshot::Sender<Outcome<T>>,
+}
+
+/// The statements of one kind waiting for a connection, oldest first.
+pub(super) struct Queue<T: Item> {
+    waiting: Mutex<VecDeque<Waiting<T>>>,
+}
+
+impl<T: Item> Default for Queue<T> {
+    fn default() -> Self {
+        Self {
+            waiting: Mutex::new(VecDeque::new()),
+        }
+    }
+}
+
+impl<T: Item> Queue<T> {
+    fn push(&self, item: T) -> oneshot::Receiver<Outcome<T>> {
+        let (answer, outcome) = oneshot::channel();
+        self.lock().push_back(Waiting { item, answer });
+        outcome
+    }
+
+    /// The next batch: the oldest statements whose callers still wait, one
+    /// per key, within [`MAX_ITEMS`] and [`MAX_BYTES`]; the rest stay
+    /// queued, in order. Sorted by key.
+    fn take(&self) -> Vec<Waiting<T>> {
+        let mut waiting = self.lock();
+        let mut batch: Vec<Waiting<T>> = Vec::new();
+        let mut left = VecDeque::new();
+        let mut bytes = 0;
+        while let Some(next) = waiting.pop_front() {
+            if next.answer.is_closed() {
+                continue;
+            }
+            let full = batch.len() == MAX_ITEMS
+                || (!batch.is_empty() && bytes + next.item.weight() > MAX_BYTES);
+            if full || batch.iter().any(|w| w.item.key() == next.item.key()) {
+                left.push_back(next);
+                if full {
+                    break;
+                }
+                continue;
+            }
+            bytes += next.item.weight();
+            batch.push(next);
+        }
+        left.append(&mut waiting);
+        *waiting = left;
+        drop(waiting);
+        batch.sort_unstable_by(|a, b| a.item.key().cmp(b.item.key()));
+        batch
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting<T>>> {
+        // Nothing panics while holding it; a poisoned queue is still whole.
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Runs `item` in a batch of the statements queued with it (module docs),
+/// a statement of `sql`'s. Not bounded in time: the caller bounds it.
+pub(super) async fn submit<T: Item>(
+    pool: &Pool,
+    queue: &Queue<T>,
+    item: T,
+    sql: &Statements,
+    timeout: Duration,
+) -> Answer<T> {
+    loop {
+        let mut outcome = queue.push(item.clone());
+        let alone = loop {
+            tokio::select! {
+                biased;
+                outcome = &mut outcome => break outcome,
+                conn = hot::take(pool) => {
+                    let conn = conn.map_err(|e| store_error(e, timeout))?;
+                    let batch = queue.take();
+                    if batch.is_empty() {
+                        // Another caller took this statement: its outcome
+                        // comes from there.
+                        drop(conn);
+                        break (&mut outcome).await;
+                    }
+                    run_batch(conn, batch, sql, timeout).await;
+                }
+            }
+        };
+        match alone {
+            Ok(Outcome::Answer(answer)) => return answer,
+            Ok(Outcome::Alone) => return run_alone(pool, &item, sql, timeout).await,
+            // Its batch was dropped midway (module docs): queue it again.
+            Err(_) => {}
+        }
+    }
+}
+
+/// Runs `batch` on `conn` and answers its callers.
+async fn run_batch<T: Item>(
+    mut conn: hot::Taken,
+    batch: Vec<Waiting<T>>,
+    sql: &Statements,
+    timeout: Duration,
+) {
+    let (items, answers): (Vec<T>, Vec<_>) = batch.into_iter().map(|w| (w.item, w.answer)).unzip();
+    let lock_wait = (items.len() > 1).then_some(LOCK_WAIT);
+    conn.clean = false;
+    let result = T::run(&mut conn.raw, sql, &items, lock_wait).await;
+    match result {
+        Ok(outs) => {
+            conn.clean = true;
+            for (answer, out) in answers.into_iter().zip(outs) {
+                let _ = answer.send(Outcome::Answer(out));
+            }
+        }
+        Err(sqlx::Error::Database(_)) if items.len() > 1 => {
+            // The server answered: the connection is fine. Each key alone,
+            // still not waiting long for a lock.
+            conn.clean = true;
+            for (item, answer) in items.iter().zip(answers) {
+                conn.clean = false;
+                let result = T::run(
+                    &mut conn.raw,
+                    sql,
+                    std::slice::from_ref(item),
+                    Some(LOCK_WAIT),
+                )
+                .await;
+                conn.clean = true;
+                let _ = answer.send(match result {
+                    Err(e) if lock_not_available(&e) => Outcome::Alone,
+                    result => Outcome::Answer(single::<T>(result, timeout)),
+                });
+            }
+        }
+        Err(e) => {
+            // Every caller's: the connection's error (or a time-out).
+            let e = Arc::new(e);
+            hot::give_back(conn, &e);
+            for answer in answers {
+                let _ = answer.send(Outcome::Answer(Err(shared_store_error(&e, timeout))));
+            }
+        }
+    }
+}
+
+/// Runs `item` alone on a connection of `pool`, waiting for row locks as
+/// the session does.
+async fn run_alone<T: Item>(
+    pool: &Pool,
+    item: &T,
+    sql: &Statements,
+    timeout: Duration,
+) -> Answer<T> {
+    let result = hot::on_connection(pool, async |conn| {
+        T::run(conn, sql, std::slice::from_ref(item), None).await
+    })
+    .await;
+    single::<T>(result, timeout)
+}
+
+/// The outcome of a batch of one.
+fn single<T: Item>(result: Result<Vec<Answer<T>>, sqlx::Error>, timeout: Duration) -> Answer<T> {
+    match result {
+        Ok(mut outs) => outs
+            .pop()
+            .unwrap_or_else(|| Err(Corruption::new("a statement gave no outcome").into())),
+        Err(e) => Err(store_error(e, timeout)),
+    }
+}
+
+/// Whether `e` is PostgreSQL's `lock_not_available` (`lock_timeout` fired).
+fn lock_not_available(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
+/// A reserve (protocol §3.6) waiting for its batch.
+#[derive(Clone)]
+pub(super) struct Reserve {
+    pub(super) key: StoreKey,
+    pub(super) token: Token,
+    pub(super) fingerprint: Fingerprint,
+    pub(super) lease: Duration,
+}
+
+impl Item for Reserve {
+    type Out = Reservation;
+
+    fn key(&self) -> &str {
+        self.key.as_str()
+    }
+
+    fn weight(&self) -> usize {
+        0
+    }
+
+    async fn run(
+        conn: &mut PgConnection,
+        sql: &Statements,
+        items: &[Self],
+        lock_wait: Option<&str>,
+    ) -> Result<Vec<Answer<Self>>, sqlx::Error> {
+        reserve(conn, &sql.reserve_many, items, lock_wait).await
+    }
+}
+
+/// Runs `items` as `reserve_many.sql` (`sql`).
+async fn reserve(
+    conn: &mut PgConnection,
+    sql: &str,
+    items: &[Reserve],
+    lock_wait: Option<&str>,
+) -> Result<Vec<Answer<Reserve>>, sqlx::Error> {
+    let tokens: Vec<[u8; 16]> = items
+        .iter()
+        .map(|i| i.token.as_u128().to_be_bytes())
+        .collect();
+    let rows = sqlx::query(sql)
+        .bind(items.iter().map(Item::key).collect::<Vec<_>>())
+        .bind(tokens.iter().map(|t| &t[..]).collect::<Vec<_>>())
+        .bind(
+            items
+                .iter()
+                .map(|i| &i.fingerprint.0[..])
+                .collect::<Vec<_>>(),
+        )
+        .bind(items.iter().map(|i| micros(i.lease)).collect::<Vec<_>>())
+        .bind(lock_wait)
+        .fetch_all(conn)
+        .await?;
+    Ok(items
+        .iter()
+        .zip(&tokens)
+        .map(|(item, token)| {
+            let row = of_key(&rows, item.key())?
+                .ok_or_else(|| Corruption::new("reserve returned no row for a key"))?;
+            let stored: &[u8] = row::column(row, "token")?;
+            row::reservation_of(
+                row,
+                stored == &token[..],
+                item.token,
+                item.fingerprint,
+                item.lease,
+            )
+        })
+        .collect())
+}
+
+/// A complete (protocol §3.9) waiting for its batch.
+#[derive(Clone)]
+pub(super) struct Complete {
+    pub(super) key: StoreKey,
+    pub(super) token: Token,
+    pub(super) record: Arc<CompletedRecord>,
+    pub(super) retention: Duration,
+}
+
+impl Item for Complete {
+    /// Whether its guard held.
+    type Out = bool;
+
+    fn key(&self) -> &str {
+        self.key.as_str()
+    }
+
+    fn weight(&self) -> usize {
+        self.record.response.weight()
+    }
+
+    async fn run(
+        conn: &mut PgConnection,
+        sql: &Statements,
+        items: &[Self],
+        lock_wait: Option<&str>,
+    ) -> Result<Vec<Answer<Self>>, sqlx::Error> {
+        complete(conn, &sql.complete_many, &sql.channel, items, lock_wait).await
+    }
+}
+
+/// Runs `items` as `complete_many.sql` (`sql`), notifying on `channel`.
+async fn complete(
+    conn: &mut PgConnection,
+    sql: &str,
+    channel: &str,
+    items: &[Complete],
+    lock_wait: Option<&str>,
+) -> Result<Vec<Answer<Complete>>, sqlx::Error> {
+    let count =
+        |n: usize| i32::try_from(n).map_err(|_| sqlx::Error::Protocol("over 2³¹ headers".into()));
+    let mut names: Vec<&str> = Vec::new();
+    let mut values: Vec<&[u8]> = Vec::new();
+    let (mut first, mut counts) = (Vec::new(), Vec::new());
+    for item in items {
+        let headers = &item.record.response.headers;
+        first.push(count(names.len() + 1)?);
+        counts.push(count(headers.len())?);
+        names.extend(headers.iter().map(|(n, _)| n.as_str()));
+        values.extend(headers.iter().map(|(_, v)| &v[..]));
+    }
+    let tokens: Vec<[u8; 16]> = items
+        .iter()
+        .map(|i| i.token.as_u128().to_be_bytes())
+        .collect();
+    let rows = sqlx::query(sql)
+        .bind(items.iter().map(Item::key).collect::<Vec<_>>())
+        .bind(tokens.iter().map(|t| &t[..]).collect::<Vec<_>>())
+        .bind(
+            items
+                .iter()
+                .map(|i| i32::from(i.record.response.status))
+                .collect::<Vec<_>>(),
+        )
+        .bind(first)
+        .bind(counts)
+        .bind(
+            items
+                .iter()
+                .map(|i| &i.record.response.body[..])
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            items
+                .iter()
+                .map(|i| micros(i.retention))
+                .collect::<Vec<_>>(),
+        )
+        .bind(names)
+        .bind(values)
+        .bind(channel)
+        .bind(lock_wait)
+        .fetch_all(conn)
+        .await?;
+    Ok(items
+        .iter()
+        .map(|item| Ok(of_key(&rows, item.key())?.is_some()))
+        .collect())
+}
+
+/// The row of `rows` whose `key` is `key`.
+fn of_key<'r>(rows: &'r [PgRow], key: &str) -> Result<Option<&'r PgRow>, StoreError> {
+    for row in rows {
+        let k: &str = row
+            .try_get("key")
+            .map_err(|e| Corruption::with_source("column key", e))?;
+        if k == key {
+            return Ok(Some(row));
+        }
+    }
+    Ok(None)
+}
