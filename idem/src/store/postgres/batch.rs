@@ -18,9 +18,9 @@
 //! batch's keys are distinct (`ON CONFLICT` cannot change a row twice) and
 //! sorted, so two batches lock their shared keys in the same order. A
 //! batch the server refuses (a deadlock, a lock wait, any error of the
-//! database's own) is run again key by key on the same connection, so one
-//! key's error is its own; an error of the connection (I/O, a time-out) is
-//! every key's.
+//! database's own but its `statement_timeout`) is run again key by key on
+//! the same connection, so one key's error is its own; an error of the
+//! connection (I/O) or a time-out is every key's.
 //!
 //! A caller that leaves (its request was dropped) before its statement was
 //! taken is skipped. One that leaves while it runs a batch drops the
@@ -204,7 +204,7 @@ async fn run_batch<T: Item>(
                 let _ = answer.send(Outcome::Answer(out));
             }
         }
-        Err(sqlx::Error::Database(_)) if items.len() > 1 => {
+        Err(sqlx::Error::Database(db)) if items.len() > 1 && !timed_out(&*db) => {
             // The server answered: the connection is fine. Each key alone,
             // still not waiting long for a lock.
             conn.clean = true;
@@ -258,6 +258,12 @@ fn single<T: Item>(result: Result<Vec<Answer<T>>, sqlx::Error>, timeout: Duratio
             .unwrap_or_else(|| Err(Corruption::new("a statement gave no outcome").into())),
         Err(e) => Err(store_error(e, timeout)),
     }
+}
+
+/// Whether the server's `statement_timeout` cut the statement off: every
+/// key's time is up, running them one by one would only take longer.
+fn timed_out(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.code().as_deref() == Some("57014")
 }
 
 /// Whether `e` is PostgreSQL's `lock_not_available` (`lock_timeout` fired).
