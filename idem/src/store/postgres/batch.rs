@@ -5,32 +5,44 @@
 //! instead of one each.
 //!
 //! No timer: a statement is queued, and every caller whose statement is
-//! queued also asks the pool for a connection. Whoever gets one first takes
-//! what is queued then (its own statement or not, oldest first, at most
-//! [`MAX_ITEMS`], [`MAX_BYTES`] of bodies, one per key) and runs it; the
-//! others are answered through their queue entry, and stop asking. A lone
-//! request (a quiet store, or a free connection) therefore goes out at
-//! once, alone: batches form only while every connection is busy, that is
-//! exactly when waiting for a connection would have cost more than a batch.
+//! queued also asks the pool for a connection. Whoever gets one takes what
+//! is queued then (its own statement or not, oldest first, at most
+//! [`MAX_ITEMS`], [`MAX_BYTES`] of bodies, one per key) and hands it, with
+//! the connection, to a task of its own, which runs it and answers each
+//! caller; a caller whose statement was taken stops asking. A lone request
+//! (a quiet store, or a free connection) therefore goes out at once, alone:
+//! batches form only while every connection is busy, that is exactly when
+//! waiting for a connection would have cost more than a batch.
 //!
 //! Each key's outcome is what its own statement would have given (the
 //! statements are `reserve.sql` and `complete.sql` per element). The
 //! batch's keys are distinct (`ON CONFLICT` cannot change a row twice) and
-//! sorted, so two batches lock their shared keys in the same order. A
-//! batch the server refuses (a deadlock, a lock wait, any error of the
-//! database's own but its `statement_timeout`) is run again key by key on
-//! the same connection, so one key's error is its own; an error of the
-//! connection (I/O) or a time-out is every key's.
+//! sorted. A batch waits at most [`LOCK_WAIT`] for a row lock; a part the
+//! server refuses with an error of its own (that lock wait, a deadlock, a
+//! value it rejects; not its `statement_timeout`, nor an error that ends
+//! the connection) is split in halves on the same connection until the key
+//! it refuses stands alone: that key's error is its own, and a key still
+//! locked (an open transaction holds its row) runs alone, waiting as long
+//! as a single statement would. An error of the connection, or the time-out,
+//! is every unanswered caller's. Reserves lock their rows in the batch's
+//! order; a batch of completes may lock in the table's order (the planner
+//! may hash-join a large batch), so two batches sharing keys can deadlock:
+//! the lock wait breaks it within [`LOCK_WAIT`], and the halves run again.
+//! A key the database cannot hold (text with a NUL byte) never joins a
+//! batch.
 //!
-//! A caller that leaves (its request was dropped) before its statement was
-//! taken is skipped. One that leaves while it runs a batch drops the
-//! statement midway: the connection is closed ([`super::hot`]), and the
-//! batch's other callers queue their statements again, with the same token:
-//! a reserve or a complete that did commit is then acknowledged as it was
-//! (both are idempotent for their token).
+//! The batch's task is bounded by the store's time-out. A caller that
+//! leaves before its statement was taken is skipped; one whose connection
+//! could not be had gives its error only if no batch took its statement
+//! meanwhile (else the batch's outcome is its answer). If a batch's task
+//! is dropped midway (its runtime shuts down), its callers queue their
+//! statements again with the same token: a reserve or a complete that did
+//! commit is then acknowledged as it was (both are idempotent for their
+//! token).
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -88,35 +100,57 @@ const LOCK_WAIT: &str = "100ms";
 
 /// A queued statement and where its outcome goes.
 struct Waiting<T: Item> {
+    /// Its number in its queue ([`Queue::withdraw`]).
+    id: u64,
     item: T,
     answer: oneshot::Sender<Outcome<T>>,
 }
 
 /// The statements of one kind waiting for a connection, oldest first.
 pub(super) struct Queue<T: Item> {
-    waiting: Mutex<VecDeque<Waiting<T>>>,
+    inner: Mutex<Inner<T>>,
+}
+
+struct Inner<T: Item> {
+    next: u64,
+    waiting: VecDeque<Waiting<T>>,
 }
 
 impl<T: Item> Default for Queue<T> {
     fn default() -> Self {
         Self {
-            waiting: Mutex::new(VecDeque::new()),
+            inner: Mutex::new(Inner {
+                next: 0,
+                waiting: VecDeque::new(),
+            }),
         }
     }
 }
 
 impl<T: Item> Queue<T> {
-    fn push(&self, item: T) -> oneshot::Receiver<Outcome<T>> {
+    fn push(&self, item: T) -> (u64, oneshot::Receiver<Outcome<T>>) {
         let (answer, outcome) = oneshot::channel();
-        self.lock().push_back(Waiting { item, answer });
-        outcome
+        let mut inner = self.lock();
+        let id = inner.next;
+        inner.next = id.wrapping_add(1);
+        inner.waiting.push_back(Waiting { id, item, answer });
+        (id, outcome)
+    }
+
+    /// Takes the statement `id` out of the queue; false if a batch took it
+    /// already (its outcome then comes from that batch).
+    fn withdraw(&self, id: u64) -> bool {
+        let mut inner = self.lock();
+        let at = inner.waiting.iter().position(|w| w.id == id);
+        at.and_then(|at| inner.waiting.remove(at)).is_some()
     }
 
     /// The next batch: the oldest statements whose callers still wait, one
     /// per key, within [`MAX_ITEMS`] and [`MAX_BYTES`]; the rest stay
     /// queued, in order. Sorted by key.
     fn take(&self) -> Vec<Waiting<T>> {
-        let mut waiting = self.lock();
+        let mut inner = self.lock();
+        let waiting = &mut inner.waiting;
         let mut batch: Vec<Waiting<T>> = Vec::new();
         let mut left = VecDeque::new();
         let mut bytes = 0;
@@ -136,16 +170,16 @@ impl<T: Item> Queue<T> {
             bytes += next.item.weight();
             batch.push(next);
         }
-        left.append(&mut waiting);
+        left.append(waiting);
         *waiting = left;
-        drop(waiting);
+        drop(inner);
         batch.sort_unstable_by(|a, b| a.item.key().cmp(b.item.key()));
         batch
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting<T>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<T>> {
         // Nothing panics while holding it; a poisoned queue is still whole.
-        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -155,83 +189,127 @@ pub(super) async fn submit<T: Item>(
     pool: &Pool,
     queue: &Queue<T>,
     item: T,
-    sql: &Statements,
+    sql: &Arc<Statements>,
     timeout: Duration,
 ) -> Answer<T> {
+    if item.key().contains('\0') {
+        // The database refuses such text: it would fail its batch first.
+        return run_alone(pool, &item, sql, timeout).await;
+    }
     loop {
-        let mut outcome = queue.push(item.clone());
-        let alone = loop {
+        let (id, mut outcome) = queue.push(item.clone());
+        let outcome = loop {
             tokio::select! {
                 biased;
                 outcome = &mut outcome => break outcome,
-                conn = hot::take(pool) => {
-                    let conn = conn.map_err(|e| store_error(e, timeout))?;
-                    let batch = queue.take();
-                    if batch.is_empty() {
-                        // Another caller took this statement: its outcome
-                        // comes from there.
-                        drop(conn);
+                conn = hot::take(pool) => match conn {
+                    Ok(conn) => {
+                        let batch = queue.take();
+                        if batch.is_empty() {
+                            // Another caller took this statement: its
+                            // outcome comes from there.
+                            drop(conn);
+                            break (&mut outcome).await;
+                        }
+                        // A task of its own: the batch is everyone's, and
+                        // must not end when this caller leaves.
+                        tokio::spawn(run_batch(conn, batch, Arc::clone(sql), timeout));
+                    }
+                    Err(e) => {
+                        if queue.withdraw(id) {
+                            return Err(store_error(e, timeout));
+                        }
+                        // A batch has it: its outcome is the answer.
                         break (&mut outcome).await;
                     }
-                    run_batch(conn, batch, sql, timeout).await;
-                }
+                },
             }
         };
-        match alone {
+        match outcome {
             Ok(Outcome::Answer(answer)) => return answer,
             Ok(Outcome::Alone) => return run_alone(pool, &item, sql, timeout).await,
-            // Its batch was dropped midway (module docs): queue it again.
+            // Its batch was dropped midway (its runtime is shutting down,
+            // or it ran past the time-out): queue it again (module docs).
             Err(_) => {}
         }
     }
 }
 
-/// Runs `batch` on `conn` and answers its callers.
+/// Runs `batch` on `conn`, within `timeout`, and answers its callers.
 async fn run_batch<T: Item>(
+    conn: hot::Taken,
+    batch: Vec<Waiting<T>>,
+    sql: Arc<Statements>,
+    timeout: Duration,
+) {
+    // Past the time-out, every caller has given up; the connection, cut
+    // off mid-statement, is closed when dropped (`hot.rs`).
+    let _ = tokio::time::timeout(timeout, answer_batch(conn, batch, &sql, timeout)).await;
+}
+
+/// Runs `batch` on `conn` and answers its callers. A part the database
+/// refuses with an error of its own is split in halves until the key
+/// that it refuses stands alone.
+async fn answer_batch<T: Item>(
     mut conn: hot::Taken,
     batch: Vec<Waiting<T>>,
     sql: &Statements,
     timeout: Duration,
 ) {
-    let (items, answers): (Vec<T>, Vec<_>) = batch.into_iter().map(|w| (w.item, w.answer)).unzip();
+    let (items, answers): (Vec<T>, Vec<_>) =
+        batch.into_iter().map(|w| (w.item, Some(w.answer))).unzip();
+    let mut answers = answers;
     let lock_wait = (items.len() > 1).then_some(LOCK_WAIT);
-    conn.clean = false;
-    let result = T::run(&mut conn.raw, sql, &items, lock_wait).await;
-    match result {
-        Ok(outs) => {
-            conn.clean = true;
-            for (answer, out) in answers.into_iter().zip(outs) {
-                let _ = answer.send(Outcome::Answer(out));
-            }
-        }
-        Err(sqlx::Error::Database(db)) if items.len() > 1 && !timed_out(&*db) => {
-            // The server answered: the connection is fine. Each key alone,
-            // still not waiting long for a lock.
-            conn.clean = true;
-            for (item, answer) in items.iter().zip(answers) {
-                conn.clean = false;
-                let result = T::run(
-                    &mut conn.raw,
-                    sql,
-                    std::slice::from_ref(item),
-                    Some(LOCK_WAIT),
-                )
-                .await;
+    let mut parts: Vec<Range<usize>> = Vec::with_capacity(8);
+    parts.push(0..items.len());
+    while let Some(part) = parts.pop() {
+        conn.clean = false;
+        let result = T::run(&mut conn.raw, sql, &items[part.clone()], lock_wait).await;
+        match result {
+            Ok(outs) => {
                 conn.clean = true;
-                let _ = answer.send(match result {
-                    Err(e) if lock_not_available(&e) => Outcome::Alone,
-                    result => Outcome::Answer(single::<T>(result, timeout)),
-                });
+                for (answer, out) in answers[part].iter_mut().zip(outs) {
+                    send(answer, Outcome::Answer(out));
+                }
+            }
+            Err(sqlx::Error::Database(db)) if !timed_out(&*db) && !hot::fatal(&*db) => {
+                // The server answered: the connection is fine.
+                conn.clean = true;
+                if part.len() > 1 {
+                    let mid = part.start + part.len() / 2;
+                    parts.push(mid..part.end);
+                    parts.push(part.start..mid);
+                } else if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) {
+                    send(&mut answers[part.start], Outcome::Alone);
+                } else {
+                    let e = sqlx::Error::Database(db);
+                    send(
+                        &mut answers[part.start],
+                        Outcome::Answer(Err(store_error(e, timeout))),
+                    );
+                }
+            }
+            Err(e) => {
+                // The connection's error (or the statement's time-out):
+                // every caller not yet answered gets it.
+                let e = Arc::new(e);
+                for answer in &mut answers {
+                    send(
+                        answer,
+                        Outcome::Answer(Err(shared_store_error(&e, timeout))),
+                    );
+                }
+                hot::give_back(conn, &e);
+                return;
             }
         }
-        Err(e) => {
-            // Every caller's: the connection's error (or a time-out).
-            let e = Arc::new(e);
-            hot::give_back(conn, &e);
-            for answer in answers {
-                let _ = answer.send(Outcome::Answer(Err(shared_store_error(&e, timeout))));
-            }
-        }
+    }
+}
+
+/// Answers a caller once (a caller that left is not told).
+fn send<T: Item>(answer: &mut Option<oneshot::Sender<Outcome<T>>>, outcome: Outcome<T>) {
+    if let Some(answer) = answer.take() {
+        let _ = answer.send(outcome);
     }
 }
 
@@ -247,11 +325,6 @@ async fn run_alone<T: Item>(
         T::run(conn, sql, std::slice::from_ref(item), None).await
     })
     .await;
-    single::<T>(result, timeout)
-}
-
-/// The outcome of a batch of one.
-fn single<T: Item>(result: Result<Vec<Answer<T>>, sqlx::Error>, timeout: Duration) -> Answer<T> {
     match result {
         Ok(mut outs) => outs
             .pop()
@@ -266,10 +339,8 @@ fn timed_out(db: &dyn sqlx::error::DatabaseError) -> bool {
     db.code().as_deref() == Some("57014")
 }
 
-/// Whether `e` is PostgreSQL's `lock_not_available` (`lock_timeout` fired).
-fn lock_not_available(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
-}
+/// PostgreSQL's `lock_not_available`: the batch's `lock_timeout` fired.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 /// A reserve (protocol §3.6) waiting for its batch.
 #[derive(Clone)]

@@ -189,12 +189,22 @@ fn finish<T>(conn: Taken, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Err
 }
 
 /// Gives `conn` back after its statement failed with `error`: to the pool
-/// if the server answered (an error of its own), else closed.
+/// if the server answered (an error of its own, not one that ends the
+/// connection), else closed.
 pub(super) fn give_back(conn: Taken, error: &sqlx::Error) {
     match error {
-        sqlx::Error::Database(_) | sqlx::Error::RowNotFound => give_back_clean(conn),
+        sqlx::Error::Database(db) if !fatal(&**db) => give_back_clean(conn),
+        sqlx::Error::RowNotFound => give_back_clean(conn),
         _ => drop(Object::take(conn)),
     }
+}
+
+/// Whether the server's error ends the connection: class 08 (connection
+/// exception) or 57P (the server shutting down, crashed, or not accepting
+/// connections yet).
+pub(super) fn fatal(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.code()
+        .is_some_and(|code| code.starts_with("08") || code.starts_with("57P"))
 }
 
 /// Gives `conn` back to the pool: its statement was answered.

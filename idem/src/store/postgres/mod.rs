@@ -487,7 +487,7 @@ impl PostgresStoreBuilder {
                 pool,
                 hot,
                 id: pin::next_id(),
-                sql,
+                sql: Arc::new(sql),
                 schema: self.schema,
                 timeout,
                 cleanup_batch: i64::from(self.cleanup_batch),
@@ -514,7 +514,8 @@ struct Shared {
     hot: Arc<hot::Hot>,
     /// This store's key in the threads' tables of their own pools.
     id: u64,
-    sql: Statements,
+    /// Shared with the batches' tasks (`batch.rs`).
+    sql: Arc<Statements>,
     schema: String,
     timeout: Duration,
     cleanup_batch: i64,

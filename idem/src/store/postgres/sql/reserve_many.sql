@@ -13,7 +13,9 @@
 -- state, fingerprint, remaining_us, completed_at_us, status, header_names,
 -- header_values, body. Atomicity per key is reserve.sql's (ON CONFLICT
 -- takes each existing row's lock and evaluates the CASEs against its
--- latest committed version); all keys commit together.
+-- latest committed version); all keys commit together. One difference:
+-- a reserve sent again with its own token (its first batch was dropped
+-- after it committed, batch.rs) does not mark its own row `waiters`.
 INSERT INTO {table} AS r (key, state, token, fingerprint, started_at, expires_at)
 SELECT i.key, 1, i.token, i.fingerprint, statement_timestamp(),
        statement_timestamp() + i.lease * interval '1 microsecond'
@@ -31,7 +33,7 @@ ON CONFLICT (key) DO UPDATE SET
     header_values = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.header_values END,
     body          = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.body END,
     waiters       = CASE WHEN r.expires_at <= statement_timestamp() THEN false
-                         ELSE r.waiters OR r.state = 1 END,
+                         ELSE r.waiters OR (r.state = 1 AND r.token <> excluded.token) END,
     op_id         = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.op_id END,
     request       = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.request END,
     attempts      = CASE WHEN r.expires_at <= statement_timestamp() THEN NULL ELSE r.attempts END,
