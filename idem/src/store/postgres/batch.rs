@@ -9,7 +9,8 @@
 //! is queued then (its own statement or not, oldest first, at most
 //! [`MAX_ITEMS`], [`MAX_BYTES`] of bodies, one per key) and hands it, with
 //! the connection, to a task of its own, which runs it and answers each
-//! caller; a caller whose statement was taken stops asking. A lone request
+//! caller (a batch of the caller's own statement alone runs in the
+//! caller); a caller whose statement was taken stops asking. A lone request
 //! (a quiet store, or a free connection) therefore goes out at once, alone:
 //! batches form only while every connection is busy, that is exactly when
 //! waiting for a connection would have cost more than a batch.
@@ -211,9 +212,15 @@ pub(super) async fn submit<T: Item>(
                             drop(conn);
                             break (&mut outcome).await;
                         }
-                        // A task of its own: the batch is everyone's, and
-                        // must not end when this caller leaves.
-                        tokio::spawn(run_batch(conn, batch, Arc::clone(sql), timeout));
+                        if batch.len() == 1 && batch[0].id == id {
+                            // Its own statement alone: run here, no other
+                            // caller depends on it.
+                            run_batch(conn, batch, Arc::clone(sql), timeout).await;
+                        } else {
+                            // A task of its own: the batch is everyone's,
+                            // and must not end when this caller leaves.
+                            tokio::spawn(run_batch(conn, batch, Arc::clone(sql), timeout));
+                        }
                     }
                     Err(e) => {
                         if queue.withdraw(id) {
