@@ -594,6 +594,42 @@ impl Statements {
             jobs: job::Statements::new(fill),
         }
     }
+
+    /// `reserve.sql` with its arguments: one key.
+    fn reserve_one<'q>(
+        &'q self,
+        key: &'q StoreKey,
+        token: Token,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(&self.reserve)
+            .bind(key.as_str())
+            .bind(token.as_u128().to_be_bytes())
+            .bind(fingerprint.0)
+            .bind(micros(lease))
+    }
+
+    /// `complete.sql` with its arguments: one key.
+    fn complete_one<'q>(
+        &'q self,
+        key: &'q StoreKey,
+        token: Token,
+        response: &'q StoredResponse,
+        retention: Duration,
+    ) -> Query<'q, Postgres, PgArguments> {
+        let names: Vec<&str> = response.headers.iter().map(|(n, _)| n.as_str()).collect();
+        let values: Vec<&[u8]> = response.headers.iter().map(|(_, v)| &v[..]).collect();
+        sqlx::query(&self.complete)
+            .bind(key.as_str())
+            .bind(token.as_u128().to_be_bytes())
+            .bind(i32::from(response.status))
+            .bind(names)
+            .bind(values)
+            .bind(&response.body[..])
+            .bind(micros(retention))
+            .bind(&self.channel)
+    }
 }
 
 /// `sql` without its comment lines (those starting with `--`), as sent:
@@ -790,11 +826,7 @@ impl PostgresStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Query<'q, Postgres, PgArguments> {
-        sqlx::query(&self.shared.sql.reserve)
-            .bind(key.as_str())
-            .bind(token.as_u128().to_be_bytes())
-            .bind(fingerprint.0)
-            .bind(micros(lease))
+        self.shared.sql.reserve_one(key, token, fingerprint, lease)
     }
 
     fn complete_query<'q>(
@@ -804,17 +836,9 @@ impl PostgresStore {
         response: &'q StoredResponse,
         retention: Duration,
     ) -> Query<'q, Postgres, PgArguments> {
-        let names: Vec<&str> = response.headers.iter().map(|(n, _)| n.as_str()).collect();
-        let values: Vec<&[u8]> = response.headers.iter().map(|(_, v)| &v[..]).collect();
-        sqlx::query(&self.shared.sql.complete)
-            .bind(key.as_str())
-            .bind(token.as_u128().to_be_bytes())
-            .bind(i32::from(response.status))
-            .bind(names)
-            .bind(values)
-            .bind(&response.body[..])
-            .bind(micros(retention))
-            .bind(&self.shared.sql.channel)
+        self.shared
+            .sql
+            .complete_one(key, token, response, retention)
     }
 
     /// The outcome of a fenced change. When it applied, waiters in this
