@@ -819,28 +819,6 @@ impl PostgresStore {
             .unwrap_or(Err(StoreError::Timeout(self.shared.timeout)))
     }
 
-    fn reserve_query<'q>(
-        &'q self,
-        key: &'q StoreKey,
-        token: Token,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> Query<'q, Postgres, PgArguments> {
-        self.shared.sql.reserve_one(key, token, fingerprint, lease)
-    }
-
-    fn complete_query<'q>(
-        &'q self,
-        key: &'q StoreKey,
-        token: Token,
-        response: &'q StoredResponse,
-        retention: Duration,
-    ) -> Query<'q, Postgres, PgArguments> {
-        self.shared
-            .sql
-            .complete_one(key, token, response, retention)
-    }
-
     /// The outcome of a fenced change. When it applied, waiters in this
     /// process are woken at once; other instances hear of it by NOTIFY.
     fn changed(&self, key: &StoreKey, held: bool) -> Result<Fence, StoreError> {

@@ -3,8 +3,8 @@
 //! share ONE transaction, so they commit or roll back together.
 //!
 //! Built on the pieces the plain store uses: the same `reserve` and
-//! `complete` statements ([`PostgresStore::reserve_query`],
-//! [`PostgresStore::complete_query`]), the same row decoding, the same
+//! `complete` statements (`Statements::reserve_one`,
+//! `Statements::complete_one`), the same row decoding, the same
 //! reading of a reservation ([`Reservation::decide`]) as the engine, and the
 //! same stored value as `Engine::once` (`value.rs`). A duplicate that
 //! meets an open transaction waits in `wait.rs`, holding no connection.
@@ -175,7 +175,9 @@ impl PostgresStore {
         };
         let held = self
             .call(
-                self.complete_query(key, lease.token, &response, rules.retention)
+                self.shared
+                    .sql
+                    .complete_one(key, lease.token, &response, rules.retention)
                     .fetch_one(&mut *tx),
             )
             .await
@@ -288,7 +290,9 @@ impl PostgresStore {
         let bound = self.shared.timeout + lock_wait;
         let reserved = tokio::time::timeout(
             bound,
-            self.reserve_query(key, token, fingerprint, lease)
+            self.shared
+                .sql
+                .reserve_one(key, token, fingerprint, lease)
                 .fetch_one(&mut *tx),
         )
         .await;
