@@ -546,3 +546,92 @@ fn of_key<'r>(rows: &'r [PgRow], key: &str) -> Result<Option<&'r PgRow>, StoreEr
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A statement of the queue's tests: a key and a size.
+    #[derive(Clone, Debug)]
+    struct Probe(&'static str, usize);
+
+    impl Item for Probe {
+        type Out = ();
+
+        fn key(&self) -> &str {
+            self.0
+        }
+
+        fn weight(&self) -> usize {
+            self.1
+        }
+
+        fn run(
+            _: &mut PgConnection,
+            _: &Statements,
+            _: &[Self],
+            _: Option<&str>,
+        ) -> impl Future<Output = Result<Vec<Answer<Self>>, sqlx::Error>> + Send {
+            std::future::ready(Ok(Vec::new()))
+        }
+    }
+
+    fn keys(batch: &[Waiting<Probe>]) -> Vec<&'static str> {
+        batch.iter().map(|w| w.item.0).collect()
+    }
+
+    #[test]
+    fn a_batch_takes_one_statement_per_key_sorted_and_leaves_the_rest_in_order() {
+        let queue = Queue::default();
+        let _kept: Vec<_> = ["c", "a", "c", "b", "a", "d"]
+            .into_iter()
+            .map(|k| queue.push(Probe(k, 0)))
+            .collect();
+        assert_eq!(keys(&queue.take()), ["a", "b", "c", "d"]);
+        assert_eq!(
+            keys(&queue.take()),
+            ["a", "c"],
+            "the second of each key, next"
+        );
+        assert!(queue.take().is_empty());
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_bounds() {
+        let queue = Queue::default();
+        let names: Vec<&'static str> = (0..MAX_ITEMS + 3)
+            .map(|i| &*Box::leak(format!("k{i:03}").into_boxed_str()))
+            .collect();
+        let _kept: Vec<_> = names.iter().map(|k| queue.push(Probe(k, 0))).collect();
+        assert_eq!(queue.take().len(), MAX_ITEMS);
+        assert_eq!(keys(&queue.take()), names[MAX_ITEMS..]);
+
+        // Bytes: a first statement of any size goes, alone if need be.
+        let _big = queue.push(Probe("big", MAX_BYTES + 1));
+        let _small = queue.push(Probe("small", 1));
+        assert_eq!(keys(&queue.take()), ["big"]);
+        let _half = queue.push(Probe("half", MAX_BYTES / 2));
+        let _other = queue.push(Probe("other", MAX_BYTES / 2 + 1));
+        assert_eq!(keys(&queue.take()), ["half", "small"]);
+        assert_eq!(keys(&queue.take()), ["other"]);
+    }
+
+    #[test]
+    fn callers_that_left_are_skipped_and_a_taken_statement_cannot_be_withdrawn() {
+        let queue = Queue::default();
+        let (gone, outcome) = queue.push(Probe("gone", 0));
+        drop(outcome);
+        let (stays, _outcome) = queue.push(Probe("stays", 0));
+        let (taken, _taken) = queue.push(Probe("taken", 0));
+        assert!(queue.withdraw(stays), "still queued: withdrawn");
+        assert!(!queue.withdraw(stays), "only once");
+        assert_eq!(
+            keys(&queue.take()),
+            ["taken"],
+            "the one that left is skipped"
+        );
+        assert!(!queue.withdraw(taken), "a batch has it");
+        assert!(!queue.withdraw(gone));
+        assert!(queue.take().is_empty());
+    }
+}
