@@ -335,3 +335,39 @@ async fn callers_leaving_midway_leave_the_others_their_answers() {
     ));
     pg::drop_schema(&store).await;
 }
+
+/// Bursts of duplicates on many keys at once: batches then carry one
+/// caller of each key, and the others of the key meet its row in the
+/// next batches. Exactly one caller per key holds it, round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicate_bursts_on_many_keys_have_one_holder_per_key() {
+    const KEYS: usize = 12;
+    const CALLERS: usize = 15;
+    let Some(store) = pg::connect(pg::builder().max_connections(2)).await else {
+        return;
+    };
+    let store = Arc::new(store);
+    for round in 0..5 {
+        let barrier = Arc::new(Barrier::new(KEYS * CALLERS));
+        let tasks: Vec<_> = (0..KEYS * CALLERS)
+            .map(|i| {
+                let (store, barrier) = (Arc::clone(&store), Arc::clone(&barrier));
+                let k = key(&format!("burst-{round}-{}", i % KEYS));
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let held = matches!(
+                        store.reserve(&k, fp("f"), LEASE).await.unwrap(),
+                        Reservation::Acquired(_)
+                    );
+                    (i % KEYS, held)
+                })
+            })
+            .collect();
+        let mut holders = [0_usize; KEYS];
+        for (k, held) in futures_join(tasks).await {
+            holders[k] += usize::from(held);
+        }
+        assert_eq!(holders, [1; KEYS], "round {round}: holders per key");
+    }
+    pg::drop_schema(&store).await;
+}
