@@ -459,42 +459,56 @@ async fn listener_pid(store: &PostgresStore) -> Option<i32> {
     .unwrap()
 }
 
+/// Settings for a test store in a fresh schema whose connections carry
+/// the schema's name as `application_name`, to find them by; and the name.
+fn named_builder() -> (idem::store::postgres::PostgresStoreBuilder, String) {
+    let url = services::database_url();
+    let name = pg::fresh_schema();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let builder =
+        PostgresStore::builder(format!("{url}{sep}application_name={name}")).schema(&name);
+    (builder, name)
+}
+
+/// Terminates the connections named `name` (a [`named_builder`] store's),
+/// but its listener's, from a connection of our own: how many.
+async fn kill_connections(name: &str) -> i64 {
+    use sqlx::Connection as _;
+    let mut own = sqlx::PgConnection::connect(&services::database_url())
+        .await
+        .unwrap();
+    let killed = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = $1 AND NOT starts_with(query, 'LISTEN')",
+    )
+    .bind(name)
+    .fetch_one(&mut own)
+    .await
+    .unwrap();
+    own.close().await.unwrap();
+    killed
+}
+
 /// A pooled connection is not pinged each time it is taken from the pool
 /// (sqlx pinged it when it came back), only after it sat idle for a
 /// while: one that died meanwhile, say a server restart, is then replaced
 /// before any statement runs on it, and the call succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_that_died_is_replaced_before_use() {
-    use sqlx::Connection as _;
     // One connection in each pool, so the next call must take the one
     // killed; a name of its own, to find it by.
-    let url = services::database_url();
-    let name = pg::fresh_schema();
-    let sep = if url.contains('?') { '&' } else { '?' };
-    let builder = PostgresStore::builder(format!("{url}{sep}application_name={name}"))
-        .schema(&name)
-        .max_connections(1)
-        .timeout(Duration::from_secs(10));
-    let Some(store) = pg::connect(builder).await else {
+    let (builder, name) = named_builder();
+    let Some(store) =
+        pg::connect(builder.max_connections(1).timeout(Duration::from_secs(10))).await
+    else {
         return;
     };
     let a = key("idle-a");
     acquire(&store, &a, fp("a"), LEASE).await;
-    // Kill it from a connection of our own (the store's listener, under
-    // the same name, is left alone).
-    let mut own = sqlx::PgConnection::connect(&url).await.unwrap();
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE application_name = $1 AND NOT starts_with(query, 'LISTEN')",
-    )
-    .bind(&name)
-    .fetch_one(&mut own)
-    .await
-    .unwrap();
     // The request path's connection (and sqlx's pool's, if the migration
     // left one there).
+    let killed = kill_connections(&name).await;
     assert!(killed >= 1, "the pooled connection was found and killed");
-    own.close().await.unwrap();
     // Idle for longer than the store lets a connection go unchecked.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let b = key("idle-b");

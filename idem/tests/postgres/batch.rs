@@ -14,7 +14,7 @@ use idem::store::{Fence, Reservation, Store};
 use idem::{Scope, StoreKey, StoredResponse};
 use tokio::sync::{oneshot, Barrier};
 
-use super::{fp, key, pg, record, wait_rules, LEASE, RETAIN};
+use super::{fp, key, kill_connections, named_builder, pg, record, wait_rules, LEASE, RETAIN};
 
 /// Executions of the reserve statements on the store's one request-path
 /// connection (`pg_prepared_statements` counts them): (all, batched).
@@ -378,15 +378,9 @@ async fn duplicate_bursts_on_many_keys_have_one_holder_per_key() {
 /// store serves again right after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_killed_mid_batch_leave_every_caller_an_answer() {
-    use idem::store::postgres::sqlx::{self, Connection as _};
     const CALLERS: usize = 80;
-    let url = super::services::database_url();
-    let name = pg::fresh_schema();
-    let sep = if url.contains('?') { '&' } else { '?' };
-    let builder = PostgresStore::builder(format!("{url}{sep}application_name={name}"))
-        .schema(&name)
-        .max_connections(2)
-        .timeout(Duration::from_secs(3));
+    let (builder, name) = named_builder();
+    let builder = builder.max_connections(2).timeout(Duration::from_secs(3));
     let Some(store) = pg::connect(builder).await else {
         return;
     };
@@ -407,20 +401,11 @@ async fn connections_killed_mid_batch_leave_every_caller_an_answer() {
         .collect();
     // Kill the store's connections (not the listener's) a few times while
     // the callers run.
-    let mut own = sqlx::PgConnection::connect(&url).await.unwrap();
     let mut killed = 0_i64;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(60)).await;
-        killed += sqlx::query_scalar::<_, i64>(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE application_name = $1 AND NOT starts_with(query, 'LISTEN')",
-        )
-        .bind(&name)
-        .fetch_one(&mut own)
-        .await
-        .unwrap();
+        killed += kill_connections(&name).await;
     }
-    own.close().await.unwrap();
     let (mut acquired, mut failed) = (0, 0);
     for outcomes in futures_join(tasks).await {
         for outcome in outcomes {
@@ -451,7 +436,11 @@ async fn connections_killed_mid_batch_leave_every_caller_an_answer() {
     assert!(served, "the store serves again after its connections died");
     // The other pool's connections were killed too: let it replace them.
     for _ in 0..3 {
-        if sqlx::query("SELECT 1").execute(store.pool()).await.is_ok() {
+        if idem::store::postgres::sqlx::query("SELECT 1")
+            .execute(store.pool())
+            .await
+            .is_ok()
+        {
             break;
         }
     }
