@@ -34,7 +34,9 @@
 //! batch.
 //!
 //! The batch's task is bounded by the store's time-out. A caller that
-//! leaves before its statement was taken is skipped; one whose connection
+//! leaves before its statement was taken is skipped (and its entry is
+//! dropped as soon as a newer statement is queued behind it, so entries do
+//! not pile up while the database hangs and no batch is taken); one whose connection
 //! could not be had gives its error only if no batch took its statement
 //! meanwhile (else the batch's outcome is its answer). If a batch's task
 //! is dropped midway (its runtime shuts down), its callers queue their
@@ -133,6 +135,12 @@ impl<T: Item> Queue<T> {
     fn push(&self, item: T) -> (u64, oneshot::Receiver<Outcome<T>>) {
         let (answer, outcome) = oneshot::channel();
         let mut inner = self.lock();
+        // Statements whose callers left (their time-out fired) go now, not
+        // at the next batch: while the database hangs no batch is taken,
+        // and callers leave in the order they came.
+        while inner.waiting.front().is_some_and(|w| w.answer.is_closed()) {
+            inner.waiting.pop_front();
+        }
         let id = inner.next;
         inner.next = id.wrapping_add(1);
         inner.waiting.push_back(Waiting { id, item, answer });
@@ -633,5 +641,18 @@ mod tests {
         assert!(!queue.withdraw(taken), "a batch has it");
         assert!(!queue.withdraw(gone));
         assert!(queue.take().is_empty());
+    }
+
+    #[test]
+    fn statements_of_callers_that_left_do_not_pile_up_while_no_batch_is_taken() {
+        let queue = Queue::default();
+        for _ in 0..1000 {
+            // Each caller gives up (its receiver dropped) before any batch.
+            drop(queue.push(Probe("k", 100)));
+        }
+        assert_eq!(queue.lock().waiting.len(), 1, "only the newest is left");
+        let (_, _waits) = queue.push(Probe("k", 100));
+        assert_eq!(queue.lock().waiting.len(), 1);
+        assert_eq!(keys(&queue.take()), ["k"]);
     }
 }
