@@ -161,8 +161,8 @@ async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>)
     out
 }
 
-/// A key the database refuses (text with a NUL byte) fails alone, and the
-/// keys sent at the same moment are reserved.
+/// A key the database refuses (text with a NUL byte) fails alone: its
+/// batch is split in halves around it, and the others are reserved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_the_database_refuses_fails_alone() {
     const N: usize = 20;

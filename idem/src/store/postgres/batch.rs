@@ -30,8 +30,6 @@
 //! order; a batch of completes may lock in the table's order (the planner
 //! may hash-join a large batch), so two batches sharing keys can deadlock:
 //! the lock wait breaks it within [`LOCK_WAIT`], and the halves run again.
-//! A key the database cannot hold (text with a NUL byte) never joins a
-//! batch.
 //!
 //! The batch's task is bounded by the store's time-out. A caller that
 //! leaves before its statement was taken is skipped (and its entry is
@@ -55,7 +53,7 @@ use sqlx::Row as _;
 use tokio::sync::oneshot;
 
 use super::hot::{self, Pool};
-use super::{micros, row, shared_store_error, store_error, Statements};
+use super::{micros, row, shared_store_error, statement_timed_out, store_error, Statements};
 use crate::error::{Corruption, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -98,8 +96,8 @@ enum Outcome<T: Item> {
     Alone,
 }
 
-/// How long a batch's statement waits for a row lock. Past it, the keys
-/// run again one by one, and a key still locked waits on its own.
+/// How long a batch's statement waits for a row lock. Past it, the batch
+/// runs again in halves, and a key still locked waits on its own.
 const LOCK_WAIT: &str = "100ms";
 
 /// A queued statement and where its outcome goes.
@@ -202,10 +200,6 @@ pub(super) async fn submit<T: Item>(
     sql: &Arc<Statements>,
     timeout: Duration,
 ) -> Answer<T> {
-    if item.key().contains('\0') {
-        // The database refuses such text: it would fail its batch first.
-        return run_alone(pool, &item, sql, timeout).await;
-    }
     loop {
         let (id, mut outcome) = queue.push(item.clone());
         let outcome = loop {
@@ -272,9 +266,8 @@ async fn answer_batch<T: Item>(
     sql: &Statements,
     timeout: Duration,
 ) {
-    let (items, answers): (Vec<T>, Vec<_>) =
+    let (items, mut answers): (Vec<T>, Vec<_>) =
         batch.into_iter().map(|w| (w.item, Some(w.answer))).unzip();
-    let mut answers = answers;
     let lock_wait = (items.len() > 1).then_some(LOCK_WAIT);
     let mut parts: Vec<Range<usize>> = Vec::with_capacity(8);
     parts.push(0..items.len());
@@ -288,7 +281,7 @@ async fn answer_batch<T: Item>(
                     send(answer, Outcome::Answer(out));
                 }
             }
-            Err(sqlx::Error::Database(db)) if !timed_out(&*db) && !hot::fatal(&*db) => {
+            Err(sqlx::Error::Database(db)) if !statement_timed_out(&*db) && !hot::fatal(&*db) => {
                 // The server answered: the connection is fine.
                 conn.clean = true;
                 if part.len() > 1 {
@@ -347,12 +340,6 @@ async fn run_alone<T: Item>(
             .unwrap_or_else(|| Err(Corruption::new("a statement gave no outcome").into())),
         Err(e) => Err(store_error(e, timeout)),
     }
-}
-
-/// Whether the server's `statement_timeout` cut the statement off: every
-/// key's time is up, running them one by one would only take longer.
-fn timed_out(db: &dyn sqlx::error::DatabaseError) -> bool {
-    db.code().as_deref() == Some("57014")
 }
 
 /// PostgreSQL's `lock_not_available`: the batch's `lock_timeout` fired.

@@ -18,12 +18,12 @@
 //! stays for everything else (queues, jobs, versions, transactions, and the
 //! application's own queries through [`super::PostgresStore::pool`]).
 
+use std::sync::Arc;
+
 use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgRow};
 use sqlx::query::Query;
 use sqlx::{Connection, Postgres};
-
-use std::sync::Arc;
 
 use super::batch::{Complete, Queue, Reserve};
 use super::{set_up, RECHECK_AFTER};

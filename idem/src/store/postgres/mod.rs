@@ -1021,8 +1021,7 @@ impl Kind {
     fn of(e: &sqlx::Error) -> Self {
         match e {
             sqlx::Error::PoolTimedOut => Self::Timeout,
-            // query_canceled: our statement_timeout fired on the server.
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => Self::Timeout,
+            sqlx::Error::Database(db) if statement_timed_out(&**db) => Self::Timeout,
             sqlx::Error::ColumnDecode { .. }
             | sqlx::Error::Decode(_)
             | sqlx::Error::ColumnNotFound(_)
@@ -1031,6 +1030,13 @@ impl Kind {
             _ => Self::Unavailable,
         }
     }
+}
+
+/// Whether the server's `statement_timeout` cut the statement off
+/// (`query_canceled`): the caller's time is up (a batch's keys are not run
+/// again one part at a time, `batch.rs`).
+fn statement_timed_out(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.code().as_deref() == Some("57014")
 }
 
 /// An error several callers share.
