@@ -5,8 +5,12 @@
 /// every `blake3::Hasher::update` call has a fixed cost; gathered first,
 /// they reach the hasher in one call. The bytes hashed are the same, and so
 /// is the hash (pinned by the tests of `fingerprint` and `key`).
+///
+/// The hasher itself (about 2 KB of state) is made only once the fields
+/// outgrow the buffer; fields that fit (a scope, most fingerprints) are
+/// hashed in one `blake3::hash` call, which needs no such state.
 pub(crate) struct Feed {
-    hasher: blake3::Hasher,
+    hasher: Option<Box<blake3::Hasher>>,
     buf: [u8; FEED_BUF],
     len: usize,
 }
@@ -18,7 +22,7 @@ const FEED_BUF: usize = 512;
 impl Feed {
     pub(crate) fn new() -> Self {
         Self {
-            hasher: blake3::Hasher::new(),
+            hasher: None,
             buf: [0; FEED_BUF],
             len: 0,
         }
@@ -38,21 +42,32 @@ impl Feed {
                 self.len = bytes.len();
             }
             _ => {
-                self.hasher.update(bytes);
+                self.hasher().update(bytes);
             }
         }
     }
 
+    fn hasher(&mut self) -> &mut blake3::Hasher {
+        self.hasher
+            .get_or_insert_with(|| Box::new(blake3::Hasher::new()))
+    }
+
     fn flush(&mut self) {
-        if let Some(gathered) = self.buf.get(..self.len) {
-            self.hasher.update(gathered);
+        let len = std::mem::take(&mut self.len);
+        if let Some(gathered) = self.buf.get(..len).filter(|g| !g.is_empty()) {
+            self.hasher
+                .get_or_insert_with(|| Box::new(blake3::Hasher::new()))
+                .update(gathered);
         }
-        self.len = 0;
     }
 
     pub(crate) fn finalize(mut self) -> blake3::Hash {
+        if self.hasher.is_none() {
+            // All of it is in the buffer: hashed at once.
+            return blake3::hash(self.buf.get(..self.len).unwrap_or_default());
+        }
         self.flush();
-        self.hasher.finalize()
+        self.hasher().finalize()
     }
 }
 
@@ -130,6 +145,26 @@ mod tests {
             let mut whole = blake3::Hasher::new();
             whole.update(&data[..at]);
             assert_eq!(feed.finalize(), whole.finalize(), "pieces of {sizes:?}");
+        }
+        // Totals around the buffer's size: hashed at once, or by the hasher.
+        for total in [
+            0,
+            1,
+            100,
+            FEED_BUF - 1,
+            FEED_BUF,
+            FEED_BUF + 1,
+            3 * FEED_BUF,
+        ] {
+            let mut feed = Feed::new();
+            for piece in data[..total].chunks(37) {
+                feed.update(piece);
+            }
+            assert_eq!(
+                feed.finalize(),
+                blake3::hash(&data[..total]),
+                "{total} bytes"
+            );
         }
     }
 }
