@@ -14,6 +14,9 @@
 # per-round ratios to nginx (req/s, and CPU per request).
 # STRACE=1 adds one more wrk run per build under `strace -c -f` (slow: its
 # figures are syscalls per request, not speed).
+# FLOOR=target/release/examples/floor_proxy adds a target "floor" (:8192):
+# a bare hyper proxy on the gateway's runtime shape, nothing else
+# (idem-cli/examples/floor_proxy.rs), the least a proxy on this stack costs.
 # Own ports (upstream 3190, nginx 8191, gateways from 8193) and files under
 # /tmp/idem-redis-cpu, so it runs beside run.sh. Needs: wrk, nginx,
 # redis-cli, release builds, Redis on 6379 (strace for STRACE=1).
@@ -64,6 +67,11 @@ for b in $bins; do
   echo "# idem$i = $b (:$port)"
   i=$((i + 1))
 done
+floor=
+if [ -n "${FLOOR:-}" ]; then
+  "$FLOOR" 127.0.0.1:8192 127.0.0.1:3190 2>"$tmp/floor.log" &
+  floor=$!; pids+=($!); echo "# floor = $FLOOR (:8192)"
+fi
 sleep 2
 for j in "${!gw[@]}"; do kill -0 "${gw[j]}" || { echo "idem$j did not start: $tmp/idem-$j.log" >&2; exit 1; }; done
 
@@ -90,6 +98,7 @@ echo "# round target req/s p99 user_us/req sys_us/req redis_user_us/req redis_sy
 for r in $(seq 1 "$rounds"); do
   # shellcheck disable=SC2046
   run nginx http://127.0.0.1:8191/orders $(nginx_pids) | tee -a "$results"
+  if [ -n "$floor" ]; then run floor http://127.0.0.1:8192/orders "$floor" | tee -a "$results"; fi
   for j in "${!gw[@]}"; do
     run "idem$j" "http://127.0.0.1:$((8193 + j))/orders" "${gw[j]}" | tee -a "$results"
   done
