@@ -55,8 +55,9 @@ impl<S: Store> Engine<S> {
         // From here on the operation may have had its effect (even the
         // closure's synchronous part may have): a drop must not free the key.
         guard.started = true;
-        let op = op();
-        tokio::pin!(op);
+        // Pinned where it is made: `tokio::pin!` moves it into a second
+        // local, and the first keeps a slot of its size in this future.
+        let mut op = std::pin::pin!(op());
         let mut lease_ends = Instant::now() + rules.lease;
         let heartbeat = async {
             let every = (rules.lease / 3).max(Duration::from_millis(10));
@@ -78,7 +79,10 @@ impl<S: Store> Engine<S> {
                 }
             }
         };
+        // The operation first (no random branch order): an answer ready at
+        // the first poll starts no heartbeat timer.
         let finish = tokio::select! {
+            biased;
             f = &mut op => f,
             () = heartbeat => op.await,
         };

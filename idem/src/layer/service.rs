@@ -264,8 +264,15 @@ where
     let key = log::enabled().then(|| identity.key.log_id());
     if let (Mode::Async, Some(mode)) = (guard.policy.mode, &extras.async_mode) {
         // Phase 4 of async mode: accept, and let a dispatcher run it.
-        let res =
-            operations::accept(mode, &parts, bytes, &identity, &guard.policy.key_header).await;
+        // Boxed: inline, its future would size every sync request's.
+        let res = Box::pin(operations::accept(
+            mode,
+            &parts,
+            bytes,
+            &identity,
+            &guard.policy.key_header,
+        ))
+        .await;
         log::request(
             id.as_ref(),
             key,
