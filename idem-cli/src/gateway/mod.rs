@@ -434,7 +434,9 @@ async fn handle<S: Store>(
         path = %parts.uri.path(),
     );
     // W3C trace context, continued (protocol §14).
-    crate::telemetry::continue_trace(&span, &mut parts.headers);
+    if let Some(trace) = crate::telemetry::continue_trace(&span, &mut parts.headers) {
+        parts.extensions.insert(trace);
+    }
     // Normalizes the path and matches it once; the layer and the proxy
     // read the match from the request's extensions.
     let found = idem::layer::route(&routes, &mut parts);

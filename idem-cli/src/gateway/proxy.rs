@@ -294,7 +294,11 @@ impl Service<Request<GatewayBody>> for Proxy {
 
     fn call(&mut self, mut req: Request<GatewayBody>) -> Self::Future {
         // W3C trace context: a new parent span id (protocol §14).
-        let span = crate::telemetry::upstream_span(req.headers_mut());
+        let edge = req
+            .extensions()
+            .get::<crate::telemetry::EdgeTrace>()
+            .copied();
+        let span = crate::telemetry::upstream_span(req.headers_mut(), edge);
         let proxy = self.clone();
         Box::pin(async move {
             let res = proxy.forward(req).instrument(span.clone()).await;

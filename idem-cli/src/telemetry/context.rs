@@ -14,7 +14,11 @@
 //!   span's).
 //!
 //! Without export this is a parse of one 55-byte header, at most two random
-//! numbers and one formatted header: no span is created.
+//! numbers and one formatted header: no span is created. The edge hands
+//! what it parsed or started to the proxy ([`EdgeTrace`], in the request's
+//! extensions), so the header is not parsed twice; a trace the edge started
+//! itself goes upstream as the edge wrote it (its parent id names no span
+//! anybody has seen, as a new one would not either).
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
@@ -152,10 +156,21 @@ fn new_span_id() -> u64 {
     rand::random::<u64>().max(1)
 }
 
+/// What the edge found or wrote as a request's `traceparent`, kept in the
+/// request's extensions for the proxy (without export only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeTrace {
+    /// The header's value, parsed.
+    parent: TraceParent,
+    /// The edge started this trace: the client sent no valid header.
+    started: bool,
+}
+
 /// The edge: makes sure the request carries a valid `traceparent` (see the
 /// module docs). With export on, `span` (the request's) becomes the child
-/// of the client's span and the header names `span`.
-pub fn continue_trace(span: &Span, headers: &mut HeaderMap) {
+/// of the client's span and the header names `span`. Without, returns what
+/// the header now holds, for [`upstream_span`].
+pub fn continue_trace(span: &Span, headers: &mut HeaderMap) -> Option<EdgeTrace> {
     let incoming = TraceParent::from_headers(headers);
     if exporting() {
         if let Some(tp) = incoming {
@@ -166,21 +181,38 @@ pub fn continue_trace(span: &Span, headers: &mut HeaderMap) {
                 headers.remove(TRACESTATE);
             }
             headers.insert(TRACEPARENT, ours.to_header());
-            return;
+            return None;
         }
     }
-    if incoming.is_none() {
-        headers.remove(TRACESTATE);
-        headers.insert(TRACEPARENT, TraceParent::start().to_header());
-    }
+    Some(match incoming {
+        Some(parent) => EdgeTrace {
+            parent,
+            started: false,
+        },
+        None => {
+            let parent = TraceParent::start();
+            headers.remove(TRACESTATE);
+            headers.insert(TRACEPARENT, parent.to_header());
+            EdgeTrace {
+                parent,
+                started: true,
+            }
+        }
+    })
 }
 
 /// The proxy: gives the request going upstream a new parent span id under
 /// its trace (starting one if it has none). With export on, that is the id
 /// of the returned `upstream` span, the child of the request's; without,
-/// the span is [`Span::none`].
-pub fn upstream_span(headers: &mut HeaderMap) -> Span {
-    let incoming = TraceParent::from_headers(headers);
+/// the span is [`Span::none`]. `edge` is what [`continue_trace`] returned
+/// for this request's headers, if they came through the edge unchanged (an
+/// async operation's stored request is read again).
+pub fn upstream_span(headers: &mut HeaderMap, edge: Option<EdgeTrace>) -> Span {
+    let incoming = match edge {
+        Some(EdgeTrace { started: true, .. }) if !exporting() => return Span::none(),
+        Some(EdgeTrace { parent, .. }) if !exporting() => Some(parent),
+        _ => TraceParent::from_headers(headers),
+    };
     if exporting() {
         let span = tracing::info_span!(
             "upstream",
@@ -261,14 +293,44 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(TRACEPARENT, HeaderValue::from_static(EXAMPLE));
         headers.insert(TRACESTATE, HeaderValue::from_static("k=v"));
-        continue_trace(&Span::none(), &mut headers);
+        let edge = continue_trace(&Span::none(), &mut headers);
         assert_eq!(headers[&TRACEPARENT], EXAMPLE, "kept at the edge");
-        let span = upstream_span(&mut headers);
-        assert!(span.is_none());
-        let sent = TraceParent::from_headers(&headers).expect("valid");
-        assert_eq!(sent.trace_id, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736);
-        assert_ne!(sent.parent_id, 0x00f0_67aa_0ba9_02b7);
-        assert_eq!(headers[&TRACESTATE], "k=v");
+        // Handed over by the edge, or read again (an async operation's
+        // stored request): the same outcome.
+        for edge in [edge, None] {
+            let mut headers = headers.clone();
+            let span = upstream_span(&mut headers, edge);
+            assert!(span.is_none());
+            let sent = TraceParent::from_headers(&headers).expect("valid");
+            assert_eq!(sent.trace_id, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736);
+            assert_ne!(sent.parent_id, 0x00f0_67aa_0ba9_02b7);
+            assert_eq!(headers[&TRACESTATE], "k=v");
+        }
+    }
+
+    #[test]
+    fn a_trace_the_edge_started_goes_upstream_as_the_edge_wrote_it() {
+        let mut headers = HeaderMap::new();
+        headers.insert(TRACESTATE, HeaderValue::from_static("k=v"));
+        let edge = continue_trace(&Span::none(), &mut headers);
+        let started = TraceParent::from_headers(&headers).expect("started at the edge");
+        assert!(headers.get(TRACESTATE).is_none());
+        assert_eq!(
+            edge,
+            Some(EdgeTrace {
+                parent: started,
+                started: true
+            })
+        );
+        let mut sent = headers.clone();
+        assert!(upstream_span(&mut sent, edge).is_none());
+        assert_eq!(sent, headers, "the edge's header, untouched");
+        // Read again without the edge's word: a new parent, same trace.
+        let mut again = headers.clone();
+        upstream_span(&mut again, None);
+        let tp = TraceParent::from_headers(&again).expect("valid");
+        assert_eq!(tp.trace_id, started.trace_id);
+        assert_ne!(tp.parent_id, started.parent_id);
     }
 
     #[test]
@@ -306,8 +368,8 @@ mod tests {
                 if incoming {
                     h.insert(TRACEPARENT, HeaderValue::from_static(EXAMPLE));
                 }
-                continue_trace(&Span::none(), &mut h);
-                std::hint::black_box(upstream_span(&mut h));
+                let edge = continue_trace(&Span::none(), &mut h);
+                std::hint::black_box(upstream_span(&mut h, edge));
                 std::hint::black_box(h);
             }
             let with = started.elapsed();

@@ -39,7 +39,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 pub(crate) use context::write_hex;
-pub use context::{continue_trace, upstream_answered, upstream_span, TraceParent};
+pub use context::{continue_trace, upstream_answered, upstream_span, EdgeTrace, TraceParent};
 pub use store::TracedStore;
 
 static EXPORTING: AtomicBool = AtomicBool::new(false);
