@@ -7,17 +7,20 @@
 //! optional key is absent) are the inner service's business and get no
 //! line.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::key::LogId;
 use crate::problem::Problem;
 
 /// `X-Request-Id`, as a client or a gateway in front set it.
-const X_REQUEST_ID: &str = "x-request-id";
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The request's `X-Request-Id` (the gateway sets one on every request),
-/// kept for its line.
+/// kept for its line; not looked up when the lines are not written.
 pub(super) fn request_id(headers: &HeaderMap) -> Option<HeaderValue> {
+    if !enabled() {
+        return None;
+    }
     headers.get(X_REQUEST_ID).cloned()
 }
 
