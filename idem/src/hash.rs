@@ -42,22 +42,20 @@ impl Feed {
                 self.len = bytes.len();
             }
             _ => {
-                self.hasher().update(bytes);
+                Self::hasher(&mut self.hasher).update(bytes);
             }
         }
     }
 
-    fn hasher(&mut self) -> &mut blake3::Hasher {
-        self.hasher
-            .get_or_insert_with(|| Box::new(blake3::Hasher::new()))
+    /// The hasher in `slot`, made on first use.
+    fn hasher(slot: &mut Option<Box<blake3::Hasher>>) -> &mut blake3::Hasher {
+        slot.get_or_insert_with(|| Box::new(blake3::Hasher::new()))
     }
 
     fn flush(&mut self) {
         let len = std::mem::take(&mut self.len);
         if let Some(gathered) = self.buf.get(..len).filter(|g| !g.is_empty()) {
-            self.hasher
-                .get_or_insert_with(|| Box::new(blake3::Hasher::new()))
-                .update(gathered);
+            Self::hasher(&mut self.hasher).update(gathered);
         }
     }
 
@@ -67,7 +65,7 @@ impl Feed {
             return blake3::hash(self.buf.get(..self.len).unwrap_or_default());
         }
         self.flush();
-        self.hasher().finalize()
+        Self::hasher(&mut self.hasher).finalize()
     }
 }
 

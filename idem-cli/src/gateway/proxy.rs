@@ -293,7 +293,7 @@ impl Service<Request<GatewayBody>> for Proxy {
     }
 
     fn call(&mut self, mut req: Request<GatewayBody>) -> Self::Future {
-        // W3C trace context: a new parent span id (protocol §14).
+        // W3C trace context, continued upstream (protocol §14).
         let edge = req
             .extensions()
             .get::<crate::telemetry::EdgeTrace>()
