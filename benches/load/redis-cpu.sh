@@ -34,7 +34,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   nginx -c "$tmp/proxy.conf" -s stop 2>/dev/null || true
   nginx -c "$tmp/upstream.conf" -s stop 2>/dev/null || true; }
 trap cleanup EXIT
-for p in 3190 8191; do
+for p in 3190 8191 8192; do
   if curl -s -o /dev/null -m 1 "http://127.0.0.1:$p/"; then echo "port $p is in use" >&2; exit 1; fi
 done
 sed -e "s|127.0.0.1:3000|127.0.0.1:3190|; s|/tmp/idem-bench/|$tmp/|g" "$here/upstream.conf" > "$tmp/upstream.conf"
@@ -74,6 +74,7 @@ if [ -n "${FLOOR:-}" ]; then
 fi
 sleep 2
 for j in "${!gw[@]}"; do kill -0 "${gw[j]}" || { echo "idem$j did not start: $tmp/idem-$j.log" >&2; exit 1; }; done
+if [ -n "$floor" ]; then kill -0 "$floor" || { echo "the floor did not start: $tmp/floor.log" >&2; exit 1; }; fi
 
 run() { # name url cpu-pids... -> one result line
   local name=$1 url=$2; shift 2

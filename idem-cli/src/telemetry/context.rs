@@ -206,14 +206,20 @@ pub fn continue_trace(span: &Span, headers: &mut HeaderMap) -> Option<EdgeTrace>
 /// of the returned `upstream` span, the child of the request's; without,
 /// the span is [`Span::none`]. `edge` is what [`continue_trace`] returned
 /// for this request's headers, if they came through the edge unchanged (an
-/// async operation's stored request is read again).
+/// async operation's stored request is read again); without export, a
+/// trace the edge started is sent as the edge wrote it.
 pub fn upstream_span(headers: &mut HeaderMap, edge: Option<EdgeTrace>) -> Span {
+    let exporting = exporting();
     let incoming = match edge {
-        Some(EdgeTrace { started: true, .. }) if !exporting() => return Span::none(),
-        Some(EdgeTrace { parent, .. }) if !exporting() => Some(parent),
+        Some(edge) if !exporting => {
+            if edge.started {
+                return Span::none();
+            }
+            Some(edge.parent)
+        }
         _ => TraceParent::from_headers(headers),
     };
-    if exporting() {
+    if exporting {
         let span = tracing::info_span!(
             "upstream",
             otel.kind = "client",
