@@ -182,7 +182,7 @@ impl Logs {
 }
 
 /// A subscriber at `level` writing to a buffer, for this thread (the
-/// tests run on a current-thread runtime, so the layer's own task too).
+/// tests run on a current-thread runtime, so does the layer's execution).
 fn capture(level: Level) -> (Logs, tracing::subscriber::DefaultGuard) {
     let logs = Logs::default();
     let writer = logs.clone();

@@ -12,12 +12,13 @@
 //! 4. **finish**: the layer stores or releases, *then* the response leaves.
 //!
 //! A protected request's execution (reserve, upstream call, storing the
-//! answer) runs on a task of the layer's, so a client that hangs up does not
-//! cancel an upstream call already under way: its result is still stored,
-//! and the client's retry replays it. Those tasks are spawned onto the
-//! gateway's tracker ([`IdempotencyLayer::tasks`]), and shutdown waits for
-//! them. (One task per request, not two: the rest of the request, reading
-//! its body and writing the answer, runs in its connection's task.)
+//! answer) is never cancelled by a client that hangs up: it runs in its
+//! connection's task while the client waits, and if the client leaves
+//! first, the layer moves what is left of it onto a task of its own, so
+//! an upstream call already under way still has its result stored and the
+//! client's retry replays it. Those tasks are spawned onto the gateway's
+//! tracker ([`IdempotencyLayer::tasks`]), and shutdown waits for them. (No
+//! task per request: most requests end with their client.)
 //!
 //! Every log line of a request, at every level, is inside an info-level
 //! `request` span carrying its `X-Request-Id` (and method and path, never a
@@ -468,10 +469,10 @@ async fn handle<S: Store>(
         }
     } else {
         // The execution (reserve, upstream call, storing its answer) runs
-        // on a task of the layer's, spawned onto `edge.requests`
+        // here; dropped before its end (the client hung up), the layer
+        // moves the rest of it onto a task of `edge.requests`
         // ([`IdempotencyLayer::tasks`]): a client hanging up does not
-        // cancel it and shutdown waits for it. Reading the body before it
-        // and answering after it need no task of their own.
+        // cancel it and shutdown waits for it.
         match (CatchUnwind { future: call }).await {
             Ok(Ok(res)) => Ok(res),
             Ok(Err(never)) => match never {},

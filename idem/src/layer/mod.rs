@@ -102,9 +102,10 @@
 //! # Cancel safety
 //!
 //! A guarded request's execution (reserve, call the inner service, store)
-//! runs on its own Tokio task, so the layer needs a Tokio runtime. When the
-//! client hangs up and the server drops the response future, a started
-//! execution is not cancelled: it runs to its end and its answer is stored
+//! runs in the response future while the client waits. When the client
+//! hangs up and the server drops the response future, a started execution
+//! is not cancelled: it moves onto a Tokio task of its own (so the layer
+//! needs a Tokio runtime), runs to its end and its answer is stored
 //! (or the key held or released, protocol §3.9), so the client's retry gets a
 //! 409 while it runs, then the replay — never a second execution.
 //!
