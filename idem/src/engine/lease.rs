@@ -58,14 +58,18 @@ impl<S: Store> Engine<S> {
         // Pinned where it is made: `tokio::pin!` moves it into a second
         // local, and the first keeps a slot of its size in this future.
         let mut op = std::pin::pin!(op());
-        let mut lease_ends = Instant::now() + rules.lease;
+        let started = Instant::now();
+        let mut lease_ends = started + rules.lease;
         let heartbeat = async {
+            // A sleep reset after each beat, not an `Interval` (which boxes
+            // its sleep): the next beat is a third of the lease after this
+            // one began, however long its store call took.
             let every = (rules.lease / 3).max(Duration::from_millis(10));
-            let mut tick = tokio::time::interval_at(Instant::now() + every, every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut tick = std::pin::pin!(tokio::time::sleep_until(started + every));
             loop {
-                tick.tick().await;
+                tick.as_mut().await;
                 let at = Instant::now();
+                tick.as_mut().reset(at + every);
                 match self
                     .call(self.inner.store.extend(key, token, rules.lease))
                     .await
@@ -140,10 +144,10 @@ impl<S: Store> Engine<S> {
             ));
             // The first attempt has the whole store time-out; a retry
             // ends with the budget.
-            let started = Instant::now();
             let r = if attempt == 0 {
                 call.await
             } else {
+                let started = Instant::now();
                 tokio::time::timeout_at(deadline, call)
                     .await
                     .unwrap_or_else(|_| Err(StoreError::Timeout(started.elapsed())))
