@@ -47,7 +47,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::{Layer, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use idem::layer::{Idempotency, IdempotencyLayer, ResponseBody, StaleGuard};
@@ -444,16 +444,25 @@ async fn handle<S: Store>(
     let expects_continue = parts.headers.contains_key(header::EXPECT);
     let (body, leftover) = GatewayBody::incoming_with_leftover(body, edge.read_timeout);
     let req = Request::from_parts(parts, body);
+    // Called at once rather than through `oneshot`, whose future would
+    // hold the request and the service until its first poll, to be moved
+    // with them (the proxy, and so the layer, is always ready).
+    let mut service = service;
+    let call = match ServiceExt::<Request<GatewayBody>>::ready(&mut service).await {
+        // In the span: a refusal is logged as the call is made.
+        Ok(ready) => span.in_scope(|| ready.call(req)),
+        Err(never) => match never {},
+    };
     if !found.participates() {
         // Pass-through: nothing is stored, so nothing is lost if the client
         // hangs up and the call is dropped; no task needed.
-        let res = match service.oneshot(req).instrument(span.clone()).await {
+        let res = match call.instrument(span.clone()).await {
             Ok(res) => res,
             Err(never) => match never {},
         };
         return Ok(finish(res, id, leftover, &edge, expects_continue, span));
     }
-    let call = service.oneshot(req).instrument(span.clone());
+    let call = call.instrument(span.clone());
     let res = if found.policy().mode == Mode::Async {
         // Accepting an async operation stores its request: its own task,
         // so a client hanging up cannot cut that short. Tracked: shutdown

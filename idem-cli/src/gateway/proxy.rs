@@ -17,7 +17,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::header::Entry;
@@ -26,6 +26,7 @@ use http::HeaderValue;
 use http::{Request, Response, Uri};
 use http_body_util::{Either, Full};
 use tower_service::Service;
+use tracing::instrument::Instrumented;
 use tracing::Instrument;
 
 use idem::layer::{
@@ -283,10 +284,31 @@ fn failure(kind: UpstreamFailure, detail: &str) -> Response<ProxyBody> {
     res.map(Either::Right)
 }
 
+/// The future of [`Proxy::call`]: the forwarding, boxed once where it is
+/// made (a future of a few KB: each move copies it whole), in its
+/// `upstream` span, which records the status it ends with.
+pub struct ProxyFuture(Instrumented<Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>>);
+
+impl Future for ProxyFuture {
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let res = ready!(Pin::new(&mut self.0).poll(cx));
+        crate::telemetry::upstream_answered(self.0.span(), res.status());
+        Poll::Ready(Ok(res))
+    }
+}
+
+impl std::fmt::Debug for ProxyFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyFuture").finish_non_exhaustive()
+    }
+}
+
 impl Service<Request<GatewayBody>> for Proxy {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future = ProxyFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -299,12 +321,9 @@ impl Service<Request<GatewayBody>> for Proxy {
             .get::<crate::telemetry::EdgeTrace>()
             .copied();
         let span = crate::telemetry::upstream_span(req.headers_mut(), edge);
-        let proxy = self.clone();
-        Box::pin(async move {
-            let res = proxy.forward(req).instrument(span.clone()).await;
-            crate::telemetry::upstream_answered(&span, res.status());
-            Ok(res)
-        })
+        let forward: Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>> =
+            Box::pin(self.clone().forward(req));
+        ProxyFuture(forward.instrument(span))
     }
 }
 

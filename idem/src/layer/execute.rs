@@ -51,14 +51,18 @@ type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 /// cancelled by the caller going away (dropped before its end, the
 /// execution goes on in a task of its own, tracked by `tasks` when the
 /// server gave one, so its shutdown can wait for it).
-pub(super) async fn run<Svc, St, ReqB, ResB>(
+///
+/// Not an `async fn`: the arguments go straight into the execution's box,
+/// where an `async fn`'s future would hold them first, and its caller's
+/// future a slot of that size.
+pub(super) fn run<'a, Svc, St, ReqB, ResB>(
     engine: Engine<St>,
     mut inner: Svc,
     identity: Identity,
     policy: Arc<RoutePolicy>,
     req: Request<Bytes>,
-    tasks: Option<&TaskTracker>,
-) -> Outcome<Answer<ResB, Svc::Error>>
+    tasks: Option<&'a TaskTracker>,
+) -> impl Future<Output = Outcome<Answer<ResB, Svc::Error>>> + Send + 'a
 where
     Svc: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
     Svc::Future: Send + 'static,
@@ -104,7 +108,6 @@ where
         future: Some(task),
         tasks,
     }
-    .await
 }
 
 /// A started execution, polled by the caller's task while the caller waits

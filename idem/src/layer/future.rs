@@ -25,7 +25,9 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
-        Ready { response: Option<Response<ResponseBody<B>>> },
+        // Boxed: a refusal is rare, and inline it would size (and every
+        // move would copy) every request's future.
+        Ready { response: Option<Box<Response<ResponseBody<B>>>> },
         PassThrough { #[pin] future: F },
         Guarded { future: BoxFuture<Result<Response<ResponseBody<B>>, E>> },
     }
@@ -36,7 +38,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     pub(super) fn ready(response: Response<ResponseBody<B>>) -> Self {
         Self {
             kind: Kind::Ready {
-                response: Some(response),
+                response: Some(Box::new(response)),
             },
         }
     }
@@ -64,7 +66,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Ready { response } => Poll::Ready(Ok(response
+            KindProj::Ready { response } => Poll::Ready(Ok(*response
                 .take()
                 .expect("ResponseFuture polled after completion"))),
             KindProj::PassThrough { future } => {
