@@ -16,8 +16,9 @@ use crate::record::StoredResponse;
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), as names (to remove them without
-/// parsing a name per lookup), in the order of [`hop_index`].
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// parsing a name per lookup), in the order of [`hop_index`]. A `static`:
+/// a `const` array is built and dropped again at every use.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     KEEP_ALIVE,
     header::PROXY_AUTHENTICATE,
