@@ -346,3 +346,83 @@ impl<F: Future> Future for CatchUnwind<F> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// Sets its flag once polled to its end.
+    struct Ends {
+        polls_left: u32,
+        ended: Arc<AtomicBool>,
+    }
+
+    impl Future for Ends {
+        type Output = ();
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            if self.polls_left == 0 {
+                self.ended.store(true, Ordering::SeqCst);
+                return Poll::Ready(());
+            }
+            self.polls_left -= 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+
+    fn noop_context() -> Context<'static> {
+        Context::from_waker(std::task::Waker::noop())
+    }
+
+    #[tokio::test]
+    async fn dropped_before_its_end_it_ends_on_a_tracked_task() {
+        let tasks = TaskTracker::new();
+        let ended = Arc::new(AtomicBool::new(false));
+        let mut detach = Detach {
+            future: Some(Box::pin(Ends {
+                polls_left: 3,
+                ended: Arc::clone(&ended),
+            })),
+            tasks: Some(&tasks),
+        };
+        assert!(Pin::new(&mut detach).poll(&mut noop_context()).is_pending());
+        drop(detach);
+        assert_eq!(tasks.len(), 1, "the rest runs on a task of the tracker's");
+        tasks.close();
+        tasks.wait().await;
+        assert!(ended.load(Ordering::SeqCst), "the execution ran to its end");
+    }
+
+    #[tokio::test]
+    async fn ended_or_panicked_it_spawns_nothing() {
+        let tasks = TaskTracker::new();
+        let ended = Arc::new(AtomicBool::new(false));
+        let mut done = Detach {
+            future: Some(Box::pin(Ends {
+                polls_left: 0,
+                ended: Arc::clone(&ended),
+            })),
+            tasks: Some(&tasks),
+        };
+        assert!(Pin::new(&mut done).poll(&mut noop_context()).is_ready());
+        drop(done);
+
+        let mut panics = Detach {
+            future: Some(Box::pin(async { panic!("the inner service panicked") })),
+            tasks: Some(&tasks),
+        };
+        let caught = panic::catch_unwind(AssertUnwindSafe(|| {
+            let _ = Pin::new(&mut panics).poll(&mut noop_context());
+        }));
+        assert!(caught.is_err(), "the panic is the caller's");
+        drop(panics);
+        assert_eq!(
+            tasks.len(),
+            0,
+            "nothing is spawned: a future that panicked is never polled again"
+        );
+    }
+}
