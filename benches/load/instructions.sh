@@ -9,7 +9,9 @@
 #   CASES="get fresh replay" STORE=memory N=500 benches/load/instructions.sh
 # (LIMITS='max_header_bytes = "8KiB"' adds a line to the gateway's [limits];
 # IDEM_LOG=info measures with the default log filter: the request span and
-# the one `info` line per guarded request; the default here is warn.)
+# the one `info` line per guarded request; the default here is warn;
+# FLOOR=target/release/examples/floor_proxy adds the same requests through
+# the bare hyper proxy, the least this stack costs.)
 # Needs: valgrind, curl, nginx, a release build; Redis / PostgreSQL for those stores.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -50,10 +52,12 @@ reqs() { local i key
     esac
     if [ "$i" -lt "$2" ]; then echo next; fi
   done; }
-for c in $cases; do
-  out="$tmp/callgrind.$store.$c.out"
+# measure LABEL CASE COMMAND...: runs COMMAND (listening on :8095) under
+# callgrind, warms it up, counts N requests of CASE, prints Ir per request.
+measure() { local label=$1 c=$2 out total; shift 2
+  out="$tmp/callgrind.$label.$c.out"
   IDEM_LOG=${IDEM_LOG:-warn} TOKIO_WORKER_THREADS=${WORKERS:-1} valgrind --tool=callgrind --fair-sched=yes --instr-atstart=no --callgrind-out-file="$out" \
-    "$idem" serve --config "$tmp/idem.toml" 2>"$tmp/valgrind.$c.log" &
+    "$@" 2>"$tmp/valgrind.$label.$c.log" &
   gw=$!
   for _ in $(seq 1 300); do curl -s -o /dev/null -m 1 http://127.0.0.1:8095/ && break; sleep 0.2; done
   reqs "$c" 100 warm > "$tmp/curl.warm"
@@ -64,5 +68,16 @@ for c in $cases; do
   callgrind_control -i off "$gw" >/dev/null 2>&1
   kill -TERM "$gw"; wait "$gw" || true; gw=
   total=$(awk '/^totals:/ {print $2; exit}' "$out")
-  echo "$store $c Ir/request=$((total / n)) (N=$n, statuses: $(tr -s ' \n' ' ' < "$tmp/status.$c.txt"); $out)"
+  echo "$label $c Ir/request=$((total / n)) (N=$n, statuses: $(tr -s ' \n' ' ' < "$tmp/status.$c.txt"); $out)"
+}
+for c in $cases; do
+  measure "$store" "$c" "$idem" serve --config "$tmp/idem.toml"
 done
+# FLOOR=target/release/examples/floor_proxy: the same requests through the
+# bare hyper proxy (idem-cli/examples/floor_proxy.rs), which stores nothing
+# (a replay is a fresh request to it, so that case is left out).
+if [ -n "${FLOOR:-}" ]; then
+  for c in $cases; do
+    [ "$c" = replay ] || measure floor "$c" "$FLOOR" 127.0.0.1:8095 127.0.0.1:3000
+  done
+fi
