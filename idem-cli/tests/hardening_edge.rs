@@ -422,6 +422,28 @@ async fn request_warnings_carry_the_request_id_and_no_secret() {
     }
 }
 
+/// A request that passes through (a GET) writes no line of its own, but a
+/// warning it causes is in its request span all the same: its id, method
+/// and path, as a guarded request's are.
+#[tokio::test]
+async fn a_pass_through_warning_carries_the_request_id_method_and_path() {
+    let upstream = format!("http://127.0.0.1:{}", closed_port());
+    let (serve, addr) = Serve::start(&["--upstream", &upstream, "--listen", "127.0.0.1:0"], &[]);
+    let h = [("authorization", "Bearer hunter2")];
+    let r = send(&client(), addr, "GET", "/catalog/items", &h, "").await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    let id = r.header("x-request-id").expect("a request id").to_owned();
+    let log = serve.log_with(&id).await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("upstream refused"))
+        .unwrap_or_else(|| panic!("no warning about the upstream in:\n{log}"));
+    for part in [id.as_str(), "method=GET", "path=/catalog/items"] {
+        assert!(line.contains(part), "the warning lacks `{part}`: {line}");
+    }
+    assert!(!log.contains("hunter2"), "a credential in the log:\n{log}");
+}
+
 /// An admin purge is logged with the key's log id, not the client's key.
 #[tokio::test]
 async fn an_admin_purge_names_the_key_by_its_log_id() {

@@ -22,7 +22,8 @@
 //!
 //! Every log line of a request, at every level, is inside an info-level
 //! `request` span carrying its `X-Request-Id` (and method and path, never a
-//! header's value).
+//! header's value). A request that can only pass through has its span
+//! made only for a warning about its upstream, by the proxy.
 //!
 //! Connections, their slots and shutdown: [`conn`].
 
@@ -415,6 +416,13 @@ fn random_id() -> HeaderValue {
     HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
+/// A request's span: info level, so that warnings and errors carry its id
+/// at the default filter. Fields are the id, method and path: never a
+/// header's value.
+pub(super) fn request_span(id: &str, method: &http::Method, path: &str) -> tracing::Span {
+    tracing::info_span!("request", id = %id, method = %method, path = %path)
+}
+
 /// One request: its id, its span, its task (if it takes part), and what is
 /// left of a body the layer stopped reading.
 async fn handle<S: Store>(
@@ -426,16 +434,30 @@ async fn handle<S: Store>(
     let (mut parts, body) = req.into_parts();
     let id = request_id(&parts.headers);
     parts.headers.insert(X_REQUEST_ID, id.clone());
-    // Info level, so that warnings and errors carry the id at the default
-    // filter. Fields are the id, method and path: never a header's value.
-    let span = tracing::info_span!(
-        "request",
-        id = %id.to_str().unwrap_or("-"),
-        method = %parts.method,
-        path = %parts.uri.path(),
-    );
-    // W3C trace context, continued (protocol §14).
-    if let Some(trace) = crate::telemetry::continue_trace(&span, &mut parts.headers) {
+    // A request that can only pass through writes no line in its span,
+    // and making one cost a GET a sixth of its instructions at the default
+    // level: its span is made only if a warning needs it, by the proxy
+    // ([`EdgeTrace::defer_span`](crate::telemetry::EdgeTrace::defer_span)).
+    // Made now for a method that may be guarded (its line is written in
+    // it), when spans are exported or debug lines written, and for a path
+    // that could be the layer's own (`/_idem/`, in any spelling). Below
+    // `info` the span is never made: nothing to defer.
+    let deferred = tracing::enabled!(tracing::Level::INFO)
+        && !tracing::enabled!(tracing::Level::DEBUG)
+        && !crate::telemetry::exporting()
+        && !routes.may_participate(&parts.method)
+        && !parts.uri.path().bytes().any(|b| b == b'_' || b == b'%');
+    let span = if deferred {
+        tracing::Span::none()
+    } else {
+        request_span(id.to_str().unwrap_or("-"), &parts.method, parts.uri.path())
+    };
+    // W3C trace context, continued (protocol §14). Never `None` when the
+    // span was deferred (that is without export).
+    if let Some(mut trace) = crate::telemetry::continue_trace(&span, &mut parts.headers) {
+        if deferred {
+            trace.defer_span();
+        }
         parts.extensions.insert(trace);
     }
     // Normalizes the path and matches it once; the layer and the proxy

@@ -143,8 +143,18 @@ impl Proxy {
         }
     }
 
-    async fn forward(self, req: Request<GatewayBody>) -> Response<ProxyBody> {
+    /// `span_deferred`: the edge left the request's span to be made here,
+    /// should a warning need it.
+    async fn forward(self, req: Request<GatewayBody>, span_deferred: bool) -> Response<ProxyBody> {
         let inner = &self.inner;
+        // What that span names; boxed, not to size every call's future.
+        let deferred = span_deferred.then(|| {
+            Box::new((
+                req.headers().get(super::X_REQUEST_ID).cloned(),
+                req.method().clone(),
+                req.uri().clone(),
+            ))
+        });
         // Matched once per request, before the layer ran: carried in the
         // extensions (resolved here only when the proxy is used alone).
         let (mut head, body) = req.into_parts();
@@ -204,12 +214,24 @@ impl Proxy {
                 }
             }
         };
-        match tokio::time::timeout(timeout, call).await {
+        // `None`: no answer within the time-out.
+        let failed = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(mut res)) => {
                 strip_hop_by_hop(res.headers_mut());
-                res
+                return res;
             }
-            Ok(Err(SendError::Unsent(e))) => {
+            Ok(Err(e)) => Some(e),
+            Err(_) => None,
+        };
+        // Warned about in the request's span (made now if the edge
+        // deferred it).
+        let _span = deferred.map(|head| {
+            let (id, method, uri) = *head;
+            let id = id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
+            super::request_span(id, &method, uri.path()).entered()
+        });
+        match failed {
+            Some(SendError::Unsent(e)) => {
                 // The cause (refused, a certificate it does not trust…) is
                 // in the source chain, not in the outer message.
                 let error = error_chain(&*e);
@@ -219,7 +241,7 @@ impl Proxy {
                     "the upstream refused the connection; the request was not sent",
                 )
             }
-            Ok(Err(SendError::Broken(e))) => {
+            Some(SendError::Broken(e)) => {
                 tracing::warn!(error = %e, "upstream connection broke after the request was sent");
                 failure(
                     UpstreamFailure::Reset,
@@ -227,7 +249,7 @@ impl Proxy {
                      the outcome is unknown",
                 )
             }
-            Err(_) => {
+            None => {
                 tracing::warn!(?timeout, "upstream timed out");
                 failure(
                     UpstreamFailure::Timeout,
@@ -321,8 +343,10 @@ impl Service<Request<GatewayBody>> for Proxy {
             .get::<crate::telemetry::EdgeTrace>()
             .copied();
         let span = crate::telemetry::upstream_span(req.headers_mut(), edge);
-        let forward: Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>> =
-            Box::pin(self.clone().forward(req));
+        let forward: Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>> = Box::pin(
+            self.clone()
+                .forward(req, edge.is_some_and(|e| e.span_deferred())),
+        );
         ProxyFuture(forward.instrument(span))
     }
 }

@@ -157,13 +157,31 @@ fn new_span_id() -> u64 {
 }
 
 /// What the edge found or wrote as a request's `traceparent`, kept in the
-/// request's extensions for the proxy (without export only).
+/// request's extensions for the proxy (without export only); and whether
+/// it left the request's span for the proxy to make, should a warning need
+/// it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EdgeTrace {
     /// The header's value, parsed.
     parent: TraceParent,
     /// The edge started this trace: the client sent no valid header.
     started: bool,
+    /// The edge did not make the request's span.
+    span_deferred: bool,
+}
+
+impl EdgeTrace {
+    /// The edge did not make the request's span: the proxy makes it for a
+    /// warning.
+    pub fn defer_span(&mut self) {
+        self.span_deferred = true;
+    }
+
+    /// Whether the edge left the request's span to the proxy.
+    #[must_use]
+    pub fn span_deferred(&self) -> bool {
+        self.span_deferred
+    }
 }
 
 /// The edge: makes sure the request carries a valid `traceparent` (see the
@@ -188,6 +206,7 @@ pub fn continue_trace(span: &Span, headers: &mut HeaderMap) -> Option<EdgeTrace>
         Some(parent) => EdgeTrace {
             parent,
             started: false,
+            span_deferred: false,
         },
         None => {
             let parent = TraceParent::start();
@@ -196,6 +215,7 @@ pub fn continue_trace(span: &Span, headers: &mut HeaderMap) -> Option<EdgeTrace>
             EdgeTrace {
                 parent,
                 started: true,
+                span_deferred: false,
             }
         }
     })
@@ -325,7 +345,8 @@ mod tests {
             edge,
             Some(EdgeTrace {
                 parent: started,
-                started: true
+                started: true,
+                span_deferred: false,
             })
         );
         let mut sent = headers.clone();
