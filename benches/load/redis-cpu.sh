@@ -13,7 +13,9 @@
 # commandstats deltas). Then per target the medians, and the medians of the
 # per-round ratios to nginx (req/s, and CPU per request).
 # STRACE=1 adds one more wrk run per build under `strace -c -f` (slow: its
-# figures are syscalls per request, not speed).
+# figures are syscalls per request, not speed). GET=1 sends plain GETs
+# (pass-through) instead of fresh POSTs; IDEM_LOG sets the gateways' log
+# filter (default warn; `info` is the product's default).
 # FLOOR=target/release/examples/floor_proxy adds a target "floor" (:8192):
 # a bare hyper proxy on the gateway's runtime shape, nothing else
 # (idem-cli/examples/floor_proxy.rs), the least a proxy on this stack costs.
@@ -62,7 +64,7 @@ for b in $bins; do
   printf 'listen = "127.0.0.1:%s"\nupstream = "http://127.0.0.1:3190"\nstore = "%s"\n[defaults]\nretention = "10m"\n' \
     "$port" "$store" > "$tmp/idem-$i.toml"
   extra="EXTRA$i"; printf '%s\n' "${!extra:-}" >> "$tmp/idem-$i.toml"
-  IDEM_LOG=warn "$b" serve --config "$tmp/idem-$i.toml" 2>"$tmp/idem-$i.log" &
+  IDEM_LOG=${IDEM_LOG:-warn} "$b" serve --config "$tmp/idem-$i.toml" 2>"$tmp/idem-$i.log" &
   gw[i]=$!; pids+=($!); names[i]="idem$i"
   echo "# idem$i = $b (:$port)"
   i=$((i + 1))
@@ -80,7 +82,7 @@ run() { # name url cpu-pids... -> one result line
   local name=$1 url=$2; shift 2
   local rc0 c0 r0 out c1 r1 n rps p99 u s ru rs
   rc0=$(redis_calls); c0=$(ticks "$@"); r0=$(ticks "$redis_pid")
-  out=$(timeout 120 wrk -t"$threads" -c"$conns" -d"$dur" --latency -s "$here/post-unique.lua" "$url" 2>&1)
+  out=$(timeout 120 wrk -t"$threads" -c"$conns" -d"$dur" --latency "${script[@]}" "$url" 2>&1)
   c1=$(ticks "$@"); r1=$(ticks "$redis_pid")
   n=$(echo "$out" | awk '/requests in/ {print $1}'); n=${n:-0}
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
@@ -93,6 +95,7 @@ run() { # name url cpu-pids... -> one result line
   echo "$r $name $rps $p99 $u $s $ru $rs $(redis_delta "$rc0" "$(redis_calls)" "$((n > 0 ? n : 1))")$bad"
 }
 
+if [ -n "${GET:-}" ]; then script=(); else script=(-s "$here/post-unique.lua"); fi
 results="$tmp/results.txt"; : > "$results"
 echo "# $(date -u +%FT%TZ) rounds=$rounds duration=$dur wrk -t$threads -c$conns; $(nproc) cpus; load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# round target req/s p99 user_us/req sys_us/req redis_user_us/req redis_sys_us/req commands/req"
@@ -127,7 +130,7 @@ if [ -n "${STRACE:-}" ]; then
   for j in "${!gw[@]}"; do
     strace -c -f -p "${gw[j]}" -o "$tmp/strace-$j.txt" & st=$!
     sleep 1
-    out=$(timeout 120 wrk -t"$threads" -c"$conns" -d"$dur" -s "$here/post-unique.lua" "http://127.0.0.1:$((8193 + j))/orders" 2>&1)
+    out=$(timeout 120 wrk -t"$threads" -c"$conns" -d"$dur" "${script[@]}" "http://127.0.0.1:$((8193 + j))/orders" 2>&1)
     kill -INT "$st"; wait "$st" 2>/dev/null || true
     n=$(echo "$out" | awk '/requests in/ {print $1}')
     echo "idem$j: $n requests; calls per request:"
