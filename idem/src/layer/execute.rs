@@ -377,17 +377,27 @@ mod tests {
         Context::from_waker(std::task::Waker::noop())
     }
 
+    /// An execution that ends after `polls` more polls, and its flag.
+    fn ends_after(
+        polls: u32,
+        tasks: &TaskTracker,
+    ) -> (Detach<'_, Pin<Box<Ends>>>, Arc<AtomicBool>) {
+        let ended = Arc::new(AtomicBool::new(false));
+        let future = Box::pin(Ends {
+            polls_left: polls,
+            ended: Arc::clone(&ended),
+        });
+        let detach = Detach {
+            future: Some(future),
+            tasks: Some(tasks),
+        };
+        (detach, ended)
+    }
+
     #[tokio::test]
     async fn dropped_before_its_end_it_ends_on_a_tracked_task() {
         let tasks = TaskTracker::new();
-        let ended = Arc::new(AtomicBool::new(false));
-        let mut detach = Detach {
-            future: Some(Box::pin(Ends {
-                polls_left: 3,
-                ended: Arc::clone(&ended),
-            })),
-            tasks: Some(&tasks),
-        };
+        let (mut detach, ended) = ends_after(3, &tasks);
         assert!(Pin::new(&mut detach).poll(&mut noop_context()).is_pending());
         drop(detach);
         assert_eq!(tasks.len(), 1, "the rest runs on a task of the tracker's");
@@ -399,15 +409,9 @@ mod tests {
     #[tokio::test]
     async fn ended_or_panicked_it_spawns_nothing() {
         let tasks = TaskTracker::new();
-        let ended = Arc::new(AtomicBool::new(false));
-        let mut done = Detach {
-            future: Some(Box::pin(Ends {
-                polls_left: 0,
-                ended: Arc::clone(&ended),
-            })),
-            tasks: Some(&tasks),
-        };
+        let (mut done, ended) = ends_after(0, &tasks);
         assert!(Pin::new(&mut done).poll(&mut noop_context()).is_ready());
+        assert!(ended.load(Ordering::SeqCst));
         drop(done);
 
         let mut panics = Detach {
