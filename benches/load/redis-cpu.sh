@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU per fresh POST of `idem serve` on the Redis store, next to nginx as a
+# CPU per fresh POST (GET=1: per GET) of `idem serve` on the Redis store, next to nginx as a
 # plain proxy, in interleaved rounds of one run; compares builds:
 #   IDEM_BINS="/tmp/idem-before /tmp/idem-after" ROUNDS=3 benches/load/redis-cpu.sh
 # STORE="memory" (or a postgres:// URL) runs the same comparison on that
@@ -82,7 +82,7 @@ run() { # name url cpu-pids... -> one result line
   local name=$1 url=$2; shift 2
   local rc0 c0 r0 out c1 r1 n rps p99 u s ru rs
   rc0=$(redis_calls); c0=$(ticks "$@"); r0=$(ticks "$redis_pid")
-  out=$(timeout 120 wrk -t"$threads" -c"$conns" -d"$dur" --latency "${script[@]}" "$url" 2>&1)
+  out=$(timeout 120 wrk -t"$threads" -c"$conns" -d"$dur" --latency ${script[@]+"${script[@]}"} "$url" 2>&1)
   c1=$(ticks "$@"); r1=$(ticks "$redis_pid")
   n=$(echo "$out" | awk '/requests in/ {print $1}'); n=${n:-0}
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
@@ -122,7 +122,11 @@ END { for (r in rounds) for (i = 1; i <= k; i++) { t = order[i]
     printf "%-8s %8.0f %7.1f %7.1f %7.1f %7.1f | %5.2f %5.2f\n", t, median(R[t]), median(C[t]), median(U[t]), median(S[t]), median(D[t]), median(X[t]), median(Y[t]) } }
 ' "$results"
 
-echo "# resident memory after the rounds (every fresh request stored a record)"
+if [ -n "${GET:-}" ]; then
+  echo "# resident memory after the rounds (GETs: nothing stored)"
+else
+  echo "# resident memory after the rounds (every fresh request stored a record)"
+fi
 for j in "${!gw[@]}"; do echo "idem$j $(awk '/^VmRSS/ {print $2, $3}' "/proc/${gw[j]}/status")"; done
 
 if [ -n "${STRACE:-}" ]; then
@@ -130,7 +134,7 @@ if [ -n "${STRACE:-}" ]; then
   for j in "${!gw[@]}"; do
     strace -c -f -p "${gw[j]}" -o "$tmp/strace-$j.txt" & st=$!
     sleep 1
-    out=$(timeout 120 wrk -t"$threads" -c"$conns" -d"$dur" "${script[@]}" "http://127.0.0.1:$((8193 + j))/orders" 2>&1)
+    out=$(timeout 120 wrk -t"$threads" -c"$conns" -d"$dur" ${script[@]+"${script[@]}"} "http://127.0.0.1:$((8193 + j))/orders" 2>&1)
     kill -INT "$st"; wait "$st" 2>/dev/null || true
     n=$(echo "$out" | awk '/requests in/ {print $1}')
     echo "idem$j: $n requests; calls per request:"

@@ -38,6 +38,7 @@ pub mod tls;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -441,9 +442,12 @@ async fn handle<S: Store>(
     // Made now for a method that may be guarded (its line is written in
     // it), when spans are exported or debug lines written, and for a path
     // that could be the layer's own (`/_idem/`, in any spelling). Below
-    // `info` the span is never made: nothing to defer.
-    let deferred = tracing::enabled!(tracing::Level::INFO)
-        && !tracing::enabled!(tracing::Level::DEBUG)
+    // `info` the span is never made: nothing to defer. Debug enabled for
+    // anything at all (a dependency, a span name) keeps it too: a debug
+    // line written while the request is handled carries its span.
+    let deferred = tracing::level_filters::LevelFilter::current()
+        <= tracing::level_filters::LevelFilter::INFO
+        && tracing::enabled!(tracing::Level::INFO)
         && !crate::telemetry::exporting()
         && !routes.may_participate(&parts.method)
         && !parts.uri.path().bytes().any(|b| b == b'_' || b == b'%');
@@ -471,9 +475,25 @@ async fn handle<S: Store>(
     // with them (the proxy, and so the layer, is always ready).
     let mut service = service;
     let call = match ServiceExt::<Request<GatewayBody>>::ready(&mut service).await {
-        // In the span: a refusal is logged as the call is made.
-        Ok(ready) => span.in_scope(|| ready.call(req)),
+        // In the span: a refusal is logged as the call is made. A panic
+        // there gets a 500, as one while the call runs does.
+        Ok(ready) => panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| ready.call(req)))),
         Err(never) => match never {},
+    };
+    let call = match call {
+        Ok(call) => call,
+        Err(panic) => {
+            let error = panic_message(&*panic);
+            span.in_scope(|| tracing::error!(error, "request task failed"));
+            return Ok(finish(
+                internal(),
+                id,
+                leftover,
+                &edge,
+                expects_continue,
+                span,
+            ));
+        }
     };
     if !found.participates() {
         // Pass-through: nothing is stored, so nothing is lost if the client
@@ -554,7 +574,7 @@ impl<F: Future> Future for CatchUnwind<F> {
     ) -> std::task::Poll<Self::Output> {
         let future = self.project().future;
         // Unwind safety: a future that panicked is never polled again.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.poll(cx))) {
+        match panic::catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
             Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
             Ok(std::task::Poll::Ready(output)) => std::task::Poll::Ready(Ok(output)),
             Err(panic) => std::task::Poll::Ready(Err(panic)),

@@ -29,6 +29,7 @@ use http::response::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use tracing::Instrument;
@@ -55,14 +56,14 @@ type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 /// Not an `async fn`: the arguments go straight into the execution's box,
 /// where an `async fn`'s future would hold them first, and its caller's
 /// future a slot of that size.
-pub(super) fn run<'a, Svc, St, ReqB, ResB>(
+pub(super) fn run<Svc, St, ReqB, ResB>(
     engine: Engine<St>,
     mut inner: Svc,
     identity: Identity,
     policy: Arc<RoutePolicy>,
     req: Request<Bytes>,
-    tasks: Option<&'a TaskTracker>,
-) -> impl Future<Output = Outcome<Answer<ResB, Svc::Error>>> + Send + 'a
+    tasks: Option<&TaskTracker>,
+) -> impl Future<Output = Outcome<Answer<ResB, Svc::Error>>> + Send + 'static
 where
     Svc: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
     Svc::Future: Send + 'static,
@@ -106,26 +107,31 @@ where
     // A panic is the caller's, as it would be without the layer.
     Detach {
         future: Some(task),
-        tasks,
+        token: tasks.map(TaskTracker::token),
     }
 }
 
 /// A started execution, polled by the caller's task while the caller waits
 /// for it. Dropped before its end (the caller went away), it is spawned to
-/// run to its end on a task of its own: onto `tasks` when the server gave
-/// a tracker, so its shutdown can wait for it, else onto a bare Tokio task.
-/// Spawning every execution and joining it cost a fresh request ~2.5 % of
-/// its instructions, and most requests finish with their client.
-struct Detach<'a, F>
+/// run to its end on a task of its own: onto the server's tracker when it
+/// gave one, else onto a bare Tokio task. Spawning every execution and
+/// joining it cost a fresh request ~2.5 % of its instructions, and most
+/// requests finish with their client.
+///
+/// The tracker counts the execution from the start (`token`), not only
+/// once it is spawned: a server's shutdown waits for it either way, even
+/// when its caller is dropped after the server looked (an HTTP/2 stream
+/// reset while the connection is already gone, say).
+struct Detach<F>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     future: Option<F>,
-    tasks: Option<&'a TaskTracker>,
+    token: Option<TaskTrackerToken>,
 }
 
-impl<F> Future for Detach<'_, F>
+impl<F> Future for Detach<F>
 where
     F: Future + Unpin + Send + 'static,
     F::Output: Send + 'static,
@@ -148,7 +154,7 @@ where
     }
 }
 
-impl<F> Drop for Detach<'_, F>
+impl<F> Drop for Detach<F>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
@@ -163,9 +169,11 @@ where
         // takes a task spawned then down at once, as it would any other).
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                // The answer is nobody's now; the store has it.
-                drop(match self.tasks {
-                    Some(tracker) => tracker.spawn_on(future, &runtime),
+                // The answer is nobody's now; the store has it. Spawned
+                // before this execution's token goes (with `self`): the
+                // tracker never counts it out in between.
+                drop(match &self.token {
+                    Some(token) => token.task_tracker().spawn_on(future, &runtime),
                     None => runtime.spawn(future),
                 });
             }
@@ -378,10 +386,7 @@ mod tests {
     }
 
     /// An execution that ends after `polls` more polls, and its flag.
-    fn ends_after(
-        polls: u32,
-        tasks: &TaskTracker,
-    ) -> (Detach<'_, Pin<Box<Ends>>>, Arc<AtomicBool>) {
+    fn ends_after(polls: u32, tasks: &TaskTracker) -> (Detach<Pin<Box<Ends>>>, Arc<AtomicBool>) {
         let ended = Arc::new(AtomicBool::new(false));
         let future = Box::pin(Ends {
             polls_left: polls,
@@ -389,7 +394,7 @@ mod tests {
         });
         let detach = Detach {
             future: Some(future),
-            tasks: Some(tasks),
+            token: Some(tasks.token()),
         };
         (detach, ended)
     }
@@ -399,6 +404,7 @@ mod tests {
         let tasks = TaskTracker::new();
         let (mut detach, ended) = ends_after(3, &tasks);
         assert!(Pin::new(&mut detach).poll(&mut noop_context()).is_pending());
+        assert_eq!(tasks.len(), 1, "counted while its caller runs it");
         drop(detach);
         assert_eq!(tasks.len(), 1, "the rest runs on a task of the tracker's");
         tasks.close();
@@ -416,7 +422,7 @@ mod tests {
 
         let mut panics = Detach {
             future: Some(Box::pin(async { panic!("the inner service panicked") })),
-            tasks: Some(&tasks),
+            token: Some(tasks.token()),
         };
         let caught = panic::catch_unwind(AssertUnwindSafe(|| {
             let _ = Pin::new(&mut panics).poll(&mut noop_context());

@@ -55,13 +55,12 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// When a client hangs up mid-execution, spawns the rest of its
-    /// guarded request's execution (reserve, the inner call, storing its
-    /// answer) onto `tasks`, a [`TaskTracker`] the server owns, instead of
-    /// a bare Tokio task. The execution outlives the client either way;
-    /// the server can now also wait for it at shutdown (`tasks.close()`,
-    /// then `tasks.wait()`, once its connections are closed: an execution
-    /// whose client is still there runs in that client's connection), as
+    /// Counts every guarded request's execution (reserve, the inner call,
+    /// storing its answer) on `tasks`, a [`TaskTracker`] the server owns,
+    /// from its start; when its client hangs up mid-execution, the rest of
+    /// it is spawned onto `tasks` instead of a bare Tokio task. The
+    /// execution outlives the client either way; the server can now also
+    /// wait for it at shutdown (`tasks.close()`, then `tasks.wait()`), as
     /// `idem serve` does.
     #[must_use]
     pub fn tasks(mut self, tasks: TaskTracker) -> Self {

@@ -109,6 +109,14 @@
 //! (or the key held or released, protocol §3.9), so the client's retry gets a
 //! 409 while it runs, then the replay — never a second execution.
 //!
+//! While its client waits, the execution makes progress, and extends its
+//! lease, when the response future is polled, as servers poll it until
+//! they drop it: a caller that keeps the future but stops polling it for
+//! longer than a third of the lease lets the lease run out, and another
+//! request may take the key over. Drop it within a Tokio runtime's context,
+//! as servers do: dropped outside any, it cannot move onto a task, and its
+//! key stays held until its lease runs out (logged as an error).
+//!
 //! # Layout
 //!
 //! - `layer.rs`: [`IdempotencyLayer`];

@@ -103,11 +103,11 @@ impl<Svc, St> Idempotency<Svc, St> {
         self
     }
 
-    /// Spawns what is left of a guarded request's execution when its
-    /// client leaves onto `tasks` rather than onto a bare Tokio task, so
-    /// that a server can wait, at shutdown, for the executions still
-    /// running after their client left (`tasks.close()`, then
-    /// `tasks.wait()`); see
+    /// Counts each guarded request's execution on `tasks` from its start,
+    /// and spawns what is left of it when its client leaves onto `tasks`
+    /// rather than onto a bare Tokio task, so that a server can wait, at
+    /// shutdown, for the executions still running, its clients there or
+    /// not (`tasks.close()`, then `tasks.wait()`); see
     /// [`IdempotencyLayer::tasks`](super::IdempotencyLayer::tasks).
     #[must_use]
     pub fn tasks(mut self, tasks: TaskTracker) -> Self {
