@@ -436,7 +436,7 @@ async fn handle<S: Store>(
     let id = request_id(&parts.headers);
     parts.headers.insert(X_REQUEST_ID, id.clone());
     // A request that can only pass through writes no line in its span,
-    // and making one cost a GET a sixth of its instructions at the default
+    // and making one cost a GET 14 % of its instructions at the default
     // level: its span is made only if a warning needs it, by the proxy
     // ([`EdgeTrace::defer_span`](crate::telemetry::EdgeTrace::defer_span)).
     // Made now for a method that may be guarded (its line is written in
