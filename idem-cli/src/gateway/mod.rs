@@ -558,7 +558,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 
 pin_project_lite::pin_project! {
     /// Polls `future`, catching a panic as `Err(payload)`: a request whose
-    /// handling panics gets a 500, as it did when it ran on a task of its own.
+    /// handling panics gets a 500 rather than a closed connection.
     struct CatchUnwind<F> {
         #[pin]
         future: F,

@@ -50,8 +50,8 @@ type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 
 /// Runs `req` through the engine: executed at most once per key, and never
 /// cancelled by the caller going away (dropped before its end, the
-/// execution goes on in a task of its own, tracked by `tasks` when the
-/// server gave one, so its shutdown can wait for it).
+/// execution goes on in a task of its own). `tasks`, when the server gave
+/// one, counts it from its start, so the server's shutdown can wait for it.
 ///
 /// Not an `async fn`: the arguments go straight into the execution's box,
 /// where an `async fn`'s future would hold them first, and its caller's
