@@ -418,9 +418,14 @@ fn random_id() -> HeaderValue {
 }
 
 /// A request's span: info level, so that warnings and errors carry its id
-/// at the default filter. Fields are the id, method and path: never a
-/// header's value.
-pub(super) fn request_span(id: &str, method: &http::Method, path: &str) -> tracing::Span {
+/// (`-` without a printable one) at the default filter. Fields are the id,
+/// method and path: never another header's value.
+pub(super) fn request_span(
+    id: Option<&HeaderValue>,
+    method: &http::Method,
+    path: &str,
+) -> tracing::Span {
+    let id = id.and_then(|v| v.to_str().ok()).unwrap_or("-");
     tracing::info_span!("request", id = %id, method = %method, path = %path)
 }
 
@@ -441,7 +446,7 @@ async fn handle<S: Store>(
     // ([`EdgeTrace::defer_span`](crate::telemetry::EdgeTrace::defer_span)).
     // Made now for a method that may be guarded (its line is written in
     // it), when spans are exported or debug lines written, and for a path
-    // that could be the layer's own (`/_idem/`, in any spelling). Below
+    // that is the layer's own (`/_idem/`, in any spelling). Below
     // `info` the span is never made: nothing to defer. Debug enabled for
     // anything at all (a dependency, a span name) keeps it too: a debug
     // line written while the request is handled carries its span.
@@ -450,11 +455,11 @@ async fn handle<S: Store>(
         && tracing::enabled!(tracing::Level::INFO)
         && !crate::telemetry::exporting()
         && !routes.may_participate(&parts.method)
-        && !parts.uri.path().bytes().any(|b| b == b'_' || b == b'%');
+        && !idem::layer::is_reserved(parts.uri.path());
     let span = if deferred {
         tracing::Span::none()
     } else {
-        request_span(id.to_str().unwrap_or("-"), &parts.method, parts.uri.path())
+        request_span(Some(&id), &parts.method, parts.uri.path())
     };
     // W3C trace context, continued (protocol §14). Never `None` when the
     // span was deferred (that is without export).

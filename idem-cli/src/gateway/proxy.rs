@@ -227,8 +227,7 @@ impl Proxy {
         // deferred it).
         let _span = deferred.map(|head| {
             let (id, method, uri) = *head;
-            let id = id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
-            super::request_span(id, &method, uri.path()).entered()
+            super::request_span(id.as_ref(), &method, uri.path()).entered()
         });
         match failed {
             Some(SendError::Unsent(e)) => {
