@@ -107,7 +107,6 @@ pub(crate) fn push_hex(s: &mut String, bytes: &[u8]) {
 
 /// Writes `bytes` as lowercase hex into `out`, two digits per byte (as
 /// many bytes as `out` has room for).
-#[cfg(feature = "redis")]
 pub(crate) fn hex_into(out: &mut [u8], bytes: &[u8]) {
     for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
         pair.copy_from_slice(&HEX_PAIRS[usize::from(b)]);

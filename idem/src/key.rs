@@ -16,13 +16,14 @@
 //! `idempotency_key_invalid` problem `detail`; it never repeats the key.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::error::Error;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::hash::{push_hex, put, put_len, Feed};
+use crate::hash::{hex_into, push_hex, put, put_len, Feed};
 
 /// The longest key accepted, in characters (protocol §3.2).
 pub const MAX_KEY_LEN: usize = 255;
@@ -321,6 +322,41 @@ impl Scope {
         if names.is_empty() {
             return Scope::global();
         }
+        if names.iter().all(|name| !headers.contains_key(name)) {
+            return Scope::of_absent(names);
+        }
+        Scope::hash_headers(headers, names)
+    }
+
+    /// The scope of a request that sends none of `names`: the hash of
+    /// [`from_headers`](Self::from_headers) with every header absent, which
+    /// depends on `names` alone. It is the common case (a request without
+    /// `Authorization` or `Cookie`, the default names), so the last list
+    /// asked for is remembered per thread with its scope and the hash is
+    /// not made again; another list replaces it.
+    fn of_absent(names: &[HeaderName]) -> Scope {
+        thread_local! {
+            static LAST: RefCell<Option<(Box<[HeaderName]>, Scope)>> =
+                const { RefCell::new(None) };
+        }
+        LAST.with(|last| {
+            // Nothing below calls back in here, so the cell is always free;
+            // were it not, the hash is made as if nothing were remembered.
+            let Ok(mut last) = last.try_borrow_mut() else {
+                return Scope::hash_headers(&HeaderMap::new(), names);
+            };
+            match &*last {
+                Some((known, scope)) if **known == *names => *scope,
+                _ => {
+                    let scope = Scope::hash_headers(&HeaderMap::new(), names);
+                    *last = Some((names.into(), scope));
+                    scope
+                }
+            }
+        })
+    }
+
+    fn hash_headers(headers: &HeaderMap, names: &[HeaderName]) -> Scope {
         let mut h = Feed::new();
         put(&mut h, SCOPE_HEADERS_DOMAIN);
         put_len(&mut h, names.len());
@@ -458,7 +494,22 @@ impl StoreKey {
     /// (1–255 visible ASCII) so [`StoreKey::from_stored`] accepts it back.
     #[must_use]
     pub fn new(scope: &Scope, key: &str) -> StoreKey {
-        let mut s = String::with_capacity(SCOPE_HEX_LEN + 1 + key.len());
+        // Any key within the rules is put together on the stack and copied
+        // once, into the `Arc` the key lives in (not into a `String` first).
+        let len = SCOPE_HEX_LEN + 1 + key.len();
+        let mut buf = [0u8; SCOPE_HEX_LEN + 1 + MAX_KEY_LEN];
+        if let Some(text) = buf.get_mut(..len) {
+            let (hex, rest) = text.split_at_mut(SCOPE_HEX_LEN);
+            hex_into(hex, &scope.0);
+            if let Some((colon, tail)) = rest.split_first_mut() {
+                *colon = b':';
+                tail.copy_from_slice(key.as_bytes());
+            }
+            if let Ok(text) = std::str::from_utf8(text) {
+                return StoreKey::from_text(text.into());
+            }
+        }
+        let mut s = String::with_capacity(len);
         push_hex(&mut s, &scope.0);
         s.push(':');
         s.push_str(key);
@@ -801,6 +852,43 @@ mod tests {
         assert_ne!(Scope::from_headers(&absent, &auth), Scope::global());
     }
 
+    /// The scope of a request without any of the names is remembered per
+    /// thread for the last list of names: it is the hash itself, and the
+    /// list it was made for answers no other list.
+    #[test]
+    fn the_remembered_absent_scope_is_the_hash_of_its_own_names() {
+        let absent = headers(&[]);
+        let lists: [&[HeaderName]; 4] = [
+            &[http::header::AUTHORIZATION, http::header::COOKIE],
+            &[http::header::AUTHORIZATION],
+            &[http::header::COOKIE, http::header::AUTHORIZATION],
+            &[http::header::AUTHORIZATION, http::header::COOKIE],
+        ];
+        let hashed: Vec<Scope> = lists
+            .iter()
+            .map(|names| Scope::hash_headers(&absent, names))
+            .collect();
+        for _ in 0..3 {
+            for (names, scope) in lists.iter().zip(&hashed) {
+                assert_eq!(Scope::from_headers(&absent, names), *scope);
+                // Another header, not one of the names, changes nothing.
+                let other = headers(&[("x-other", "1")]);
+                assert_eq!(Scope::from_headers(&other, names), *scope);
+            }
+        }
+        assert_ne!(hashed[0], hashed[1]);
+        assert_ne!(hashed[0], hashed[2]);
+        // The default names, pinned as the stored keys of every version.
+        assert_eq!(hashed[0].to_hex(), "ebb7ad678f301f41adc89347c0076082");
+        // One of the names present is hashed, not remembered.
+        let one = headers(&[("cookie", "s=1")]);
+        assert_ne!(Scope::from_headers(&one, lists[0]), hashed[0]);
+        assert_eq!(
+            Scope::from_headers(&one, lists[0]),
+            Scope::hash_headers(&one, lists[0])
+        );
+    }
+
     #[test]
     fn scope_fields_cannot_run_into_each_other() {
         let names = [
@@ -883,6 +971,13 @@ mod tests {
         assert_eq!(StoreKey::from_stored(max.as_str()).unwrap(), max);
         let derived = StoreKey::new(&scope.derived(), &"ab".repeat(32));
         assert_eq!(StoreKey::from_stored(derived.as_str()).unwrap(), derived);
+        // Outside the key rules (`new` takes any text): longer than the
+        // longest key, and not ASCII, the text is still `hex:key`.
+        for odd in ["k".repeat(256), "k".repeat(4096), "ключ-€".to_owned()] {
+            let key = StoreKey::new(&scope, &odd);
+            assert_eq!(key.as_str(), format!("{}:{odd}", scope.to_hex()));
+            assert_eq!(key.key(), odd);
+        }
     }
 
     #[test]
