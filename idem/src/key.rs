@@ -452,6 +452,13 @@ impl StoreKey {
         std::hash::BuildHasher::hash_one(SEED.get_or_init(Default::default), text)
     }
 
+    /// The hash this key carries (see the type): a map of store keys can
+    /// hash by it as it is.
+    #[cfg(feature = "memory")]
+    pub(crate) fn carried_hash(&self) -> u64 {
+        self.hash
+    }
+
     /// The store key of text taken from another store key's
     /// [`as_str`](Self::as_str).
     #[cfg(feature = "memory")]

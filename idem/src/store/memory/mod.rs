@@ -77,7 +77,6 @@ pub struct MemoryStore {
 #[derive(Debug)]
 struct Shared {
     shards: Box<[Mutex<Shard>]>,
-    hasher: std::collections::hash_map::RandomState,
     notifier: Notifier,
     limits: MemoryLimits,
     usage: Usage,
@@ -146,7 +145,7 @@ struct Shard {
     /// hold an index (8 bytes) and the entries sit in one dense vector, so
     /// a table between growths (half to seven eighths full) does not cost
     /// a whole entry per empty bucket. Order is not used; removal swaps.
-    map: IndexMap<ShardKey, Entry>,
+    map: IndexMap<ShardKey, Entry, CarriedHash>,
     /// When each entry stops counting: (deadline, seq, key). The seq makes
     /// the tuple unique, so keys are never compared, and ties an index
     /// entry to one version of the record: an index entry whose seq no
@@ -245,6 +244,44 @@ impl Hash for ShardKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // As `StoreKey` hashes: its text's hash, as one `u64`.
         state.write_u64(StoreKey::hash_of(&self.text().text()));
+    }
+}
+
+/// How a shard's map hashes its keys: by the hash a [`StoreKey`] carries
+/// (made once per key, from its text, with the process's random seed), and
+/// a [`ShardKey`] hashes its text to the same, so a lookup does not hash
+/// those 8 bytes again (std's SipHash, ~130 instructions a lookup, several
+/// lookups a request). Keys chosen by clients still cannot be aimed at one
+/// bucket: the carried hash is keyed.
+#[derive(Debug, Clone, Copy, Default)]
+struct CarriedHash;
+
+impl BuildHasher for CarriedHash {
+    type Hasher = CarriedHasher;
+
+    fn build_hasher(&self) -> CarriedHasher {
+        CarriedHasher(0)
+    }
+}
+
+/// Passes on the one `u64` both key types write. Anything else written
+/// (never, for these keys) is folded in byte by byte (FNV-1a), so it is
+/// still a hash of everything written.
+struct CarriedHasher(u64);
+
+impl Hasher for CarriedHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -410,7 +447,6 @@ impl MemoryStore {
         let shards = (0..n).map(|_| Mutex::new(Shard::default())).collect();
         let shared = Arc::new(Shared {
             shards,
-            hasher: std::collections::hash_map::RandomState::new(),
             notifier: Notifier::new(),
             limits,
             usage: Usage {
@@ -455,9 +491,14 @@ impl MemoryStore {
     }
 
     fn shard(&self, key: &StoreKey) -> MutexGuard<'_, Shard> {
-        // Truncating the hash to pick a shard is intended.
-        let i = (self.shared.hasher.hash_one(key) as usize) & (self.shared.shards.len() - 1);
-        lock(&self.shared.shards[i])
+        lock(&self.shared.shards[self.shard_index(key)])
+    }
+
+    fn shard_index(&self, key: &StoreKey) -> usize {
+        // The key's own hash, its high half: a shard's map places its keys
+        // by the low bits and tags them with the top seven, so the keys of
+        // one shard still spread over its buckets. Truncating is intended.
+        ((key.carried_hash() >> 32) as usize) & (self.shared.shards.len() - 1)
     }
 
     /// Charges `bytes` and `entries` against the store-wide bounds,
@@ -1050,6 +1091,43 @@ mod tests {
             other => panic!("completed record expected: {other:?}"),
         }
         k
+    }
+
+    /// Keys spread over the shards and, within one, over its map: the
+    /// shard is picked from the carried hash's high half, the map places
+    /// by its low bits, and both key types hash to the same.
+    #[test]
+    fn keys_spread_over_shards_and_hash_as_their_store_keys() {
+        let s = MemoryStore::with_limits(MemoryLimits {
+            max_entries: 64 * 4096,
+            max_bytes: 1 << 30,
+        });
+        let shards = s.shared.shards.len();
+        assert_eq!(shards, 64);
+        let n = 64_000;
+        let mut per_shard = vec![0usize; shards];
+        let mut low_bits = std::collections::HashSet::new();
+        for i in 0..n {
+            let k = StoreKey::new(&Scope::global(), &format!("order-{i}"));
+            per_shard[s.shard_index(&k)] += 1;
+            if s.shard_index(&k) == 0 {
+                low_bits.insert(k.carried_hash() & 0xfff);
+            }
+            assert_eq!(
+                CarriedHash.hash_one(&k),
+                CarriedHash.hash_one(ShardKey::new(&k)),
+            );
+        }
+        let mean = n / shards;
+        for count in per_shard {
+            assert!(
+                count > mean / 2 && count < mean * 3 / 2,
+                "{count} of ~{mean}"
+            );
+        }
+        // The ~1 000 keys of shard 0 take most of 4 096 low-bit positions
+        // (all in one would take one).
+        assert!(low_bits.len() > 800, "{} positions", low_bits.len());
     }
 
     #[tokio::test(start_paused = true)]
