@@ -131,13 +131,16 @@ for j in "${!gw[@]}"; do echo "idem$j $(awk '/^VmRSS/ {print $2, $3}' "/proc/${g
 
 if [ -n "${STRACE:-}" ]; then
   echo "# syscalls per request (strace -c -f, one ${dur} wrk run each; slowed down by strace)"
-  for j in "${!gw[@]}"; do
-    strace -c -f -p "${gw[j]}" -o "$tmp/strace-$j.txt" & st=$!
+  # traced NAME PID PORT: one wrk run against PORT with PID under strace.
+  traced() {
+    strace -c -f -p "$2" -o "$tmp/strace-$1.txt" & st=$!
     sleep 1
-    out=$(timeout 120 wrk -t"$threads" -c"$conns" -d"$dur" ${script[@]+"${script[@]}"} "http://127.0.0.1:$((8193 + j))/orders" 2>&1)
+    out=$(timeout 120 wrk -t"$threads" -c"$conns" -d"$dur" ${script[@]+"${script[@]}"} "http://127.0.0.1:$3/orders" 2>&1)
     kill -INT "$st"; wait "$st" 2>/dev/null || true
     n=$(echo "$out" | awk '/requests in/ {print $1}')
-    echo "idem$j: $n requests; calls per request:"
-    awk -v n="${n:-1}" '$1 ~ /^[0-9.]+$/ && NF >= 5 { c = $4; name = $NF; if (c / n >= 0.01) printf "  %-14s %6.2f\n", name, c / n }' "$tmp/strace-$j.txt"
-  done
+    echo "$1: $n requests; calls per request:"
+    awk -v n="${n:-1}" '$1 ~ /^[0-9.]+$/ && NF >= 5 { c = $4; name = $NF; if (c / n >= 0.01) printf "  %-14s %6.2f\n", name, c / n }' "$tmp/strace-$1.txt"
+  }
+  if [ -n "$floor" ]; then traced floor "$floor" 8192; fi
+  for j in "${!gw[@]}"; do traced "idem$j" "${gw[j]}" $((8193 + j)); done
 fi
