@@ -709,12 +709,15 @@ impl Store for RedisStore {
             .arg(token_hex(token))
             .arg(ttl_ms(lease))
             .arg(epoch_ms(SystemTime::now()));
-        let mut reply = Reply::new(self.eval(inv).await?)?;
+        let acquired = Reservation::Acquired(Lease {
+            token,
+            duration: lease,
+        });
+        let mut reply = match self.eval(inv).await? {
+            Value::Int(1) => return Ok(acquired),
+            other => Reply::new(other)?,
+        };
         match reply.tag()?.as_str() {
-            "acquired" => Ok(Reservation::Acquired(Lease {
-                token,
-                duration: lease,
-            })),
             "in_flight" => Ok(Reservation::InFlight {
                 lease_remaining: reply.pttl()?,
             }),

@@ -8,8 +8,11 @@
 -- ARGV[4]  started_at, milliseconds since the Unix epoch
 --
 -- Returns one of:
---   {'acquired'}                            the caller holds the key (now,
---                                           or already under its own token)
+--   1                                       acquired: the caller holds the
+--                                           key (now, or already under its
+--                                           own token); an integer, the
+--                                           cheapest reply to read, for the
+--                                           answer of every fresh request
 --   {'in_flight', lease_remaining_ms}       same fingerprint, lease alive
 --   {'mismatch'}                            another fingerprint holds the key
 --   {'completed', fp, status, headers, body, completed_at, expires_at}
@@ -39,7 +42,7 @@ if redis.call('EXISTS', k) == 0 then
   redis.call('HSET', k, 'state', 'in_flight', 'token', ARGV[2], 'fp', ARGV[1],
     'started_at', ARGV[4])
   redis.call('PEXPIRE', k, ARGV[3])
-  return {'acquired'}
+  return 1
 end
 local rec = redis.call('HMGET', k, 'state', 'fp', 'token')
 local state, fp, token = rec[1], rec[2], rec[3]
@@ -49,7 +52,7 @@ end
 
 if state == 'in_flight' and token == ARGV[2] and fp == ARGV[1] then
   redis.call('PEXPIRE', k, ARGV[3])
-  return {'acquired'}
+  return 1
 end
 if fp ~= ARGV[1] then
   return {'mismatch'}
