@@ -19,6 +19,7 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::error::Error;
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, OnceLock};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -452,11 +453,20 @@ impl StoreKey {
         std::hash::BuildHasher::hash_one(SEED.get_or_init(Default::default), text)
     }
 
-    /// The hash this key carries (see the type): a map of store keys can
-    /// hash by it as it is.
-    #[cfg(feature = "memory")]
+    /// The hash this key carries (see the type).
+    #[cfg(test)]
     pub(crate) fn carried_hash(&self) -> u64 {
         self.hash
+    }
+
+    /// Which of `shards` holds this key, in a map of store keys split into
+    /// shards: from the carried hash's high half, because the map inside a
+    /// shard ([`CarriedHash`]) places its keys by the low bits and tags
+    /// them with the top seven, so the keys of one shard still spread over
+    /// its buckets.
+    pub(crate) fn shard(&self, shards: usize) -> usize {
+        // Truncating the hash is intended.
+        ((self.hash >> 32) as usize) % shards.max(1)
     }
 
     /// The store key of text taken from another store key's
@@ -464,6 +474,46 @@ impl StoreKey {
     #[cfg(feature = "memory")]
     pub(crate) fn from_text_of(text: &str) -> Self {
         Self::from_text(text.into())
+    }
+}
+
+/// How a map of store keys hashes them: by the hash each key carries (a
+/// keyed SipHash of its text, made once per key with the process's random
+/// seed), so a lookup does not hash those 8 bytes again (std's SipHash,
+/// ~130 instructions a lookup). Keys chosen by clients still cannot be
+/// aimed at one bucket: the carried hash is keyed.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CarriedHash;
+
+/// A map of store keys, hashed by [`CarriedHash`].
+pub(crate) type KeyMap<V> = std::collections::HashMap<StoreKey, V, CarriedHash>;
+
+impl BuildHasher for CarriedHash {
+    type Hasher = CarriedHasher;
+
+    fn build_hasher(&self) -> CarriedHasher {
+        CarriedHasher(0)
+    }
+}
+
+/// Passes on the one `u64` a store key (or the memory store's own form of
+/// one) writes. Anything else written (never, for these keys) is folded in
+/// byte by byte (FNV-1a), so it is still a hash of everything written.
+pub(crate) struct CarriedHasher(u64);
+
+impl Hasher for CarriedHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 

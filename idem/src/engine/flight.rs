@@ -15,8 +15,6 @@
 //! stop for want of waiters both happen under the shard's lock, so a waiter
 //! never joins a watcher that has already decided to stop.
 
-use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -24,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::Engine;
-use crate::key::StoreKey;
+use crate::key::{KeyMap, StoreKey};
 use crate::record::{CompletedRecord, Record};
 use crate::store::Store;
 
@@ -52,16 +50,14 @@ type Watch = Arc<watch::Sender<FlightState>>;
 /// waiter's receiver is gone).
 #[derive(Default)]
 pub(super) struct Flights {
-    shards: [Mutex<HashMap<StoreKey, Watch>>; FLIGHT_SHARDS],
-    hasher: std::collections::hash_map::RandomState,
+    shards: [Mutex<KeyMap<Watch>>; FLIGHT_SHARDS],
     /// Watchers running now (bounded by `max_watchers`).
     live: AtomicUsize,
 }
 
 impl Flights {
-    fn shard(&self, key: &StoreKey) -> &Mutex<HashMap<StoreKey, Watch>> {
-        // Truncating the hash to pick a shard is intended.
-        &self.shards[(self.hasher.hash_one(key) % FLIGHT_SHARDS as u64) as usize]
+    fn shard(&self, key: &StoreKey) -> &Mutex<KeyMap<Watch>> {
+        &self.shards[key.shard(FLIGHT_SHARDS)]
     }
 }
 

@@ -33,7 +33,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::fingerprint::Fingerprint;
-use crate::key::StoreKey;
+use crate::key::{CarriedHash, StoreKey};
 use crate::policy::{Concurrent, FailMode};
 use crate::record::{CompletedRecord, Record, StoredResponse};
 use crate::store::{Decision, Store, StoreError};
@@ -169,7 +169,7 @@ impl<S> std::fmt::Debug for Engine<S> {
 struct Inner<S> {
     store: S,
     config: EngineConfig,
-    cache: Option<moka::sync::Cache<StoreKey, Arc<CompletedRecord>>>,
+    cache: Option<moka::sync::Cache<StoreKey, Arc<CompletedRecord>, CarriedHash>>,
     flights: Flights,
     metrics: Metrics,
 }
@@ -212,7 +212,7 @@ impl<S: Store> Engine<S> {
                         .unwrap_or(u32::MAX)
                 })
                 .expire_after(CacheExpiry)
-                .build()
+                .build_with_hasher(CarriedHash)
         });
         Self {
             inner: Arc::new(Inner {

@@ -10,9 +10,7 @@
 //! memory, pub/sub for Redis, LISTEN/NOTIFY for PostgreSQL). A notification
 //! may be lost; waiters always poll too, so a lost one delays but never hangs.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -20,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::fingerprint::Fingerprint;
-use crate::key::StoreKey;
+use crate::key::{KeyMap, StoreKey};
 use crate::policy::Concurrent;
 use crate::record::{CompletedRecord, Record, Token};
 
@@ -332,16 +330,13 @@ pub struct Notifier {
 #[derive(Debug, Default)]
 struct NotifierInner {
     watched: AtomicUsize,
-    shards: [Mutex<HashMap<StoreKey, watch::Sender<()>>>; NOTIFIER_SHARDS],
-    hasher: std::collections::hash_map::RandomState,
+    shards: [Mutex<KeyMap<watch::Sender<()>>>; NOTIFIER_SHARDS],
 }
 
 impl NotifierInner {
-    fn shard(&self, key: &StoreKey) -> MutexGuard<'_, HashMap<StoreKey, watch::Sender<()>>> {
-        // Modulo keeps the index in range; truncation of the hash is intended.
-        let i = (self.hasher.hash_one(key) % NOTIFIER_SHARDS as u64) as usize;
+    fn shard(&self, key: &StoreKey) -> MutexGuard<'_, KeyMap<watch::Sender<()>>> {
         // A poisoned map is still a consistent map of senders.
-        self.shards[i]
+        self.shards[key.shard(NOTIFIER_SHARDS)]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }

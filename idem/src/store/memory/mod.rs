@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use super::{Attempts, Fence, Lease, Notifier, Reservation, Store, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
-use crate::key::StoreKey;
+use crate::key::{CarriedHash, StoreKey};
 use crate::record::{CompletedRecord, Record, Token};
 
 use job::Traces;
@@ -244,44 +244,6 @@ impl Hash for ShardKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // As `StoreKey` hashes: its text's hash, as one `u64`.
         state.write_u64(StoreKey::hash_of(&self.text().text()));
-    }
-}
-
-/// How a shard's map hashes its keys: by the hash a [`StoreKey`] carries
-/// (made once per key, from its text, with the process's random seed), and
-/// a [`ShardKey`] hashes its text to the same, so a lookup does not hash
-/// those 8 bytes again (std's SipHash, ~130 instructions a lookup, several
-/// lookups a request). Keys chosen by clients still cannot be aimed at one
-/// bucket: the carried hash is keyed.
-#[derive(Debug, Clone, Copy, Default)]
-struct CarriedHash;
-
-impl BuildHasher for CarriedHash {
-    type Hasher = CarriedHasher;
-
-    fn build_hasher(&self) -> CarriedHasher {
-        CarriedHasher(0)
-    }
-}
-
-/// Passes on the one `u64` both key types write. Anything else written
-/// (never, for these keys) is folded in byte by byte (FNV-1a), so it is
-/// still a hash of everything written.
-struct CarriedHasher(u64);
-
-impl Hasher for CarriedHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 ^= n;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
     }
 }
 
@@ -495,10 +457,7 @@ impl MemoryStore {
     }
 
     fn shard_index(&self, key: &StoreKey) -> usize {
-        // The key's own hash, its high half: a shard's map places its keys
-        // by the low bits and tags them with the top seven, so the keys of
-        // one shard still spread over its buckets. Truncating is intended.
-        ((key.carried_hash() >> 32) as usize) & (self.shared.shards.len() - 1)
+        key.shard(self.shared.shards.len())
     }
 
     /// Charges `bytes` and `entries` against the store-wide bounds,

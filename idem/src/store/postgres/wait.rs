@@ -22,8 +22,6 @@
 //! A std `Mutex` guards the map of watchers; it is never held across an
 //! `.await`.
 
-use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -34,7 +32,7 @@ use super::row::{completed, fingerprint, flag, state, IN_FLIGHT};
 use super::transaction::Reserved;
 use super::PostgresStore;
 use crate::fingerprint::Fingerprint;
-use crate::key::StoreKey;
+use crate::key::{KeyMap, StoreKey};
 use crate::record::{CompletedRecord, Token};
 
 /// Longest pause between two looks at a key held by an open transaction.
@@ -66,14 +64,12 @@ const SHARDS: usize = 16;
 /// waiters of different keys rarely share a lock.
 #[derive(Default)]
 pub(super) struct Watchers {
-    shards: [Mutex<HashMap<StoreKey, Arc<watch::Sender<Seen>>>>; SHARDS],
-    hasher: std::collections::hash_map::RandomState,
+    shards: [Mutex<KeyMap<Arc<watch::Sender<Seen>>>>; SHARDS],
 }
 
 impl Watchers {
-    fn shard(&self, key: &StoreKey) -> &Mutex<HashMap<StoreKey, Arc<watch::Sender<Seen>>>> {
-        // Truncating the hash to pick a shard is intended.
-        &self.shards[(self.hasher.hash_one(key) % SHARDS as u64) as usize]
+    fn shard(&self, key: &StoreKey) -> &Mutex<KeyMap<Arc<watch::Sender<Seen>>>> {
+        &self.shards[key.shard(SHARDS)]
     }
 }
 
