@@ -551,26 +551,27 @@ impl StoreKey {
     /// (1–255 visible ASCII) so [`StoreKey::from_stored`] accepts it back.
     #[must_use]
     pub fn new(scope: &Scope, key: &str) -> StoreKey {
-        // Any key within the rules is put together on the stack and copied
-        // once, into the `Arc` the key lives in (not into a `String` first).
+        // Put together in one buffer (on the stack for any key within the
+        // rules) and copied once, into the `Arc` the key lives in.
         let len = SCOPE_HEX_LEN + 1 + key.len();
-        let mut buf = [0u8; SCOPE_HEX_LEN + 1 + MAX_KEY_LEN];
-        if let Some(text) = buf.get_mut(..len) {
-            let (hex, rest) = text.split_at_mut(SCOPE_HEX_LEN);
-            hex_into(hex, &scope.0);
-            if let Some((colon, tail)) = rest.split_first_mut() {
-                *colon = b':';
-                tail.copy_from_slice(key.as_bytes());
+        let mut stack = [0u8; SCOPE_HEX_LEN + 1 + MAX_KEY_LEN];
+        let mut heap = Vec::new();
+        let text = match stack.get_mut(..len) {
+            Some(text) => text,
+            None => {
+                heap.resize(len, 0);
+                heap.as_mut_slice()
             }
-            if let Ok(text) = std::str::from_utf8(text) {
-                return StoreKey::from_text(text.into());
-            }
+        };
+        let (hex, rest) = text.split_at_mut(SCOPE_HEX_LEN);
+        hex_into(hex, &scope.0);
+        if let Some((colon, tail)) = rest.split_first_mut() {
+            *colon = b':';
+            tail.copy_from_slice(key.as_bytes());
         }
-        let mut s = String::with_capacity(len);
-        push_hex(&mut s, &scope.0);
-        s.push(':');
-        s.push_str(key);
-        StoreKey::from_text(s.into())
+        // Hex digits, ':' and the key's own UTF-8: always valid, so this
+        // borrows the buffer as it is.
+        StoreKey::from_text(String::from_utf8_lossy(text).into())
     }
 
     /// The store key as text, `hex(scope) ":" key`.
