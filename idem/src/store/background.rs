@@ -179,6 +179,8 @@ pub(crate) fn listen<F: ChangeFeed>(feed: F, notifier: Notifier, backoff: Backof
 impl<F: ChangeFeed> Listener<F> {
     /// Starts from a connection the store already subscribed (to fail its
     /// construction with the reason when it cannot) instead of opening one.
+    /// The feed is up from here, not from when its task first runs: the
+    /// store it is handed to listens from the moment it exists.
     #[must_use]
     #[cfg_attr(
         not(feature = "postgres"),
@@ -189,6 +191,7 @@ impl<F: ChangeFeed> Listener<F> {
     )]
     pub(crate) fn subscribed(mut self, conn: F::Conn) -> Self {
         self.first = Some(conn);
+        self.listening.set(true);
         self
     }
 
@@ -404,15 +407,14 @@ mod tests {
         )
         .subscribed(vec!["b"]);
         let listening = listener.listening();
+        assert!(listening.is_up(), "up before its task first runs");
         let mut tasks = AbortOnDrop::new();
         tasks.spawn(listener.run());
-        listening.up().await;
-        assert!(listening.is_up());
-        // The first subscription wakes everyone; then the message wakes
-        // `b` alone.
-        let now = Duration::ZERO;
-        tokio::time::timeout(now, a.changed()).await.unwrap();
-        tokio::time::timeout(now, b.changed()).await.unwrap();
+        // The first subscription wakes everyone as the task starts; then
+        // the message (10 ms later) wakes `b` alone.
+        let start = Duration::from_millis(1);
+        tokio::time::timeout(start, a.changed()).await.unwrap();
+        tokio::time::timeout(start, b.changed()).await.unwrap();
         let soon = Duration::from_millis(50);
         tokio::time::timeout(soon, b.changed()).await.unwrap();
         assert!(
