@@ -448,3 +448,45 @@ async fn without_the_endpoint_nothing_is_exported() {
         other => panic!("something connected to the default OTLP endpoint: {other:?}"),
     }
 }
+
+/// Log lines are written by a thread of their own: none is lost under a
+/// burst of requests, and a clean shutdown writes every line still queued,
+/// down to the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_log_line_is_written_by_the_time_the_gateway_exits() {
+    let (_up, url) = Recorder::start().await;
+    let mut gw = Serve::start(&url, &[], None).await;
+    let c = client();
+    let n = 400;
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let c = c.clone();
+        let addr = gw.addr;
+        sends.spawn(async move {
+            let key = format!("logged-{i}");
+            send(
+                &c,
+                addr,
+                "POST",
+                "/orders",
+                &[("idempotency-key", &key)],
+                "{}",
+            )
+            .await
+        });
+    }
+    while let Some(r) = sends.join_next().await {
+        assert_eq!(r.expect("task").status, 201);
+    }
+    gw.terminate();
+    let log = gw.log();
+    let executed = log
+        .lines()
+        .filter(|l| l.contains("outcome=\"executed\""))
+        .count();
+    assert_eq!(executed, n, "one line per request:\n{log}");
+    assert!(
+        log.trim_end().ends_with("all connections finished"),
+        "the shutdown's last line is written:\n{log}"
+    );
+}
