@@ -449,9 +449,9 @@ async fn without_the_endpoint_nothing_is_exported() {
     }
 }
 
-/// Log lines are written by a thread of their own: none is lost under a
-/// burst of requests, and a clean shutdown writes every line still queued,
-/// down to the last one.
+/// One line per guarded request (protocol §13), none lost under a burst,
+/// and the shutdown's lines written, down to the last one, by the time the
+/// process exits (a writer that buffers or queues lines must keep this).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_log_line_is_written_by_the_time_the_gateway_exits() {
     let (_up, url) = Recorder::start().await;

@@ -1,12 +1,7 @@
 //! Logs and traces of `idem serve` (protocol §10, §14).
 //!
-//! Logs go to stderr: `IDEM_LOG` is the filter (default `info`),
-//! `IDEM_LOG_FORMAT=json` switches to JSON lines. A request's thread formats
-//! its line and queues it; a thread of its own writes the queued lines in
-//! batches (one `write` for as many lines as arrived meanwhile, at once
-//! when the queue runs dry), so a request does not wait on a system call
-//! for its log line. A full queue makes the logging thread wait (no line is
-//! dropped); [`Telemetry::shutdown`] and drop write what is queued.
+//! Logs go to stderr as before: `IDEM_LOG` is the filter (default `info`),
+//! `IDEM_LOG_FORMAT=json` switches to JSON lines.
 //!
 //! Traces are exported over OTLP/HTTP (protobuf) only when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
@@ -26,7 +21,7 @@ pub mod context;
 pub mod store;
 
 use std::future::Future;
-use std::io::{BufWriter, IsTerminal};
+use std::io::IsTerminal;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -38,7 +33,6 @@ use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing::Level;
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -83,8 +77,6 @@ pub enum TelemetryError {
 #[derive(Debug)]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
-    /// Writes the queued log lines when dropped.
-    _logs: WorkerGuard,
 }
 
 impl Telemetry {
@@ -109,20 +101,15 @@ impl Telemetry {
                 .with_tracer(p.tracer("idem"))
                 .with_filter(spans)
         });
-        let (logs, guard) = logs();
         let _ = tracing_subscriber::registry()
-            .with(logs)
+            .with(logs())
             .with(traces)
             .try_init();
         EXPORTING.store(provider.is_some(), Ordering::Relaxed);
-        Ok(Self {
-            provider,
-            _logs: guard,
-        })
+        Ok(Self { provider })
     }
 
-    /// Sends the spans still buffered (bounded by the exporter's time-out),
-    /// then writes the log lines still queued.
+    /// Sends the spans still buffered (bounded by the exporter's time-out).
     pub fn shutdown(self) {
         if let Some(p) = self.provider {
             EXPORTING.store(false, Ordering::Relaxed);
@@ -133,31 +120,19 @@ impl Telemetry {
     }
 }
 
-/// Lines that may wait for the log writer's thread (~4 MB of 250-byte
-/// lines); past that, the thread logging one waits for room.
-const LOG_QUEUE_LINES: usize = 16_384;
-
-/// Logs go to stderr, filtered by `IDEM_LOG`, through the log writer's
-/// thread (the guard stops it, writing what is queued); colours only when
-/// stderr is a terminal: a file or a pipe gets plain text, not escape codes.
-fn logs() -> (Box<dyn Layer<Registry> + Send + Sync>, WorkerGuard) {
+/// Logs go to stderr, filtered by `IDEM_LOG`; colours only when stderr is a
+/// terminal: a file or a pipe gets plain text, not escape codes.
+fn logs() -> Box<dyn Layer<Registry> + Send + Sync> {
     let filter = EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // The writer thread flushes whenever it has emptied the queue.
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("idem-log")
-        .finish(BufWriter::with_capacity(64 * 1024, std::io::stderr()));
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(writer);
+        .with_writer(std::io::stderr);
     let json = std::env::var("IDEM_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let layer = if json {
+    if json {
         layer.json().with_filter(filter).boxed()
     } else {
         layer.with_filter(filter).boxed()
-    };
-    (layer, guard)
+    }
 }
 
 fn export_requested(env: &impl Fn(&str) -> Option<String>) -> bool {
