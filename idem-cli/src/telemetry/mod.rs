@@ -147,10 +147,10 @@ fn logs() -> Box<dyn Layer<Registry> + Send + Sync> {
 /// queued for each other at the default level, where every guarded request
 /// writes a line (~0.46 `futex` calls per request, BENCHMARKS.md). `None`
 /// when descriptor 2 cannot be duplicated (closed): the locked stderr then.
-fn unlocked_stderr() -> Option<Arc<LineWriter>> {
+fn unlocked_stderr() -> Option<Arc<LogWriter>> {
     use std::os::fd::AsFd as _;
     let fd = std::io::stderr().as_fd().try_clone_to_owned().ok()?;
-    Some(Arc::new(LineWriter::new(std::fs::File::from(fd))))
+    Some(Arc::new(LogWriter::new(std::fs::File::from(fd))))
 }
 
 /// Writes whole log lines to a file shared by every thread. The fmt layer
@@ -161,7 +161,7 @@ fn unlocked_stderr() -> Option<Arc<LineWriter>> {
 /// written in pieces, so it takes the lock alone: no other line can land
 /// between its pieces.
 #[derive(Debug)]
-pub(crate) struct LineWriter {
+pub(crate) struct LogWriter {
     file: std::fs::File,
     long: std::sync::RwLock<()>,
 }
@@ -169,7 +169,7 @@ pub(crate) struct LineWriter {
 /// POSIX's least `PIPE_BUF`; Linux's is the same.
 const PIPE_BUF: usize = 4096;
 
-impl LineWriter {
+impl LogWriter {
     pub(crate) fn new(file: std::fs::File) -> Self {
         Self {
             file,
@@ -178,7 +178,7 @@ impl LineWriter {
     }
 }
 
-impl std::io::Write for &LineWriter {
+impl std::io::Write for &LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         (&self.file).write(buf)
     }
@@ -289,7 +289,7 @@ mod tests {
     fn concurrent_lines_stay_whole_on_a_pipe() {
         use std::io::{BufRead as _, Write as _};
         let (reader, pipe) = std::io::pipe().unwrap();
-        let writer = Arc::new(LineWriter::new(std::fs::File::from(
+        let writer = Arc::new(LogWriter::new(std::fs::File::from(
             std::os::fd::OwnedFd::from(pipe),
         )));
         let threads: Vec<_> = (b'a'..=b'f')
