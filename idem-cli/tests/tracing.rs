@@ -486,7 +486,7 @@ async fn every_log_line_is_written_by_the_time_the_gateway_exits() {
         .count();
     assert_eq!(executed, n, "one line per request:\n{log}");
     assert!(
-        log.trim_end().ends_with("all connections finished"),
-        "the shutdown's last line is written:\n{log}"
+        log.contains("all connections finished"),
+        "the shutdown's lines are written:\n{log}"
     );
 }

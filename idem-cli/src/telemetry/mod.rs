@@ -18,13 +18,13 @@
 //! `traceparent` header is continued ([`context`]).
 
 pub mod context;
+mod stderr;
 pub mod store;
 
 use std::future::Future;
 use std::io::IsTerminal;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -127,7 +127,7 @@ fn logs() -> Box<dyn Layer<Registry> + Send + Sync> {
     let filter = EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let layer = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal());
     let json = std::env::var("IDEM_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    match (unlocked_stderr(), json) {
+    match (stderr::unlocked(), json) {
         (Some(fd), true) => layer.json().with_writer(fd).with_filter(filter).boxed(),
         (Some(fd), false) => layer.with_writer(fd).with_filter(filter).boxed(),
         (None, true) => layer
@@ -139,63 +139,6 @@ fn logs() -> Box<dyn Layer<Registry> + Send + Sync> {
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),
-    }
-}
-
-/// Stderr as a file of its own (a duplicate of descriptor 2), without
-/// `std::io::Stderr`'s process-wide lock, under which the runtime's threads
-/// queued for each other at the default level, where every guarded request
-/// writes a line (~0.46 `futex` calls per request, BENCHMARKS.md). `None`
-/// when descriptor 2 cannot be duplicated (closed): the locked stderr then.
-fn unlocked_stderr() -> Option<Arc<LogWriter>> {
-    use std::os::fd::AsFd as _;
-    let fd = std::io::stderr().as_fd().try_clone_to_owned().ok()?;
-    Some(Arc::new(LogWriter::new(std::fs::File::from(fd))))
-}
-
-/// Writes whole log lines to a file shared by every thread. The fmt layer
-/// formats a line whole and hands it over in one `write_all`. A line of up
-/// to `PIPE_BUF` bytes goes out in one `write(2)`, which the kernel keeps
-/// whole even on a pipe: such lines need no lock between them and take
-/// only a shared one. A longer line (a long path or error chain) may be
-/// written in pieces, so it takes the lock alone: no other line can land
-/// between its pieces.
-#[derive(Debug)]
-pub(crate) struct LogWriter {
-    file: std::fs::File,
-    long: std::sync::RwLock<()>,
-}
-
-/// POSIX's least `PIPE_BUF`; Linux's is the same.
-const PIPE_BUF: usize = 4096;
-
-impl LogWriter {
-    pub(crate) fn new(file: std::fs::File) -> Self {
-        Self {
-            file,
-            long: std::sync::RwLock::new(()),
-        }
-    }
-}
-
-impl std::io::Write for &LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        (&self.file).write(buf)
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        // A poisoned lock guards nothing broken: the guard holds no data.
-        if buf.len() <= PIPE_BUF {
-            let _shared = self.long.read().unwrap_or_else(|e| e.into_inner());
-            (&self.file).write_all(buf)
-        } else {
-            let _alone = self.long.write().unwrap_or_else(|e| e.into_inner());
-            (&self.file).write_all(buf)
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        (&self.file).flush()
     }
 }
 
@@ -278,57 +221,8 @@ impl HttpClient for OnRuntime {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
-
-    /// Lines from several threads through one pipe, the long ones larger
-    /// than the pipe's buffer (so the kernel must take each in pieces):
-    /// every line read back is one thread's, whole.
-    #[test]
-    fn concurrent_lines_stay_whole_on_a_pipe() {
-        use std::io::{BufRead as _, Write as _};
-        let (reader, pipe) = std::io::pipe().unwrap();
-        let writer = Arc::new(LogWriter::new(std::fs::File::from(
-            std::os::fd::OwnedFd::from(pipe),
-        )));
-        let threads: Vec<_> = (b'a'..=b'f')
-            .map(|mark| {
-                let writer = Arc::clone(&writer);
-                std::thread::spawn(move || {
-                    for i in 0..40 {
-                        // Long lines of 200 KiB and short ones, mixed.
-                        let len = if i % 4 == 0 { 200 * 1024 } else { 100 };
-                        let mut line = vec![mark; len];
-                        line.push(b'\n');
-                        (&*writer).write_all(&line).unwrap();
-                    }
-                })
-            })
-            .collect();
-        let read = std::thread::spawn(move || {
-            let mut lines = Vec::new();
-            for line in std::io::BufReader::new(reader).lines() {
-                lines.push(line.unwrap());
-            }
-            lines
-        });
-        for t in threads {
-            t.join().unwrap();
-        }
-        drop(writer);
-        let lines = read.join().unwrap();
-        assert_eq!(lines.len(), 6 * 40);
-        for line in &lines {
-            let first = line.as_bytes()[0];
-            assert!(
-                line.bytes().all(|b| b == first),
-                "a line of {} bytes mixes threads' bytes",
-                line.len()
-            );
-            assert!(line.len() == 100 || line.len() == 200 * 1024);
-        }
-    }
 
     #[test]
     fn export_only_when_an_endpoint_is_set_and_not_disabled() {

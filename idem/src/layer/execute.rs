@@ -73,12 +73,11 @@ where
     ResB::Error: Into<BoxError>,
     St: Store,
 {
-    // Boxed where it is made, and before it is instrumented: the
-    // execution's future is several KB and every move copies it whole
-    // (instrumenting it first was one more copy, ~10 % of a fresh
-    // request); a named local would also keep a slot of its size in this
-    // function's own future, which its caller moves. Boxed, it also moves
-    // to a task of its own, if it must, without being copied.
+    // Boxed where it is made: the execution's future is several KB and
+    // every move copies it whole; a named local would also keep a slot of
+    // its size in this function's own future, which its caller moves.
+    // Boxed, it also moves to a task of its own, if it must, without being
+    // copied (instrumented with its span only then: see `Detach`).
     let task = Box::pin(async move {
         let Identity {
             key,
@@ -135,14 +134,15 @@ where
 }
 
 /// Whether entering `span` would change nothing: it is disabled, or it is
-/// the current span already. A caller that awaits the execution inside the
-/// span it started it in (the gateway does) then pays no enter and exit of
-/// the span per poll, which at the default level cost a fresh request ~2.5k
-/// instructions of a second `instrument` of the same span.
+/// already the current span of its own subscriber (span ids mean something
+/// only to the subscriber that made them). A caller that awaits the
+/// execution inside the span it started it in (the gateway does) then pays
+/// no enter and exit of the span per poll, which at the default level cost
+/// a fresh request ~2.5k instructions of a second `instrument` of the same
+/// span.
 fn in_span(span: &tracing::Span) -> bool {
-    span.id().is_none_or(|id| {
-        tracing::dispatcher::get_default(|dispatch| dispatch.current_span().id() == Some(&id))
-    })
+    span.with_subscriber(|(id, dispatch)| dispatch.current_span().id() == Some(id))
+        .unwrap_or(true)
 }
 
 impl<F> Future for Detach<F>
@@ -489,8 +489,8 @@ mod tests {
     }
 
     /// Polled inside the span it was started in (not entered again), outside
-    /// any span, and on a task of its own once dropped: every line it logs
-    /// carries that span.
+    /// any span, inside another span, and on a task of its own once dropped:
+    /// every line it logs carries the span it was started in.
     #[tokio::test]
     async fn its_lines_carry_the_span_it_was_started_in() {
         let lines = Lines::default();
@@ -510,6 +510,9 @@ mod tests {
         });
         span.in_scope(|| assert!(Pin::new(&mut detach).poll(&mut noop_context()).is_pending()));
         assert!(Pin::new(&mut detach).poll(&mut noop_context()).is_pending());
+        tracing::info_span!("another").in_scope(|| {
+            assert!(Pin::new(&mut detach).poll(&mut noop_context()).is_pending());
+        });
         drop(detach);
         tasks.close();
         tasks.wait().await;
