@@ -125,20 +125,14 @@ impl Telemetry {
 /// terminal: a file or a pipe gets plain text, not escape codes.
 fn logs() -> Box<dyn Layer<Registry> + Send + Sync> {
     let filter = EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let layer = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal());
+    let layer = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(stderr::writer());
     let json = std::env::var("IDEM_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    match (stderr::unlocked(), json) {
-        (Some(fd), true) => layer.json().with_writer(fd).with_filter(filter).boxed(),
-        (Some(fd), false) => layer.with_writer(fd).with_filter(filter).boxed(),
-        (None, true) => layer
-            .json()
-            .with_writer(std::io::stderr)
-            .with_filter(filter)
-            .boxed(),
-        (None, false) => layer
-            .with_writer(std::io::stderr)
-            .with_filter(filter)
-            .boxed(),
+    if json {
+        layer.json().with_filter(filter).boxed()
+    } else {
+        layer.with_filter(filter).boxed()
     }
 }
 

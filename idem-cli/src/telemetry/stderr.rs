@@ -6,21 +6,27 @@
 use std::io::Write;
 use std::sync::{Arc, RwLock};
 
-/// A duplicate of descriptor 2 behind a [`LogWriter`]. The duplicate keeps
-/// the file descriptor 2 named at start-up (idem never points it elsewhere).
-/// `None` when it cannot be duplicated (no descriptor left) or off Unix:
-/// the locked stderr then.
-pub(super) fn unlocked() -> Option<Arc<LogWriter>> {
+/// Stderr for log lines: a duplicate of descriptor 2 behind a
+/// [`LogWriter`]. The duplicate keeps the file descriptor 2 named at
+/// start-up (idem never points it elsewhere). When it cannot be duplicated
+/// (no descriptor left) or off Unix, the writer goes through std's locked
+/// stderr instead.
+pub(super) fn writer() -> Arc<LogWriter> {
     #[cfg(unix)]
-    {
+    let file = {
         use std::os::fd::AsFd as _;
-        let fd = std::io::stderr().as_fd().try_clone_to_owned().ok()?;
-        Some(Arc::new(LogWriter::new(std::fs::File::from(fd))))
-    }
+        std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .map(std::fs::File::from)
+    };
     #[cfg(not(unix))]
-    {
-        None
-    }
+    let file = None;
+    Arc::new(LogWriter {
+        file,
+        long: RwLock::new(()),
+    })
 }
 
 /// Writes whole log lines, each handed over in one `write_all` (as the fmt
@@ -35,7 +41,8 @@ pub(super) fn unlocked() -> Option<Arc<LogWriter>> {
 /// only `write_all` keeps a line whole.)
 #[derive(Debug)]
 pub(super) struct LogWriter {
-    file: std::fs::File,
+    /// The duplicate; `None`: std's stderr.
+    file: Option<std::fs::File>,
     long: RwLock<()>,
 }
 
@@ -46,33 +53,34 @@ const PIPE_BUF: usize = 4096;
 #[cfg(not(target_os = "linux"))]
 const PIPE_BUF: usize = 512;
 
-impl LogWriter {
-    fn new(file: std::fs::File) -> Self {
-        Self {
-            file,
-            long: RwLock::new(()),
-        }
-    }
-}
-
 impl Write for &LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        (&self.file).write(buf)
+        match self.file.as_ref() {
+            Some(mut file) => file.write(buf),
+            None => std::io::stderr().write(buf),
+        }
     }
 
     fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let Some(mut file) = self.file.as_ref() else {
+            // Std's stderr keeps its lines apart by its own lock.
+            return std::io::stderr().write_all(buf);
+        };
         // A poisoned lock guards nothing broken: the guard holds no data.
         if buf.len() <= PIPE_BUF {
             let _shared = self.long.read().unwrap_or_else(|e| e.into_inner());
-            (&self.file).write_all(buf)
+            file.write_all(buf)
         } else {
             let _alone = self.long.write().unwrap_or_else(|e| e.into_inner());
-            (&self.file).write_all(buf)
+            file.write_all(buf)
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        (&self.file).flush()
+        match self.file.as_ref() {
+            Some(mut file) => file.flush(),
+            None => std::io::stderr().flush(),
+        }
     }
 }
 
@@ -89,9 +97,10 @@ mod tests {
     #[test]
     fn concurrent_lines_stay_whole_on_a_pipe() {
         let (reader, pipe) = std::io::pipe().unwrap();
-        let writer = Arc::new(LogWriter::new(std::fs::File::from(
-            std::os::fd::OwnedFd::from(pipe),
-        )));
+        let writer = Arc::new(LogWriter {
+            file: Some(std::fs::File::from(std::os::fd::OwnedFd::from(pipe))),
+            long: RwLock::new(()),
+        });
         let lengths = [200 * 1024, 100, 1000, PIPE_BUF - 1];
         let threads: Vec<_> = (b'a'..=b'f')
             .map(|mark| {

@@ -709,12 +709,13 @@ impl Store for RedisStore {
             .arg(token_hex(token))
             .arg(ttl_ms(lease))
             .arg(epoch_ms(SystemTime::now()));
-        let acquired = Reservation::Acquired(Lease {
-            token,
-            duration: lease,
-        });
         let mut reply = match self.eval(inv).await? {
-            Value::Int(1) => return Ok(acquired),
+            Value::Int(1) => {
+                return Ok(Reservation::Acquired(Lease {
+                    token,
+                    duration: lease,
+                }))
+            }
             other => Reply::new(other)?,
         };
         match reply.tag()?.as_str() {
